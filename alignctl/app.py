@@ -1,0 +1,31 @@
+"""The Hydra application behind ``alignctl run``: resolve once, then run the pipeline."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from alignctl.cli import CONFIGS_DIR, _error
+from alignctl.spec import ConfigError
+
+log = logging.getLogger("alignctl")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIGS_DIR), config_name="config")
+def hydra_main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    from alignctl import pipeline, plan, spec
+
+    hc = HydraConfig.get()
+    try:
+        resolved = spec.resolve(cfg, hc.runtime.output_dir)
+        config_yaml = OmegaConf.to_yaml(OmegaConf.create(pipeline.redact(OmegaConf.to_container(cfg, resolve=True))))
+        manifest = pipeline.run(resolved, list(hc.overrides.task), config_yaml)
+    except ConfigError as e:
+        sys.exit(_error(e))
+    plan.summary(manifest)
+    return plan.objective(manifest)

@@ -1,0 +1,151 @@
+"""Run a resolved recipe: the stage graph, chaining, outputs and the manifest.
+
+Layout of a run directory::
+
+    <run dir>/config.yaml      the resolved configuration (secrets redacted)
+    <run dir>/manifest.json    status, versions, stages and their metrics
+    <run dir>/<stage>/spec.json        the stage's fully resolved spec
+    <run dir>/<stage>/final/           plain Hugging Face model + tokenizer
+    <run dir>/<stage>/checkpoints/     Trainer checkpoints
+
+Everything checkable is checked before any model is loaded: the config (at
+resolve time), every stage's data (loaded and column-checked) and every stage's
+TRL config (constructed). Only then does the first stage train.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("alignctl")
+
+SECRET_HINTS = ("token", "api_key", "apikey", "password", "secret")
+
+
+def redact(obj: Any) -> Any:
+    """Replace values of secret-looking keys (and override strings) with ***."""
+    if isinstance(obj, dict):
+        return {k: ("***" if any(h in str(k).lower() for h in SECRET_HINTS) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str) and "=" in obj:
+        key = obj.split("=", 1)[0]
+        if any(h in key.lower() for h in SECRET_HINTS):
+            return key + "=***"
+    return obj
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "alignctl"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class Manifest:
+    def __init__(self, spec: dict, overrides: list[str]):
+        self.path = Path(spec["run_dir"]) / "manifest.json"
+        last = spec["stages"][-1]
+        self.data: dict[str, Any] = {
+            "recipe": spec["recipe"], "status": "running", "run_dir": spec["run_dir"],
+            "final_model": str(Path(last["output_dir"]) / "final"),
+            "versions": versions(), "overrides": redact(list(overrides)),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "error": None,
+            "stages": [{"name": s["name"], "trainer": s["trainer"], "status": "pending", "from": s["from"],
+                        "output": str(Path(s["output_dir"]) / "final"), "metrics": {}} for s in spec["stages"]],
+        }
+        self.save()
+
+    def stage(self, name: str) -> dict:
+        return next(s for s in self.data["stages"] if s["name"] == name)
+
+    def update(self, name: str | None = None, **fields) -> None:
+        (self.stage(name) if name else self.data).update(fields)
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+
+def stage_specs(spec: dict) -> list[dict]:
+    """Each stage's spec, complete on its own (what a worker process needs, and nothing from Hydra)."""
+    shared = {k: spec[k] for k in ("model", "precision", "cache_dir", "run_dir", "recipe")}
+    return [{**shared, **s} for s in spec["stages"]]
+
+
+def preflight(stages: list[dict]) -> None:
+    """Load and check every stage's data and build every TRL config, before any model is loaded."""
+    import importlib
+
+    from alignctl import data
+    from alignctl.runner import StageContext
+    from alignctl.spec import ConfigError
+    from alignctl.stages import STAGES
+
+    problems = []
+    for s in stages:
+        kind = STAGES[s["trainer"]]
+        try:
+            data.load(s["data"], kind.data_kind, f"stages.{s['name']}")
+        except ConfigError as e:
+            problems += e.problems
+        module, _, cls = kind.config_class.rpartition(".")
+        try:
+            getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
+        except (ValueError, TypeError) as e:
+            problems.append(f"stages.{s['name']}: {kind.config_class} rejects the settings: {e}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
+    """Train every stage in order; returns the manifest."""
+    from alignctl.runner import run_stage
+
+    run_dir = Path(spec["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config_yaml is not None:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    stages = stage_specs(spec)
+    manifest = Manifest(spec, list(overrides))
+    try:
+        preflight(stages)
+        for s in stages:
+            out = Path(s["output_dir"])
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "spec.json", s)
+            log.info("stage %s (%s): starting from %s", s["name"], s["trainer"], s["init_path"])
+            manifest.update(s["name"], status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            t0 = time.time()
+            try:
+                metrics = run_stage(s)
+            except BaseException as e:
+                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                manifest.update(s["name"], status=status, seconds=round(time.time() - t0, 1))
+                raise
+            manifest.update(s["name"], status="completed", metrics=metrics, seconds=round(time.time() - t0, 1))
+            log.info("stage %s: completed in %.1f s, final weights in %s", s["name"], time.time() - t0, out / "final")
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        manifest.update(status=status, error=str(e).splitlines()[0][:500] if str(e) else type(e).__name__,
+                        finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        raise
+    manifest.update(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return manifest.data

@@ -1,0 +1,63 @@
+"""What the terminal shows: the stage graph of ``plan`` and the summary table at the end of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from alignctl.stages import STAGES
+
+
+def _data_label(d: dict) -> str:
+    src = d["path"] if not d["local"] else Path(d["path"]).name
+    if d.get("name"):
+        src += f" ({d['name']})"
+    held = d["eval_split"] or (f"{d['eval_size']} carved (seed {d['seed']})" if d["eval_size"] else "none")
+    return f"{d['label']}: {src} [{d['split']}], held-out: {held}"
+
+
+def show(spec: dict, console: Console | None = None) -> None:
+    """Print the stage graph: each stage's trainer, links, data, output and explicit settings."""
+    console = console or Console(highlight=False)
+    model = spec["model"]
+    console.print(f"[bold]recipe[/bold] {spec['recipe']}: {spec['description']}")
+    console.print(f"[bold]model[/bold] {model['name_or_path']}   [bold]precision[/bold] {spec['precision']}")
+    console.print(f"[bold]run dir[/bold] {spec['run_dir']}")
+    for i, s in enumerate(spec["stages"], 1):
+        kind = STAGES[s["trainer"]]
+        console.print(f"\n[bold cyan][{i}] {s['name']}[/bold cyan]  trainer: {s['trainer']} ({kind.summary})")
+        rows = [("policy", f"← {s['from'] or 'base model ' + str(model['name_or_path'])}")]
+        if "ref" in kind.links:
+            rows.append(("reference", f"← {s.get('ref') or 'base model'}"))
+        rows += [("data", _data_label(s["data"])), ("output", f"<run dir>/{s['name']}/final")]
+        settings = [f"{k}={s['args'][k]}" for k in kind.key_fields if k in s["args"]]
+        settings += [f"{k}={v}" for k, v in s["args"].items() if k not in kind.key_fields and k != "report_to"]
+        rows.append(("settings", " ".join(settings) or "TRL defaults"))
+        for label, value in rows:
+            console.print(f"    {label:<10} {value}")
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def summary(manifest: dict, console: Console | None = None) -> None:
+    console = console or Console(width=max(Console().width, 120))
+    table = Table("stage", "trainer", "status", "seconds", "train loss", "held-out metric", "before", "after",
+                  title=f"{manifest['recipe']}: {manifest['status']}")
+    for s in manifest["stages"]:
+        m = s.get("metrics") or {}
+        head = STAGES[s["trainer"]].headline
+        table.add_row(s["name"], s["trainer"], s["status"], _fmt(s.get("seconds", "")),
+                      _fmt(m.get("train", {}).get("train_loss", "")), head,
+                      _fmt(m.get("before", {}).get(head, "")), _fmt(m.get("after", {}).get(head, "")))
+    console.print(table)
+    console.print(f"final model: {manifest['final_model']}\nmanifest: {Path(manifest['run_dir']) / 'manifest.json'}")
+
+
+def objective(manifest: dict) -> float | None:
+    """The last stage's held-out headline metric after training (what a Hydra sweeper optimises)."""
+    last = manifest["stages"][-1]
+    return (last.get("metrics") or {}).get("after", {}).get(STAGES[last["trainer"]].headline)

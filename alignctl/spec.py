@@ -1,0 +1,213 @@
+"""Resolve a composed Hydra config into a validated run spec (no torch, no TRL import).
+
+The run spec is a plain dict: the recipe's name, the model, and an ordered list of
+stage specs, each complete on its own (trainer, the paths of its initial weights,
+reference and reward models, its data, and its TRL config fields). It is computed
+once, by the process that ran Hydra, and written to each stage's directory.
+
+Every problem found is collected and raised together as :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+from alignctl import data as data_mod
+from alignctl import models, trl_fields
+from alignctl.stages import STAGES
+
+TOP_KEYS = {
+    "name": "recipe name (used in output paths)",
+    "description": "one line shown by `alignctl recipes`",
+    "model": "base model (configs/model)",
+    "data": "named data sets the stages refer to (configs/data)",
+    "stages": "ordered stages of the recipe",
+    "precision": "auto | bf16 | fp16 | fp32",
+    "seed": "seed for every stage unless the stage sets its own",
+    "output_root": "root of run directories and the tiny-model cache",
+}
+MODEL_KEYS = {"name_or_path", "revision", "attn_implementation", "trust_remote_code", "chat_template"}
+STAGE_KEYS = {"trainer", "from", "data", "description"}
+LINK_KEYS = {"ref", "reward", "value"}
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# TRL fields alignctl owns or refuses: where it writes, and secrets (they would land in saved configs).
+OWNED_FIELDS = {"output_dir": "alignctl sets it to <run dir>/<stage>/checkpoints"}
+SECRET_FIELDS = {"hub_token": "secrets never go in configs: set the HF_TOKEN environment variable instead"}
+
+
+class ConfigError(Exception):
+    """Bad user input; ``problems`` is a list of one-line messages, each naming the key, file or column."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def suggest(key: str, candidates) -> str:
+    close = difflib.get_close_matches(str(key), sorted(candidates), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _unknown(where: str, key: str, candidates) -> str:
+    return f"{where}: unknown key '{key}'{suggest(key, candidates)}"
+
+
+_SIMPLE = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _type_problem(value: Any, typ: str) -> str | None:
+    """Check scalars against simple annotations like ``float`` or ``int | None``; other types pass."""
+    parts = [p.strip() for p in typ.split("|")]
+    optional = "None" in parts
+    parts = [p for p in parts if p != "None"]
+    if len(parts) != 1 or parts[0] not in _SIMPLE:
+        return None
+    if value is None:
+        return None if optional else f"must be a {parts[0]}, got null"
+    ok = _SIMPLE[parts[0]]
+    if isinstance(value, bool) and bool not in ok:
+        return f"must be a {parts[0]}, got {value!r}"
+    if not isinstance(value, ok):
+        return f"must be a {parts[0]}, got {value!r}"
+    return None
+
+
+def _to_container(cfg) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover
+        return dict(cfg)
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
+    """Validate ``cfg`` and return the run spec. Raises :class:`ConfigError` listing every problem."""
+    c = _to_container(cfg)
+    c.pop("hydra", None)
+    problems: list[str] = []
+    for key in c:
+        if key not in TOP_KEYS:
+            problems.append(_unknown("config", key, TOP_KEYS))
+
+    precision = c.get("precision", "auto")
+    if precision not in PRECISIONS:
+        problems.append(f"precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
+    model = dict(c.get("model") or {})
+    for key in model:
+        if key not in MODEL_KEYS:
+            problems.append(_unknown("model", key, MODEL_KEYS))
+    if not model.get("name_or_path"):
+        problems.append("model.name_or_path: not set (a local path, a Hub id, or tiny:llama / tiny:qwen2)")
+    elif models.is_tiny(model["name_or_path"]) and models.tiny_arch(model["name_or_path"]) not in models.TINY_ARCHS:
+        problems.append(f"model.name_or_path: unknown built-in tiny model '{model['name_or_path']}'; "
+                        f"choose from {', '.join(models.TINY_PREFIX + a for a in models.TINY_ARCHS)}")
+    elif data_mod.looks_local(str(model["name_or_path"])) and not Path(model["name_or_path"]).expanduser().exists():
+        problems.append(f"model.name_or_path: path not found: {model['name_or_path']}")
+
+    run_dir = Path(run_dir).absolute()
+    output_root = Path(c.get("output_root") or "outputs").absolute()
+    datasets = c.get("data") or {}
+    seed = c.get("seed", 42)
+    stages_cfg = c.get("stages") or {}
+    if not stages_cfg:
+        problems.append("stages: the recipe defines no stages")
+
+    stages: list[dict] = []
+    kinds_by_name: dict[str, str] = {}
+    for name, raw in stages_cfg.items():
+        where = f"stages.{name}"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: must be a mapping with at least `trainer`")
+            continue
+        raw = dict(raw)
+        trainer = raw.get("trainer")
+        if trainer not in STAGES:
+            problems.append(f"{where}.trainer: unknown trainer '{trainer}'{suggest(trainer, STAGES)}; "
+                            f"known: {', '.join(STAGES)}")
+            continue
+        kind = STAGES[trainer]
+        trl = trl_fields.fields(kind.config_class)
+        allowed_links = set(kind.links)
+        args: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in STAGE_KEYS or key in allowed_links:
+                continue
+            if key in SECRET_FIELDS:
+                problems.append(f"{where}.{key}: {SECRET_FIELDS[key]}")
+            elif key in OWNED_FIELDS:
+                problems.append(f"{where}.{key}: {OWNED_FIELDS[key]}")
+            elif key in trl:
+                bad = _type_problem(value, trl[key]["type"])
+                if bad:
+                    problems.append(f"{where}.{key}: {bad}")
+                args[key] = value
+            elif key in LINK_KEYS:
+                problems.append(f"{where}.{key}: a {trainer} stage takes no `{key}` link")
+            else:
+                cands = set(trl) | STAGE_KEYS | allowed_links
+                problems.append(_unknown(where, key, cands) + f" — not a field of {kind.config_class}")
+
+        # Chaining: `from` names an earlier stage; the stage's initial weights are its final/.
+        src = raw.get("from")
+        if src is not None and src not in kinds_by_name:
+            earlier = ", ".join(kinds_by_name) or "none"
+            problems.append(f"{where}.from: '{src}' names no earlier stage (earlier stages: {earlier})")
+            src = None
+        if src is not None and STAGES[kinds_by_name[src]].output != "causal_lm" and kind.output == "causal_lm":
+            problems.append(f"{where}.from: '{src}' is a {kinds_by_name[src]} stage (a classifier); "
+                            f"a {trainer} stage must start from a language model")
+        base = str(model.get("name_or_path"))
+        init_path = str(run_dir / src / "final") if src else base
+
+        links: dict[str, Any] = {}
+        if "ref" in allowed_links:
+            ref = raw.get("ref", src)
+            if ref is not None and ref != src and ref not in kinds_by_name:
+                problems.append(f"{where}.ref: '{ref}' names no earlier stage")
+            links["ref"] = ref
+            links["ref_path"] = str(run_dir / ref / "final") if ref else base
+
+        dspec, dprob = _dataset(raw.get("data"), datasets, where, kind, check_data)
+        problems += dprob
+
+        args.setdefault("seed", seed)
+        args.setdefault("report_to", "none")
+        kinds_by_name[name] = trainer
+        stages.append({
+            "name": name, "trainer": trainer, "from": src, "init_path": init_path, **links,
+            "data": dspec, "args": args, "output_dir": str(run_dir / name),
+        })
+
+    if problems:
+        raise ConfigError(problems)
+    return {
+        "recipe": c.get("name") or "recipe", "description": c.get("description", ""),
+        "model": model, "precision": precision, "seed": seed,
+        "output_root": str(output_root), "cache_dir": str(output_root / ".cache"),
+        "run_dir": str(run_dir), "stages": stages,
+    }
+
+
+def _dataset(ref, datasets: dict, where: str, kind, check: bool) -> tuple[dict | None, list[str]]:
+    if ref is None:
+        return None, [f"{where}.data: not set (name a data set from `data`: {', '.join(datasets) or 'none defined'})"]
+    if isinstance(ref, str):
+        if ref not in datasets:
+            return None, [f"{where}.data: no data set named '{ref}'{suggest(ref, datasets)}; "
+                          f"defined: {', '.join(datasets) or 'none'}"]
+        spec, label = dict(datasets[ref]), f"data.{ref}"
+    elif isinstance(ref, dict):
+        spec, label = dict(ref), f"{where}.data"
+    else:
+        return None, [f"{where}.data: must name a data set or be a mapping"]
+    spec, problems = data_mod.normalize(spec, label)
+    if not problems and check:
+        problems = data_mod.check(spec, kind.data_kind, label, stage=where)
+    spec["label"] = label
+    return spec, problems
+
