@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from alignctl.spec import ConfigError, suggest
+from alignctl.spec import TOP_KEYS, ConfigError, suggest
 
 _PKG = Path(__file__).resolve().parent
 
@@ -45,6 +45,10 @@ examples:
   alignctl run -m stages.dpo.beta=0.05,0.5       # a sweep
   alignctl run recipe=./my-recipe.yaml           # a recipe file kept anywhere
 """
+
+
+def config_groups() -> list[str]:
+    return ["recipe"] + sorted(p.name for p in CONFIGS_DIR.iterdir() if p.is_dir())
 
 
 def available_recipes() -> dict[str, Path]:
@@ -99,6 +103,10 @@ def prepare_overrides(args: list[str]) -> tuple[list[str], dict[str, Path]]:
             out.append("recipe=" + ",".join(names))
         elif "." in key and key[0] not in "+~" and not key.startswith("hydra."):
             out.append("++" + a)
+        elif key[0] not in "+~" and "." not in key and key not in TOP_KEYS and key not in config_groups():
+            choices = set(TOP_KEYS) | set(config_groups())
+            raise ConfigError([f"{key}: unknown key{suggest(key, choices)}; top-level keys and groups: "
+                               f"{', '.join(sorted(choices))}"])
         else:
             out.append(a)
     return out, extra

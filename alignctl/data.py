@@ -180,17 +180,21 @@ def check(spec: dict, data_kind: str, label: str, stage: str) -> list[str]:
         problems.append(f"{label}.eval_split: no split '{spec['eval_split']}' in {p} (found {', '.join(files)})")
     if problems:
         return problems
-    file = files[spec["split"]][0]
-    try:
-        first = _peek(file)
-    except (OSError, ValueError) as e:
-        return [f"{label}: cannot read {file}: {e}"]
-    missing = _missing_sources(first, spec["columns"])
-    if missing:
-        return [f"{label}.columns: source column {', '.join(repr(m) for m in missing)} not in {file} "
-                f"(has {sorted(first)})"]
-    row = _to_messages(_mapped_columns(first, spec["columns"])) if spec["to_messages"] else _mapped_columns(first, spec["columns"])
-    return check_columns(row, data_kind, label, stage, file)
+    for split in filter(None, (spec["split"], spec["eval_split"])):
+        file = files[split][0]
+        try:
+            first = _peek(file)
+        except (OSError, ValueError) as e:
+            problems.append(f"{label}: cannot read {file}: {e}")
+            continue
+        missing = _missing_sources(first, spec["columns"])
+        if missing:
+            problems.append(f"{label}.columns: source column {', '.join(repr(m) for m in missing)} not in {file} "
+                            f"(has {sorted(first)})")
+            continue
+        row = _mapped_columns(first, spec["columns"])
+        problems += check_columns(_to_messages(row) if spec["to_messages"] else row, data_kind, label, stage, file)
+    return problems
 
 
 def _to_messages(row: dict) -> dict:

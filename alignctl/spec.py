@@ -17,7 +17,7 @@ from typing import Any
 
 from alignctl import data as data_mod
 from alignctl import models, trl_fields
-from alignctl.stages import STAGES
+from alignctl.stages import STAGES, module
 
 TOP_KEYS = {
     "name": "recipe name (used in output paths)",
@@ -34,7 +34,12 @@ STAGE_KEYS = {"trainer", "from", "data", "description"}
 LINK_KEYS = {"ref", "reward", "value"}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # TRL fields alignctl owns or refuses: where it writes, and secrets (they would land in saved configs).
-OWNED_FIELDS = {"output_dir": "alignctl sets it to <run dir>/<stage>/checkpoints"}
+OWNED_FIELDS = {
+    "output_dir": "alignctl sets it to <run dir>/<stage>/checkpoints",
+    # PPOConfig fields that only TRL's example scripts read: alignctl's links say the same.
+    "sft_model_path": "the policy starts from the `from` stage (or the base model); remove this key",
+    "reward_model_path": "set the stage's `reward` link instead (a reward stage of this recipe, or a model path)",
+}
 SECRET_FIELDS = {"hub_token": "secrets never go in configs: set the HF_TOKEN environment variable instead"}
 
 
@@ -135,7 +140,7 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
         allowed_links = set(kind.links)
         args: dict[str, Any] = {}
         for key, value in raw.items():
-            if key in STAGE_KEYS or key in allowed_links:
+            if key in STAGE_KEYS or key in allowed_links or key in kind.options:
                 continue
             if key in SECRET_FIELDS:
                 problems.append(f"{where}.{key}: {SECRET_FIELDS[key]}")
@@ -172,6 +177,22 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
             links["ref"] = ref
             links["ref_path"] = str(run_dir / ref / "final") if ref else base
 
+        # Reward and value models: an earlier stage's final/ (a reward stage, for `reward`) or a model path.
+        for key in ("reward", "value"):
+            if key in allowed_links:
+                links[key], links[f"{key}_path"] = _model_link(raw.get(key), key, where, name, kinds_by_name,
+                                                               stages_cfg, run_dir, problems)
+        if "value" in allowed_links and raw.get("value") is None:  # the value model starts from the reward model
+            links["value"], links["value_path"] = links.get("reward"), links.get("reward_path")
+        options = {k: raw[k] for k in kind.options if k in raw}
+        if kind.needs_reward and raw.get("reward") is None and not options.get("reward_funcs"):
+            funcs = " or list TRL reward functions in `reward_funcs`" if "reward_funcs" in kind.options else ""
+            problems.append(f"{where}.reward: a {trainer} stage needs a reward source: name a reward stage of this "
+                            f"recipe (e.g. `reward: rm`) or a reward model path{funcs}")
+        check = getattr(module(trainer), "check", None)  # the stage kind's own checks of its options
+        if check is not None:
+            problems += check(options, where)
+
         dspec, dprob = _dataset(raw.get("data"), datasets, where, kind, check_data)
         problems += dprob
 
@@ -179,7 +200,7 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
         args.setdefault("report_to", "none")
         kinds_by_name[name] = trainer
         stages.append({
-            "name": name, "trainer": trainer, "from": src, "init_path": init_path, **links,
+            "name": name, "trainer": trainer, "from": src, "init_path": init_path, **links, **options,
             "data": dspec, "args": args, "output_dir": str(run_dir / name),
         })
 
@@ -191,6 +212,31 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
         "output_root": str(output_root), "cache_dir": str(output_root / ".cache"),
         "run_dir": str(run_dir), "stages": stages,
     }
+
+
+def _model_link(value, key: str, where: str, name: str, earlier: dict[str, str], all_stages: dict,
+                run_dir: Path, problems: list[str]) -> tuple[str | None, str | None]:
+    """Resolve a `reward`/`value` link to (stage name or None, model path); appends problems."""
+    if value is None:
+        return None, None
+    value = str(value)
+    if value in earlier:
+        if key == "reward" and STAGES[earlier[value]].output != "classifier":
+            rms = [n for n, t in earlier.items() if STAGES[t].output == "classifier"]
+            problems.append(f"{where}.reward: '{value}' is a {earlier[value]} stage, not a reward stage; name a stage "
+                            f"with `trainer: reward` (earlier reward stages: {', '.join(rms) or 'none'})")
+        return value, str(run_dir / value / "final")
+    if value in all_stages:
+        what = "is this stage itself" if value == name else "comes later in the recipe"
+        problems.append(f"{where}.{key}: '{value}' {what}; a {key} link must name an earlier stage")
+        return value, None
+    if models.is_tiny(value) or (not data_mod.looks_local(value) and "/" in value):
+        return None, value  # a built-in tiny model or a Hub id
+    if data_mod.looks_local(value) and Path(value).expanduser().exists():
+        return None, str(Path(value).expanduser().absolute())
+    problems.append(f"{where}.{key}: '{value}' names no stage of this recipe{suggest(value, all_stages)} and no "
+                    f"existing model path (earlier stages: {', '.join(earlier) or 'none'})")
+    return None, None
 
 
 def _dataset(ref, datasets: dict, where: str, kind, check: bool) -> tuple[dict | None, list[str]]:

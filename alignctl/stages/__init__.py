@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
 
-_MODULES = ("sft", "dpo", "orpo")
+_MODULES = ("sft", "dpo", "orpo", "reward", "ppo", "kto", "cpo", "grpo", "rloo")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class StageKind:
     output: str = "causal_lm"  # what final/ holds: causal_lm | classifier
     key_fields: tuple[str, ...] = field(default=("learning_rate", "num_train_epochs", "per_device_train_batch_size"))
     headline: str = "eval_loss"  # the held-out metric shown before -> after in summaries
+    needs_reward: bool = False  # must have a reward source: the `reward` link (or an entry of a `reward_funcs` option)
+    options: tuple[str, ...] = ()  # alignctl keys the stage takes besides TRL fields and links, e.g. reward_funcs
 
 
 def _load() -> dict[str, StageKind]:

@@ -1,0 +1,45 @@
+"""Shared fixtures: run recipes in-process (compose -> resolve -> pipeline.run) or through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    """One output root per test session, so the built-in tiny models are built once."""
+    return tmp_path_factory.mktemp("alignctl-outputs")
+
+
+@pytest.fixture
+def run_recipe(cache_root):
+    """Run a recipe in-process with overrides; returns the manifest dict."""
+
+    def _run(overrides: list[str], run_dir: Path) -> dict:
+        from alignctl import pipeline, spec
+        from alignctl.cli import compose
+
+        overrides = [f"output_root={cache_root}", *overrides]
+        resolved = spec.resolve(compose(overrides), run_dir)
+        return pipeline.run(resolved, overrides)
+
+    return _run
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real `alignctl` CLI in a fresh process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "alignctl.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_manifest(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "manifest.json").read_text())

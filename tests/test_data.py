@@ -1,0 +1,110 @@
+"""Data: formats, column mapping, held-out splits, and column checks before any model loads."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from alignctl import data
+from alignctl.spec import ConfigError
+
+
+def spec_for(path, **kw):
+    s, problems = data.normalize({"path": str(path), **kw}, "data.x")
+    assert not problems
+    return s
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_alpaca_columns_map_into_messages(tmp_path):
+    rows = [{"instruction": f"add {i} and 1", "input": "" if i % 2 else "show work", "output": str(i + 1)}
+            for i in range(20)]
+    f = write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    s = spec_for(f, columns={"prompt": ["instruction", "input"], "completion": "output"}, to_messages=True,
+                 eval_size=4)
+    assert data.check(s, "sft", "data.x", "stages.sft") == []
+    train, held = data.load(s, "sft", "stages.sft")
+    assert len(train) == 16 and len(held) == 4
+    row = next(r for r in train if r["messages"][0]["content"].startswith("add 0"))
+    assert row["messages"] == [{"role": "user", "content": "add 0 and 1\n\nshow work"},
+                               {"role": "assistant", "content": "1"}]
+    assert set(train.column_names) == {"messages"}
+
+
+def test_implicit_prompt_preference_data_gets_prompt_extracted(tmp_path):
+    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}", "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}
+            for i in range(10)]
+    s = spec_for(write_jsonl(tmp_path / "hh.jsonl", rows), eval_size=0)
+    assert data.check(s, "preference", "data.x", "stages.dpo") == []
+    train, held = data.load(s, "preference", "stages.dpo")
+    assert held is None
+    assert train[0]["prompt"] == "\n\nHuman: q0\n\nAssistant:" and train[0]["chosen"] == " good 0"
+
+
+def test_named_eval_split_from_a_folder_and_csv(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for split, n in (("train", 12), ("test", 3)):
+        with open(folder / f"{split}.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["prompt", "chosen", "rejected"])
+            w.writeheader()
+            w.writerows({"prompt": f"p{i}", "chosen": "yes", "rejected": "no"} for i in range(n))
+    s = spec_for(folder, eval_split="test")
+    train, held = data.load(s, "preference", "stages.dpo")
+    assert (len(train), len(held)) == (12, 3)
+    bad = spec_for(folder, eval_split="validation")
+    assert "no split 'validation'" in data.check(bad, "preference", "data.x", "stages.dpo")[0]
+
+
+def test_parquet_and_carved_split_is_seeded(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "sft.parquet"
+    pq.write_table(pa.table({"text": [f"line {i}" for i in range(50)]}), f)
+    s = spec_for(f, eval_size=0.2, seed=3)
+    assert data.check(s, "sft", "data.x", "stages.sft") == []
+    a = data.load(s, "sft", "stages.sft")[1]["text"]
+    b = data.load(s, "sft", "stages.sft")[1]["text"]
+    c = data.load(spec_for(f, eval_size=0.2, seed=4), "sft", "stages.sft")[1]["text"]
+    assert len(a) == 10 and a == b and a != c
+
+
+@pytest.mark.parametrize("kind,row,needle", [
+    ("sft", {"question": "q", "answer": "a"}, "missing column 'messages'"),
+    ("preference", {"prompt": "q", "chosen": "a"}, "missing column 'rejected'"),
+    ("prompt", {"prompt": "q", "completion": "a"}, "holds completions"),
+    ("prompt", {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "end with an assistant turn"),
+    ("unpaired", {"prompt": "q", "completion": "a", "label": "yes"}, "'label' must be boolean"),
+])
+def test_column_checks_name_the_problem(tmp_path, kind, row, needle):
+    f = write_jsonl(tmp_path / "rows.jsonl", [row] * 4)
+    problems = data.check(spec_for(f), kind, "data.x", "stages.s")
+    assert len(problems) == 1 and needle in problems[0] and "rows.jsonl" in problems[0] and "stages.s" in problems[0]
+
+
+def test_load_rechecks_columns_of_real_data(tmp_path):
+    """Hub data is only checked once loaded: load() applies the same checks (here, integer labels)."""
+    rows = [{"prompt": "q", "completion": "a", "label": i % 2} for i in range(6)]
+    s = spec_for(write_jsonl(tmp_path / "kto.jsonl", rows), eval_size=0)
+    with pytest.raises(ConfigError) as e:
+        data.load(s, "unpaired", "stages.kto")
+    assert "'label' must be boolean" in str(e.value) and "stages.kto" in str(e.value)
+
+
+def test_mapping_source_missing_is_reported(tmp_path):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": "y"}])
+    problems = data.check(spec_for(f, columns={"completion": "response"}), "sft", "data.x", "stages.sft")
+    assert "source column 'response' not in" in problems[0]
+
+
+def test_hub_ids_are_not_mistaken_for_files():
+    assert not data.looks_local("HuggingFaceH4/ultrachat_200k")
+    assert data.looks_local("./x.jsonl") and data.looks_local("builtin:sft.jsonl") and data.looks_local("/a/b")
