@@ -27,5 +27,10 @@ def hydra_main(cfg: DictConfig):
         manifest = pipeline.run(resolved, list(hc.overrides.task), config_yaml)
     except ConfigError as e:
         sys.exit(_error(e))
+    except KeyboardInterrupt:
+        print(f"alignctl: interrupted; manifest: {hc.runtime.output_dir}/manifest.json. "
+              "Re-run the same command to resume (completed stages are reused, the interrupted one resumes "
+              "from its last checkpoint).", file=sys.stderr)
+        sys.exit(130)
     plan.summary(manifest)
     return plan.objective(manifest)

@@ -37,6 +37,7 @@ commands:
   run [overrides...]    run a recipe (Hydra app: -m/--multirun, --cfg job, --config-dir, hydra.run.dir=... work)
   plan [overrides...]   resolve and validate the configuration, print the stage graph; trains nothing
   recipes               list the recipes
+  report <multirun dir> summarise a sweep: swept values vs held-out metrics (report.md + sweep.png)
 
 examples:
   alignctl run                                   # the embedded default recipe: tiny SFT -> DPO on CPU
@@ -103,7 +104,8 @@ def prepare_overrides(args: list[str]) -> tuple[list[str], dict[str, Path]]:
             out.append("recipe=" + ",".join(names))
         elif "." in key and key[0] not in "+~" and not key.startswith("hydra."):
             out.append("++" + a)
-        elif key[0] not in "+~" and "." not in key and key not in TOP_KEYS and key not in config_groups():
+        elif key[0] not in "+~" and "." not in key and "/" not in key and key not in TOP_KEYS \
+                and key not in config_groups():
             choices = set(TOP_KEYS) | set(config_groups())
             raise ConfigError([f"{key}: unknown key{suggest(key, choices)}; top-level keys and groups: "
                                f"{', '.join(sorted(choices))}"])
@@ -176,7 +178,28 @@ def cmd_run(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "recipes": cmd_recipes}
+def cmd_report(args: list[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from alignctl import report
+
+    if len(args) != 1:
+        print("usage: alignctl report <multirun dir>", file=sys.stderr)
+        return 2
+    try:
+        out, plot, rows = report.sweep_report(args[0])
+    except FileNotFoundError as e:
+        return _error(ConfigError([f"report: {e}"]))
+    table = Table(*rows[0].keys(), title=f"sweep {args[0]}")
+    for r in rows:
+        table.add_row(*(report._fmt(v) for v in r.values()))
+    Console(width=max(Console().width, 120)).print(table)
+    print(f"report: {out}" + (f"\nplot: {plot}" if plot else ""))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "recipes": cmd_recipes, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

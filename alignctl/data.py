@@ -263,5 +263,7 @@ def load(spec: dict, data_kind: str, stage: str):
             from trl.data_utils import maybe_extract_prompt
 
             ds = ds.map(maybe_extract_prompt)
+        if data_kind == "prompt" and "prompt" not in ds.column_names:
+            ds = ds.rename_column("messages", "prompt")  # prompt-only conversations: TRL's on-policy trainers read `prompt`
         out.append(ds)
     return out[0], out[1]

@@ -1,8 +1,10 @@
 """The one place that builds, loads and saves models and tokenizers.
 
 Everything about weights goes through here: the built-in tiny models, dtype and
-attention choice per device, tokenizer fix-ups (chat template, pad token) and
-writing a stage's ``final/`` folder as a plain Hugging Face model.
+attention choice per device, tokenizer fix-ups (chat template, pad token),
+LoRA / QLoRA (peft settings, 4-bit loading, k-bit training preparation, merging an
+adapter into de-quantised base weights) and writing a stage's ``final/`` folder as a
+plain Hugging Face model.
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ TINY_ARCHS = ("llama", "qwen2")
 # Zephyr-style turns, each closed by the tokenizer's EOS token, so the EOS learnt at
 # SFT is the one generation stops on in every later stage. The {% generation %}
 # markers let TRL compute assistant-only losses.
+# A conversation ends with its last EOS (turns are separated by a newline, none follows the last one), so
+# a reward model trained on chat-formatted pairs scores the same last token that PPO scores: the EOS the
+# policy stops on (TRL's PPO scores prompt + answer truncated at that EOS).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
+    "{% if not loop.first %}{{ '\n' }}{% endif %}"
     "{{ '<|' + message['role'] + '|>\n' }}"
     "{% if message['role'] == 'assistant' %}"
     "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
     "{% else %}{{ message['content'] + eos_token }}{% endif %}"
-    "{{ '\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '\n<|assistant|>\n' }}{% endif %}"
 )
 
 _TINY_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -49,13 +54,18 @@ def tiny_arch(name_or_path: str) -> str:
     return str(name_or_path)[len(TINY_PREFIX):]
 
 
+def tiny_key(name_or_path: str) -> str:
+    """Identity of a built-in tiny model: changes whenever its recipe (shape, tokenizer) changes."""
+    blob = json.dumps([tiny_arch(name_or_path), _TINY_SHAPE, _TINY_SPECIAL, 3])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def materialize(name_or_path: str, cache_root: str | os.PathLike) -> str:
     """Return a loadable path for ``name_or_path``; builds a built-in tiny model once per cache."""
     if not is_tiny(name_or_path):
         return name_or_path
     arch = tiny_arch(name_or_path)
-    key = hashlib.sha256(json.dumps([arch, _TINY_SHAPE, _TINY_SPECIAL, 2]).encode()).hexdigest()[:12]
-    out = Path(cache_root) / f"tiny-{arch}-{key}"
+    out = Path(cache_root) / f"tiny-{arch}-{tiny_key(name_or_path)}"
     if (out / "config.json").exists():
         return str(out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -155,30 +165,37 @@ def load_tokenizer(path: str, model_spec: dict[str, Any]):
     return tok
 
 
-def _load_kwargs(model_spec: dict[str, Any], precision: str) -> dict[str, Any]:
+def _load_kwargs(model_spec: dict[str, Any], precision: str, peft: dict | None = None,
+                 classifier: bool = False) -> dict[str, Any]:
     return dict(
         revision=model_spec.get("revision"),
         dtype=torch_dtype(precision),
         attn_implementation=model_spec.get("attn_implementation") or "sdpa",
         trust_remote_code=bool(model_spec.get("trust_remote_code")),
         use_safetensors=True,
+        **quantization_kwargs(peft, precision, classifier),
     )
 
 
-def load_causal_lm(path: str, model_spec: dict[str, Any], precision: str, tokenizer=None):
+def load_causal_lm(path: str, model_spec: dict[str, Any], precision: str, tokenizer=None, peft: dict | None = None):
+    """A causal LM; 4-bit quantised (frozen base for an adapter) when ``peft`` is a qlora setting."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(model_spec, precision))
+    model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(model_spec, precision, peft))
+    _after_quantised_load(model)
     if tokenizer is not None:
         align_special_tokens(model, tokenizer)
     return model
 
 
-def load_sequence_classifier(path: str, model_spec: dict[str, Any], precision: str, tokenizer=None):
-    """A one-output sequence classifier (reward/value model) on top of ``path``'s backbone."""
+def load_sequence_classifier(path: str, model_spec: dict[str, Any], precision: str, tokenizer=None,
+                             peft: dict | None = None):
+    """A one-output sequence classifier (reward/value model) on top of ``path``'s backbone (4-bit under qlora)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_load_kwargs(model_spec, precision))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, **_load_kwargs(model_spec, precision, peft, classifier=True))
+    _after_quantised_load(model)
     if tokenizer is not None:
         align_special_tokens(model, tokenizer)
     return model
@@ -204,3 +221,283 @@ def save_final(model, tokenizer, out: str | os.PathLike) -> str:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return str(out)
+
+
+# -- LoRA / QLoRA ------------------------------------------------------------------------------------------------
+# A stage's `peft` setting (resolved by alignctl.spec) is a flat mapping: `method` (none | lora | qlora) plus
+# LoRA fields under peft.LoraConfig's names and, for qlora, 4-bit fields under BitsAndBytesConfig's names.
+PEFT_METHODS = {
+    "none": "full fine-tuning",
+    "lora": "LoRA adapter on the base weights (in the compute dtype)",
+    "qlora": "LoRA adapter on a 4-bit (NF4) quantised base (bitsandbytes)",
+}
+# field -> accepted values: a type name checked by peft_problems, or a tuple of choices.
+LORA_FIELDS: dict[str, Any] = {
+    "r": "positive int", "lora_alpha": "positive number", "lora_dropout": "probability",
+    "target_modules": "modules", "exclude_modules": "optional modules", "use_dora": "bool", "use_rslora": "bool",
+    "bias": ("none", "all", "lora_only"), "modules_to_save": "optional list", "init_lora_weights": "bool or str",
+    "layers_to_transform": "optional layers",
+}
+QUANT_FIELDS: dict[str, Any] = {
+    "bnb_4bit_quant_type": ("nf4", "fp4"), "bnb_4bit_use_double_quant": "bool",
+    "bnb_4bit_compute_dtype": ("auto", "bf16", "fp16", "fp32"), "bnb_4bit_quant_storage": (None, "uint8", "bf16",
+                                                                                         "fp16", "fp32"),
+}
+PEFT_FIELDS = {"method": tuple(PEFT_METHODS), **LORA_FIELDS, **QUANT_FIELDS}
+# Attention kernels that need a package besides torch: attn_implementation -> module to find.
+ATTN_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "uint8": "uint8"}
+
+
+def _value_problem(value: Any, accepted: Any) -> str | None:
+    def strs(v):
+        return isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))
+
+    if isinstance(accepted, tuple):
+        return None if value in accepted else f"must be one of {', '.join(str(a) for a in accepted)}"
+    ok = {
+        "positive int": isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        "positive number": isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+        "probability": isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
+        "bool": isinstance(value, bool),
+        "modules": strs(value),
+        "optional modules": value is None or strs(value),
+        "optional list": value is None or (isinstance(value, list) and all(isinstance(x, str) for x in value)),
+        "bool or str": isinstance(value, (bool, str)),
+        "optional layers": value is None or (isinstance(value, int) and not isinstance(value, bool))
+        or (isinstance(value, list) and all(isinstance(x, int) for x in value)),
+    }[accepted]
+    if ok:
+        return None
+    what = {"modules": "a module name pattern, 'all-linear', or a list of module names",
+            "optional modules": "null, a module name pattern or a list of module names",
+            "optional list": "null or a list of module names", "probability": "a number in [0, 1)",
+            "optional layers": "null, a layer index or a list of layer indices"}.get(accepted, f"a {accepted}")
+    return f"must be {what}, got {value!r}"
+
+
+def peft_problems(peft: dict, where: str, only: set | None = None) -> list[str]:
+    """Plan-time checks of one resolved peft setting (no torch import): keys, values, installed packages.
+    ``only``: check just these keys (a stage's overrides of the run's setting, which is checked on its own)."""
+    from importlib.util import find_spec
+
+    problems = []
+    method = peft.get("method")
+    if method not in PEFT_METHODS:
+        return [f"{where}.method: unknown peft method {method!r}{_suggest(method, PEFT_METHODS)}; "
+                f"choose from {', '.join(PEFT_METHODS)}"]
+    for key, value in peft.items():
+        if only is not None and key not in only:
+            continue
+        if key not in PEFT_FIELDS:
+            problems.append(f"{where}: unknown key '{key}'{_suggest(key, PEFT_FIELDS)} — peft settings are method, "
+                            f"LoRA fields ({', '.join(LORA_FIELDS)}) and, for qlora, "
+                            f"{', '.join(QUANT_FIELDS)}")
+            continue
+        bad = _value_problem(value, PEFT_FIELDS[key])
+        if bad:
+            problems.append(f"{where}.{key}: {bad}")
+        elif method == "none" and key != "method":
+            problems.append(f"{where}.{key}: has no effect with method none (full fine-tuning); "
+                            "choose peft=lora or peft=qlora, or remove it")
+        elif method == "lora" and key in QUANT_FIELDS:
+            problems.append(f"{where}.{key}: a 4-bit setting, only used with method qlora (this is lora)")
+    if only is not None:
+        return problems
+    if method != "none" and find_spec("peft") is None:
+        problems.append(f"{where}.method: {method} needs the `peft` package, which is not installed")
+    if method == "qlora" and find_spec("bitsandbytes") is None:
+        problems.append(f"{where}.method: qlora needs the `bitsandbytes` package, which is not installed "
+                        "(pip install bitsandbytes), or use peft=lora")
+    return problems
+
+
+def resolve_peft(value: Any, base: dict, preset, where: str) -> tuple[dict, list[str]]:
+    """A stage's peft setting from its `peft` key: null (the run's ``base``), a preset name (none | lora | qlora),
+    or a mapping of fields that override the named preset when it has `method`, the run's setting otherwise."""
+    if value is None:
+        return dict(base), []
+    if isinstance(value, str):
+        value = {"method": value}
+    if not isinstance(value, dict):
+        return dict(base), [f"{where}: must be a preset name ({', '.join(PEFT_METHODS)}) or a mapping of peft fields"]
+    start = base
+    if "method" in value:
+        if value["method"] not in PEFT_METHODS:
+            return dict(base), [f"{where}.method: unknown peft method {value['method']!r}"
+                                f"{_suggest(value['method'], PEFT_METHODS)}; choose from {', '.join(PEFT_METHODS)}"]
+        start = preset(value["method"]) if value["method"] != base.get("method") else base
+    return {**start, **value}, []
+
+
+def _suggest(key, candidates) -> str:
+    from alignctl.spec import suggest
+
+    return suggest(key, candidates)
+
+
+def describe_peft(peft: dict | None) -> str:
+    """One line for the plan: the method and its main settings."""
+    peft = peft or {"method": "none"}
+    method = peft.get("method", "none")
+    if method == "none":
+        return "none (full fine-tuning)"
+    targets = peft.get("target_modules", "all-linear")
+    targets = targets if isinstance(targets, str) else ",".join(targets)
+    text = f"{method}: LoRA r={peft.get('r')} alpha={peft.get('lora_alpha')} dropout={peft.get('lora_dropout')} " \
+           f"on {targets}"
+    text += "".join(f" +{name}" for key, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA")) if peft.get(key))
+    if method == "qlora":
+        text += f"; base 4-bit {peft.get('bnb_4bit_quant_type', 'nf4')}" \
+                f"{' double-quant' if peft.get('bnb_4bit_use_double_quant') else ''}, " \
+                f"compute {peft.get('bnb_4bit_compute_dtype', 'auto')}"
+    return text
+
+
+def device_problems(stage: dict) -> list[str]:
+    """Run-time checks of settings that cannot work on this machine; called before any model is loaded."""
+    import torch
+
+    where = f"stages.{stage['name']}"
+    problems = []
+    cuda = torch.cuda.is_available()
+    precision = precision_for(stage.get("precision", "auto"))
+    attn = (stage.get("model") or {}).get("attn_implementation") or "sdpa"
+    if attn in ATTN_PACKAGES and not cuda:
+        problems.append(f"model.attn_implementation: {attn} needs a CUDA GPU and none is available; use sdpa")
+    elif attn in ATTN_PACKAGES and precision == "fp32":
+        problems.append(f"model.attn_implementation: {attn} runs in fp16/bf16 only, but precision is fp32 here; "
+                        "set precision=bf16 (or fp16), or use sdpa")
+    peft = stage.get("peft") or {}
+    if peft.get("method") == "qlora":
+        compute = peft.get("bnb_4bit_compute_dtype", "auto")
+        if compute == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+            problems.append(f"{where}.peft.bnb_4bit_compute_dtype: this GPU has no bf16; use auto (fp16 here)")
+        if compute == "fp16" and not cuda:
+            problems.append(f"{where}.peft.bnb_4bit_compute_dtype: fp16 4-bit kernels need a CUDA GPU; use auto "
+                            "(fp32 on CPU)")
+        problem = _bnb_4bit_problem("cuda" if cuda else "cpu")
+        if problem:
+            problems.append(f"{where}.peft.method: qlora cannot run here: {problem}; use peft=lora")
+    return problems
+
+
+def _bnb_4bit_problem(device: str) -> str | None:
+    """None if bitsandbytes can quantise to 4 bits on ``device`` (CPU: its CPU backend, bitsandbytes >= 0.48)."""
+    try:
+        import bitsandbytes.functional as bnbf
+        import torch
+
+        bnbf.quantize_4bit(torch.zeros(64, 64, device=device), quant_type="nf4")
+    except Exception as e:  # an import error, a missing backend, a broken CUDA setup
+        from importlib import metadata
+
+        try:
+            version = metadata.version("bitsandbytes")
+        except metadata.PackageNotFoundError:
+            return "bitsandbytes is not installed"
+        return f"bitsandbytes {version} cannot quantise to 4 bits on {device} ({type(e).__name__}: {e})"
+    return None
+
+
+def compute_dtype(peft: dict, precision: str):
+    """The 4-bit compute dtype: the device's precision (bf16 / fp16 on CUDA, fp32 on CPU) unless set."""
+    import torch
+
+    chosen = peft.get("bnb_4bit_compute_dtype", "auto")
+    return torch_dtype(precision) if chosen in (None, "auto") else getattr(torch, _DTYPES[chosen])
+
+
+def quantization_kwargs(peft: dict | None, precision: str, classifier: bool = False) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the base in 4 bits under qlora (a BitsAndBytesConfig and the device)."""
+    if not peft or peft.get("method") != "qlora":
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    storage = peft.get("bnb_4bit_quant_storage")
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=peft.get("bnb_4bit_quant_type", "nf4"),
+        bnb_4bit_use_double_quant=peft.get("bnb_4bit_use_double_quant", True),
+        bnb_4bit_compute_dtype=compute_dtype(peft, precision),
+        bnb_4bit_quant_storage=getattr(torch, _DTYPES[storage]) if storage else None,
+        # a classifier's score head stays in full precision: it is trained whole (peft modules_to_save)
+        llm_int8_skip_modules=["score", "classifier"] if classifier else None,
+    )
+    if torch.cuda.is_available():
+        device = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    else:
+        device = "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def _after_quantised_load(model) -> None:
+    """bitsandbytes 0.50 on AVX512-BF16 CPUs repacks 4-bit weights the first time a layer runs in eval mode without
+    gradients (e.g. the held-out evaluation before training). The repacked layout has no backward (training after it
+    gets wrong gradients) and needs output sizes divisible by 32. Layers keep bitsandbytes' training layout instead."""
+    if not getattr(model, "is_loaded_in_4bit", False) or next(model.parameters()).device.type != "cpu":
+        return
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_config(peft: dict | None, task: str = "CAUSAL_LM"):
+    """A peft.LoraConfig from a stage's peft setting (None under full fine-tuning). ``task`` SEQ_CLS (reward models)
+    makes PEFT keep the classifier's score head trainable and save it with the adapter (modules_to_save)."""
+    if not peft or peft.get("method", "none") == "none":
+        return None
+    from peft import LoraConfig
+
+    fields = {k: v for k, v in peft.items() if k in LORA_FIELDS}
+    fields.setdefault("target_modules", "all-linear")
+    return LoraConfig(task_type=task, **fields)
+
+
+def prepare_for_training(model, peft: dict | None, checkpointing: bool, checkpointing_kwargs: dict | None = None):
+    """Ready a loaded model for adapter training: k-bit preparation of a 4-bit base (freeze it, upcast the
+    non-quantised parameters, gradient checkpointing with input gradients) or input gradients for LoRA +
+    checkpointing. Full fine-tuning: unchanged."""
+    method = (peft or {}).get("method", "none")
+    if getattr(model, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                               gradient_checkpointing_kwargs=checkpointing_kwargs)
+    if method != "none" and checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_adapter(model, tokenizer, out: str | os.PathLike) -> str:
+    """Write a trained adapter (PEFT's adapter_config.json + adapter_model.safetensors, and the tokenizer) atomically."""
+    return save_final(model, tokenizer, out)
+
+
+def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out: str | os.PathLike, model_spec: dict[str, Any],
+                  precision: str, tokenizer, peft: dict, classifier: bool = False) -> str:
+    """Merge an adapter into the base weights it was trained on and save a plain HF model at ``out``.
+
+    Under qlora the base is loaded in 4 bits exactly as for training, then de-quantised, so the merged weights are
+    the ones the adapter was trained against (de-quantised base + LoRA delta), not the original full-precision
+    weights. The result has no quantisation config and no adapter: it loads with plain transformers.
+    """
+    from peft import PeftModel
+
+    load = load_sequence_classifier if classifier else load_causal_lm
+    model = load(base_path, model_spec, precision, tokenizer, peft=peft)
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = model.dequantize()
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    align_special_tokens(model, tokenizer)
+    return save_final(model, tokenizer, out)

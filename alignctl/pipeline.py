@@ -15,10 +15,12 @@ TRL config (constructed). Only then does the first stage train.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
+import signal
 import time
 from importlib import metadata
 from pathlib import Path
@@ -86,7 +88,7 @@ class Manifest:
 
 def stage_specs(spec: dict) -> list[dict]:
     """Each stage's spec, complete on its own (what a worker process needs, and nothing from Hydra)."""
-    shared = {k: spec[k] for k in ("model", "precision", "cache_dir", "run_dir", "recipe")}
+    shared = {k: spec[k] for k in ("model", "precision", "cache_dir", "run_dir", "recipe", "store_dir")}
     return [{**shared, **s} for s in spec["stages"]]
 
 
@@ -94,7 +96,7 @@ def preflight(stages: list[dict]) -> None:
     """Load and check every stage's data and build every TRL config, before any model is loaded."""
     import importlib
 
-    from alignctl import data
+    from alignctl import data, models
     from alignctl.runner import StageContext
     from alignctl.spec import ConfigError
     from alignctl.stages import STAGES
@@ -111,41 +113,97 @@ def preflight(stages: list[dict]) -> None:
             getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
         except (ValueError, TypeError) as e:
             problems.append(f"stages.{s['name']}: {kind.config_class} rejects the settings: {e}")
+        problems += [p for p in models.device_problems(s) if p not in problems]  # attention, 4-bit on this machine
     if problems:
         raise ConfigError(problems)
 
 
 def run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
-    """Train every stage in order; returns the manifest."""
-    from alignctl.runner import run_stage
+    """Train (or reuse from the store) every stage in order; returns the manifest."""
+    from alignctl import store
 
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if config_yaml is not None:
         (run_dir / "config.yaml").write_text(config_yaml)
     stages = stage_specs(spec)
+    fps = store.fingerprints(stages)
     manifest = Manifest(spec, list(overrides))
     try:
-        preflight(stages)
-        for s in stages:
-            out = Path(s["output_dir"])
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "spec.json", s)
-            log.info("stage %s (%s): starting from %s", s["name"], s["trainer"], s["init_path"])
-            manifest.update(s["name"], status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            t0 = time.time()
-            try:
-                metrics = run_stage(s)
-            except BaseException as e:
-                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-                manifest.update(s["name"], status=status, seconds=round(time.time() - t0, 1))
-                raise
-            manifest.update(s["name"], status="completed", metrics=metrics, seconds=round(time.time() - t0, 1))
-            log.info("stage %s: completed in %.1f s, final weights in %s", s["name"], time.time() - t0, out / "final")
+        with _stop_on_sigterm():
+            preflight(stages)
+            for s in stages:
+                _run_one(s, store.Entry(spec["store_dir"], s["trainer"], fps[s["name"]]), manifest)
     except BaseException as e:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         manifest.update(status=status, error=str(e).splitlines()[0][:500] if str(e) else type(e).__name__,
                         finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
     manifest.update(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    _write_report(manifest.data)
     return manifest.data
+
+
+def _run_one(s: dict, entry, manifest: Manifest) -> None:
+    """Reuse a completed store entry or train it (resuming from its last checkpoint); link final/ into the run."""
+    from alignctl import store
+    from alignctl.runner import run_stage
+
+    stage_dir = Path(s["output_dir"])
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    work = {**s, "output_dir": str(entry.dir), "fingerprint": entry.fingerprint}
+    t0 = time.time()
+    manifest.update(s["name"], status="running", fingerprint=entry.fingerprint, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    with entry.lock():
+        if entry.complete():
+            log.info("stage %s: reusing completed stage %s (same fingerprint)", s["name"], entry.dir)
+            metrics, reused = entry.metrics(), str(entry.dir)
+        else:
+            work["resume_from"] = entry.last_checkpoint()
+            write_json(stage_dir / "spec.json", work)
+            log.info("stage %s (%s): starting from %s", s["name"], s["trainer"], s["init_path"])
+            try:
+                metrics = run_stage(work)
+            except BaseException as e:
+                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                manifest.update(s["name"], status=status, seconds=round(time.time() - t0, 1))
+                raise
+            entry.mark_complete(metrics)
+            reused = None
+    write_json(stage_dir / "spec.json", work)
+    store.link_tree(entry.final, stage_dir / "final")
+    if (entry.dir / "adapter").is_dir():  # lora/qlora: the trained adapter, kept beside the merged final/
+        store.link_tree(entry.dir / "adapter", stage_dir / "adapter")
+    for extra in ("log_history.json", "samples.jsonl"):
+        if (entry.dir / extra).is_file():
+            store.link_tree_file(entry.dir / extra, stage_dir / extra)
+    manifest.update(s["name"], status="completed", metrics=metrics, reused_from=reused,
+                    seconds=round(time.time() - t0, 1))
+    log.info("stage %s: %s in %.1f s, final weights in %s", s["name"], "reused" if reused else "completed",
+             time.time() - t0, stage_dir / "final")
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM stops a run like Ctrl-C: the running stage and the run are marked interrupted."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_report(manifest: dict) -> None:
+    try:
+        from alignctl import report
+
+        report.write_run_report(manifest)
+    except Exception as e:  # a report must never fail a finished run
+        log.warning("could not write report.md: %s", e)

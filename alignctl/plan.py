@@ -28,15 +28,35 @@ def show(spec: dict, console: Console | None = None) -> None:
     for i, s in enumerate(spec["stages"], 1):
         kind = STAGES[s["trainer"]]
         console.print(f"\n[bold cyan][{i}] {s['name']}[/bold cyan]  trainer: {s['trainer']} ({kind.summary})")
-        rows = [("policy", f"← {s['from'] or 'base model ' + str(model['name_or_path'])}")]
+        start = "policy" if kind.output == "causal_lm" else "init"
+        rows = [(start, f"← {s['from'] or 'base model ' + str(model['name_or_path'])}")]
         if "ref" in kind.links:
             rows.append(("reference", f"← {s.get('ref') or 'base model'}"))
+        for link in ("reward", "value"):
+            if link in kind.links and (s.get(link) or s.get(f"{link}_path")):
+                rows.append((link, f"← {s.get(link) or s.get(f'{link}_path')}"))
+        if s.get("reward_funcs"):
+            rows.append(("reward fns", ", ".join(f if isinstance(f, str) else next(iter(f)) for f in s["reward_funcs"])))
         rows += [("data", _data_label(s["data"])), ("output", f"<run dir>/{s['name']}/final")]
+        rows += _peft_rows(s, kind)
         settings = [f"{k}={s['args'][k]}" for k in kind.key_fields if k in s["args"]]
         settings += [f"{k}={v}" for k, v in s["args"].items() if k not in kind.key_fields and k != "report_to"]
         rows.append(("settings", " ".join(settings) or "TRL defaults"))
         for label, value in rows:
             console.print(f"    {label:<10} {value}")
+
+
+def _peft_rows(s: dict, kind) -> list[tuple[str, str]]:
+    """The stage's peft mode; with an adapter, where it is kept and how the reference is obtained."""
+    from alignctl.models import describe_peft
+
+    peft = s.get("peft") or {"method": "none"}
+    rows = [("peft", describe_peft(peft))]
+    if peft.get("method", "none") != "none":
+        rows.append(("adapter", f"<run dir>/{s['name']}/adapter (final/ is it merged into the base weights)"))
+        if "ref" in kind.links and s.get("ref") == s.get("from"):
+            rows.append(("", "reference = the policy with its adapter disabled (no second copy)"))
+    return rows
 
 
 def _fmt(v) -> str:

@@ -34,18 +34,58 @@ class StageContext:
         self.train, self.eval = data.load(spec["data"], self.kind.data_kind, f"stages.{spec['name']}")
 
     # -- pieces for the stage modules -------------------------------------------------
+    @property
+    def peft(self) -> dict[str, Any]:
+        """The stage's resolved peft setting: method none | lora | qlora and its fields (configs/peft)."""
+        return self.spec.get("peft") or {"method": "none"}
+
     def load_policy(self):
-        return models.load_causal_lm(self.init_path, self.model_spec, self.precision, self.tokenizer)
+        """The stage's initial weights as the model to train: under qlora a 4-bit base prepared for k-bit training;
+        under lora/qlora the trainer adds the adapter (``peft_config()``)."""
+        model = models.load_causal_lm(self.init_path, self.model_spec, self.precision, self.tokenizer, peft=self.peft)
+        return models.prepare_for_training(model, self.peft, *self._checkpointing())
 
     def load_reference(self):
-        """The reference model, or None when it is the stage's own initial weights (TRL then copies them)."""
+        """The reference model, or None when it is the stage's own initial weights: then TRL copies them under full
+        fine-tuning, and with an adapter (lora/qlora) it computes the reference by disabling the adapter, i.e. on
+        these very weights, without a second copy. Another reference (``ref:`` naming another stage) is loaded,
+        in 4 bits under qlora."""
         ref = models.materialize(self.spec.get("ref_path") or self.spec["init_path"], self.spec["cache_dir"])
         if ref == self.init_path:
             return None
-        return models.load_causal_lm(ref, self.model_spec, self.precision, self.tokenizer)
+        return models.load_causal_lm(ref, self.model_spec, self.precision, self.tokenizer, peft=self.peft)
+
+    def load_classifier(self, path: str | None = None):
+        """A one-output sequence classifier from ``path`` (default: the stage's initial weights), e.g. a reward model.
+        The stage's own classifier (no ``path``) follows the stage's peft setting; linked reward/value models load
+        in the compute dtype."""
+        if path is None:
+            model = models.load_sequence_classifier(self.init_path, self.model_spec, self.precision, self.tokenizer,
+                                                    peft=self.peft)
+            return models.prepare_for_training(model, self.peft, *self._checkpointing())
+        path = models.materialize(path, self.spec["cache_dir"])
+        return models.load_sequence_classifier(path, self.model_spec, self.precision, self.tokenizer)
+
+    def load_reward_model(self):
+        """The model of the stage's `reward` link (a reward stage's final/ or a model path)."""
+        return self.load_classifier(self.spec["reward_path"])
+
+    def load_value_model(self):
+        """The value model of the stage's `value` link; by default initialised from the reward model."""
+        return self.load_classifier(self.spec.get("value_path") or self.spec["reward_path"])
 
     def peft_config(self):
-        return None
+        """The peft.LoraConfig for the trainer's ``peft_config`` (None under full fine-tuning). A classifier stage
+        (reward) gets task SEQ_CLS, which keeps its score head trainable and saves it with the adapter."""
+        return models.lora_config(self.peft, "SEQ_CLS" if self.kind.output == "classifier" else "CAUSAL_LM")
+
+    def _checkpointing(self) -> tuple[bool, dict | None]:
+        """The stage's effective activation (gradient) checkpointing setting: its TRL config's, defaults included."""
+        import importlib
+
+        module, _, cls = self.kind.config_class.rpartition(".")
+        config = getattr(importlib.import_module(module), cls)(**self.args_for(self.spec))
+        return bool(config.activation_checkpointing), config.activation_checkpointing_kwargs
 
     @staticmethod
     def args_for(spec: dict[str, Any]) -> dict[str, Any]:
@@ -77,19 +117,43 @@ class StageContext:
         trainer.remove_callback(PrinterCallback)  # metrics go to the run log through _LogCallback instead
         trainer.add_callback(_LogCallback(self.spec["name"]))
         before = self.evaluate(trainer, preference_eval)
-        result = trainer.train()
+        resume = self.spec.get("resume_from")
+        if resume:
+            log.info("[%s] resuming from %s", self.spec["name"], resume)
+        result = trainer.train(resume_from_checkpoint=resume)
         after = self.evaluate(trainer, preference_eval)
         train = _final_train_metrics(trainer.state.log_history)
         train.update({k: v for k, v in result.metrics.items() if _is_number(v)})
-        (save or self.save)(trainer)
+        if trainer.is_world_process_zero():
+            self.write_history(trainer.state.log_history)
+            (save or self.save)(trainer)
         metrics = {"train": train}
         if self.eval is not None:
             metrics.update(before=before, after=after)
         return metrics
 
+    def write_history(self, history: list[dict]) -> None:
+        """Every logged metric per step (the report's training curves)."""
+        (self.dir / "log_history.json").write_text(json.dumps(history, default=str))
+
     def save(self, trainer) -> None:
+        """Save the trained model: final/ as a plain HF model. With an adapter, the adapter goes to adapter/ now and
+        is merged into the stage's initial weights (de-quantised under qlora) into final/ once the trainer's memory
+        is released (``run_stage`` calls ``merge``)."""
         model = trainer.model
-        models.save_final(getattr(model, "module", model), self.tokenizer, self.dir / "final")
+        model = getattr(model, "module", model)
+        if self.peft["method"] == "none" or not models.is_peft_model(model):
+            if self.peft["method"] != "none":
+                raise RuntimeError(f"stage {self.spec['name']}: peft {self.peft['method']} is set but the trained "
+                                   "model carries no adapter")
+            models.save_final(model, self.tokenizer, self.dir / "final")
+            return
+        models.save_adapter(model, self.tokenizer, self.dir / "adapter")
+        self.pending_merge = dict(base_path=self.init_path, adapter_dir=str(self.dir / "adapter"),
+                                  out=str(self.dir / "final"), model_spec=self.model_spec, precision=self.precision,
+                                  tokenizer=self.tokenizer, peft=self.peft, classifier=self.kind.output == "classifier")
+
+    pending_merge: dict[str, Any] | None = None
 
 
 def _is_number(v) -> bool:
@@ -131,10 +195,16 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
 
     ctx = StageContext(spec)
     try:
-        return module(spec["trainer"]).run(ctx)
+        metrics = module(spec["trainer"]).run(ctx)
+        merge = ctx.pending_merge
     finally:
         del ctx
         _release_memory()
+    if merge:  # an adapter was trained: final/ = it merged into the base weights, with the trainer's memory freed
+        log.info("stage %s: merging the adapter into %s -> final/", spec["name"], merge["base_path"])
+        models.merge_adapter(**merge)
+        _release_memory()
+    return metrics
 
 
 def _release_memory() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,11 @@ TOP_KEYS = {
     "precision": "auto | bf16 | fp16 | fp32",
     "seed": "seed for every stage unless the stage sets its own",
     "output_root": "root of run directories and the tiny-model cache",
+    "store": "stage store shared by runs (null: <output_root>/.store)",
+    "peft": "none | lora | qlora (configs/peft) and their fields; a stage's `peft` key overrides it",
 }
 MODEL_KEYS = {"name_or_path", "revision", "attn_implementation", "trust_remote_code", "chat_template"}
-STAGE_KEYS = {"trainer", "from", "data", "description"}
+STAGE_KEYS = {"trainer", "from", "data", "description", "peft"}
 LINK_KEYS = {"ref", "reward", "value"}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # TRL fields alignctl owns or refuses: where it writes, and secrets (they would land in saved configs).
@@ -113,6 +116,13 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
                         f"choose from {', '.join(models.TINY_PREFIX + a for a in models.TINY_ARCHS)}")
     elif data_mod.looks_local(str(model["name_or_path"])) and not Path(model["name_or_path"]).expanduser().exists():
         problems.append(f"model.name_or_path: path not found: {model['name_or_path']}")
+    attn = model.get("attn_implementation")
+    if attn in models.ATTN_PACKAGES and find_spec(models.ATTN_PACKAGES[attn]) is None:
+        problems.append(f"model.attn_implementation: {attn} is asked for but its package "
+                        f"`{models.ATTN_PACKAGES[attn]}` is not installed; install it or use sdpa")
+    # LoRA / QLoRA: the run's setting (configs/peft), which each stage's `peft` key may override.
+    run_peft, peft_problems = models.resolve_peft(c.get("peft"), _peft_preset("none"), _peft_preset, "peft")
+    problems += peft_problems or models.peft_problems(run_peft, "peft")
 
     run_dir = Path(run_dir).absolute()
     output_root = Path(c.get("output_root") or "outputs").absolute()
@@ -189,9 +199,13 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
             funcs = " or list TRL reward functions in `reward_funcs`" if "reward_funcs" in kind.options else ""
             problems.append(f"{where}.reward: a {trainer} stage needs a reward source: name a reward stage of this "
                             f"recipe (e.g. `reward: rm`) or a reward model path{funcs}")
-        check = getattr(module(trainer), "check", None)  # the stage kind's own checks of its options
+        stage_peft, peft_problems = models.resolve_peft(raw.get("peft"), run_peft, _peft_preset, f"{where}.peft")
+        if raw.get("peft") is not None:  # what the stage sets (the run's own setting is checked above)
+            own = raw["peft"] if isinstance(raw["peft"], dict) and "method" not in raw["peft"] else None
+            problems += peft_problems or models.peft_problems(stage_peft, f"{where}.peft", only=own and set(own))
+        check = getattr(module(trainer), "check", None)  # the stage kind's own checks (of its options)
         if check is not None:
-            problems += check(options, where)
+            problems += check({**links, **options, "args": args}, where)
 
         dspec, dprob = _dataset(raw.get("data"), datasets, where, kind, check_data)
         problems += dprob
@@ -201,7 +215,7 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
         kinds_by_name[name] = trainer
         stages.append({
             "name": name, "trainer": trainer, "from": src, "init_path": init_path, **links, **options,
-            "data": dspec, "args": args, "output_dir": str(run_dir / name),
+            "data": dspec, "args": args, "output_dir": str(run_dir / name), "peft": stage_peft,
         })
 
     if problems:
@@ -210,8 +224,18 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
         "recipe": c.get("name") or "recipe", "description": c.get("description", ""),
         "model": model, "precision": precision, "seed": seed,
         "output_root": str(output_root), "cache_dir": str(output_root / ".cache"),
+        "store_dir": str(Path(c["store"]).expanduser().absolute() if c.get("store") else output_root / ".store"),
         "run_dir": str(run_dir), "stages": stages,
     }
+
+
+def _peft_preset(name: str) -> dict:
+    """The fields of configs/peft/<name>.yaml (what `peft=<name>` selects)."""
+    from omegaconf import OmegaConf
+
+    from alignctl.cli import CONFIGS_DIR
+
+    return dict(OmegaConf.to_container(OmegaConf.load(CONFIGS_DIR / "peft" / f"{name}.yaml"), resolve=True))
 
 
 def _model_link(value, key: str, where: str, name: str, earlier: dict[str, str], all_stages: dict,

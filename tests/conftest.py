@@ -27,7 +27,7 @@ def run_recipe(cache_root):
         from alignctl import pipeline, spec
         from alignctl.cli import compose
 
-        overrides = [f"output_root={cache_root}", *overrides]
+        overrides = [f"output_root={cache_root}", f"store={Path(run_dir).parent / 'store'}", *overrides]
         resolved = spec.resolve(compose(overrides), run_dir)
         return pipeline.run(resolved, overrides)
 

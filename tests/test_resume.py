@@ -1,0 +1,100 @@
+"""Interrupted runs: SIGKILL mid-stage then re-run resumes; SIGTERM stops cleanly with a valid manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import read_manifest, run_cli
+
+FAST = ["stages.sft.num_train_epochs=4", "stages.dpo.num_train_epochs=4"]
+
+
+def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "alignctl.cli", *args], cwd=cwd, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, store: Path, trainer: str, timeout: float = 240) -> Path:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        found = list(store.glob(f"{trainer}-*/checkpoints/checkpoint-*/trainer_state.json"))
+        if found:
+            return found[0].parent
+        assert proc.poll() is None, f"run ended before a {trainer} checkpoint appeared"
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+def final_loads(path: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(path)
+    AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_sigkill_in_second_stage_then_rerun_resumes_it(tmp_path):
+    run_dir, store = tmp_path / "run", tmp_path / "store"
+    args = ["run", f"hydra.run.dir={run_dir}", f"output_root={tmp_path}/out", f"store={store}", *FAST,
+            "stages.dpo.save_strategy=steps", "stages.dpo.save_steps=5"]
+    proc = start(args, tmp_path, tmp_path / "first.log")
+    ckpt = wait_for_checkpoint(proc, store, "dpo")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    m = read_manifest(run_dir)  # still valid JSON
+    assert [s["status"] for s in m["stages"]] == ["completed", "running"] and m["status"] == "running"
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    m = read_manifest(run_dir)
+    assert m["status"] == "completed"
+    sft, dpo = m["stages"]
+    assert sft["reused_from"] and not dpo["reused_from"], "SFT must not be retrained"
+    out = again.stdout + again.stderr
+    assert "[dpo] resuming from" in out and "checkpoint-" in out
+    resumed_at = int(ckpt.name.split("-")[1])
+    steps = [int(line.split("step ")[1].split(":")[0]) for line in out.splitlines() if "[dpo] step " in line]
+    assert steps and min(s for s in steps if s > 0) > resumed_at  # training went on from the checkpoint
+    assert dpo["metrics"]["after"]["eval_pref_accuracy"] >= 0.9
+    final_loads(m["final_model"])
+
+
+def test_sigkill_in_first_stage_then_rerun_resumes_it(tmp_path):
+    run_dir, store = tmp_path / "run", tmp_path / "store"
+    args = ["run", f"hydra.run.dir={run_dir}", f"output_root={tmp_path}/out", f"store={store}", *FAST,
+            "stages.sft.save_strategy=steps", "stages.sft.save_steps=5"]
+    proc = start(args, tmp_path, tmp_path / "first.log")
+    wait_for_checkpoint(proc, store, "sft")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"][0]["status"] == "running"
+    assert not list(store.glob("sft-*/COMPLETE"))
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "[sft] resuming from" in again.stdout + again.stderr
+    m = read_manifest(run_dir)
+    assert m["status"] == "completed" and [s["status"] for s in m["stages"]] == ["completed", "completed"]
+    final_loads(m["final_model"])
+
+
+def test_sigterm_stops_cleanly_and_marks_interrupted(tmp_path):
+    run_dir, store = tmp_path / "run", tmp_path / "store"
+    args = ["run", f"hydra.run.dir={run_dir}", f"output_root={tmp_path}/out", f"store={store}", *FAST,
+            "stages.dpo.save_strategy=steps", "stages.dpo.save_steps=5"]
+    proc = start(args, tmp_path, tmp_path / "first.log")
+    wait_for_checkpoint(proc, store, "dpo")
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    assert rc != 0
+    m = read_manifest(run_dir)
+    assert m["status"] == "interrupted" and [s["status"] for s in m["stages"]] == ["completed", "interrupted"]
+    assert not list(store.glob("dpo-*/COMPLETE")) and not (run_dir / "dpo" / "final").exists()
+    log = (tmp_path / "first.log").read_text()
+    assert "Re-run the same command to resume" in log and "Traceback" not in log
