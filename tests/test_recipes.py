@@ -85,3 +85,24 @@ def test_multirun_beta_sweep_writes_one_manifest_per_point(tmp_path):
     assert any("beta=0.05" in o for o in betas[0]) and any("beta=0.5" in o for o in betas[1])
     specs = [(sweep / str(i) / "dpo" / "spec.json").read_text() for i in range(2)]
     assert '"beta": 0.05' in specs[0] and '"beta": 0.5' in specs[1]
+
+
+def test_hydra_cfg_flag_prints_config_without_training(tmp_path):
+    proc = run_cli(["run", "--cfg", "job", "stages.dpo.beta=0.3", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "stages:" in proc.stdout and "beta: 0.3" in proc.stdout
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_user_recipe_file_outside_the_repo_runs(run_recipe, tmp_path):
+    recipe = tmp_path / "elsewhere" / "my-recipe.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(
+        "description: my own recipe\n"
+        "data:\n  chat: {path: builtin:sft.jsonl, eval_size: 32}\n"
+        "stages:\n  warmup:\n    trainer: sft\n    data: chat\n    num_train_epochs: 1\n"
+        "    learning_rate: 3.0e-3\n    activation_checkpointing: false\n")
+    m = run_recipe([f"recipe={recipe}"], tmp_path / "run")
+    assert m["recipe"] == "my-recipe" and m["stages"][0]["name"] == "warmup" and m["status"] == "completed"
+    after, before = m["stages"][0]["metrics"]["after"], m["stages"][0]["metrics"]["before"]
+    assert after["eval_loss"] < before["eval_loss"]
