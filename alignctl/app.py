@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignctl.cli import CONFIGS_DIR, _error
+from alignctl.launch import StageFailed
 from alignctl.spec import ConfigError
 
 log = logging.getLogger("alignctl")
@@ -27,6 +28,9 @@ def hydra_main(cfg: DictConfig):
         manifest = pipeline.run(resolved, list(hc.overrides.task), config_yaml)
     except ConfigError as e:
         sys.exit(_error(e))
+    except StageFailed as e:  # a rank of a torchrun/accelerate stage failed: its error once, no orchestrator traceback
+        print(e.report(), file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"alignctl: interrupted; manifest: {hc.runtime.output_dir}/manifest.json. "
               "Re-run the same command to resume (completed stages are reused, the interrupted one resumes "

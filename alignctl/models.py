@@ -432,16 +432,28 @@ def quantization_kwargs(peft: dict | None, precision: str, classifier: bool = Fa
 
 
 def _after_quantised_load(model) -> None:
-    """bitsandbytes 0.50 on AVX512-BF16 CPUs repacks 4-bit weights the first time a layer runs in eval mode without
-    gradients (e.g. the held-out evaluation before training). The repacked layout has no backward (training after it
-    gets wrong gradients) and needs output sizes divisible by 32. Layers keep bitsandbytes' training layout instead."""
+    """Two fixes for a 4-bit model on CPU (bitsandbytes' CPU backend); nothing changes on GPUs.
+
+    * bitsandbytes 0.50 on AVX512-BF16 CPUs repacks 4-bit weights the first time a layer runs in eval mode without
+      gradients (e.g. the held-out evaluation before training). The repacked layout has no backward (training after
+      it gets wrong gradients) and needs output sizes divisible by 32: layers keep the training layout instead.
+    * The parameters left in full precision (embeddings, norms, head) are views of the memory-mapped checkpoint,
+      which keeps the whole mapping alive, with the pages of every weight read for quantisation still resident:
+      they get their own memory, so the mapping and those pages are released.
+    """
     if not getattr(model, "is_loaded_in_4bit", False) or next(model.parameters()).device.type != "cpu":
         return
+    import gc
+
     import bitsandbytes as bnb
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+    for param in model.parameters():
+        if not isinstance(param, bnb.nn.Params4bit):
+            param.data = param.data.clone()
+    gc.collect()
 
 
 def lora_config(peft: dict | None, task: str = "CAUSAL_LM"):
@@ -471,6 +483,20 @@ def prepare_for_training(model, peft: dict | None, checkpointing: bool, checkpoi
     return model
 
 
+def match_trainable_dtype(model, args) -> None:
+    """TRL's trainers cast the trainable parameters of a 4-bit model to bf16 (the QLoRA paper's choice) and rely on
+    bf16/fp16 autocast to mix them with the rest. Without autocast (fp32 compute, on CPU) a trained module that is not
+    a LoRA layer, such as a reward model's score head, would meet fp32 inputs with bf16 weights: there the trainable
+    parameters go back to fp32, the stage's compute dtype."""
+    if args.bf16 or args.fp16 or not getattr(model, "is_loaded_in_4bit", False):
+        return
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def is_peft_model(model) -> bool:
     try:
         from peft import PeftModel
@@ -480,7 +506,8 @@ def is_peft_model(model) -> bool:
 
 
 def save_adapter(model, tokenizer, out: str | os.PathLike) -> str:
-    """Write a trained adapter (PEFT's adapter_config.json + adapter_model.safetensors, and the tokenizer) atomically."""
+    """Write a trained adapter (PEFT's adapter_config.json and adapter_model.safetensors) and the tokenizer
+    atomically."""
     return save_final(model, tokenizer, out)
 
 

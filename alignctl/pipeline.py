@@ -132,8 +132,10 @@ def run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -
     try:
         with _stop_on_sigterm():
             preflight(stages)
+            _launch_preflight(spec.get("launcher"), manifest)
             for s in stages:
-                _run_one(s, store.Entry(spec["store_dir"], s["trainer"], fps[s["name"]]), manifest)
+                _run_one(s, store.Entry(spec["store_dir"], s["trainer"], fps[s["name"]]), manifest,
+                         spec.get("launcher"))
     except BaseException as e:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         manifest.update(status=status, error=str(e).splitlines()[0][:500] if str(e) else type(e).__name__,
@@ -144,15 +146,29 @@ def run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -
     return manifest.data
 
 
-def _run_one(s: dict, entry, manifest: Manifest) -> None:
-    """Reuse a completed store entry or train it (resuming from its last checkpoint); link final/ into the run."""
-    from alignctl import store
-    from alignctl.runner import run_stage
+def _launch_preflight(launcher: dict | None, manifest: Manifest) -> None:
+    """What this machine lacks for the launcher (e.g. DeepSpeed); the launcher goes into the manifest."""
+    from alignctl import launch
+    from alignctl.spec import ConfigError
+
+    problems = launch.runtime_problems(launcher)
+    if problems:
+        raise ConfigError(problems)
+    if launcher:
+        manifest.update(launcher={"kind": launcher["kind"], "world_size": launcher["world_size"],
+                                  "distributed": launcher["distributed"], "description": launch.describe(launcher)})
+
+
+def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -> None:
+    """Reuse a completed store entry or train it (resuming from its last checkpoint); link final/ into the run.
+    The stage runs through ``launcher`` (alignctl.launch: in this process, or torchrun / accelerate ranks)."""
+    from alignctl import launch, store
 
     stage_dir = Path(s["output_dir"])
     stage_dir.mkdir(parents=True, exist_ok=True)
     work = {**s, "output_dir": str(entry.dir), "fingerprint": entry.fingerprint}
     t0 = time.time()
+    world_size = s.get("world_size", 1)
     manifest.update(s["name"], status="running", fingerprint=entry.fingerprint, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     with entry.lock():
         if entry.complete():
@@ -163,7 +179,8 @@ def _run_one(s: dict, entry, manifest: Manifest) -> None:
             write_json(stage_dir / "spec.json", work)
             log.info("stage %s (%s): starting from %s", s["name"], s["trainer"], s["init_path"])
             try:
-                metrics = run_stage(work)
+                result = launch.run_stage(work, stage_dir / "spec.json", launcher)
+                metrics, world_size = result["metrics"], result.get("world_size", world_size)
             except BaseException as e:
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 manifest.update(s["name"], status=status, seconds=round(time.time() - t0, 1))
@@ -178,7 +195,8 @@ def _run_one(s: dict, entry, manifest: Manifest) -> None:
         if (entry.dir / extra).is_file():
             store.link_tree_file(entry.dir / extra, stage_dir / extra)
     manifest.update(s["name"], status="completed", metrics=metrics, reused_from=reused,
-                    seconds=round(time.time() - t0, 1))
+                    seconds=round(time.time() - t0, 1), world_size=world_size,
+                    distributed=s.get("distributed", "none"))
     log.info("stage %s: %s in %.1f s, final weights in %s", s["name"], "reused" if reused else "completed",
              time.time() - t0, stage_dir / "final")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from alignctl import launch
 from alignctl.stages import STAGES
 
 
@@ -25,6 +26,7 @@ def show(spec: dict, console: Console | None = None) -> None:
     console.print(f"[bold]recipe[/bold] {spec['recipe']}: {spec['description']}")
     console.print(f"[bold]model[/bold] {model['name_or_path']}   [bold]precision[/bold] {spec['precision']}")
     console.print(f"[bold]run dir[/bold] {spec['run_dir']}")
+    console.print(f"[bold]launcher[/bold] {launch.describe(spec.get('launcher') or {'kind': 'local'})}")
     for i, s in enumerate(spec["stages"], 1):
         kind = STAGES[s["trainer"]]
         console.print(f"\n[bold cyan][{i}] {s['name']}[/bold cyan]  trainer: {s['trainer']} ({kind.summary})")
@@ -39,6 +41,7 @@ def show(spec: dict, console: Console | None = None) -> None:
             rows.append(("reward fns", ", ".join(f if isinstance(f, str) else next(iter(f)) for f in s["reward_funcs"])))
         rows += [("data", _data_label(s["data"])), ("output", f"<run dir>/{s['name']}/final")]
         rows += _peft_rows(s, kind)
+        rows += _launch_rows(s, kind)
         settings = [f"{k}={s['args'][k]}" for k in kind.key_fields if k in s["args"]]
         settings += [f"{k}={v}" for k, v in s["args"].items() if k not in kind.key_fields and k != "report_to"]
         rows.append(("settings", " ".join(settings) or "TRL defaults"))
@@ -57,6 +60,16 @@ def _peft_rows(s: dict, kind) -> list[tuple[str, str]]:
         if "ref" in kind.links and s.get("ref") == s.get("from"):
             rows.append(("", "reference = the policy with its adapter disabled (no second copy)"))
     return rows
+
+
+def _launch_rows(s: dict, kind) -> list[tuple[str, str]]:
+    """World size, engine and global batch = per-device batch × gradient accumulation × world size (issue 6)."""
+    from alignctl import trl_fields
+
+    total, per_device, gas, ws = launch.global_batch(s, trl_fields.fields(kind.config_class))
+    engine = launch.ENGINE_NAMES.get(s.get("distributed", "none"), s.get("distributed"))
+    return [("world size", f"{ws} ({engine})"),
+            ("batch", f"global {total} = {per_device} per device × {gas} accumulation × {ws} world size")]
 
 
 def _fmt(v) -> str:

@@ -116,17 +116,27 @@ class StageContext:
 
         trainer.remove_callback(PrinterCallback)  # metrics go to the run log through _LogCallback instead
         trainer.add_callback(_LogCallback(self.spec["name"]))
-        before = self.evaluate(trainer, preference_eval)
+        models.match_trainable_dtype(trainer.model, trainer.args)
+        # ZeRO-3 / FSDP (issue 6): the "before" evaluation runs inside train(), at step 0
+        at_start = self._evaluate_at_start(trainer, preference_eval) if self.eval is not None and \
+            _weights_sharded(trainer) else None
+        before = self.evaluate(trainer, preference_eval) if at_start is None else {}
         resume = self.spec.get("resume_from")
         if resume:
             log.info("[%s] resuming from %s", self.spec["name"], resume)
         result = trainer.train(resume_from_checkpoint=resume)
+        if at_start is not None:
+            before = at_start.metrics or {}
         after = self.evaluate(trainer, preference_eval)
         train = _final_train_metrics(trainer.state.log_history)
         train.update({k: v for k, v in result.metrics.items() if _is_number(v)})
+        gathered = save is None and _weights_sharded(trainer)  # ZeRO-3 / FSDP (issue 6): every rank saves
+        if gathered:
+            self.save_gathered(trainer)
         if trainer.is_world_process_zero():
             self.write_history(trainer.state.log_history)
-            (save or self.save)(trainer)
+            if not gathered:
+                (save or self.save)(trainer)
         metrics = {"train": train}
         if self.eval is not None:
             metrics.update(before=before, after=after)
@@ -154,6 +164,66 @@ class StageContext:
                                   tokenizer=self.tokenizer, peft=self.peft, classifier=self.kind.output == "classifier")
 
     pending_merge: dict[str, Any] | None = None
+
+    # -- sharded weights (DeepSpeed ZeRO-3, FSDP; issue 6) ----------------------------------------------------------
+    def _evaluate_at_start(self, trainer, preference_eval: bool):
+        """The "before" evaluation of sharded weights: the Trainer cannot evaluate them before train() has prepared
+        model and optimizer together (transformers 5.23 / accelerate 1.15 fail in train() after such an evaluation),
+        so it runs inside train(), at step 0 on the same initial weights (TrainingArguments.eval_on_start). Returns
+        a callback whose ``metrics`` hold the result once train() has started."""
+        from transformers import TrainerCallback
+
+        ctx = self
+
+        class BeforeEval(TrainerCallback):
+            metrics: dict[str, float] | None = None
+
+            def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+                if self.metrics is None:  # the first evaluation of train() is the one at step 0
+                    self.metrics = {k: v for k, v in (metrics or {}).items() if _is_number(v)}
+                    if preference_eval:
+                        from alignctl.evaluate import preference_accuracy
+
+                        self.metrics.update(preference_accuracy(model, ctx.tokenizer, ctx.eval))
+
+        callback = BeforeEval()
+        trainer.add_callback(callback)
+        trainer.args.eval_on_start = True
+        return callback
+
+    def save_gathered(self, trainer) -> None:
+        """Save weights sharded across ranks: called on every rank, because the Trainer's ``save_model`` gathers the
+        full 16-bit weights (ZeRO-3 with zero3_save_16bit_model, FSDP with FULL_STATE_DICT; alignctl.launch checks
+        both at plan time) and rank 0 writes them. Result as in :meth:`save`: final/ as a plain HF model, or with an
+        adapter, adapter/ now and final/ by the merge once memory is released."""
+        import shutil
+
+        adapter = self.peft["method"] != "none"
+        out = self.dir / ("adapter" if adapter else "final")
+        tmp = out.with_name(out.name + ".partial")
+        if trainer.is_world_process_zero():
+            shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(str(tmp))
+        if not trainer.is_world_process_zero():
+            return
+        if not any(tmp.glob("*.safetensors")):
+            raise RuntimeError(f"stage {self.spec['name']}: the gathered save wrote no safetensors weights to {tmp}")
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds only the model and tokenizer
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        if adapter:  # the same merge as save() sets up
+            self.pending_merge = dict(base_path=self.init_path, adapter_dir=str(out), out=str(self.dir / "final"),
+                                      model_spec=self.model_spec, precision=self.precision, tokenizer=self.tokenizer,
+                                      peft=self.peft, classifier=self.kind.output == "classifier")
+
+
+def _weights_sharded(trainer) -> bool:
+    """True under DeepSpeed ZeRO-3 or FSDP: no rank holds the full weights, so saving must gather them."""
+    state = getattr(getattr(trainer, "accelerator", None), "state", None)
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+    return (deepspeed is not None and getattr(deepspeed, "zero_stage", 0) == 3) or \
+        getattr(state, "fsdp_plugin", None) is not None
 
 
 def _is_number(v) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from alignctl import data as data_mod
-from alignctl import models, trl_fields
+from alignctl import launch, models, trl_fields
 from alignctl.stages import STAGES, module
 
 TOP_KEYS = {
@@ -31,9 +31,10 @@ TOP_KEYS = {
     "output_root": "root of run directories and the tiny-model cache",
     "store": "stage store shared by runs (null: <output_root>/.store)",
     "peft": "none | lora | qlora (configs/peft) and their fields; a stage's `peft` key overrides it",
+    "launcher": "local | torchrun | accelerate (configs/launcher): how each stage's processes are started",
 }
 MODEL_KEYS = {"name_or_path", "revision", "attn_implementation", "trust_remote_code", "chat_template"}
-STAGE_KEYS = {"trainer", "from", "data", "description", "peft"}
+STAGE_KEYS = {"trainer", "from", "data", "description", "peft", "global_batch_size"}
 LINK_KEYS = {"ref", "reward", "value"}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # TRL fields alignctl owns or refuses: where it writes, and secrets (they would land in saved configs).
@@ -123,6 +124,9 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
     # LoRA / QLoRA: the run's setting (configs/peft), which each stage's `peft` key may override.
     run_peft, peft_problems = models.resolve_peft(c.get("peft"), _peft_preset("none"), _peft_preset, "peft")
     problems += peft_problems or models.peft_problems(run_peft, "peft")
+    # How stages are launched (issue 6): world size and distributed engine, computed once for every stage.
+    launcher, launch_problems = launch.resolve(c.get("launcher"), precision)
+    problems += launch_problems
 
     run_dir = Path(run_dir).absolute()
     output_root = Path(c.get("output_root") or "outputs").absolute()
@@ -210,12 +214,17 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
         dspec, dprob = _dataset(raw.get("data"), datasets, where, kind, check_data)
         problems += dprob
 
+        # Distributed (issue 6): gradient accumulation from global_batch_size; engine/stage combinations that fail.
+        problems += launch.apply_batch(raw, args, trl, launcher, where)
+        problems += launch.stage_problems(trainer, stage_peft, launcher, where)
         args.setdefault("seed", seed)
         args.setdefault("report_to", "none")
         kinds_by_name[name] = trainer
         stages.append({
             "name": name, "trainer": trainer, "from": src, "init_path": init_path, **links, **options,
             "data": dspec, "args": args, "output_dir": str(run_dir / name), "peft": stage_peft,
+            # world size and engine change the trained weights, so they are part of the stage (and its fingerprint)
+            "world_size": launcher["world_size"], "distributed": launcher["distributed"],
         })
 
     if problems:
@@ -225,7 +234,7 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
         "model": model, "precision": precision, "seed": seed,
         "output_root": str(output_root), "cache_dir": str(output_root / ".cache"),
         "store_dir": str(Path(c["store"]).expanduser().absolute() if c.get("store") else output_root / ".store"),
-        "run_dir": str(run_dir), "stages": stages,
+        "run_dir": str(run_dir), "stages": stages, "launcher": launcher,
     }
 
 

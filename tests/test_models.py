@@ -30,7 +30,7 @@ def test_base_without_chat_template_gets_default_at_sft_and_it_travels(run_recip
         assert cfg.model_type == "qwen2" and cfg.eos_token_id == t.eos_token_id and cfg.pad_token_id == t.pad_token_id
     text = t.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
                                  tokenize=False)
-    assert text == f"<|user|>\nhi{t.eos_token}\n<|assistant|>\nyo{t.eos_token}\n"
+    assert text == f"<|user|>\nhi{t.eos_token}\n<|assistant|>\nyo{t.eos_token}"
 
 
 def test_redaction_of_secrets():

@@ -1,0 +1,103 @@
+"""Group-relative policy optimisation (TRL GRPOTrainer), scored by a reward stage's model and/or TRL reward functions.
+
+Rewards, in this order (TRL's ``reward_weights``, when set, follow it):
+
+* the ``reward:`` link: a reward stage of the recipe (or a model path), passed to TRL as a
+  sequence-classification reward model, scored on the chat-formatted prompt + completion;
+* ``reward_funcs:``: TRL's built-in reward functions (``trl.rewards``) by name, e.g.
+  ``[think_format_reward]``; the ``get_*`` factories take their arguments as a mapping,
+  e.g. ``[{get_repetition_penalty_reward: {ngram_size: 3, max_penalty: -1.0}}]``.
+
+At least one is needed. The data is prompts only. The reference model (when ``beta`` > 0)
+is the stage's initial weights. Held-out metric: TRL's ``eval_reward`` (weighted sum of the
+rewards of completions sampled for the held-out prompts), and per function
+``eval_rewards/<name>/mean`` (the reward stage's name for the reward model).
+"""
+
+from __future__ import annotations
+
+from alignctl.stages import StageKind
+
+KIND = StageKind(
+    name="grpo", config_class="trl.GRPOConfig", data_kind="prompt",
+    summary="group-relative policy optimisation scored by a reward model and/or TRL reward functions",
+    links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward",
+    key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "num_generations", "beta",
+                "max_completion_length", "temperature"),
+)
+
+# TRL's built-in reward functions (trl.rewards): name -> whether it is a factory taking arguments.
+BUILTIN_REWARDS = {
+    "accuracy_reward": False, "reasoning_accuracy_reward": False, "think_format_reward": False,
+    "get_cosine_scaled_reward": True, "get_repetition_penalty_reward": True, "get_soft_overlong_punishment": True,
+}
+
+
+def _entries(funcs) -> list[tuple[str, dict]]:
+    """``reward_funcs`` entries as (name, arguments); raises ValueError on a malformed entry."""
+    out = []
+    for f in funcs or []:
+        if isinstance(f, str):
+            out.append((f, {}))
+        elif isinstance(f, dict) and len(f) == 1 and isinstance(next(iter(f.values())) or {}, dict):
+            name, kwargs = next(iter(f.items()))
+            out.append((str(name), dict(kwargs or {})))
+        else:
+            raise ValueError(f"entry {f!r} is neither a name nor a one-key mapping name -> arguments")
+    return out
+
+
+def check(stage: dict, where: str) -> list[str]:
+    """Plan-time checks of ``reward_funcs`` and of ``reward_weights`` against the number of rewards."""
+    from alignctl.spec import suggest
+
+    funcs = stage.get("reward_funcs")
+    if funcs is not None and not isinstance(funcs, list):
+        return [f"{where}.reward_funcs: must be a list of TRL reward function names, got {funcs!r}"]
+    try:
+        entries = _entries(funcs)
+    except ValueError as e:
+        return [f"{where}.reward_funcs: {e}"]
+    problems = []
+    for name, kwargs in entries:
+        if name not in BUILTIN_REWARDS:
+            problems.append(f"{where}.reward_funcs: unknown reward function '{name}'{suggest(name, BUILTIN_REWARDS)}; "
+                            f"TRL's built-in ones: {', '.join(BUILTIN_REWARDS)}")
+        elif kwargs and not BUILTIN_REWARDS[name]:
+            problems.append(f"{where}.reward_funcs: '{name}' takes no arguments")
+    weights = stage["args"].get("reward_weights")
+    n = len(entries) + (1 if stage.get("reward_path") else 0)
+    if isinstance(weights, list) and len(weights) != n:
+        problems.append(f"{where}.reward_weights: {len(weights)} weights for {n} rewards "
+                        "(the reward model first, then reward_funcs in order)")
+    return problems
+
+
+def reward_functions(ctx) -> tuple[list, list]:
+    """(reward_funcs, reward_processing_classes) for TRL: the linked reward model first, then built-in functions."""
+    import trl.rewards
+
+    from alignctl import models
+
+    funcs, classes = [], []
+    if ctx.spec.get("reward_path"):
+        rm = ctx.load_reward_model()
+        rm.config._name_or_path = ctx.spec.get("reward") or ctx.spec["reward_path"]  # TRL names its metrics by it
+        path = models.materialize(ctx.spec["reward_path"], ctx.spec["cache_dir"])
+        funcs.append(rm)
+        classes.append(models.load_tokenizer(path, ctx.model_spec))
+    for name, kwargs in _entries(ctx.spec.get("reward_funcs")):
+        fn = getattr(trl.rewards, name)
+        funcs.append(fn(**kwargs) if BUILTIN_REWARDS[name] else fn)
+        classes.append(None)
+    return funcs, classes
+
+
+def run(ctx):
+    from trl import GRPOConfig, GRPOTrainer
+
+    funcs, classes = reward_functions(ctx)
+    trainer = GRPOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=ctx.trl_config(GRPOConfig),
+                          train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
+                          reward_processing_classes=classes, peft_config=ctx.peft_config())
+    return ctx.train_and_save(trainer)

@@ -1,0 +1,169 @@
+"""The RLHF recipes run end to end on the tiny model and synthetic data, and each stage learns what it should:
+the reward model ranks warm answers over cold ones, PPO and GRPO/RLOO raise the reward model's score, KTO and
+SimPO raise held-out preference accuracy; the outputs load with plain transformers."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from alignctl import pipeline, spec
+from alignctl.cli import compose
+
+RUNS: dict[str, tuple] = {}
+LOG: list[str] = []
+
+
+class _Collect(logging.Handler):
+    def emit(self, record):
+        LOG.append(record.getMessage())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread_and_log():
+    """One torch thread: a ~70k-parameter model gains nothing from two, and with other processes on the same
+    cores OpenMP's spinning makes each op ~10x slower. The alignctl log is collected for the tests."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    logger = logging.getLogger("alignctl")
+    level, handler = logger.level, _Collect()
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cache_root):
+    """Run a recipe once per module (stages shared between recipes, such as SFT, come from the stage store)."""
+
+    def _run(recipe: str, *overrides: str) -> tuple:
+        key = " ".join((recipe, *overrides))
+        if key not in RUNS:
+            run_dir = tmp_path_factory.mktemp(recipe) / "run"
+            ov = [f"recipe={recipe}", f"output_root={cache_root}", *overrides]
+            manifest = pipeline.run(spec.resolve(compose(ov), run_dir), ov)
+            RUNS[key] = (run_dir, manifest)
+        return RUNS[key]
+
+    return _run
+
+
+def stage(manifest: dict, name: str) -> dict:
+    s = next(s for s in manifest["stages"] if s["name"] == name)
+    assert s["status"] == "completed"
+    return s
+
+
+def test_reward_model_learns_warm_over_cold_and_loads_as_plain_classifier(run):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, m = run("rlhf-ppo")
+    before, after = stage(m, "rm")["metrics"]["before"], stage(m, "rm")["metrics"]["after"]
+    # A fresh score head does not separate the pairs (margin ~0); the trained one does.
+    assert abs(before["eval_margin"]) < 0.05
+    assert after["eval_accuracy"] >= 0.9 and after["eval_accuracy"] > before["eval_accuracy"]
+    assert after["eval_margin"] > 1.0
+
+    final = run_dir / "rm" / "final"
+    tok = AutoTokenizer.from_pretrained(final)
+    rm = AutoModelForSequenceClassification.from_pretrained(final)
+    assert rm.config.num_labels == 1 and tok.pad_token is not None and rm.config.pad_token_id == tok.pad_token_id
+    prompt = [{"role": "user", "content": "describe the harbor ."}]
+    texts = [tok.apply_chat_template(prompt + [{"role": "assistant", "content": f"the harbor is {a} and {b} ."}],
+                                     tokenize=False) for a, b in (("sunny", "gentle"), ("grim", "sour"))]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        warm, cold = rm(**batch).logits[:, 0].tolist()
+    assert warm > cold
+
+
+def test_ppo_raises_the_reward_model_score(run):
+    run_dir, m = run("rlhf-ppo")
+    ppo = stage(m, "ppo")
+    assert ppo["from"] == "sft"
+    rollouts = ppo["metrics"]["rollouts"]
+    assert rollouts["updates"] == 25  # 400 episodes / 16 per batch
+    assert rollouts["score_last_quarter"] - rollouts["score_first_quarter"] >= 0.5, rollouts
+    assert ppo["metrics"]["after"]["eval_rm_score"] > ppo["metrics"]["before"]["eval_rm_score"] + 0.5
+    # Final per-step metrics in the manifest, every step's in the log, under TRL's names.
+    train = ppo["metrics"]["train"]
+    for key in ("objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "loss/value_avg"):
+        assert key in train, key
+    steps = [line for line in LOG if line.startswith("[ppo] step ")]
+    assert len(steps) == 25 and all("objective/scores=" in s and "objective/kl=" in s for s in steps)
+    # Sampled held-out completions with their reward-model scores, before and after.
+    rows = [json.loads(line) for line in (run_dir / "ppo" / "samples.jsonl").read_text().splitlines()]
+    after = [r for r in rows if r["phase"] == "after"]
+    assert {r["phase"] for r in rows} == {"before", "after"} and after and all(r["completion"] for r in after)
+    assert sum(r["score"] for r in after) / len(after) == pytest.approx(ppo["metrics"]["after"]["eval_rm_score"])
+
+
+def test_final_ppo_policy_loads_with_plain_transformers_and_generates(run):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, m = run("rlhf-ppo")
+    final = m["final_model"]
+    assert final == str(run_dir / "ppo" / "final")
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.generation_config.eos_token_id == tok.eos_token_id  # PPO's stop-token setting does not leak
+    prompt = tok.apply_chat_template([{"role": "user", "content": "describe the garden ."}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    text = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert text.startswith("the "), text
+    # The policy alone (no value head), with weights PPO changed.
+    sft = load_file(str(run_dir / "sft" / "final" / "model.safetensors"))
+    ppo = load_file(str(run_dir / "ppo" / "final" / "model.safetensors"))
+    assert set(ppo) == set(sft)
+    assert any(not torch.equal(sft[k], ppo[k]) for k in sft)
+
+
+def test_kto_on_unpaired_pairs_raises_preference_accuracy(run):
+    _, m = run("kto")
+    kto = stage(m, "kto")
+    before, after = kto["metrics"]["before"], kto["metrics"]["after"]
+    assert after["eval_pref_accuracy"] > before["eval_pref_accuracy"] and after["eval_pref_accuracy"] >= 0.9
+    assert "eval_rewards/chosen" in after  # TRL's own KTO metrics are kept
+
+
+def test_simpo_raises_preference_accuracy_without_reference(run):
+    run_dir, m = run("simpo")
+    simpo = stage(m, "simpo")
+    assert simpo["trainer"] == "cpo"
+    before, after = simpo["metrics"]["before"], simpo["metrics"]["after"]
+    assert after["eval_pref_accuracy"] > before["eval_pref_accuracy"] and after["eval_pref_accuracy"] >= 0.9
+    args = json.loads((run_dir / "simpo" / "spec.json").read_text())["args"]
+    assert args["loss_type"] == "simpo" and args["cpo_alpha"] == 0.0
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
+def test_grpo_and_rloo_raise_the_reward_model_score(run, trainer):
+    _, m = run("rlhf-grpo", f"stages.grpo.trainer={trainer}")
+    grpo = stage(m, "grpo")
+    assert grpo["trainer"] == trainer
+    before, after = grpo["metrics"]["before"], grpo["metrics"]["after"]
+    # The reward stage's model is the only reward: eval_reward is its mean score, logged under the stage's name.
+    assert after["eval_rewards/rm/mean"] == pytest.approx(after["eval_reward"])
+    assert after["eval_reward"] > before["eval_reward"] + 0.5, (before["eval_reward"], after["eval_reward"])
+
+
+def test_kto_on_natively_unpaired_data_separates_desirable_from_undesirable(run):
+    _, m = run("kto", "stages.kto.data=unpaired")
+    kto = stage(m, "kto")
+    before, after = kto["metrics"]["before"], kto["metrics"]["after"]
+    # Held-out rows are unpaired: no preference accuracy, TRL's KTO metrics instead. Policy and reference coincide
+    # before training (implicit rewards 0); after it, desirable answers get a higher implicit reward.
+    assert "eval_pref_accuracy" not in after
+    assert before["eval_rewards/chosen"] == pytest.approx(0, abs=1e-4)
+    assert after["eval_rewards/chosen"] > after["eval_rewards/rejected"] + 0.5, after

@@ -1,0 +1,145 @@
+"""RLHF-stage configuration errors are caught at plan time (no model loaded), each naming the stage and the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignctl import spec
+from alignctl.cli import compose, main
+from alignctl.spec import ConfigError
+
+
+def problems(overrides: list[str], tmp_path) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        spec.resolve(compose(overrides), tmp_path / "run")
+    return e.value.problems
+
+
+def one(overrides: list[str], tmp_path) -> str:
+    found = problems(overrides, tmp_path)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def write_recipe(tmp_path, text: str) -> str:
+    path = tmp_path / "my-recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("recipe,stage", [("rlhf-ppo", "ppo"), ("rlhf-grpo", "grpo")])
+def test_on_policy_stage_without_reward_source(recipe, stage, tmp_path):
+    msg = one([f"recipe={recipe}", f"~stages.{stage}.reward"], tmp_path)
+    assert msg.startswith(f"stages.{stage}.reward: a {stage} stage needs a reward source"), msg
+
+
+def test_rloo_without_reward_source_and_grpo_with_only_builtin_reward_functions(tmp_path):
+    msg = one(["recipe=rlhf-grpo", "stages.grpo.trainer=rloo", "~stages.grpo.reward"], tmp_path)
+    assert msg.startswith("stages.grpo.reward: a rloo stage needs a reward source") and "reward_funcs" in msg
+    # A TRL built-in reward function alone is a reward source.
+    s = spec.resolve(compose(["recipe=rlhf-grpo", "~stages.grpo.reward",
+                              "+stages.grpo.reward_funcs=[think_format_reward]"]), tmp_path / "run")
+    grpo = s["stages"][-1]
+    assert grpo["reward"] is None and grpo["reward_path"] is None and grpo["reward_funcs"] == ["think_format_reward"]
+
+
+def test_reward_link_to_a_stage_that_is_not_a_reward_stage(tmp_path):
+    msg = one(["recipe=rlhf-ppo", "stages.ppo.reward=sft"], tmp_path)
+    assert msg.startswith("stages.ppo.reward: 'sft' is a sft stage, not a reward stage") and "rm" in msg
+
+
+def test_reward_link_to_a_later_stage(tmp_path):
+    recipe = write_recipe(tmp_path, """
+name: backwards
+description: "PPO placed before its reward model"
+stages:
+  sft: {trainer: sft, data: sft}
+  ppo: {trainer: ppo, from: sft, reward: rm, data: prompts}
+  rm: {trainer: reward, from: sft, data: prefs}
+""")
+    msg = one([f"recipe={recipe}"], tmp_path)
+    assert msg == "stages.ppo.reward: 'rm' comes later in the recipe; a reward link must name an earlier stage"
+
+
+def test_reward_link_naming_nothing_and_value_link_to_the_stage_itself(tmp_path):
+    found = problems(["recipe=rlhf-ppo", "stages.ppo.reward=rmm", "stages.ppo.value=ppo"], tmp_path)
+    assert any(p.startswith("stages.ppo.reward: 'rmm' names no stage of this recipe (did you mean 'rm'?)")
+               for p in found), found
+    assert "stages.ppo.value: 'ppo' is this stage itself; a value link must name an earlier stage" in found
+
+
+def test_kto_data_without_a_boolean_label(tmp_path):
+    rows = [{"prompt": "describe the lake .", "completion": "the lake is calm and kind .", "label": "good"}]
+    bad = tmp_path / "labels.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    msg = one(["recipe=kto", f"data.unpaired.path={bad}", "stages.kto.data=unpaired"], tmp_path)
+    assert msg.startswith("data.unpaired") and "column 'label' must be boolean" in msg and "stages.kto" in msg
+
+    no_label = tmp_path / "nolabel.jsonl"
+    no_label.write_text(json.dumps({"prompt": "describe the lake .", "completion": "the lake is calm ."}) + "\n")
+    msg = one(["recipe=kto", f"data.unpaired.path={no_label}", "stages.kto.data=unpaired"], tmp_path)
+    assert "missing column 'label' needed by stages.kto" in msg
+
+
+@pytest.mark.parametrize("recipe,stage", [("rlhf-ppo", "ppo"), ("rlhf-grpo", "grpo")])
+def test_prompt_dataset_holding_completions(recipe, stage, tmp_path):
+    msg = one([f"recipe={recipe}", f"stages.{stage}.data=prefs"], tmp_path)
+    assert msg.startswith("data.prefs") and f"stages.{stage} needs prompts only, but the data holds completions" in msg
+    assert "'chosen', 'rejected'" in msg
+
+
+def test_grpo_reward_funcs_are_checked(tmp_path):
+    found = problems(["recipe=rlhf-grpo", "+stages.grpo.reward_funcs=[think_format_rewrd]",
+                      "stages.grpo.reward_weights=[1.0]"], tmp_path)
+    assert any(p.startswith("stages.grpo.reward_funcs: unknown reward function 'think_format_rewrd' "
+                            "(did you mean 'think_format_reward'?)") for p in found), found
+    assert "stages.grpo.reward_weights: 1 weights for 2 rewards (the reward model first, then reward_funcs in order)" \
+        in found
+
+
+def test_builtin_reward_function_names_exist_in_trl():
+    import trl.rewards
+
+    from alignctl.stages.grpo import BUILTIN_REWARDS
+
+    for name, factory in BUILTIN_REWARDS.items():
+        assert callable(getattr(trl.rewards, name)), name
+        assert factory == name.startswith("get_"), name
+
+
+def test_ppo_config_paths_that_trl_ignores_are_refused(tmp_path):
+    msg = one(["recipe=rlhf-ppo", "stages.ppo.reward_model_path=/some/rm"], tmp_path)
+    assert msg.startswith("stages.ppo.reward_model_path: set the stage's `reward` link instead")
+
+
+def test_plan_reports_the_error_without_loading_torch(tmp_path, capsys):
+    assert main(["plan", "recipe=rlhf-ppo", "stages.ppo.reward=sft"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.ppo.reward: 'sft' is a sft stage, not a reward stage" in err and "Traceback" not in err
+
+
+def test_plan_shows_the_rlhf_links(capsys):
+    assert main(["plan", "recipe=rlhf-ppo"]) == 0
+    out = capsys.readouterr().out
+    ppo = out[out.index("] ppo"):]
+    for row in ("policy     ← sft", "reference  ← sft", "reward     ← rm", "value      ← rm"):
+        assert row in ppo, ppo
+    rm = out[out.index("] rm"):out.index("] ppo")]
+    assert "init       ← sft" in rm and "trainer: reward" in rm
+
+
+def test_reward_and_value_links_resolve_to_stage_outputs_or_paths(tmp_path):
+    s = spec.resolve(compose(["recipe=rlhf-ppo"]), tmp_path / "run")
+    ppo = s["stages"][-1]
+    rm_final = str((tmp_path / "run" / "rm" / "final").absolute())
+    assert (ppo["reward"], ppo["reward_path"], ppo["value"], ppo["value_path"]) == ("rm", rm_final, "rm", rm_final)
+    assert ppo["ref"] == "sft" and ppo["ref_path"] == ppo["init_path"]
+    # A reward model kept anywhere; the value model then starts from it too, unless `value` says otherwise.
+    elsewhere = tmp_path / "my-rm"
+    elsewhere.mkdir()
+    ppo = spec.resolve(compose(["recipe=rlhf-ppo", f"stages.ppo.reward={elsewhere}"]), tmp_path / "run")["stages"][-1]
+    assert ppo["reward"] is None and ppo["reward_path"] == ppo["value_path"] == str(elsewhere)
+    ppo = spec.resolve(compose(["recipe=rlhf-ppo", "stages.ppo.value=sft"]), tmp_path / "run")["stages"][-1]
+    assert ppo["value"] == "sft" and ppo["value_path"] == str((tmp_path / "run" / "sft" / "final").absolute())
