@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from alignctl import launch
@@ -16,7 +17,7 @@ def _data_label(d: dict) -> str:
     if d.get("name"):
         src += f" ({d['name']})"
     held = d["eval_split"] or (f"{d['eval_size']} carved (seed {d['seed']})" if d["eval_size"] else "none")
-    return f"{d['label']}: {src} [{d['split']}], held-out: {held}"
+    return escape(f"{d['label']}: {src} [{d['split']}], held-out: {held}")
 
 
 def show(spec: dict, console: Console | None = None) -> None:
