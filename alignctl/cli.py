@@ -11,11 +11,11 @@ Nothing here imports torch: ``--help``, ``plan`` and ``recipes`` stay fast.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from alignctl.spec import TOP_KEYS, ConfigError, suggest
+from alignctl.errors import ConfigError, suggest
+from alignctl.spec import TOP_KEYS
 
 _PKG = Path(__file__).resolve().parent
 
@@ -136,7 +136,9 @@ def compose(overrides: list[str], return_hydra_config: bool = False):
 
 
 def cmd_plan(args: list[str]) -> int:
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
     from alignctl import plan, spec
 
@@ -148,7 +150,7 @@ def cmd_plan(args: list[str]) -> int:
         resolved = spec.resolve(cfg, run_dir)
     except ConfigError as e:
         return _error(e)
-    except Exception as e:  # Hydra's own override/composition errors
+    except (HydraException, OmegaConfBaseException) as e:  # Hydra's own override/composition errors
         return _error(ConfigError([f"{type(e).__name__}: {e}"]))
     plan.show(resolved)
     return 0

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alignctl.errors import ConfigError, suggest
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "assets" / "data"
 EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -60,7 +62,7 @@ def local_path(path: str) -> Path:
 
 
 def normalize(spec: dict, label: str) -> tuple[dict, list[str]]:
-    problems = [f"{label}: unknown key '{k}'" + _suggest(k) for k in spec if k not in DATA_KEYS]
+    problems = [f"{label}: unknown key '{k}'" + suggest(k, DATA_KEYS) for k in spec if k not in DATA_KEYS]
     if not spec.get("path"):
         problems.append(f"{label}.path: not set")
         return spec, problems
@@ -73,12 +75,6 @@ def normalize(spec: dict, label: str) -> tuple[dict, list[str]]:
     if not isinstance(size, (int, float)) or isinstance(size, bool) or size < 0:
         problems.append(f"{label}.eval_size: must be a fraction in [0, 1) or a count, got {size!r}")
     return out, problems
-
-
-def _suggest(key: str) -> str:
-    from alignctl.spec import suggest
-
-    return suggest(key, DATA_KEYS)
 
 
 def _files(spec: dict) -> dict[str, list[str]]:
@@ -232,8 +228,6 @@ def _raw_split(spec: dict, split: str):
 
 def load(spec: dict, data_kind: str, stage: str):
     """Return ``(train, eval_or_None)`` in TRL's formats; raises ConfigError on column problems."""
-    from alignctl.spec import ConfigError
-
     label = spec.get("label", spec["path"])
     train = _apply_columns(_raw_split(spec, spec["split"]), spec["columns"])
     evalset = None

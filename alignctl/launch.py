@@ -26,6 +26,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from alignctl.errors import suggest
+
 log = logging.getLogger("alignctl")
 
 ACCELERATE_DIR = Path(__file__).parent / "assets" / "accelerate"
@@ -111,20 +113,14 @@ def _count(value: Any, where: str, problems: list[str], allow_null: bool = False
     return value
 
 
-def _suggest(key, candidates) -> str:
-    from alignctl.spec import suggest
-
-    return suggest(key, candidates)
-
-
 def resolve(node: dict | None, precision: str = "auto") -> tuple[dict, list[str]]:
     """The launcher node as a plain dict with ``world_size`` and ``distributed`` (the engine), plus problems."""
     node = dict(node or {"kind": "local"})
     kind = node.get("kind", "local")
     if kind not in KINDS:
         return {"kind": "local", "world_size": 1, "distributed": "none"}, [
-            f"launcher.kind: unknown launcher '{kind}'{_suggest(kind, KINDS)}; choose from {', '.join(KINDS)}"]
-    problems = [f"launcher: unknown key '{k}'{_suggest(k, FIELDS[kind])} for the {kind} launcher; its keys: "
+            f"launcher.kind: unknown launcher '{kind}'{suggest(kind, KINDS)}; choose from {', '.join(KINDS)}"]
+    problems = [f"launcher: unknown key '{k}'{suggest(k, FIELDS[kind])} for the {kind} launcher; its keys: "
                 f"{', '.join(FIELDS[kind])}" for k in node if k not in FIELDS[kind]]
     out: dict[str, Any] = {"kind": kind, "world_size": 1, "distributed": "none"}
     if kind == "local":
@@ -161,7 +157,7 @@ def _resolve_accelerate(node: dict, precision: str, out: dict, problems: list[st
     path = shipped.get(name) or Path(name).expanduser()
     if not path.is_file():
         problems.append(f"launcher.config_file: '{name}' is neither a shipped accelerate config "
-                        f"({', '.join(shipped)}){_suggest(name, shipped)} nor an existing file")
+                        f"({', '.join(shipped)}){suggest(name, shipped)} nor an existing file")
         return
     out["config_file"] = str(path.absolute())
     try:

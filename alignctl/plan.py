@@ -52,7 +52,7 @@ def show(spec: dict, console: Console | None = None) -> None:
 
 def _peft_rows(s: dict, kind) -> list[tuple[str, str]]:
     """The stage's peft mode; with an adapter, where it is kept and how the reference is obtained."""
-    from alignctl.models import describe_peft
+    from alignctl.peft_config import describe_peft
 
     peft = s.get("peft") or {"method": "none"}
     rows = [("peft", describe_peft(peft))]

@@ -112,10 +112,7 @@ class StageContext:
         return metrics
 
     def train_and_save(self, trainer, preference_eval: bool = False, save=None) -> dict[str, Any]:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # metrics go to the run log through _LogCallback instead
-        trainer.add_callback(_LogCallback(self.spec["name"]))
+        log_to_run_log(trainer, self.spec["name"])
         models.match_trainable_dtype(trainer.model, trainer.args)
         # ZeRO-3 / FSDP (issue 6): the "before" evaluation runs inside train(), at step 0
         at_start = self._evaluate_at_start(trainer, preference_eval) if self.eval is not None and \
@@ -240,23 +237,19 @@ def _final_train_metrics(history: list[dict]) -> dict[str, float]:
     return out
 
 
-def _make_callback():
+def log_to_run_log(trainer, stage: str) -> None:
+    """Send the trainer's logged metrics to the run log, one line per logging step, instead of printing dicts."""
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
 
     class LogCallback(TrainerCallback):
-        def __init__(self, stage: str):
-            self.stage = stage
-
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs:
                 shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
-                log.info("[%s] step %d: %s", self.stage, state.global_step, shown)
+                log.info("[%s] step %d: %s", stage, state.global_step, shown)
 
-    return LogCallback
-
-
-def _LogCallback(stage: str):
-    return _make_callback()(stage)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LogCallback())
 
 
 def run_stage(spec: dict[str, Any]) -> dict[str, Any]:

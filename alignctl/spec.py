@@ -10,14 +10,14 @@ Every problem found is collected and raised together as :class:`ConfigError`.
 
 from __future__ import annotations
 
-import difflib
 import os
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 from alignctl import data as data_mod
-from alignctl import launch, models, trl_fields
+from alignctl import launch, models, peft_config, trl_fields
+from alignctl.errors import ConfigError, suggest  # noqa: F401  (ConfigError is re-exported)
 from alignctl.stages import STAGES, module
 
 TOP_KEYS = {
@@ -45,19 +45,6 @@ OWNED_FIELDS = {
     "reward_model_path": "set the stage's `reward` link instead (a reward stage of this recipe, or a model path)",
 }
 SECRET_FIELDS = {"hub_token": "secrets never go in configs: set the HF_TOKEN environment variable instead"}
-
-
-class ConfigError(Exception):
-    """Bad user input; ``problems`` is a list of one-line messages, each naming the key, file or column."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
-
-
-def suggest(key: str, candidates) -> str:
-    close = difflib.get_close_matches(str(key), sorted(candidates), n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def _unknown(where: str, key: str, candidates) -> str:
@@ -122,8 +109,8 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
         problems.append(f"model.attn_implementation: {attn} is asked for but its package "
                         f"`{models.ATTN_PACKAGES[attn]}` is not installed; install it or use sdpa")
     # LoRA / QLoRA: the run's setting (configs/peft), which each stage's `peft` key may override.
-    run_peft, peft_problems = models.resolve_peft(c.get("peft"), _peft_preset("none"), _peft_preset, "peft")
-    problems += peft_problems or models.peft_problems(run_peft, "peft")
+    run_peft, peft_problems = peft_config.resolve_peft(c.get("peft"), _peft_preset("none"), _peft_preset, "peft")
+    problems += peft_problems or peft_config.peft_problems(run_peft, "peft")
     # How stages are launched (issue 6): world size and distributed engine, computed once for every stage.
     launcher, launch_problems = launch.resolve(c.get("launcher"), precision)
     problems += launch_problems
@@ -203,10 +190,10 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
             funcs = " or list TRL reward functions in `reward_funcs`" if "reward_funcs" in kind.options else ""
             problems.append(f"{where}.reward: a {trainer} stage needs a reward source: name a reward stage of this "
                             f"recipe (e.g. `reward: rm`) or a reward model path{funcs}")
-        stage_peft, peft_problems = models.resolve_peft(raw.get("peft"), run_peft, _peft_preset, f"{where}.peft")
+        stage_peft, peft_problems = peft_config.resolve_peft(raw.get("peft"), run_peft, _peft_preset, f"{where}.peft")
         if raw.get("peft") is not None:  # what the stage sets (the run's own setting is checked above)
             own = raw["peft"] if isinstance(raw["peft"], dict) and "method" not in raw["peft"] else None
-            problems += peft_problems or models.peft_problems(stage_peft, f"{where}.peft", only=own and set(own))
+            problems += peft_problems or peft_config.peft_problems(stage_peft, f"{where}.peft", only=own and set(own))
         check = getattr(module(trainer), "check", None)  # the stage kind's own checks (of its options)
         if check is not None:
             problems += check({**links, **options, "args": args}, where)

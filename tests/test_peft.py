@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import models
+from alignctl import models, peft_config
 from alignctl.cli import main
 from conftest import REPO
 
@@ -65,12 +65,12 @@ def test_every_peft_field_is_a_peft_or_bitsandbytes_name():
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
 
-    assert set(models.LORA_FIELDS) <= set(LoraConfig.__dataclass_fields__)
-    assert set(models.QUANT_FIELDS) <= set(inspect.signature(BitsAndBytesConfig).parameters)
+    assert set(peft_config.LORA_FIELDS) <= set(LoraConfig.__dataclass_fields__)
+    assert set(peft_config.QUANT_FIELDS) <= set(inspect.signature(BitsAndBytesConfig).parameters)
     for preset in ("lora", "qlora"):  # every preset field is documented and known
         lines = (REPO / "configs" / "peft" / f"{preset}.yaml").read_text().splitlines()
         keys = [line.split(":")[0] for line in lines if line and not line.startswith("#")]
-        assert set(keys) <= set(models.PEFT_FIELDS)
+        assert set(keys) <= set(peft_config.PEFT_FIELDS)
         for i, line in enumerate(lines):
             if line and not line.startswith("#"):
                 assert lines[i - 1].startswith("#"), f"{preset}.yaml: {line} has no comment"

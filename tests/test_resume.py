@@ -32,6 +32,14 @@ def wait_for_checkpoint(proc: subprocess.Popen, store: Path, trainer: str, timeo
     raise AssertionError("no checkpoint in time")
 
 
+def interrupt_at_checkpoint(args: list[str], tmp_path: Path, store: Path, trainer: str, sig: int):
+    """Start a run, send ``sig`` once the ``trainer`` stage has a complete checkpoint; returns (exit code, checkpoint)."""
+    proc = start(args, tmp_path, tmp_path / "first.log")
+    ckpt = wait_for_checkpoint(proc, store, trainer)
+    proc.send_signal(sig)
+    return proc.wait(timeout=60), ckpt
+
+
 def final_loads(path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,10 +51,7 @@ def test_sigkill_in_second_stage_then_rerun_resumes_it(tmp_path):
     run_dir, store = tmp_path / "run", tmp_path / "store"
     args = ["run", f"hydra.run.dir={run_dir}", f"output_root={tmp_path}/out", f"store={store}", *FAST,
             "stages.dpo.save_strategy=steps", "stages.dpo.save_steps=5"]
-    proc = start(args, tmp_path, tmp_path / "first.log")
-    ckpt = wait_for_checkpoint(proc, store, "dpo")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _, ckpt = interrupt_at_checkpoint(args, tmp_path, store, "dpo", signal.SIGKILL)
     m = read_manifest(run_dir)  # still valid JSON
     assert [s["status"] for s in m["stages"]] == ["completed", "running"] and m["status"] == "running"
 
@@ -69,10 +74,7 @@ def test_sigkill_in_first_stage_then_rerun_resumes_it(tmp_path):
     run_dir, store = tmp_path / "run", tmp_path / "store"
     args = ["run", f"hydra.run.dir={run_dir}", f"output_root={tmp_path}/out", f"store={store}", *FAST,
             "stages.sft.save_strategy=steps", "stages.sft.save_steps=5"]
-    proc = start(args, tmp_path, tmp_path / "first.log")
-    wait_for_checkpoint(proc, store, "sft")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    interrupt_at_checkpoint(args, tmp_path, store, "sft", signal.SIGKILL)
     assert json.loads((run_dir / "manifest.json").read_text())["stages"][0]["status"] == "running"
     assert not list(store.glob("sft-*/COMPLETE"))
 
@@ -88,10 +90,7 @@ def test_sigterm_stops_cleanly_and_marks_interrupted(tmp_path):
     run_dir, store = tmp_path / "run", tmp_path / "store"
     args = ["run", f"hydra.run.dir={run_dir}", f"output_root={tmp_path}/out", f"store={store}", *FAST,
             "stages.dpo.save_strategy=steps", "stages.dpo.save_steps=5"]
-    proc = start(args, tmp_path, tmp_path / "first.log")
-    wait_for_checkpoint(proc, store, "dpo")
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(timeout=60)
+    rc, _ = interrupt_at_checkpoint(args, tmp_path, store, "dpo", signal.SIGTERM)
     assert rc != 0
     m = read_manifest(run_dir)
     assert m["status"] == "interrupted" and [s["status"] for s in m["stages"]] == ["completed", "interrupted"]

@@ -49,7 +49,7 @@ def _entries(funcs) -> list[tuple[str, dict]]:
 
 def check(stage: dict, where: str) -> list[str]:
     """Plan-time checks of ``reward_funcs`` and of ``reward_weights`` against the number of rewards."""
-    from alignctl.spec import suggest
+    from alignctl.errors import suggest
 
     funcs = stage.get("reward_funcs")
     if funcs is not None and not isinstance(funcs, list):

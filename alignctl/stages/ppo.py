@@ -68,11 +68,10 @@ def run(ctx):
     import copy
     from types import SimpleNamespace
 
-    from transformers.trainer_callback import PrinterCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     from alignctl import models
-    from alignctl.runner import _final_train_metrics, _LogCallback
+    from alignctl.runner import _final_train_metrics, log_to_run_log
 
     args = ctx.args_for(ctx.spec)
     args.setdefault("num_sample_generations", 0)  # TRL would print tables to stdout; samples.jsonl has them
@@ -91,8 +90,7 @@ def run(ctx):
                          # TRL samples from it only for num_sample_generations (off); it needs a data set all the same
                          eval_dataset=_tokenized(ctx.eval if ctx.eval is not None else ctx.train, tokenizer),
                          peft_config=ctx.peft_config())
-    trainer.remove_callback(PrinterCallback)  # metrics go to the run log instead
-    trainer.add_callback(_LogCallback(ctx.spec["name"]))
+    log_to_run_log(trainer, ctx.spec["name"])
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
     main = trainer.is_world_process_zero()  # with several processes, one evaluates and writes
 
