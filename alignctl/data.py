@@ -2,22 +2,32 @@
 
 A data set spec (``configs/data/*.yaml``) names a Hub id (with ``name``/``split``)
 or local JSON/JSONL/Parquet/CSV files (a file, or a folder of ``<split>.<ext>``
-files), an optional column mapping, and its held-out split: a named one
-(``eval_split``) or one carved out of the training split (``eval_size``, ``seed``).
+files), an optional column mapping, its layout (``format``: public data sets such as
+Anthropic/hh-rlhf, ShareGPT, Alpaca, Orca or PKU-SafeRLHF are recognised and converted
+to TRL's formats by :mod:`alignctl.formats`), what to do with system turns
+(``system_turns``), and its held-out split: a named one (``eval_split``) or one carved
+out of the training split (``eval_size``, ``seed``).
 
-``check`` is cheap (reads a file header or first record, no torch) and runs at plan
-time; ``load`` returns ``(train, eval)`` datasets in TRL's formats and repeats the
-column checks on the real data, before any model is loaded.
+``check`` is cheap (reads a file's first record, no torch, never a whole file) and runs
+at plan time; ``load`` returns ``(train, eval)`` datasets in TRL's formats and repeats the
+checks on the real data, before any model is loaded. Every problem a user can cause is a
+:class:`ConfigError` naming the key, file or column.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
+import os
 from pathlib import Path
 from typing import Any
 
+from alignctl import formats
 from alignctl.errors import ConfigError, suggest
+
+log = logging.getLogger("alignctl")
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "assets" / "data"
@@ -31,9 +41,11 @@ DATA_KEYS = {
     "seed": "seed of the held-out carve-out",
     "columns": "mapping target column -> source column (or list of sources joined by a blank line)",
     "to_messages": "turn string prompt/completion into user/assistant messages",
+    "format": "layout of the rows: " + " | ".join(formats.LAYOUTS),
+    "system_turns": "keep | merge (into the first user turn) | drop: for chat templates that refuse a system role",
     "revision": "Hub revision",
 }
-# What each data kind must hold: any one of the alternatives.
+# What each data kind must hold (after conversion): any one of the alternatives.
 REQUIRED = {
     "sft": [("messages",), ("text",), ("prompt", "completion")],
     "preference": [("prompt", "chosen", "rejected"), ("chosen", "rejected")],
@@ -43,10 +55,13 @@ REQUIRED = {
 HELP = {
     "sft": "messages, text, or prompt+completion",
     "preference": "prompt+chosen+rejected, or chosen+rejected with the prompt inside them",
-    "prompt": "prompt (and no completions)",
+    "prompt": "prompt (a pair set's prompts work too)",
     "unpaired": "prompt+completion+label (boolean), or preference pairs to unpair",
 }
 COMPLETION_COLUMNS = ("completion", "chosen", "rejected", "response")
+PEEK_BYTES = 1 << 20  # a .json array is read this much at a time at plan time, up to PEEK_LIMIT, never whole
+PEEK_LIMIT = 64 << 20
+_NOTED: set[tuple[str, str]] = set()  # (data label, note) already said in the log
 
 
 def looks_local(path: str) -> bool:
@@ -61,57 +76,178 @@ def local_path(path: str) -> Path:
     return Path(path).expanduser().absolute()
 
 
-def normalize(spec: dict, label: str) -> tuple[dict, list[str]]:
+# -- the spec ------------------------------------------------------------------------------------------------------
+def normalize(spec: Any, label: str) -> tuple[dict, list[str]]:
+    """The spec with defaults filled in, and the problems with its keys and values (types, ranges, choices)."""
+    if not isinstance(spec, dict):
+        shown = f"{spec!r}" if len(repr(spec)) < 80 else type(spec).__name__
+        return {"path": None}, [f"{label}: must be a mapping with at least `path` (e.g. {label}.path=/data/x.jsonl), "
+                                f"got {shown}"]
     problems = [f"{label}: unknown key '{k}'" + suggest(k, DATA_KEYS) for k in spec if k not in DATA_KEYS]
     if not spec.get("path"):
         problems.append(f"{label}.path: not set")
-        return spec, problems
-    out = {"name": None, "split": "train", "eval_split": None, "eval_size": 0.1, "seed": 42,
-           "columns": {}, "to_messages": False, "revision": None, **spec}
-    out["local"] = looks_local(str(out["path"]))
+        return dict(spec), problems
+    out = {"name": None, "split": "train", "eval_split": None, "eval_size": 0.1, "seed": 42, "columns": {},
+           "to_messages": False, "format": "auto", "system_turns": "keep", "revision": None, **spec}
+    if not isinstance(out["path"], str):
+        problems.append(f"{label}.path: must be a string (a Hub id, file or folder), got {out['path']!r}")
+        return out, problems
+    for key in ("name", "split", "eval_split", "revision"):
+        if out[key] is not None and not isinstance(out[key], str):
+            problems.append(f"{label}.{key}: must be a string, got {out[key]!r}")
+    if not out["split"]:
+        problems.append(f"{label}.split: must name the training split")
+    out["local"] = looks_local(out["path"])
     if out["local"]:
-        out["path"] = str(local_path(str(out["path"])))
+        out["path"] = str(local_path(out["path"]))
     size = out["eval_size"]
-    if not isinstance(size, (int, float)) or isinstance(size, bool) or size < 0:
-        problems.append(f"{label}.eval_size: must be a fraction in [0, 1) or a count, got {size!r}")
+    if not isinstance(size, (int, float)) or isinstance(size, bool) or not math.isfinite(size) or size < 0 or \
+            (size >= 1 and size != int(size)):
+        problems.append(f"{label}.eval_size: must be a fraction in [0, 1) or a whole count of rows, got {size!r}")
+    if not isinstance(out["seed"], int) or isinstance(out["seed"], bool):
+        problems.append(f"{label}.seed: must be an integer, got {out['seed']!r}")
+    columns = out["columns"] if out["columns"] is not None else {}
+    out["columns"] = columns
+    if not isinstance(columns, dict):
+        problems.append(f"{label}.columns: must be a mapping target -> source column (e.g. "
+                        f"{{prompt: instruction, completion: output}}), got {columns!r}")
+    else:
+        for target, source in columns.items():
+            sources = source if isinstance(source, list) else [source]
+            if not sources or not all(isinstance(s, str) and s for s in sources):
+                problems.append(f"{label}.columns.{target}: must be a column name or a list of them, got {source!r}")
+    if not isinstance(out["to_messages"], bool):
+        problems.append(f"{label}.to_messages: must be true or false, got {out['to_messages']!r}")
+    if out["format"] not in formats.LAYOUTS:
+        problems.append(f"{label}.format: unknown format {out['format']!r}{suggest(str(out['format']), formats.LAYOUTS)}"
+                        f"; choose one of: {', '.join(formats.LAYOUTS)}")
+    if out["system_turns"] not in formats.SYSTEM_TURNS:
+        problems.append(f"{label}.system_turns: must be one of {', '.join(formats.SYSTEM_TURNS)}, "
+                        f"got {out['system_turns']!r}")
     return out, problems
 
 
+# -- cheap plan-time checks ------------------------------------------------------------------------------------------
+class _Unreadable(Exception):
+    """A local file whose first record cannot be read; the message says why."""
+
+
 def _files(spec: dict) -> dict[str, list[str]]:
-    """Split name -> files, for a local spec."""
+    """Split name -> files, for a local spec (raises _Unreadable for a path that is neither file nor folder)."""
     p = Path(spec["path"])
     if p.is_file():
+        if p.suffix not in EXTENSIONS:
+            raise _Unreadable(f"{p}: not a {'/'.join(EXTENSIONS)} file")
         return {"train": [str(p)]}
+    if not p.is_dir():
+        raise _Unreadable(f"{p} is neither a data file nor a folder of <split>.<ext> files")
+    try:
+        entries = sorted(p.iterdir())
+    except OSError as e:
+        raise _Unreadable(f"cannot read folder {p}: {e.strerror or e}") from None
     splits: dict[str, list[str]] = {}
-    for f in sorted(p.iterdir()):
-        if f.suffix in EXTENSIONS:
+    for f in entries:
+        if f.suffix in EXTENSIONS and f.is_file():
             splits.setdefault(f.stem, []).append(str(f))
     return splits
 
 
-def _peek(file: str) -> dict[str, Any]:
-    """First record of a local file (columns and value types), cheaply."""
-    suffix = Path(file).suffix
-    if suffix == ".jsonl":
-        with open(file) as f:
-            for line in f:
-                if line.strip():
-                    return json.loads(line)
-        return {}
-    if suffix == ".json":
-        obj = json.loads(Path(file).read_text())
-        if isinstance(obj, list):
-            return obj[0] if obj else {}
-        if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
-            return {k: (v[0] if v else None) for k, v in obj.items()}
-        return obj
-    if suffix == ".csv":
-        with open(file, newline="") as f:
-            row = next(csv.DictReader(f), None)
-        return dict(row or {})
-    import pyarrow.parquet as pq
+def _json_value(text: str, what: str, file: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _Unreadable(f"{file}: {what} is not valid JSON ({e.msg} at column {e.colno})") from None
 
-    return {name: None for name in pq.read_schema(file).names}
+
+def _peek_jsonl(file: str) -> dict | None:
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                row = _json_value(line, f"line {number}", file)
+                if not isinstance(row, dict):
+                    raise _Unreadable(f"{file}: line {number} is {type(row).__name__} {_short(row)}, not a JSON object "
+                                      "(each line must be one record, e.g. {\"prompt\": ...})")
+                return row
+    return None
+
+
+def _peek_json(file: str) -> dict | None:
+    """The first record of a .json file (an array of records, one columnar object, or JSON Lines) without reading a
+    large file whole: the array's first element is decoded from the file's first bytes."""
+    decoder = json.JSONDecoder()
+    size = Path(file).stat().st_size
+    with open(file, encoding="utf-8") as f:
+        text = f.read(PEEK_BYTES)
+        while True:
+            body = text.lstrip("\ufeff \t\r\n")
+            complete = len(text) >= size or f.tell() >= size
+            try:
+                if body.startswith("["):
+                    inner = body[1:].lstrip()
+                    if inner.startswith("]"):
+                        return None
+                    row, _ = decoder.raw_decode(inner)
+                    if not isinstance(row, dict):
+                        raise _Unreadable(f"{file}: the array holds {type(row).__name__} values such as {_short(row)}, "
+                                          "not records (JSON objects)")
+                    return row
+                if body.startswith("{"):
+                    obj, end = decoder.raw_decode(body)
+                    rest = body[end:].lstrip()
+                    if rest.startswith("{"):  # JSON Lines in a .json file
+                        return obj
+                    if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
+                        if not any(obj.values()):
+                            return None
+                        return {k: (v[0] if v else None) for k, v in obj.items()}
+                    return obj
+                if not body and complete:
+                    raise _Unreadable(f"{file}: empty file")
+                raise _Unreadable(f"{file}: not a JSON array of records, a JSON object or JSON Lines "
+                                  f"(starts with {body[:20]!r})")
+            except json.JSONDecodeError as e:
+                if complete:
+                    raise _Unreadable(f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+                if len(text) >= PEEK_LIMIT:
+                    return {}  # a first record over 64 MB: leave the check to load()
+                text += f.read(len(text))
+
+
+def _peek(file: str) -> dict | None:
+    """First record of a local file (columns and values), cheaply; None when the file holds no rows."""
+    suffix = Path(file).suffix
+    try:
+        if Path(file).stat().st_size == 0:
+            raise _Unreadable(f"{file}: empty file")
+        if suffix == ".jsonl":
+            return _peek_jsonl(file)
+        if suffix == ".json":
+            return _peek_json(file)
+        if suffix == ".csv":
+            with open(file, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                row = next(reader, None)
+            return dict(row) if row else None
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(file)
+        except pa.ArrowException as e:
+            raise _Unreadable(f"{file}: not a readable Parquet file ({e})") from None
+        if pf.metadata.num_rows == 0:
+            return None
+        return next(pf.iter_batches(batch_size=1)).to_pylist()[0]
+    except UnicodeDecodeError as e:
+        raise _Unreadable(f"{file}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                          "save it as UTF-8") from None
+    except OSError as e:
+        raise _Unreadable(f"cannot read {file}: {e.strerror or e}") from None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _mapped_columns(first: dict[str, Any], columns: dict) -> dict[str, Any]:
@@ -119,7 +255,10 @@ def _mapped_columns(first: dict[str, Any], columns: dict) -> dict[str, Any]:
     for target, source in (columns or {}).items():
         sources = source if isinstance(source, list) else [source]
         if all(s in first for s in sources):
-            row[target] = first[sources[0]]
+            if isinstance(source, list):
+                row[target] = "\n\n".join(str(first[s]) for s in sources if first[s] not in (None, ""))
+            else:
+                row[target] = first[source]
             for s in sources:
                 if s != target:
                     row.pop(s, None)
@@ -135,61 +274,101 @@ def _missing_sources(first: dict, columns: dict) -> list[str]:
     return out
 
 
+def _type_problem(column: str, value: Any) -> str | None:
+    """What is wrong with the type of a TRL column's value, or None."""
+    text_or_turns = "a string or a list of {role, content} messages"
+    if column == "messages" and not formats.is_conversation(value):
+        return f"column 'messages' must be a list of {{role, content}} messages, got {_type_name(value)}"
+    if column == "text" and not isinstance(value, str):
+        return f"column 'text' must be a string, got {_type_name(value)}"
+    if column in ("prompt", "completion", "chosen", "rejected") and value is not None and \
+            not isinstance(value, str) and not formats.is_conversation(value):
+        return f"column '{column}' must be {text_or_turns}, got {_type_name(value)}"
+    return None
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, list):
+        return "an empty list" if not value else f"a list of {type(value[0]).__name__}"
+    return type(value).__name__
+
+
 def check_columns(row: dict[str, Any], data_kind: str, label: str, stage: str, where: str) -> list[str]:
-    """Problems with the columns of one (mapped) record for a stage of this data kind."""
+    """Problems with the columns of one (converted) record for a stage of this data kind."""
     cols = set(row)
     if not any(set(alt) <= cols for alt in REQUIRED[data_kind]):
         best = min(REQUIRED[data_kind], key=lambda alt: len(set(alt) - cols))
         missing = ", ".join(repr(c) for c in best if c not in cols)
         return [f"{label} ({where}): missing column {missing} needed by {stage}; has {sorted(cols)}. "
-                f"A {data_kind} data set needs {HELP[data_kind]}; map other names with {label}.columns"]
-    problems = []
+                f"A {data_kind} data set needs {HELP[data_kind]}; map other names with {label}.columns "
+                f"or name its layout with {label}.format ({', '.join(formats.LAYOUTS)})"]
+    problems = [f"{label} ({where}): {p} (for {stage})" for c in sorted(cols) if (p := _type_problem(c, row[c]))]
+    if problems:
+        return problems
     if data_kind == "prompt":
         held = [c for c in COMPLETION_COLUMNS if c in cols]
         prompt = row.get("prompt", row.get("messages"))
         if held:
             problems.append(f"{label} ({where}): {stage} needs prompts only, but the data holds completions "
-                            f"(column {', '.join(repr(c) for c in held)})")
-        elif isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+                            f"(column {', '.join(repr(c) for c in held)}) and no prompt column to use")
+        elif isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) and \
+                prompt[-1].get("role") == "assistant":
             problems.append(f"{label} ({where}): {stage} needs prompts only, but the prompt messages end with an "
                             "assistant turn (a completion)")
-    if data_kind == "unpaired" and "label" in cols and row.get("label") is not None and not isinstance(row["label"], bool):
+    if data_kind == "unpaired" and "label" in cols and row.get("label") is not None and \
+            not isinstance(row["label"], bool):
         problems.append(f"{label} ({where}): column 'label' must be boolean (true = desirable) for {stage}, "
                         f"got {row['label']!r}")
     return problems
 
 
+def _convert_first(first: dict, spec: dict, data_kind: str, label: str, stage: str, where: str) -> list[str]:
+    missing = _missing_sources(first, spec["columns"])
+    if missing:
+        return [f"{label}.columns: source column {', '.join(repr(m) for m in missing)} not in {where} "
+                f"(has {sorted(first)})"]
+    row = _mapped_columns(first, spec["columns"])
+    if spec["to_messages"]:
+        row = _to_messages(row)
+    try:
+        row, _ = formats.convert(row, spec["format"], data_kind, spec["system_turns"])
+    except formats.FormatError as e:
+        return [f"{label} ({where}): {e}"]
+    return check_columns(row, data_kind, label, stage, where)
+
+
 def check(spec: dict, data_kind: str, label: str, stage: str) -> list[str]:
-    """Cheap checks at plan time: local files exist and their columns fit the stage."""
+    """Cheap checks at plan time: local files exist, hold rows, and their first record fits the stage."""
     if not spec["local"]:
-        return []  # Hub data: columns are checked after download, before any model loads
+        return []  # Hub data: checked after download (data.load), before any model loads
     p = Path(spec["path"])
     if not p.exists():
         return [f"{label}.path: data file not found: {p}"]
-    files = _files(spec)
+    try:
+        files = _files(spec)
+    except _Unreadable as e:
+        return [f"{label}.path: {e}"]
     if not files:
         return [f"{label}.path: no {'/'.join(EXTENSIONS)} files in {p}"]
     problems = []
-    if spec["split"] not in files:
-        problems.append(f"{label}.split: no split '{spec['split']}' in {p} (found {', '.join(files)})")
-    if spec["eval_split"] and spec["eval_split"] not in files:
-        problems.append(f"{label}.eval_split: no split '{spec['eval_split']}' in {p} (found {', '.join(files)})")
+    for key in ("split", "eval_split"):
+        if spec[key] and spec[key] not in files:
+            problems.append(f"{label}.{key}: no split '{spec[key]}' in {p}{suggest(spec[key], files)} "
+                            f"(found {', '.join(files)})")
     if problems:
         return problems
     for split in filter(None, (spec["split"], spec["eval_split"])):
-        file = files[split][0]
-        try:
-            first = _peek(file)
-        except (OSError, ValueError) as e:
-            problems.append(f"{label}: cannot read {file}: {e}")
-            continue
-        missing = _missing_sources(first, spec["columns"])
-        if missing:
-            problems.append(f"{label}.columns: source column {', '.join(repr(m) for m in missing)} not in {file} "
-                            f"(has {sorted(first)})")
-            continue
-        row = _mapped_columns(first, spec["columns"])
-        problems += check_columns(_to_messages(row) if spec["to_messages"] else row, data_kind, label, stage, file)
+        for file in files[split]:
+            try:
+                first = _peek(file)
+            except _Unreadable as e:
+                problems.append(f"{label}: {e}")
+                continue
+            if first is None:
+                problems.append(f"{label}: {file} holds no rows; give it records or point {label}.path elsewhere")
+            elif first:
+                problems += _convert_first(first, spec, data_kind, label, stage, file)
+            break  # the first file of a split tells its columns
     return problems
 
 
@@ -201,6 +380,7 @@ def _to_messages(row: dict) -> dict:
     return row
 
 
+# -- loading -------------------------------------------------------------------------------------------------------
 def _apply_columns(ds, columns: dict):
     for target, source in (columns or {}).items():
         if isinstance(source, list):
@@ -214,39 +394,159 @@ def _apply_columns(ds, columns: dict):
     return ds
 
 
-def _raw_split(spec: dict, split: str):
+def _first_bad_line(file: str) -> str:
+    """Where a JSON Lines file stops being valid (only called after datasets failed to read it)."""
+    try:
+        with open(file, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f"line {number} is not UTF-8 text; save the file as UTF-8"
+                if line.strip():
+                    try:
+                        if not isinstance(json.loads(line), dict):
+                            return f"line {number} is not a JSON object"
+                    except json.JSONDecodeError as e:
+                        return f"line {number} is not valid JSON ({e.msg}); fix or remove it"
+    except OSError as e:
+        return e.strerror or str(e)
+    return ""
+
+
+def _read_error(spec: dict, label: str, files: list[str], error: Exception) -> ConfigError:
+    """A one-line message for a local file datasets could not read."""
+    for file in files:
+        where = _first_bad_line(file) if Path(file).suffix in (".jsonl", ".json") else ""
+        if where:
+            return ConfigError([f"{label}: cannot read {file}: {where}"])
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if isinstance(cause, UnicodeDecodeError):
+        text = "not UTF-8 text; save it as UTF-8"
+    return ConfigError([f"{label}: cannot read {', '.join(files)}: {text[:300]}"])
+
+
+def _raw_split(spec: dict, split: str, label: str, key: str):
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     if spec["local"]:
-        files = _files(spec)
+        try:
+            files = _files(spec)
+        except _Unreadable as e:
+            raise ConfigError([f"{label}.path: {e}"]) from None
         if split not in files:
-            raise FileNotFoundError(f"no split {split!r} in {spec['path']}")
+            raise ConfigError([f"{label}.{key}: no split '{split}' in {spec['path']}{suggest(split, files)} "
+                               f"(found {', '.join(files) or 'no data files'})"])
+        for file in files[split]:
+            if Path(file).stat().st_size == 0:
+                raise ConfigError([f"{label}: {file}: empty file"])
         builder = EXTENSIONS[Path(files[split][0]).suffix]
-        return datasets.load_dataset(builder, data_files=files[split], split="train")
-    return datasets.load_dataset(spec["path"], spec.get("name"), split=split, revision=spec.get("revision"))
+        try:
+            return datasets.load_dataset(builder, data_files=files[split], split="train")
+        except (DatasetGenerationError, ValueError, OSError, TypeError) as e:
+            raise _read_error(spec, label, files[split], e) from None
+    hub = spec["path"] + (f" (config {spec['name']})" if spec.get("name") else "")
+    try:
+        return datasets.load_dataset(spec["path"], spec.get("name"), split=split, revision=spec.get("revision"))
+    except ConnectionError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or "Offline" in str(e)
+        why = "is not in the local cache and HF_HUB_OFFLINE is set" if offline else "cannot be reached on the Hub"
+        raise ConfigError([f"{label}.path: data set {hub} {why}; download it once with network access (or point "
+                           f"{label}.path at local files)"]) from None
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise ConfigError([f"{label}.{key}: no split '{split}' in {hub}: {str(e).splitlines()[0][:200]}"]) from None
+        raise ConfigError([f"{label}: cannot load {hub}: {str(e).splitlines()[0][:200]}"]) from None
+    except (FileNotFoundError, DatasetGenerationError) as e:
+        raise ConfigError([f"{label}.path: cannot load data set {hub}: {str(e).splitlines()[0][:200]}"]) from None
+
+
+def _carve(train, spec: dict, label: str):
+    """(train, held-out) carved out of the training split per eval_size/seed, or a ConfigError saying what to set."""
+    size, n = spec["eval_size"], len(train)
+    held = int(size) if size >= 1 else math.ceil(size * n)
+    if held >= n or held == 0:
+        why = (f"{held} held-out rows leave no training rows" if held >= n
+               else "the fraction gives no held-out rows")
+        raise ConfigError([f"{label}.eval_size: {size!r} of {n} rows in split '{spec['split']}': {why}; set "
+                           f"{label}.eval_size to a count below {n} or a fraction in (0, 1) (0 = no held-out set)"])
+    parts = train.train_test_split(test_size=held, seed=spec["seed"])
+    return parts["train"], parts["test"]
+
+
+def _note_once(label: str, note: str) -> None:
+    if (label, note) not in _NOTED:
+        _NOTED.add((label, note))
+        log.info("%s: %s", label, note)
+
+
+def _map_row(row: dict, index: int, layout: str, data_kind: str, system: str, where: str, notes: set) -> dict:
+    try:
+        out, note = formats.convert(row, layout, data_kind, system)
+    except formats.FormatError as e:
+        raise ConfigError([f"{where}, row {index}): {e}"]) from None
+    if note:
+        notes.add(note)
+    return out
+
+
+def _convert(ds, spec: dict, data_kind: str, label: str, stage: str, split: str):
+    """Every record to the TRL format of ``data_kind`` (formats.convert), extra columns dropped."""
+    if spec["to_messages"]:
+        ds = ds.map(_to_messages, remove_columns=[c for c in ("prompt", "completion") if c in ds.column_names])
+    layout, system, notes = spec["format"], spec["system_turns"], set()
+    try:
+        first, _ = formats.convert(ds[0], layout, data_kind, system)
+    except formats.FormatError as e:
+        raise ConfigError([f"{label} (split {split}, row 0): {e}"]) from None
+    problems = check_columns(first, data_kind, label, stage, f"split {split}")
+    if problems:
+        raise ConfigError(problems)
+    try:
+        ds = ds.map(_map_row, with_indices=True, remove_columns=ds.column_names, load_from_cache_file=False,
+                    fn_kwargs=dict(layout=layout, data_kind=data_kind, system=system, notes=notes,
+                                   where=f"{label} (split {split}"))
+    except ConfigError:
+        raise
+    except Exception as e:  # pyarrow: rows whose converted columns disagree in type
+        import pyarrow as pa
+
+        if not isinstance(e, (pa.ArrowException, TypeError, ValueError)):
+            raise
+        raise ConfigError([f"{label} (split {split}): rows differ in layout or column types ({str(e)[:160]}); "
+                           f"name the layout with {label}.format or fix the rows"]) from None
+    for note in sorted(notes):
+        _note_once(label, f"{stage} {note}")
+    return ds
 
 
 def load(spec: dict, data_kind: str, stage: str):
-    """Return ``(train, eval_or_None)`` in TRL's formats; raises ConfigError on column problems."""
+    """Return ``(train, eval_or_None)`` in TRL's formats; raises ConfigError on any data problem."""
     label = spec.get("label", spec["path"])
-    train = _apply_columns(_raw_split(spec, spec["split"]), spec["columns"])
+    train = _raw_split(spec, spec["split"], label, "split")
+    try:
+        train = _apply_columns(train, spec["columns"])
+    except ValueError as e:
+        raise ConfigError([f"{label}.columns: {e}"]) from None
     evalset = None
     if spec["eval_split"]:
-        evalset = _apply_columns(_raw_split(spec, spec["eval_split"]), spec["columns"])
+        evalset = _apply_columns(_raw_split(spec, spec["eval_split"], label, "eval_split"), spec["columns"])
     elif spec["eval_size"]:
-        size = spec["eval_size"]
-        size = int(size) if size >= 1 else float(size)
-        parts = train.train_test_split(test_size=size, seed=spec["seed"])
-        train, evalset = parts["train"], parts["test"]
+        if len(train) == 0:
+            raise ConfigError([f"{label} (split {spec['split']}): no rows"])
+        train, evalset = _carve(train, spec, label)
     out = []
     for ds, split in ((train, spec["split"]), (evalset, spec["eval_split"] or "held-out")):
         if ds is None:
             out.append(None)
             continue
-        if spec["to_messages"]:
-            ds = ds.map(_to_messages, remove_columns=[c for c in ("prompt", "completion") if c in ds.column_names])
         if len(ds) == 0:
             raise ConfigError([f"{label} (split {split}): no rows"])
+        ds = _convert(ds, spec, data_kind, label, stage, split)
         problems = check_columns(ds[0], data_kind, label, stage, f"split {split}")
         if data_kind == "unpaired" and "label" in ds.column_names and ds.features["label"].dtype != "bool":
             problems.append(f"{label} (split {split}): column 'label' must be boolean for {stage}, "
@@ -258,6 +558,6 @@ def load(spec: dict, data_kind: str, stage: str):
 
             ds = ds.map(maybe_extract_prompt)
         if data_kind == "prompt" and "prompt" not in ds.column_names:
-            ds = ds.rename_column("messages", "prompt")  # prompt-only conversations: TRL's on-policy trainers read `prompt`
+            ds = ds.rename_column("messages", "prompt")  # prompt-only conversations: TRL's on-policy trainers read it
         out.append(ds)
     return out[0], out[1]

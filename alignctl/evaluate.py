@@ -13,13 +13,23 @@ from __future__ import annotations
 from typing import Any
 
 
+def _turns(value: Any, role: str) -> list[dict]:
+    """A conversation as a list of messages; a string becomes one turn of ``role``."""
+    if isinstance(value, list):
+        return list(value)
+    return [{"role": role, "content": "" if value is None else str(value)}]
+
+
 def _texts(tokenizer, prompt: Any, completion: Any) -> tuple[str, str]:
-    """(prompt text, prompt+completion text) for conversational or plain examples."""
-    if isinstance(prompt, list):
-        p = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(prompt + list(completion), tokenize=False)
+    """(prompt text, prompt+completion text) for conversational or plain examples. When either side is a conversation,
+    both are formatted with the chat template (a string prompt as a user turn, a string completion as an assistant
+    turn), so a string prompt beside conversational completions cannot break the evaluation."""
+    if isinstance(prompt, list) or isinstance(completion, list):
+        turns = _turns(prompt, "user")
+        p = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(turns + _turns(completion, "assistant"), tokenize=False)
         return p, full
-    return prompt, prompt + completion
+    return prompt or "", (prompt or "") + (completion or "")
 
 
 def completion_logps(model, tokenizer, prompts: list, completions: list, batch_size: int = 32) -> list[float]:

@@ -38,13 +38,23 @@ def test_alpaca_columns_map_into_messages(tmp_path):
 
 
 def test_implicit_prompt_preference_data_gets_prompt_extracted(tmp_path):
-    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}", "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}
-            for i in range(10)]
-    s = spec_for(write_jsonl(tmp_path / "hh.jsonl", rows), eval_size=0)
+    """String pairs that hold their prompt: TRL's extraction splits it off; HH transcripts become conversations."""
+    rows = [{"chosen": f"Q{i}: which? A: good {i}", "rejected": f"Q{i}: which? A: bad {i}"} for i in range(10)]
+    s = spec_for(write_jsonl(tmp_path / "implicit.jsonl", rows), eval_size=0)
     assert data.check(s, "preference", "data.x", "stages.dpo") == []
     train, held = data.load(s, "preference", "stages.dpo")
     assert held is None
-    assert train[0]["prompt"] == "\n\nHuman: q0\n\nAssistant:" and train[0]["chosen"] == " good 0"
+    assert train[0]["prompt"] == "Q0: which? A:" and train[0]["chosen"] == " good 0"
+
+    hh = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}", "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}
+          for i in range(10)]
+    train, _ = data.load(spec_for(write_jsonl(tmp_path / "hh.jsonl", hh), eval_size=0), "preference", "stages.dpo")
+    assert train[0] == {"prompt": [{"role": "user", "content": "q0"}],
+                        "chosen": [{"role": "assistant", "content": "good 0"}],
+                        "rejected": [{"role": "assistant", "content": "bad 0"}]}
+    # Named explicitly, the same; `format: trl` keeps TRL's own string handling.
+    train, _ = data.load(spec_for(tmp_path / "hh.jsonl", eval_size=0, format="trl"), "preference", "stages.dpo")
+    assert train[0]["prompt"] == "\n\nHuman: q0\n\nAssistant:"
 
 
 def test_named_eval_split_from_a_folder_and_csv(tmp_path):
@@ -79,7 +89,7 @@ def test_parquet_and_carved_split_is_seeded(tmp_path):
 @pytest.mark.parametrize("kind,row,needle", [
     ("sft", {"question": "q", "answer": "a"}, "missing column 'messages'"),
     ("preference", {"prompt": "q", "chosen": "a"}, "missing column 'rejected'"),
-    ("prompt", {"prompt": "q", "completion": "a"}, "holds completions"),
+    ("prompt", {"completion": "a", "chosen": "b"}, "missing column 'prompt'"),
     ("prompt", {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
      "end with an assistant turn"),
     ("unpaired", {"prompt": "q", "completion": "a", "label": "yes"}, "'label' must be boolean"),
