@@ -11,27 +11,19 @@ Nothing here imports torch: ``--help``, ``plan`` and ``recipes`` stay fast.
 
 from __future__ import annotations
 
+import itertools
+import os
 import sys
 from pathlib import Path
 
+from alignctl import errors
 from alignctl.errors import ConfigError, suggest
-from alignctl.spec import TOP_KEYS
+from alignctl.spec import CONFIGS_DIR, RECIPES_DIR, TOP_KEYS  # noqa: F401  (re-exported)
 
-_PKG = Path(__file__).resolve().parent
-
-
-def _asset_dir(name: str) -> Path:
-    """configs/ and recipes/ live at the repo root in a checkout and inside the package in a wheel."""
-    inside = _PKG / name
-    return inside if inside.is_dir() else _PKG.parent / name
-
-
-CONFIGS_DIR = _asset_dir("configs")
-RECIPES_DIR = _asset_dir("recipes")
 HYDRA_VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun"}
 
 USAGE = """\
-usage: alignctl <command> [overrides...]
+usage: alignctl [--debug] <command> [overrides...]
 
 commands:
   run [overrides...]    run a recipe (Hydra app: -m/--multirun, --cfg job, --config-dir, hydra.run.dir=... work)
@@ -45,6 +37,8 @@ examples:
   alignctl run recipe=zephyr-dpo stages.dpo.beta=0.05
   alignctl run -m stages.dpo.beta=0.05,0.5       # a sweep
   alignctl run recipe=./my-recipe.yaml           # a recipe file kept anywhere
+
+--debug (or HYDRA_FULL_ERROR=1) shows tracebacks instead of one-line errors.
 """
 
 
@@ -57,19 +51,51 @@ def available_recipes() -> dict[str, Path]:
 
 
 def recipe_description(path: Path) -> str:
-    from omegaconf import OmegaConf
+    try:
+        return str(load_recipe(path).get("description", ""))
+    except ConfigError as e:
+        return f"(unreadable: {e.problems[0]})"
 
-    return str(OmegaConf.load(path).get("description", ""))
+
+def load_recipe(path: Path):
+    """A recipe file as an OmegaConf node, after checking it sets alignctl's keys only (checks.recipe_file_problems):
+    YAML errors, duplicate keys, Hydra settings, instantiation keys and environment resolvers are ConfigErrors."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from alignctl import checks
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"recipe file {path}: cannot be read: {getattr(e, 'strerror', None) or e}"]) from None
+    try:
+        yaml.safe_load(text)  # plain YAML first: a precise line number for syntax errors
+        node = OmegaConf.create(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"recipe file {path}: not valid YAML{at}: {problem}; fix the file "
+                           "(indent with spaces, not tabs; quote values containing ': ')"]) from None
+    except (OmegaConfBaseException, ValueError, TypeError) as e:
+        raise errors.from_library(e, f"recipe file {path}") from None
+    container = OmegaConf.to_container(node, resolve=False) if node is not None else None
+    problems = checks.recipe_file_problems(container, Path(path), TOP_KEYS, set(config_groups()) - {"recipe"})
+    if problems:
+        raise ConfigError(problems)
+    return node
 
 
 def _register_recipes(extra: dict[str, Path]) -> None:
-    """Put every recipe file into Hydra's ``recipe`` group (package _global_)."""
+    """Put every recipe file into Hydra's ``recipe`` group (package _global_: a recipe sets top-level keys and
+    chooses config groups). Each file is checked first (load_recipe), so it can set alignctl's keys only."""
     from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
     for name, path in {**available_recipes(), **extra}.items():
-        node = OmegaConf.load(path)
+        node = load_recipe(path)
         if "name" not in node:
             node.name = name
         cs.store(group="recipe", name=name, node=node, package="_global_")
@@ -114,64 +140,157 @@ def prepare_overrides(args: list[str]) -> tuple[list[str], dict[str, Path]]:
     return out, extra
 
 
-def _error(e: ConfigError) -> int:
-    print("alignctl: configuration error" + ("s:" if len(e.problems) > 1 else ":"), file=sys.stderr)
-    for p in e.problems[:20]:
-        print(f"  - {p}", file=sys.stderr)
-    if len(e.problems) > 20:
-        print(f"  ... and {len(e.problems) - 20} more", file=sys.stderr)
-    print("Nothing was trained.", file=sys.stderr)
-    return 2
+_error = errors.report
 
 
-def compose(overrides: list[str], return_hydra_config: bool = False):
-    """Compose the configuration the way ``run`` would (used by ``plan`` and tests)."""
+def compose(overrides: list[str], return_hydra_config: bool = False, config_dir: str | None = None):
+    """Compose the configuration the way ``run`` would (used by ``plan``, ``run``'s up-front checks and tests)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     overrides, extra = prepare_overrides(overrides)
     _register_recipes(extra)
+    if config_dir:  # --config-dir: searched before alignctl's own configs, as Hydra does for `run`
+        overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).expanduser().absolute()}]"]
     with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
-def cmd_plan(args: list[str]) -> int:
+def library_error(e: BaseException) -> ConfigError | None:
+    """Hydra / OmegaConf / YAML errors caused by the user's overrides or files, as a ConfigError (else None)."""
+    import yaml
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from alignctl import plan, spec
+    if isinstance(e, (HydraException, OmegaConfBaseException)):
+        return errors.from_library(e, "overrides" if "override" in type(e).__name__.lower() else "configuration")
+    if isinstance(e, yaml.YAMLError):
+        return errors.from_library(e, "YAML")
+    return None
+
+
+def check_point(args: list[str], run: bool = False, config_dir: str | None = None) -> dict:
+    """Compose and resolve one configuration (one sweep point): the run spec, or ConfigError."""
+    from omegaconf import OmegaConf, open_dict
+
+    from alignctl import spec
 
     try:
-        cfg = compose(args, return_hydra_config=True)
+        cfg = compose(args, return_hydra_config=True, config_dir=config_dir)
         run_dir = OmegaConf.select(cfg, "hydra.run.dir")
         with open_dict(cfg):
             del cfg["hydra"]
-        resolved = spec.resolve(cfg, run_dir)
-    except ConfigError as e:
-        return _error(e)
-    except (HydraException, OmegaConfBaseException) as e:  # Hydra's own override/composition errors
-        return _error(ConfigError([f"{type(e).__name__}: {e}"]))
+        return spec.resolve(cfg, run_dir, run=run)
+    except ConfigError:
+        raise
+    except Exception as e:  # Hydra's own override/composition errors, interpolation errors, YAML errors
+        err = library_error(e)
+        if err is None:
+            raise
+        raise err from None
+
+
+def cmd_plan(args: list[str]) -> int:
+    from alignctl import plan
+
+    resolved = check_point(args)
     plan.show(resolved)
     return 0
 
 
 def cmd_recipes(_: list[str]) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table("recipe", "description", box=None, show_header=True)
     for name, path in available_recipes().items():
-        table.add_row(name, recipe_description(path))
+        table.add_row(escape(name), escape(recipe_description(path)))
     Console().print(table)
     return 0
 
 
-def cmd_run(args: list[str]) -> int:
+# Hydra flags after which `run` only prints (config, help, info): nothing to check up front.
+_PRINT_ONLY = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
+               "--resolve", "--package", "-p"}
+MAX_POINTS = 64
+
+
+def sweep_points(overrides: list[str]) -> list[list[str]]:
+    """Every point of a multirun: the cartesian product of its sweep overrides (``a=1,2``, ``range(...)``,
+    ``choice(...)``); for ``interval(lo, hi)`` (Optuna), its two bounds. Above MAX_POINTS points, each swept value
+    is checked once with the other sweeps at their first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fixed, axes = [], []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_sweep_override():
+            fixed.append(o.input_line)
+            continue
+        key = o.get_key_element()
+        if o.is_interval_sweep():
+            v = o.value()
+            integral = not any(ch in o.input_line.split("=", 1)[1] for ch in ".eE")
+            values = [str(int(x)) if integral and float(x).is_integer() else repr(x) for x in (v.start, v.end)]
+        else:
+            values = list(o.sweep_string_iterator())
+        axes.append([f"{key}={v}" for v in values])
+    if not axes:
+        return [fixed]
+    total = 1
+    for a in axes:
+        total *= len(a)
+    if total <= MAX_POINTS:
+        return [fixed + list(p) for p in itertools.product(*axes)]
+    points = []
+    for i, axis in enumerate(axes):
+        for v in axis:
+            points.append(fixed + [a[0] for a in axes[:i]] + [v] + [a[0] for a in axes[i + 1:]])
+    return points
+
+
+def precheck_run(args: list[str]) -> None:
+    """``run``'s up-front checks, before Hydra starts any job: every point of a sweep (or the one run) composed and
+    resolved as for ``run``. Any bad point stops everything, naming the point."""
+    if any(a.split("=")[0] in _PRINT_ONLY for a in args) or any(a.split("=")[0] in ("--config-name", "-cn",
+                                                                                   "--config-path", "-cp",
+                                                                                   "--experimental-rerun")
+                                                                for a in args):
+        return
+    config_dir, rest, it = None, [], iter(args)
+    multirun = False
+    for a in it:
+        if a in ("-m", "--multirun"):
+            multirun = True
+        elif a in ("--config-dir", "-cd"):
+            config_dir = next(it, None)
+        elif a.startswith("--config-dir="):
+            config_dir = a.split("=", 1)[1]
+        elif not a.startswith("-"):
+            rest.append(a)
+    if not multirun:
+        check_point(rest, run=True, config_dir=config_dir)
+        return
     try:
-        overrides, extra = prepare_overrides(args)
-    except ConfigError as e:
-        return _error(e)
+        points = sweep_points(rest)
+    except Exception as e:
+        err = library_error(e)
+        if err is None:
+            raise
+        raise err from None
+    for i, point in enumerate(points, 1):
+        swept = [p for p in point if p not in rest]
+        try:
+            check_point(point, run=True, config_dir=config_dir)
+        except ConfigError as e:
+            label = " ".join(swept) or "the base configuration"
+            raise ConfigError([f"sweep point {i} of {len(points)} ({label}): {p}" for p in e.problems]
+                              + ["the sweep was stopped before any job started"]) from None
+
+
+def cmd_run(args: list[str]) -> int:
+    overrides, extra = prepare_overrides(args)
+    precheck_run(args)
     _register_recipes(extra)
     from alignctl.app import hydra_main
 
@@ -205,7 +324,13 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "recipes": cmd_recipes, "report": 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. A user's mistake: one short message, exit code 2 (errors.report); a bug in alignctl:
+    "internal error", exit code 1, the traceback in a file (errors.internal_error). ``--debug`` (or
+    HYDRA_FULL_ERROR=1) lets tracebacks through instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv[:1]:
+        argv = argv[1:]
+        os.environ["ALIGNCTL_DEBUG"] = os.environ["HYDRA_FULL_ERROR"] = "1"
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 1
@@ -216,7 +341,21 @@ def main(argv: list[str] | None = None) -> int:
     if cmd != "run" and rest and rest[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    return COMMANDS[cmd](rest)
+    try:
+        return COMMANDS[cmd](rest)
+    except ConfigError as e:
+        if errors.debug():
+            raise
+        return errors.report(e)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:
+        if errors.debug():
+            raise
+        err = library_error(e)
+        if err is not None:
+            return errors.report(err)
+        return errors.internal_error(e)
 
 
 def entry() -> None:

@@ -1,8 +1,19 @@
-"""Bad user input: the error every check raises, and close-match suggestions for mistyped names."""
+"""Bad user input: the error every check raises, close-match suggestions, and the one way errors are shown.
+
+Every failure a user can cause ends in :func:`report`: ``alignctl: configuration error:`` and one line per problem
+(what, where — the key, file or column — and what to do), then "Nothing was trained.", exit code 2, no traceback.
+A genuine bug in alignctl ends in :func:`internal_error`: one line saying so, the traceback kept in a log file,
+exit code 1. ``--debug`` or ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import difflib
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 
 class ConfigError(Exception):
@@ -14,5 +25,47 @@ class ConfigError(Exception):
 
 
 def suggest(key: str, candidates) -> str:
-    close = difflib.get_close_matches(str(key), sorted(candidates), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(str(key), sorted(str(c) for c in candidates), n=3, cutoff=0.6)
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def debug() -> bool:
+    """Show tracebacks: ``alignctl --debug ...`` or HYDRA_FULL_ERROR=1."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("ALIGNCTL_DEBUG") == "1"
+
+
+def report(e: ConfigError, header: str = "configuration error") -> int:
+    """Print a user's mistake (one line per problem) and return exit code 2."""
+    problems = e.problems or [str(e)]
+    print(f"alignctl: {header}" + ("s:" if len(problems) > 1 else ":"), file=sys.stderr)
+    for p in problems[:20]:
+        print(f"  - {p}", file=sys.stderr)
+    if len(problems) > 20:
+        print(f"  ... and {len(problems) - 20} more", file=sys.stderr)
+    print("Nothing was trained.", file=sys.stderr)
+    return 2
+
+
+def from_library(e: BaseException, where: str) -> ConfigError:
+    """A Hydra/OmegaConf/YAML error caused by the user's input, as one short problem (first lines only)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    text = " ".join(lines[:3]) or type(e).__name__
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    return ConfigError([f"{where}: {text}"])
+
+
+def internal_error(e: BaseException, log_file: str | os.PathLike | None = None) -> int:
+    """A bug in alignctl: say so in one line, keep the traceback in ``log_file`` (the run log) or a temp file."""
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    if log_file is None:
+        fd, log_file = tempfile.mkstemp(prefix="alignctl-internal-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(tb)
+    else:
+        with open(log_file, "a") as f:
+            f.write(tb)
+    print(f"alignctl: internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+          f"this is a bug in alignctl, not in your configuration. Traceback: {Path(log_file)} "
+          "(or re-run with --debug)", file=sys.stderr)
+    return 1

@@ -24,13 +24,16 @@ def show(spec: dict, console: Console | None = None) -> None:
     """Print the stage graph: each stage's trainer, links, data, output and explicit settings."""
     console = console or Console(highlight=False)
     model = spec["model"]
-    console.print(f"[bold]recipe[/bold] {spec['recipe']}: {spec['description']}")
-    console.print(f"[bold]model[/bold] {model['name_or_path']}   [bold]precision[/bold] {spec['precision']}")
-    console.print(f"[bold]run dir[/bold] {spec['run_dir']}")
-    console.print(f"[bold]launcher[/bold] {launch.describe(spec.get('launcher') or {'kind': 'local'})}")
+    e = _esc
+    console.print(f"[bold]recipe[/bold] {e(spec['recipe'])}: {e(spec['description'])}")
+    console.print(f"[bold]model[/bold] {e(model['name_or_path'])}   [bold]precision[/bold] {e(spec['precision'])}")
+    console.print(f"[bold]run dir[/bold] {e(spec['run_dir'])}")
+    console.print(f"[bold]launcher[/bold] {e(launch.describe(spec.get('launcher') or {'kind': 'local'}))}")
+    for note in spec.get("notes", []):
+        console.print(f"[yellow]note[/yellow] {e(note)}")
     for i, s in enumerate(spec["stages"], 1):
         kind = STAGES[s["trainer"]]
-        console.print(f"\n[bold cyan][{i}] {s['name']}[/bold cyan]  trainer: {s['trainer']} ({kind.summary})")
+        console.print(f"\n[bold cyan]\\[{i}] {e(s['name'])}[/bold cyan]  trainer: {s['trainer']} ({e(kind.summary)})")
         start = "policy" if kind.output == "causal_lm" else "init"
         rows = [(start, f"← {s['from'] or 'base model ' + str(model['name_or_path'])}")]
         if "ref" in kind.links:
@@ -47,7 +50,7 @@ def show(spec: dict, console: Console | None = None) -> None:
         settings += [f"{k}={v}" for k, v in s["args"].items() if k not in kind.key_fields and k != "report_to"]
         rows.append(("settings", " ".join(settings) or "TRL defaults"))
         for label, value in rows:
-            console.print(f"    {label:<10} {value}")
+            console.print(f"    {label:<10} {value if label == 'data' else e(value)}")
 
 
 def _peft_rows(s: dict, kind) -> list[tuple[str, str]]:
@@ -73,6 +76,11 @@ def _launch_rows(s: dict, kind) -> list[tuple[str, str]]:
             ("batch", f"global {total} = {per_device} per device × {gas} accumulation × {ws} world size")]
 
 
+def _esc(v) -> str:
+    """Text from the user (names, descriptions, values) shown literally: `[/INST]` is not rich markup."""
+    return escape(str(v))
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -80,15 +88,15 @@ def _fmt(v) -> str:
 def summary(manifest: dict, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 120))
     table = Table("stage", "trainer", "status", "seconds", "train loss", "held-out metric", "before", "after",
-                  title=f"{manifest['recipe']}: {manifest['status']}")
+                  title=_esc(f"{manifest['recipe']}: {manifest['status']}"))
     for s in manifest["stages"]:
         m = s.get("metrics") or {}
         head = STAGES[s["trainer"]].headline
-        table.add_row(s["name"], s["trainer"], s["status"], _fmt(s.get("seconds", "")),
+        table.add_row(_esc(s["name"]), s["trainer"], s["status"], _fmt(s.get("seconds", "")),
                       _fmt(m.get("train", {}).get("train_loss", "")), head,
                       _fmt(m.get("before", {}).get(head, "")), _fmt(m.get("after", {}).get(head, "")))
     console.print(table)
-    console.print(f"final model: {manifest['final_model']}\nmanifest: {Path(manifest['run_dir']) / 'manifest.json'}")
+    console.print(_esc(f"final model: {manifest['final_model']}\nmanifest: {Path(manifest['run_dir']) / 'manifest.json'}"))
 
 
 def objective(manifest: dict) -> float | None:

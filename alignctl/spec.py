@@ -15,10 +15,22 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from alignctl import checks, launch, models, peft_config, trl_fields
 from alignctl import data as data_mod
-from alignctl import launch, models, peft_config, trl_fields
 from alignctl.errors import ConfigError, suggest  # noqa: F401  (ConfigError is re-exported)
 from alignctl.stages import STAGES, module
+
+_PKG = Path(__file__).resolve().parent
+
+
+def _asset_dir(name: str) -> Path:
+    """configs/ and recipes/ live at the repo root in a checkout and inside the package in a wheel."""
+    inside = _PKG / name
+    return inside if inside.is_dir() else _PKG.parent / name
+
+
+CONFIGS_DIR = _asset_dir("configs")
+RECIPES_DIR = _asset_dir("recipes")
 
 TOP_KEYS = {
     "name": "recipe name (used in output paths)",
@@ -33,8 +45,8 @@ TOP_KEYS = {
     "peft": "none | lora | qlora (configs/peft) and their fields; a stage's `peft` key overrides it",
     "launcher": "local | torchrun | accelerate (configs/launcher): how each stage's processes are started",
 }
-MODEL_KEYS = {"name_or_path", "revision", "attn_implementation", "trust_remote_code", "chat_template"}
-STAGE_KEYS = {"trainer", "from", "data", "description", "peft", "global_batch_size"}
+MODEL_KEYS = {"name_or_path", "revision", "attn_implementation", "trust_remote_code", "chat_template", "gguf_file"}
+STAGE_KEYS = {"trainer", "from", "data", "description", "peft", "global_batch_size", "trust_remote_code_links"}
 LINK_KEYS = {"ref", "reward", "value"}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # TRL fields alignctl owns or refuses: where it writes, and secrets (they would land in saved configs).
@@ -45,6 +57,13 @@ OWNED_FIELDS = {
     "reward_model_path": "set the stage's `reward` link instead (a reward stage of this recipe, or a model path)",
 }
 SECRET_FIELDS = {"hub_token": "secrets never go in configs: set the HF_TOKEN environment variable instead"}
+# TRL fields alignctl refuses when switched on, and why.
+REFUSED_ON = {
+    "push_to_hub": "alignctl does not publish models while training (the store reuses stages, a reused stage would "
+                   "never push, and every stage would push to one repo); publish final/ as a separate step: "
+                   "huggingface-cli upload <repo> <run dir>/<stage>/final",
+    "save_on_each_node": "every node would write the same checkpoint files of the shared stage store at once",
+}
 
 
 def _unknown(where: str, key: str, candidates) -> str:
@@ -81,33 +100,40 @@ def _to_container(cfg) -> dict:
     return dict(cfg)
 
 
-def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
-    """Validate ``cfg`` and return the run spec. Raises :class:`ConfigError` listing every problem."""
+def _mapping(c: dict, key: str, what: str, problems: list[str]) -> dict:
+    """A top-level mapping (model, data, stages, ...), or {} with a problem naming the key and the shape it needs."""
+    value = c.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"{key}: must be a mapping of {what}, got {type(value).__name__} {str(value)[:60]!r}")
+        return {}
+    return value
+
+
+def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool = False) -> dict:
+    """Validate ``cfg`` and return the run spec. Raises :class:`ConfigError` listing every problem.
+
+    ``run``: checked for ``alignctl run`` rather than ``plan``: a Hub model that is not cached while HF_HUB_OFFLINE=1
+    is then an error (for ``plan`` a note), and so is a launcher asking for more processes than this machine has.
+    Notes (warnings that do not stop anything) are returned under ``notes``."""
     c = _to_container(cfg)
     c.pop("hydra", None)
     problems: list[str] = []
+    notes: list[str] = []
     for key in c:
         if key not in TOP_KEYS:
             problems.append(_unknown("config", key, TOP_KEYS))
 
+    recipe = c.get("name") or "recipe"
+    problems += filter(None, [checks.name_problem(recipe, "name", "recipe name")])
     precision = c.get("precision", "auto")
     if precision not in PRECISIONS:
         problems.append(f"precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
-    model = dict(c.get("model") or {})
-    for key in model:
-        if key not in MODEL_KEYS:
-            problems.append(_unknown("model", key, MODEL_KEYS))
-    if not model.get("name_or_path"):
-        problems.append("model.name_or_path: not set (a local path, a Hub id, or tiny:llama / tiny:qwen2)")
-    elif models.is_tiny(model["name_or_path"]) and models.tiny_arch(model["name_or_path"]) not in models.TINY_ARCHS:
-        problems.append(f"model.name_or_path: unknown built-in tiny model '{model['name_or_path']}'; "
-                        f"choose from {', '.join(models.TINY_PREFIX + a for a in models.TINY_ARCHS)}")
-    elif data_mod.looks_local(str(model["name_or_path"])) and not Path(model["name_or_path"]).expanduser().exists():
-        problems.append(f"model.name_or_path: path not found: {model['name_or_path']}")
-    attn = model.get("attn_implementation")
-    if attn in models.ATTN_PACKAGES and find_spec(models.ATTN_PACKAGES[attn]) is None:
-        problems.append(f"model.attn_implementation: {attn} is asked for but its package "
-                        f"`{models.ATTN_PACKAGES[attn]}` is not installed; install it or use sdpa")
+    seed = c.get("seed", 42)
+    problems += filter(None, [checks.seed_problem(seed, "seed")])
+    model = dict(_mapping(c, "model", "model settings (name_or_path, revision, ...)", problems))
+    problems += _model_problems(model, run, notes)
     # LoRA / QLoRA: the run's setting (configs/peft), which each stage's `peft` key may override.
     run_peft, peft_problems = peft_config.resolve_peft(c.get("peft"), _peft_preset("none"), _peft_preset, "peft")
     problems += peft_problems or peft_config.peft_problems(run_peft, "peft")
@@ -116,16 +142,37 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
     problems += launch_problems
 
     run_dir = Path(run_dir).absolute()
-    output_root = Path(c.get("output_root") or "outputs").absolute()
-    datasets = c.get("data") or {}
-    seed = c.get("seed", 42)
-    stages_cfg = c.get("stages") or {}
-    if not stages_cfg:
+    paths = {}
+    for key, default in (("output_root", "outputs"), ("store", None)):
+        value = c.get(key)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{key}: must be a folder path (a string), got {value!r}")
+            value = None
+        paths[key] = value or default
+    output_root = Path(paths["output_root"]).expanduser().absolute()
+    store_dir = Path(paths["store"]).expanduser().absolute() if paths["store"] else output_root / ".store"
+    for where, path in (("output_root", output_root), ("store", store_dir), ("run directory (hydra.run.dir)", run_dir)):
+        problems += filter(None, [checks.writable_problem(path, where)])
+
+    datasets = _mapping(c, "data", "named data sets (name: {path: ..., split: ...})", problems)
+    for dname, dvalue in list(datasets.items()):
+        bad = checks.name_problem(dname, "data", "data set name")
+        if bad or not isinstance(dvalue, dict):
+            problems.append(bad or f"data.{dname}: must be a mapping with at least `path`, got {dvalue!r} "
+                                   f"(e.g. data.{dname}.path=/data/file.jsonl)")
+            datasets = {k: v for k, v in datasets.items() if k != dname}
+    stages_cfg = _mapping(c, "stages", "stage name -> settings (e.g. stages: {sft: {trainer: sft, data: sft}})",
+                          problems)
+    if not stages_cfg and not isinstance(c.get("stages"), (list, str, int, float)):
         problems.append("stages: the recipe defines no stages")
 
     stages: list[dict] = []
     kinds_by_name: dict[str, str] = {}
     for name, raw in stages_cfg.items():
+        bad = checks.name_problem(name, "stages", "stage name")
+        if bad:
+            problems.append(bad)
+            continue
         where = f"stages.{name}"
         if not isinstance(raw, dict):
             problems.append(f"{where}: must be a mapping with at least `trainer`")
@@ -133,7 +180,7 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
         raw = dict(raw)
         trainer = raw.get("trainer")
         if trainer not in STAGES:
-            problems.append(f"{where}.trainer: unknown trainer '{trainer}'{suggest(trainer, STAGES)}; "
+            problems.append(f"{where}.trainer: unknown trainer '{trainer}'{suggest(str(trainer), STAGES)}; "
                             f"known: {', '.join(STAGES)}")
             continue
         kind = STAGES[trainer]
@@ -147,6 +194,8 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
                 problems.append(f"{where}.{key}: {SECRET_FIELDS[key]}")
             elif key in OWNED_FIELDS:
                 problems.append(f"{where}.{key}: {OWNED_FIELDS[key]}")
+            elif key in REFUSED_ON and value:
+                problems.append(f"{where}.{key}: refused: {REFUSED_ON[key]}")
             elif key in trl:
                 bad = _type_problem(value, trl[key]["type"])
                 if bad:
@@ -157,6 +206,8 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
             else:
                 cands = set(trl) | STAGE_KEYS | allowed_links
                 problems.append(_unknown(where, key, cands) + f" — not a field of {kind.config_class}")
+        typed = {k: v for k, v in args.items() if not _type_problem(v, trl[k]["type"])}
+        problems += checks.field_problems(typed, trl, trainer, where)
 
         # Chaining: `from` names an earlier stage; the stage's initial weights are its final/.
         src = raw.get("from")
@@ -175,6 +226,11 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
             ref = raw.get("ref", src)
             if ref is not None and ref != src and ref not in kinds_by_name:
                 problems.append(f"{where}.ref: '{ref}' names no earlier stage")
+            elif ref is not None and ref in kinds_by_name and STAGES[kinds_by_name[ref]].output != "causal_lm":
+                problems.append(f"{where}.ref: '{ref}' is a {kinds_by_name[ref]} stage (a classifier with a score "
+                                "head, not a language model); the reference must be a language-model stage "
+                                f"(earlier: {', '.join(n for n, t in kinds_by_name.items() if STAGES[t].output == 'causal_lm') or 'none'}) "
+                                "or omitted (the `from` stage)")
             links["ref"] = ref
             links["ref_path"] = str(run_dir / ref / "final") if ref else base
 
@@ -185,6 +241,7 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
                                                                stages_cfg, run_dir, problems)
         if "value" in allowed_links and raw.get("value") is None:  # the value model starts from the reward model
             links["value"], links["value_path"] = links.get("reward"), links.get("reward_path")
+        problems += _remote_code_problems(raw, links, model, where, allowed_links, run, notes)
         options = {k: raw[k] for k in kind.options if k in raw}
         if kind.needs_reward and raw.get("reward") is None and not options.get("reward_funcs"):
             funcs = " or list TRL reward functions in `reward_funcs`" if "reward_funcs" in kind.options else ""
@@ -215,21 +272,96 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True) -> dict:
         })
 
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))
     return {
-        "recipe": c.get("name") or "recipe", "description": c.get("description", ""),
+        "recipe": recipe, "description": c.get("description", ""),
         "model": model, "precision": precision, "seed": seed,
         "output_root": str(output_root), "cache_dir": str(output_root / ".cache"),
-        "store_dir": str(Path(c["store"]).expanduser().absolute() if c.get("store") else output_root / ".store"),
-        "run_dir": str(run_dir), "stages": stages, "launcher": launcher,
+        "store_dir": str(store_dir), "run_dir": str(run_dir), "stages": stages, "launcher": launcher,
+        "notes": notes,
     }
+
+
+def _model_problems(model: dict, run: bool, notes: list[str]) -> list[str]:
+    """The base model: its keys, strict booleans, and the model itself (tiny, pkg:, local folder or Hub id)."""
+    problems = [_unknown("model", key, MODEL_KEYS) for key in model if key not in MODEL_KEYS]
+    problems += filter(None, [checks.bool_problem(model.get("trust_remote_code", False), "model.trust_remote_code")])
+    for key in ("revision", "chat_template", "gguf_file"):
+        if model.get(key) is not None and not isinstance(model[key], str):
+            problems.append(f"model.{key}: must be a string or null, got {model[key]!r}")
+    name = model.get("name_or_path")
+    if not name:
+        problems.append("model.name_or_path: not set (a local path, a Hub id, or tiny:llama / tiny:qwen2)")
+        return problems
+    if not isinstance(name, str):
+        problems.append(f"model.name_or_path: must be a path or Hub id (a string), got {name!r}")
+        return problems
+    attn_check = getattr(models, "attn_implementation_problems", None)
+    if attn_check is not None:
+        problems += attn_check(model.get("attn_implementation"))
+    attn = model.get("attn_implementation")
+    if attn in models.ATTN_PACKAGES and find_spec(models.ATTN_PACKAGES[attn]) is None:
+        problems.append(f"model.attn_implementation: {attn} is asked for but its package "
+                        f"`{models.ATTN_PACKAGES[attn]}` is not installed; install it or use sdpa")
+    if models.is_tiny(name):
+        if models.tiny_arch(name) not in models.TINY_ARCHS:
+            problems.append(f"model.name_or_path: unknown built-in tiny model '{name}'; "
+                            f"choose from {', '.join(models.TINY_PREFIX + a for a in models.TINY_ARCHS)}")
+    elif name.startswith(getattr(models, "PKG_PREFIX", "\0")):
+        pass  # checked by models.base_model_problems
+    elif data_mod.looks_local(name):
+        problems += checks.local_model_problems(Path(name).expanduser(), "model.name_or_path", model.get("gguf_file"))
+    else:
+        hub_problems, hub_notes = checks.hub_model_problems(name, model.get("revision"), "model.name_or_path", run)
+        problems += hub_problems
+        notes += hub_notes
+    base_check = getattr(models, "base_model_problems", None)
+    if base_check is not None and not problems:
+        problems += base_check(model)
+    if model.get("trust_remote_code") is True:
+        notes.append(f"model.trust_remote_code: on — Python code shipped with {name} will run"
+                     + ("" if model.get("revision") else "; pin model.revision to a commit so it cannot change"))
+    return problems
+
+
+def _remote_code_problems(raw: dict, links: dict, model: dict, where: str, allowed_links: set, run: bool,
+                          notes: list[str]) -> list[str]:
+    """Reward/value models given as paths or Hub ids: checked like the base model, and never run with remote code
+    unless the stage lists the link in ``trust_remote_code_links`` (model.trust_remote_code alone covers the base
+    model and the stages trained from it only)."""
+    consent = raw.get("trust_remote_code_links")
+    problems = []
+    if consent is not None:
+        if not isinstance(consent, list) or any(c not in ("reward", "value") or c not in allowed_links
+                                                for c in consent):
+            problems.append(f"{where}.trust_remote_code_links: must be a list of this stage's model links "
+                            f"({', '.join(sorted(allowed_links & {'reward', 'value'})) or 'none'}), got {consent!r}")
+            consent = []
+        elif model.get("trust_remote_code") is not True:
+            problems.append(f"{where}.trust_remote_code_links: remote code for {', '.join(consent)} also needs "
+                            "model.trust_remote_code=true")
+    consent = set(consent or [])
+    for key in ("reward", "value"):
+        path = links.get(f"{key}_path")
+        if not path or links.get(key) or raw.get(key) is None or models.is_tiny(path) or \
+                path.startswith(getattr(models, "PKG_PREFIX", "\0")):
+            continue  # a stage of this recipe (or no link, or a built-in tiny model)
+        if model.get("trust_remote_code") is True and key not in consent:
+            problems.append(f"{where}.{key}: model.trust_remote_code is on and would also run code shipped with "
+                            f"'{raw[key]}'; allow it explicitly with {where}.trust_remote_code_links=[{key}], or use "
+                            "a model that needs no remote code")
+        if Path(path).is_absolute():
+            problems += checks.local_model_problems(Path(path), f"{where}.{key}")
+        else:
+            hub_problems, hub_notes = checks.hub_model_problems(path, None, f"{where}.{key}", run)
+            problems += hub_problems
+            notes += hub_notes
+    return problems
 
 
 def _peft_preset(name: str) -> dict:
     """The fields of configs/peft/<name>.yaml (what `peft=<name>` selects)."""
     from omegaconf import OmegaConf
-
-    from alignctl.cli import CONFIGS_DIR
 
     return dict(OmegaConf.to_container(OmegaConf.load(CONFIGS_DIR / "peft" / f"{name}.yaml"), resolve=True))
 
@@ -250,8 +382,13 @@ def _model_link(value, key: str, where: str, name: str, earlier: dict[str, str],
         what = "is this stage itself" if value == name else "comes later in the recipe"
         problems.append(f"{where}.{key}: '{value}' {what}; a {key} link must name an earlier stage")
         return value, None
-    if models.is_tiny(value) or (not data_mod.looks_local(value) and "/" in value):
-        return None, value  # a built-in tiny model or a Hub id
+    if models.is_tiny(value):
+        if models.tiny_arch(value) not in models.TINY_ARCHS:
+            problems.append(f"{where}.{key}: unknown built-in tiny model '{value}'; choose from "
+                            f"{', '.join(models.TINY_PREFIX + a for a in models.TINY_ARCHS)}")
+        return None, value
+    if not data_mod.looks_local(value) and "/" in value:
+        return None, value  # a Hub id
     if data_mod.looks_local(value) and Path(value).expanduser().exists():
         return None, str(Path(value).expanduser().absolute())
     problems.append(f"{where}.{key}: '{value}' names no stage of this recipe{suggest(value, all_stages)} and no "

@@ -75,14 +75,14 @@ def test_run_rejects_typo_before_training(tmp_path):
 
 
 def test_value_rejected_by_trl_fails_before_any_model_loads(run_recipe, tmp_path):
-    """A value only TRL can judge (an unknown scheduler) fails in preflight: manifest 'failed', no stage started."""
+    """A combination only TRL judges (DPOConfig: one weight per loss type) fails when `run` builds every stage's TRL
+    config up front: before the manifest says anything ran, before any model loads, nothing trained."""
     from alignctl.spec import ConfigError
 
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError) as e:
-        run_recipe(["stages.sft.lr_scheduler_type=cosine_typo"], run_dir)
-    assert "stages.sft" in str(e.value)
-    m = read_manifest(run_dir)
-    assert m["status"] == "failed"
-    assert [s["status"] for s in m["stages"]] == ["pending", "pending"]
-    assert not (run_dir / "sft" / "final").exists()
+        run_recipe(["stages.dpo.loss_weights=[1.0,2.0]"], run_dir)
+    msg = str(e.value)
+    assert msg.startswith("stages.dpo: trl.DPOConfig rejects the settings") and "loss_weights" in msg, msg
+    assert not (run_dir / "manifest.json").exists()
+    assert not (run_dir / "sft").exists()

@@ -31,6 +31,13 @@ BUILTIN_REWARDS = {
     "accuracy_reward": False, "reasoning_accuracy_reward": False, "think_format_reward": False,
     "get_cosine_scaled_reward": True, "get_repetition_penalty_reward": True, "get_soft_overlong_punishment": True,
 }
+# The factories' arguments (name -> required?) as in TRL 1.12's signatures (tests/test_bad_inputs.py compares them).
+FACTORY_ARGS: dict[str, dict[str, bool]] = {
+    "get_cosine_scaled_reward": {"max_len": True, "min_value_wrong": False, "max_value_wrong": False,
+                                 "min_value_correct": False, "max_value_correct": False},
+    "get_repetition_penalty_reward": {"ngram_size": False, "max_penalty": False},
+    "get_soft_overlong_punishment": {"max_completion_len": True, "soft_punish_cache": True},
+}
 
 
 def _entries(funcs) -> list[tuple[str, dict]]:
@@ -65,6 +72,16 @@ def check(stage: dict, where: str) -> list[str]:
                             f"TRL's built-in ones: {', '.join(BUILTIN_REWARDS)}")
         elif kwargs and not BUILTIN_REWARDS[name]:
             problems.append(f"{where}.reward_funcs: '{name}' takes no arguments")
+        elif BUILTIN_REWARDS[name]:
+            params = FACTORY_ARGS[name]
+            for arg in kwargs:
+                if arg not in params:
+                    problems.append(f"{where}.reward_funcs: {name} has no argument '{arg}'{suggest(arg, params)}; "
+                                    f"its arguments: {', '.join(params)}")
+            missing = [a for a, required in params.items() if required and a not in kwargs]
+            if missing:
+                problems.append(f"{where}.reward_funcs: {name} needs {', '.join(missing)}, e.g. "
+                                f"[{{{name}: {{{', '.join(f'{a}: ...' for a in missing)}}}}}]")
     weights = stage["args"].get("reward_weights")
     n = len(entries) + (1 if stage.get("reward_path") else 0)
     if isinstance(weights, list) and len(weights) != n:
