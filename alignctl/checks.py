@@ -287,6 +287,8 @@ def writable_problem(path: Path, where: str) -> str | None:
 
 
 # -- recipe files ----------------------------------------------------------------------------------------------
+SHAPES = {"stages": "stage name -> settings (e.g. stages: {sft: {trainer: sft, data: sft}})",
+          "data": "data set name -> {path: ..., split: ...}", "model": "model settings (name_or_path, revision, ...)"}
 HYDRA_ALLOWED = {"run": {"dir"}, "sweep": {"dir", "subdir"}}
 INSTANTIATE_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 RESOLVERS_ALLOWED = ("now", "oc.select")
@@ -311,6 +313,8 @@ def recipe_file_problems(node: Any, path: Path, top_keys, groups) -> list[str]:
         elif key not in top_keys:
             problems.append(f"{where}: unknown key '{key}'{suggest(str(key), top_keys)}; a recipe sets alignctl's "
                             f"keys: {', '.join(sorted(top_keys))}")
+        elif key in SHAPES and value is not None and not isinstance(value, dict):
+            problems.append(f"{where}: {key} must be a mapping of {SHAPES[key]}, got a {type(value).__name__}")
     problems += _code_problems(node, where, "")
     return problems
 

@@ -82,7 +82,8 @@ def load_recipe(path: Path):
     except (OmegaConfBaseException, ValueError, TypeError) as e:
         raise errors.from_library(e, f"recipe file {path}") from None
     container = OmegaConf.to_container(node, resolve=False) if node is not None else None
-    problems = checks.recipe_file_problems(container, Path(path), TOP_KEYS, set(config_groups()) - {"recipe"})
+    problems = checks.recipe_file_problems(container, Path(path), TOP_KEYS,
+                                           set(config_groups()) - {"recipe", "hydra"})
     if problems:
         raise ConfigError(problems)
     return node
@@ -328,9 +329,21 @@ def main(argv: list[str] | None = None) -> int:
     "internal error", exit code 1, the traceback in a file (errors.internal_error). ``--debug`` (or
     HYDRA_FULL_ERROR=1) lets tracebacks through instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in argv[:1]:
-        argv = argv[1:]
-        os.environ["ALIGNCTL_DEBUG"] = os.environ["HYDRA_FULL_ERROR"] = "1"
+    if "--debug" not in argv[:1]:
+        return _main(argv)
+    saved = {k: os.environ.get(k) for k in ("ALIGNCTL_DEBUG", "HYDRA_FULL_ERROR")}
+    os.environ.update(ALIGNCTL_DEBUG="1", HYDRA_FULL_ERROR="1")
+    try:
+        return _main(argv[1:])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 1
