@@ -358,6 +358,8 @@ def check(spec: dict, data_kind: str, label: str, stage: str) -> list[str]:
     if problems:
         return problems
     for split in filter(None, (spec["split"], spec["eval_split"])):
+        if problems:
+            break  # the held-out split would repeat the training split's problem
         for file in files[split]:
             try:
                 first = _peek(file)

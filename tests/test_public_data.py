@@ -1,0 +1,396 @@
+"""Public data sets exactly as published (fixtures in tests/fixtures/public: their column names, nesting, types and
+splits, alignctl's own texts): (a) each normalises to the TRL structure its stage kinds read; (b) each trains every
+stage kind that fits it on the tiny model, and the held-out metric moves the right way."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignctl import data, pipeline, spec
+from alignctl.cli import compose
+from alignctl.errors import ConfigError
+
+PUBLIC = Path(__file__).resolve().parent / "fixtures" / "public"
+sys.path.insert(0, str(PUBLIC))
+import make_fixtures  # noqa: E402
+
+# The published schema of each fixture: columns (in order) and split names (sources: fixtures/public/README.md).
+PUBLISHED = {
+    "ultrachat_200k": (["prompt", "prompt_id", "messages"], ["train_sft", "test_sft", "train_gen", "test_gen"]),
+    "no_robots": (["prompt", "prompt_id", "messages", "category"], ["train", "test"]),
+    "capybara": (["source", "messages", "num_turns"], ["train", "test"]),
+    "alpaca": (["instruction", "input", "output", "text"], ["train"]),
+    "openhermes": (["custom_instruction", "topic", "model_name", "model", "skip_prompt_formatting", "category",
+                    "conversations", "views", "language", "id", "title", "idx", "hash", "avatarUrl", "system_prompt",
+                    "source"], ["train"]),
+    "tldr": (["prompt", "completion"], ["train", "validation", "test"]),
+    "ultrafeedback_binarized": (["prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen",
+                                 "score_rejected"], ["train_prefs", "test_prefs", "train_sft", "test_sft", "train_gen",
+                                                     "test_gen"]),
+    "trl_ultrafeedback_binarized": (["chosen", "rejected", "score_chosen", "score_rejected"], ["train", "test"]),
+    "hh_rlhf": (["chosen", "rejected"], ["train", "test"]),
+    "orca_dpo_pairs": (["system", "question", "chosen", "rejected"], ["train"]),
+    "pku_saferlhf": (["prompt", "response_0", "response_1", "prompt_source", "response_0_source", "response_1_source",
+                      "is_response_0_safe", "is_response_1_safe", "response_0_harm_category",
+                      "response_1_harm_category", "response_0_severity_level", "response_1_severity_level",
+                      "better_response_id", "safer_response_id", "response_0_sha256", "response_1_sha256"],
+                     ["train", "test"]),
+    "kto_mix_14k": (["prompt", "completion", "label"], ["train", "test"]),
+    "ultrafeedback_prompt": (["prompt"], ["train", "test"]),
+}
+# How each fixture is named in a recipe (the published splits; sets with a train split only carve a held-out part).
+SPECS = {
+    "ultrachat_200k": {"split": "train_sft", "eval_split": "test_sft"},
+    "ultrachat_200k:gen": {"split": "train_gen", "eval_split": "test_gen"},
+    "no_robots": {"eval_split": "test"},
+    "capybara": {"eval_split": "test"},
+    "alpaca": {"eval_size": 24},
+    "openhermes": {"eval_size": 24},
+    "tldr": {"eval_split": "validation"},
+    "ultrafeedback_binarized": {"split": "train_prefs", "eval_split": "test_prefs"},
+    "ultrafeedback_binarized:gen": {"split": "train_gen", "eval_split": "test_gen"},
+    "trl_ultrafeedback_binarized": {"eval_split": "test"},
+    "hh_rlhf": {"eval_split": "test"},
+    "orca_dpo_pairs": {"eval_size": 32},
+    "pku_saferlhf": {"eval_split": "test"},
+    "kto_mix_14k": {"eval_split": "test"},
+    "ultrafeedback_prompt": {"eval_split": "test"},
+}
+PAIR_SETS = ["ultrafeedback_binarized", "trl_ultrafeedback_binarized", "hh_rlhf", "orca_dpo_pairs", "pku_saferlhf"]
+SFT_SETS = ["ultrachat_200k", "no_robots", "capybara", "alpaca", "openhermes", "tldr"]
+LOG: list[str] = []
+
+
+def data_spec(key: str, **extra) -> dict:
+    name = key.split(":")[0]
+    return {"path": str(PUBLIC / name), **SPECS[key], **extra}
+
+
+def load(key: str, kind: str, **extra):
+    s, problems = data.normalize(data_spec(key, **extra), f"data.{key.split(':')[0]}")
+    assert not problems
+    assert data.check(s, kind, s["path"], "stages.x") == []  # the plan-time check on the first record agrees
+    return data.load(s, kind, "stages.x")
+
+
+def raw(key: str) -> list[dict]:
+    name, split = key.split(":")[0], SPECS[key].get("split", "train")
+    return make_fixtures.rows_of(name)[split]
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def canon(rows) -> list[str]:
+    return sorted(json.dumps(r, sort_keys=True) for r in rows)
+
+
+# -- the fixtures keep the published schemas --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_fixture_has_the_published_columns_and_splits_and_matches_its_generator(name, tmp_path):
+    import pyarrow.parquet as pq
+
+    columns, splits = PUBLISHED[name]
+    ext = make_fixtures.SETS[name][2]
+    assert sorted(p.stem for p in (PUBLIC / name).iterdir()) == sorted(splits)
+    make_fixtures.write(name, tmp_path)
+    for split in splits:
+        path = PUBLIC / name / f"{split}.{ext}"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if ext == "jsonl" else \
+            pq.read_table(path).to_pylist()
+        assert list(rows[0]) == columns, (name, split)
+        fresh = tmp_path / name / path.name
+        assert fresh.read_bytes() == path.read_bytes() if ext == "jsonl" else pq.read_table(fresh).equals(
+            pq.read_table(path)), f"{path} is stale: run python tests/fixtures/public/make_fixtures.py"
+
+
+# -- (a) normalisation to TRL's structures ----------------------------------------------------------------------------
+@pytest.mark.parametrize("key", ["ultrachat_200k", "no_robots", "capybara"])
+def test_messages_sets_train_on_their_messages_only(key):
+    train, held = load(key, "sft")
+    assert train.column_names == ["messages"] and held.column_names == ["messages"]
+    assert list(train["messages"]) == [r["messages"] for r in raw(key)]  # unchanged, multi-turn and system turns included
+    assert any(len(m) > 2 for m in list(train["messages"]))
+
+
+def test_alpaca_becomes_a_user_assistant_conversation():
+    train, held = load("alpaca", "sft")
+    expected = [[user(r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")), assistant(r["output"])]
+                for r in raw("alpaca")]
+    assert train.column_names == ["messages"] and len(held) == 24
+    assert canon(list(train["messages"]) + list(held["messages"])) == canon(expected)
+
+
+def test_sharegpt_turns_become_messages_with_chat_roles():
+    train, held = load("openhermes", "sft")
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    expected = [[{"role": roles[t["from"]], "content": t["value"]} for t in r["conversations"]] for r in raw("openhermes")]
+    assert train.column_names == ["messages"]
+    assert canon(list(train["messages"]) + list(held["messages"])) == canon(expected)
+    assert any(m[0]["role"] == "system" for m in list(train["messages"]))
+
+
+def test_prompt_completion_strings_pass_through():
+    train, _ = load("tldr", "sft")
+    assert train.column_names == ["prompt", "completion"]
+    assert train[:] == {"prompt": [r["prompt"] for r in raw("tldr")], "completion": [r["completion"] for r in raw("tldr")]}
+
+
+@pytest.mark.parametrize("key", ["ultrafeedback_binarized", "trl_ultrafeedback_binarized"])
+def test_ultrafeedback_pairs_get_a_conversational_prompt_and_assistant_only_answers(key):
+    for kind in ("preference", "unpaired"):
+        train, held = load(key, kind)
+        assert set(train.column_names) == {"prompt", "chosen", "rejected"} and len(held) == 32
+        for got, r in zip(train, raw(key)):
+            assert got["prompt"] == [user(r["chosen"][0]["content"])] == r["chosen"][:1]
+            assert got["chosen"] == r["chosen"][1:] and got["rejected"] == r["rejected"][1:]
+            if "prompt" in r:
+                assert got["prompt"][0]["content"] == r["prompt"]
+
+
+def test_hh_transcripts_become_conversations_with_every_turn_before_the_last_answer_as_prompt():
+    train, _ = load("hh_rlhf", "preference")
+    assert set(train.column_names) == {"prompt", "chosen", "rejected"}
+    names = {"user": "Human", "assistant": "Assistant"}
+    for got, r in zip(train, raw("hh_rlhf")):
+        assert got["prompt"][-1]["role"] == "user" and [m["role"] for m in got["chosen"]] == ["assistant"]
+        for side in ("chosen", "rejected"):  # the conversation spells out the published transcript exactly
+            assert "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in got["prompt"] + got[side]) == r[side]
+    assert max(len(p) for p in list(train["prompt"])) == 5  # multi-turn prompts: user, assistant, user, assistant, user
+
+
+def test_orca_system_and_question_become_the_prompt():
+    train, held = load("orca_dpo_pairs", "preference")
+    expected = [{"prompt": ([{"role": "system", "content": r["system"]}] if r["system"] else []) + [user(r["question"])],
+                 "chosen": [assistant(r["chosen"])], "rejected": [assistant(r["rejected"])]} for r in raw("orca_dpo_pairs")]
+    assert canon(list(train) + list(held)) == canon(expected)
+    assert any(p[0]["role"] == "system" for p in list(train["prompt"]))
+
+
+def test_pku_pairs_are_chosen_by_better_response_id():
+    train, _ = load("pku_saferlhf", "preference")
+    assert set(train.column_names) == {"prompt", "chosen", "rejected"}
+    for got, r in zip(train, raw("pku_saferlhf")):
+        better = r["better_response_id"]
+        assert got == {"prompt": [user(r["prompt"])], "chosen": [assistant(r[f"response_{better}"])],
+                       "rejected": [assistant(r[f"response_{1 - better}"])]}
+    # safer_response_id instead: map it onto better_response_id
+    train, _ = load("pku_saferlhf", "preference", columns={"better_response_id": "safer_response_id"})
+    r = raw("pku_saferlhf")[0]
+    assert train[0]["chosen"] == [assistant(r[f"response_{r['safer_response_id']}"])]
+
+
+def test_kto_mix_passes_through():
+    train, held = load("kto_mix_14k", "unpaired")
+    assert train[:] == {k: [r[k] for r in raw("kto_mix_14k")] for k in ("prompt", "completion", "label")}
+    assert train.features["label"].dtype == "bool" and len(held) == 32
+
+
+@pytest.mark.parametrize("key,kind", [("hh_rlhf", "sft"), ("pku_saferlhf", "sft"), ("ultrafeedback_binarized", "sft")])
+def test_pair_sets_serve_sft_with_their_chosen_conversations(key, kind):
+    train, _ = load(key, kind)
+    assert train.column_names == ["messages"]
+    assert all(m[-1]["role"] == "assistant" and m[-2]["role"] == "user" for m in list(train["messages"]))
+
+
+@pytest.mark.parametrize("key,expected", [
+    ("ultrafeedback_prompt", lambda r: r["prompt"]),
+    ("ultrafeedback_binarized:gen", lambda r: [user(r["prompt"])]),       # a pair set's train_gen split
+    ("trl_ultrafeedback_binarized", lambda r: r["chosen"][:1]),
+    ("hh_rlhf", None),
+    ("orca_dpo_pairs", None),
+    ("pku_saferlhf", lambda r: [user(r["prompt"])]),
+    ("ultrachat_200k:gen", lambda r: r["messages"][:-1]),                  # conversations: turns before the last answer
+    ("tldr", lambda r: r["prompt"]),                                       # prompt/completion: the prompt
+])
+def test_every_layout_serves_as_a_prompt_set(key, expected, caplog):
+    caplog.set_level(logging.INFO, logger="alignctl")
+    data._NOTED.clear()  # what the log has said so far in this process
+    train, held = load(key, "prompt")
+    assert "prompt" in train.column_names and "prompt" in held.column_names
+    assert not {"chosen", "rejected", "completion", "messages", "label"} & set(train.column_names)
+    for got in list(train["prompt"]):
+        assert isinstance(got, str) or got[-1]["role"] == "user"
+    if expected and SPECS[key].get("eval_size") is None:  # (carved sets are shuffled)
+        assert list(train["prompt"]) == [expected(r) for r in raw(key)]
+    load(key, "prompt")  # loaded again (pre-flight, then the stage): the log says it once
+    notes = [r.getMessage() for r in caplog.records if "used its prompts only" in r.getMessage()]
+    assert len(notes) == (0 if key == "ultrafeedback_prompt" else 1), notes
+
+
+@pytest.mark.parametrize("how", ["keep", "merge", "drop"])
+def test_system_turns_keep_merge_or_drop(how):
+    train, _ = load("no_robots", "sft", system_turns=how)
+    originals = [r["messages"] for r in raw("no_robots")]
+    with_system = [i for i, m in enumerate(originals) if m[0]["role"] == "system"]
+    assert with_system
+    for i in with_system:
+        got, orig = train[i]["messages"], originals[i]
+        if how == "keep":
+            assert got == orig
+        elif how == "drop":
+            assert got == orig[1:]
+        else:
+            assert got[0] == user(f"{orig[0]['content']}\n\n{orig[1]['content']}") and got[1:] == orig[2:]
+    train, _ = load("orca_dpo_pairs", "preference", system_turns="merge")
+    assert all(p[0]["role"] == "user" and len(p) == 1 for p in list(train["prompt"]))
+
+
+@pytest.mark.parametrize("key,kind,needle", [
+    ("ultrachat_200k", "preference", "missing column 'chosen', 'rejected'"),
+    ("tldr", "preference", "missing column 'chosen', 'rejected'"),
+    ("kto_mix_14k", "preference", "missing column 'chosen', 'rejected'"),
+    ("ultrafeedback_prompt", "sft", "missing column 'messages'"),
+    ("alpaca", "unpaired", "missing column"),
+])
+def test_sets_that_do_not_fit_a_stage_kind_say_what_is_missing(key, kind, needle):
+    s, _ = data.normalize(data_spec(key), "data.mine")
+    problems = data.check(s, kind, "data.mine", "stages.x")
+    assert len(problems) == 1 and needle in problems[0] and "data.mine" in problems[0] and "stages.x" in problems[0]
+    with pytest.raises(ConfigError) as e:
+        data.load(s, kind, "stages.x")
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("layout,key", [("hh", "orca_dpo_pairs"), ("pku", "hh_rlhf"), ("sharegpt", "alpaca")])
+def test_a_named_format_that_does_not_fit_names_its_columns(layout, key):
+    s, _ = data.normalize(data_spec(key, format=layout), "data.mine")
+    problems = data.check(s, "preference", "data.mine", "stages.x")
+    assert len(problems) == 1 and f"format {layout} needs column" in problems[0] or "not an HH transcript" in problems[0]
+
+
+def test_unknown_format_names_the_choices():
+    _, problems = data.normalize({"path": "x.jsonl", "format": "sharegtp"}, "data.mine")
+    assert problems == ["data.mine.format: unknown format 'sharegtp' (did you mean 'sharegpt'?); choose one of: "
+                        "auto, trl, hh, sharegpt, alpaca, orca, pku"]
+
+
+# -- (b) every fitting stage kind learns on every fixture ----------------------------------------------------------------
+FAST = {"num_train_epochs": 2, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "max_length": 96,
+        "logging_steps": 8, "save_strategy": "no", "activation_checkpointing": False}
+PAIR_KINDS = {"dpo": {"learning_rate": 5.0e-3, "beta": 0.1}, "orpo": {"learning_rate": 5.0e-3},
+              "cpo": {"learning_rate": 5.0e-3}, "reward": {"learning_rate": 5.0e-3}, "kto": {"learning_rate": 1.0e-3}}
+RUNS: dict[str, tuple[Path, dict]] = {}
+
+
+class _Collect(logging.Handler):
+    def emit(self, record):
+        LOG.append(record.getMessage())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread_and_log():
+    """One torch thread (a ~70k-parameter model gains nothing from two) and the alignctl log collected."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    logger = logging.getLogger("alignctl")
+    level, handler = logger.level, _Collect()
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cache_root):
+    """Run one recipe (written to a file as a user would) per group of stages, once per module."""
+
+    def _run(name: str, recipe: dict) -> tuple[Path, dict]:
+        if name not in RUNS:
+            folder = tmp_path_factory.mktemp(name)
+            path = folder / f"{name}.yaml"
+            path.write_text(yaml.safe_dump({"description": f"public data: {name}", **recipe}, sort_keys=False))
+            ov = [f"recipe={path}", f"output_root={cache_root}", f"store={folder / 'store'}"]
+            RUNS[name] = (folder / "run", pipeline.run(spec.resolve(compose(ov), folder / "run"), ov))
+        return RUNS[name]
+
+    return _run
+
+
+def stage(manifest: dict, name: str) -> dict:
+    s = next(s for s in manifest["stages"] if s["name"] == name)
+    assert s["status"] == "completed"
+    return s["metrics"]
+
+
+def test_sft_on_every_conversation_and_prompt_completion_set_lowers_held_out_loss(run):
+    recipe = {"data": {n: data_spec(n) for n in SFT_SETS},
+              "stages": {n: {"trainer": "sft", "data": n, "learning_rate": 3.0e-3, **FAST} for n in SFT_SETS}}
+    _, m = run("sft_sets", recipe)
+    for n in SFT_SETS:
+        before, after = stage(m, n)["before"], stage(m, n)["after"]
+        assert after["eval_loss"] < before["eval_loss"] - 1.0, (n, before["eval_loss"], after["eval_loss"])
+
+
+@pytest.mark.parametrize("name", PAIR_SETS)
+def test_every_preference_kind_learns_warm_over_cold_on_each_pair_set(run, name):
+    recipe = {"data": {"pairs": data_spec(name)},
+              "stages": {kind: {"trainer": kind, "data": "pairs", **FAST, **extra} for kind, extra in PAIR_KINDS.items()}}
+    _, m = run(name, recipe)
+    for kind in PAIR_KINDS:
+        metric = "eval_accuracy" if kind == "reward" else "eval_pref_accuracy"
+        before, after = stage(m, kind)["before"][metric], stage(m, kind)["after"][metric]
+        assert after >= 0.9 and after > before, (name, kind, before, after)
+
+
+def test_kto_on_the_unpaired_kto_mix_separates_desirable_from_undesirable(run):
+    recipe = {"data": {"mix": data_spec("kto_mix_14k")},
+              "stages": {"kto": {"trainer": "kto", "data": "mix", **FAST, "learning_rate": 5.0e-3}}}
+    _, m = run("kto_mix", recipe)
+    before, after = stage(m, "kto")["before"], stage(m, "kto")["after"]
+    assert before["eval_rewards/chosen"] == pytest.approx(0, abs=1e-4)  # policy = reference before training
+    assert after["eval_rewards/chosen"] > after["eval_rewards/rejected"] + 0.5, after
+
+
+ON_POLICY = {"learning_rate": 3.0e-3, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 16,
+             "logging_steps": 5, "save_strategy": "no", "activation_checkpointing": False}
+
+
+def test_on_policy_kinds_raise_the_reward_on_public_prompt_sets(run):
+    """SFT on UltraChat (answers half warm, half cold) -> reward model on UltraFeedback pairs -> GRPO on
+    trl-lib/ultrafeedback-prompt, RLOO on UltraFeedback-binarized's train_gen split (a pair set used as prompts)
+    and PPO on HH transcripts (multi-turn prompts). Each raises the reward model's score of its answers to held-out
+    prompts: GRPO/RLOO's eval_reward, PPO's eval_rm_score."""
+    recipe = {
+        "data": {"chat": data_spec("ultrachat_200k"), "prefs": data_spec("ultrafeedback_binarized"),
+                 "prompts": data_spec("ultrafeedback_prompt"), "gen": data_spec("ultrafeedback_binarized:gen"),
+                 "hh": data_spec("hh_rlhf")},
+        "stages": {
+            "sft": {"trainer": "sft", "data": "chat", **FAST, "num_train_epochs": 16, "learning_rate": 3.0e-3,
+                    "lr_scheduler_type": "cosine"},
+            "rm": {"trainer": "reward", "from": "sft", "data": "prefs", **FAST, "learning_rate": 1.0e-3},
+            "grpo": {"trainer": "grpo", "from": "sft", "reward": "rm", "data": "prompts", **ON_POLICY,
+                     "num_generations": 4, "max_completion_length": 16, "beta": 0.04, "max_steps": 40},
+            "rloo": {"trainer": "rloo", "from": "sft", "reward": "rm", "data": "gen", **ON_POLICY,
+                     "num_generations": 4, "max_completion_length": 16, "max_steps": 40},
+            "ppo": {"trainer": "ppo", "from": "sft", "reward": "rm", "data": "hh", **ON_POLICY,
+                    "per_device_eval_batch_size": 32, "total_episodes": 192, "num_mini_batches": 1,
+                    "num_ppo_epochs": 4, "kl_coef": 0.05, "response_length": 16, "temperature": 1.0,
+                    "stop_token": "eos", "missing_eos_penalty": 1.0},
+        },
+    }
+    _, m = run("on_policy", recipe)
+    assert stage(m, "rm")["after"]["eval_accuracy"] >= 0.9
+    for kind, metric in (("grpo", "eval_reward"), ("rloo", "eval_reward"), ("ppo", "eval_rm_score")):
+        before, after = stage(m, kind)["before"][metric], stage(m, kind)["after"][metric]
+        assert after > before + 0.3, (kind, before, after)
+    # The pair sets gave their prompts only, and the log says so once per data set (data is loaded twice: in the
+    # pre-flight check and by the stage).
+    for label, dropped in (("data.gen", "chosen, rejected, messages"), ("data.hh", "chosen, rejected")):
+        notes = [line for line in LOG if line.startswith(f"{label}: ") and "used its prompts only" in line]
+        assert len(notes) == 1 and dropped in notes[0], notes
