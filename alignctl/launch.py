@@ -14,6 +14,7 @@ ZeRO-2/3, FSDP) without importing torch.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ ENGINE_NAMES = {"none": "a single process", "ddp": "DDP", "deepspeed-zero1": "De
 RAN_AS = {"none": ("NO", "MULTI_GPU", "MULTI_CPU"), "ddp": ("MULTI_GPU", "MULTI_CPU"), "deepspeed": ("DEEPSPEED",),
           "fsdp": ("FSDP",)}
 FAIL_HOOK = "ALIGNCTL_TEST_FAIL_RANK"  # tests only: see alignctl.worker
+ATTEMPT_ENV = "ALIGNCTL_ATTEMPT"  # the attempt id of the spec the ranks must read (see alignctl.worker)
 _WORKER_LINE = re.compile(r"^alignctl\[rank(\d+)\]: (.*)$")
 
 
@@ -353,15 +355,32 @@ def run_stage(work: dict, spec_path: str | os.PathLike, launcher: dict | None) -
     (out / "command.txt").write_text(" ".join(cmd) + "\n")
     log.info("stage %s: launching %d processes with %s (output of every rank: %s)", work["name"],
              launcher["world_size"], launcher["kind"], out / "output.log")
-    env = {**os.environ, **launcher.get("env", {}), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **launcher.get("env", {}), "PYTHONUNBUFFERED": "1", ATTEMPT_ENV: str(work.get("attempt", ""))}
     rc = _stream(cmd, env, out / "output.log")
     return _collect(work["name"], out, rc, launcher)
 
 
+GRACE_S = 30  # seconds the launcher's process group gets to stop after SIGTERM, before SIGKILL
+_LIVE: set[subprocess.Popen] = set()
+
+
+def guarded(cmd: list[str]) -> list[str]:
+    """``cmd`` behind alignctl's guard (alignctl.worker --guard): it sets the parent-death signal, so the launcher
+    (torchrun / accelerate / srun) is killed when this process dies, even by SIGKILL, and its ranks, which set the
+    same signal on themselves, die with it."""
+    return [sys.executable, "-m", "alignctl.worker", "--guard", str(os.getpid()), "--", *cmd]
+
+
 def _stream(cmd: list[str], env: dict, output: Path) -> int:
-    """Run the launcher; every line goes to ``output``, rank log lines of alignctl also to the run log."""
+    """Run the launcher; every line goes to ``output``, rank log lines of alignctl also to the run log.
+
+    The launcher runs in a new session (its own process group) behind :func:`guarded`; on Ctrl-C / SIGTERM /
+    an error here the whole group gets SIGTERM, then SIGKILL after ``GRACE_S`` (a second interrupt kills at once),
+    and at interpreter exit any group still alive is killed."""
     with open(output, "w") as sink:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+        proc = subprocess.Popen(guarded(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                bufsize=1, start_new_session=True)
+        _LIVE.add(proc)
         try:
             for line in proc.stdout:
                 sink.write(line)
@@ -373,12 +392,44 @@ def _stream(cmd: list[str], env: dict, output: Path) -> int:
                     log.warning("[rank %s] %s", m.group(1), m.group(2))
             return proc.wait()
         except BaseException:  # Ctrl-C / SIGTERM of the orchestrator: stop every rank too
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_group(proc)
             raise
+        finally:
+            _kill_group(proc, 9)  # anything of the group still alive (a rank the launcher did not reap)
+            _LIVE.discard(proc)
+
+
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_group(proc: subprocess.Popen, grace: float = GRACE_S) -> None:
+    """SIGTERM to the launcher's process group (torchrun passes it on to its ranks), SIGKILL after ``grace``
+    seconds or at a second interrupt."""
+    import signal
+
+    _kill_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        log.warning("the launcher did not stop within %d s; killing it", grace)
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM while waiting: do not wait any longer
+        pass
+    finally:
+        _kill_group(proc, signal.SIGKILL)
+        try:
+            proc.wait(timeout=5)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            pass
+
+
+@atexit.register
+def _kill_live_groups() -> None:
+    for proc in list(_LIVE):
+        _kill_group(proc, 9)
 
 
 def _collect(stage: str, out: Path, rc: int, launcher: dict) -> dict:

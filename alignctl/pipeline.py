@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from alignctl import fsutil
+
 log = logging.getLogger("alignctl")
 
 SECRET_HINTS = ("token", "api_key", "apikey", "password", "secret")
@@ -54,11 +56,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename), so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+# strict JSON (non-finite numbers -> null), atomic and durable: the one writer of the manifest, specs and COMPLETE
+write_json = fsutil.write_json
 
 
 class Manifest:
@@ -67,6 +66,7 @@ class Manifest:
         last = spec["stages"][-1]
         self.data: dict[str, Any] = {
             "recipe": spec["recipe"], "status": "running", "run_dir": spec["run_dir"],
+            "store_dir": spec.get("store_dir"),
             "final_model": str(Path(last["output_dir"]) / "final"),
             "versions": versions(), "overrides": redact(list(overrides)),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "error": None,
@@ -119,15 +119,21 @@ def preflight(stages: list[dict]) -> None:
 
 
 def run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
-    """Train (or reuse from the store) every stage in order; returns the manifest."""
+    """Train (or reuse from the store) every stage in order; returns the manifest. The run directory is locked for
+    the run's lifetime: a second run in the same directory stops with a configuration error."""
+    with _run_dir_lock(Path(spec["run_dir"])):
+        return _run(spec, overrides, config_yaml)
+
+
+def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
     from alignctl import store
 
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if config_yaml is not None:
         (run_dir / "config.yaml").write_text(config_yaml)
-    stages = stage_specs(spec)
-    fps = store.fingerprints(stages)
+    stages = _prepare(stage_specs(spec))
+    fps = store.fingerprints(stages, spec.get("launcher"))
     manifest = Manifest(spec, list(overrides))
     try:
         with _stop_on_sigterm():
@@ -141,7 +147,7 @@ def run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -
         manifest.update(status=status, error=str(e).splitlines()[0][:500] if str(e) else type(e).__name__,
                         finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
-    manifest.update(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    manifest.update(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), store=_store_line(spec, manifest))
     _write_report(manifest.data)
     return manifest.data
 
@@ -159,23 +165,88 @@ def _launch_preflight(launcher: dict | None, manifest: Manifest) -> None:
                                   "distributed": launcher["distributed"], "description": launch.describe(launcher)})
 
 
+def _prepare(stages: list[dict]) -> list[dict]:
+    """What the orchestrator fixes before fingerprinting: the precision actually used on this machine (``auto``
+    resolved, QLoRA compute dtype too) and each stage's data content + file signatures (re-checked at load time)."""
+    from alignctl import store
+
+    stages = store.resolve_numerics(stages)
+    for s in stages:
+        s["data_check"] = store.data_check(s.get("data"))
+    return stages
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path):
+    from alignctl.errors import ConfigError
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = fsutil.FileLock(run_dir / ".alignctl.lock", f"run directory {run_dir}", timeout=0)
+    try:
+        lock.acquire()
+    except fsutil.LockTimeout:
+        raise ConfigError([f"hydra.run.dir: {run_dir} is in use by another alignctl run "
+                           f"({fsutil.describe_holder(fsutil.read_lock(lock.path))}); choose another run directory"
+                           ]) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _resume_point(s: dict, entry) -> str | None:
+    """The checkpoint to resume the stage from: the newest valid one (older ones when newer are damaged); None for
+    stage kinds that cannot resume (their stale checkpoints are dropped)."""
+    from alignctl.stages import module
+
+    ckpt, skipped = entry.resume_checkpoint()
+    for name, why in skipped:
+        log.warning("stage %s: skipping checkpoint %s: %s", s["name"], name, why)
+    cannot = getattr(module(s["trainer"]), "NO_RESUME", None)
+    if cannot and (ckpt or skipped):
+        log.warning("stage %s: cannot resume: %s; it starts again from its initial weights", s["name"], cannot)
+        entry.drop_checkpoints()
+        return None
+    if ckpt:
+        step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
+        log.info("stage %s: resuming from %s (step %d)", s["name"], Path(ckpt).name, step)
+    elif skipped:
+        log.warning("stage %s: no valid checkpoint to resume from; training from the start", s["name"])
+    return ckpt
+
+
 def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -> None:
-    """Reuse a completed store entry or train it (resuming from its last checkpoint); link final/ into the run.
-    The stage runs through ``launcher`` (alignctl.launch: in this process, or torchrun / accelerate ranks)."""
+    """Reuse a completed store entry (after checking its files) or train it (resuming from its newest valid
+    checkpoint) under the entry's lock; then place final/ (and adapter/, log_history.json, samples.jsonl) into the
+    run. The stage runs through ``launcher`` (alignctl.launch: in this process, or torchrun / accelerate ranks)."""
+    import uuid
+
     from alignctl import launch, store
 
     stage_dir = Path(s["output_dir"])
     stage_dir.mkdir(parents=True, exist_ok=True)
-    work = {**s, "output_dir": str(entry.dir), "fingerprint": entry.fingerprint}
+    # attempt: the ranks refuse a spec.json with another attempt id (another run that wrote the same file)
+    work = {**s, "output_dir": str(entry.dir), "fingerprint": entry.fingerprint, "attempt": uuid.uuid4().hex[:12]}
     t0 = time.time()
     world_size = s.get("world_size", 1)
     manifest.update(s["name"], status="running", fingerprint=entry.fingerprint, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     with entry.lock():
+        reused = None
         if entry.complete():
-            log.info("stage %s: reusing completed stage %s (same fingerprint)", s["name"], entry.dir)
-            metrics, reused = entry.metrics(), str(entry.dir)
-        else:
-            work["resume_from"] = entry.last_checkpoint()
+            problems = entry.verify()
+            if problems:
+                log.warning("stage %s: store entry %s is damaged (%s); training it again", s["name"], entry.dir,
+                            "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else ""))
+                entry.invalidate()
+            else:
+                log.info("stage %s: reusing completed stage %s (same fingerprint, files checked)", s["name"],
+                         entry.dir)
+                metrics, reused = entry.metrics(), str(entry.dir)
+                if not (entry.record() or {}).get("keep_checkpoints"):
+                    entry.drop_checkpoints()  # left by a run killed between COMPLETE and the clean-up
+                entry.touch()
+        if reused is None:
+            work["resume_from"] = _resume_point(s, entry)
             write_json(stage_dir / "spec.json", work)
             log.info("stage %s (%s): starting from %s", s["name"], s["trainer"], s["init_path"])
             try:
@@ -185,20 +256,42 @@ def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 manifest.update(s["name"], status=status, seconds=round(time.time() - t0, 1))
                 raise
-            entry.mark_complete(metrics)
-            reused = None
-    write_json(stage_dir / "spec.json", work)
-    store.link_tree(entry.final, stage_dir / "final")
-    if (entry.dir / "adapter").is_dir():  # lora/qlora: the trained adapter, kept beside the merged final/
-        store.link_tree(entry.dir / "adapter", stage_dir / "adapter")
-    for extra in ("log_history.json", "samples.jsonl"):
-        if (entry.dir / extra).is_file():
-            store.link_tree_file(entry.dir / extra, stage_dir / extra)
+            data = s.get("data_check") or {}
+            entry.mark_complete(metrics, keep_checkpoints=bool(s.get("keep_checkpoints")),
+                                extra={"stage": s["name"], "trainer": s["trainer"], "data_content": data.get("content")})
+        write_json(stage_dir / "spec.json", work)
+        placed = store.link_tree(entry.final, stage_dir / "final")
+        if (entry.dir / "adapter").is_dir():  # lora/qlora: the trained adapter, kept beside the merged final/
+            store.link_tree(entry.dir / "adapter", stage_dir / "adapter")
+        for extra in ("log_history.json", "samples.jsonl"):
+            if (entry.dir / extra).is_file():
+                store.link_tree_file(entry.dir / extra, stage_dir / extra)
+        size = (entry.record() or {}).get("bytes")
+    if placed.get("copy"):
+        log.info("stage %s: final/ copied from the store (%s; %s)", s["name"], fsutil.human(placed["copy"]),
+                 "running as root, a hard link would let writes reach the store" if os.geteuid() == 0
+                 else "the store is on another file system")
     manifest.update(s["name"], status="completed", metrics=metrics, reused_from=reused,
                     seconds=round(time.time() - t0, 1), world_size=world_size,
-                    distributed=s.get("distributed", "none"))
+                    distributed=s.get("distributed", "none"), bytes=size, final_placed_by=sorted(placed))
     log.info("stage %s: %s in %.1f s, final weights in %s", s["name"], "reused" if reused else "completed",
              time.time() - t0, stage_dir / "final")
+
+
+def _store_line(spec: dict, manifest: Manifest) -> dict:
+    """Size of the store and what this run added to it (the run summary's size line)."""
+    from alignctl import store
+
+    try:
+        entries = store.entries(spec["store_dir"])
+        total = sum(e.size() for e in entries)
+        added = sum(s.get("bytes") or 0 for s in manifest.data["stages"] if not s.get("reused_from"))
+    except OSError as e:  # a size line must never fail a finished run
+        log.warning("could not measure the store: %s", e)
+        return {}
+    log.info("store %s: %d entries, %s; this run added %s (inspect: alignctl store ls; clean: alignctl store gc)",
+             spec["store_dir"], len(entries), fsutil.human(total), fsutil.human(added))
+    return {"dir": spec["store_dir"], "entries": len(entries), "bytes": total, "added_bytes": added}
 
 
 @contextlib.contextmanager

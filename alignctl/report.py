@@ -66,7 +66,14 @@ def write_run_report(manifest: dict) -> Path:
         if hist.is_file() and plot_curves(json.loads(hist.read_text()), run_dir / s["name"] / "curves.png",
                                           f"{s['name']} ({s['trainer']})"):
             plots.append(f"![{s['name']}]({s['name']}/curves.png)")
-    lines += ["", f"Final model: `{manifest['final_model']}`", "", *plots, ""]
+    lines += ["", f"Final model: `{manifest['final_model']}`", ""]
+    st = manifest.get("store") or {}
+    if st.get("dir"):
+        from alignctl.fsutil import human
+
+        lines += [f"Store: {st['entries']} entries, {human(st['bytes'])}; this run added {human(st['added_bytes'])} "
+                  f"(`alignctl store ls --store {st['dir']}`, `alignctl store gc`)", ""]
+    lines += [*plots, ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))
     return out

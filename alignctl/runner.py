@@ -127,6 +127,7 @@ class StageContext:
         after = self.evaluate(trainer, preference_eval)
         train = _final_train_metrics(trainer.state.log_history)
         train.update({k: v for k, v in result.metrics.items() if _is_number(v)})
+        check_healthy(self.spec["name"], {"train": train, "after": after})  # before anything is saved
         gathered = save is None and _weights_sharded(trainer)  # ZeRO-3 / FSDP (issue 6): every rank saves
         if gathered:
             self.save_gathered(trainer)
@@ -141,7 +142,10 @@ class StageContext:
 
     def write_history(self, history: list[dict]) -> None:
         """Every logged metric per step (the report's training curves)."""
-        (self.dir / "log_history.json").write_text(json.dumps(history, default=str))
+        from alignctl.fsutil import dumps
+
+        (self.dir / "log_history.json").write_text(dumps(history))  # strict JSON: a NaN loss is written as null
+
 
     def save(self, trainer) -> None:
         """Save the trained model: final/ as a plain HF model. With an adapter, the adapter goes to adapter/ now and
@@ -149,6 +153,7 @@ class StageContext:
         is released (``run_stage`` calls ``merge``)."""
         model = trainer.model
         model = getattr(model, "module", model)
+        check_weights_finite(model, self.spec["name"])
         if self.peft["method"] == "none" or not models.is_peft_model(model):
             if self.peft["method"] != "none":
                 raise RuntimeError(f"stage {self.spec['name']}: peft {self.peft['method']} is set but the trained "
@@ -224,7 +229,44 @@ def _weights_sharded(trainer) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A numeric metric, NaN and inf included: :func:`check_healthy` must see them (JSON writers map them to null)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _non_finite(metrics: Any, path: str = "") -> list[str]:
+    if isinstance(metrics, dict):
+        return [p for k, v in metrics.items() for p in _non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(metrics, float) and not math.isfinite(metrics):
+        return [f"{path}={metrics}"]
+    return []
+
+
+def _diverged(stage: str, what: list[str]):
+    from alignctl.launch import StageFailed
+
+    shown = ", ".join(what[:4]) + (f" and {len(what) - 4} more" if len(what) > 4 else "")
+    return StageFailed(stage, "(training diverged)", f"non-finite {shown}; nothing was stored as complete. Lower "
+                       f"stages.{stage}.learning_rate (or use bf16/fp32 instead of fp16) and run again")
+
+
+def check_healthy(stage: str, metrics: dict) -> None:
+    """Fail the stage when a training loss or a metric after training is NaN/inf (a diverged stage must never be
+    stored as complete, hence reused). Only losses count among training metrics: under fp16 a grad_norm of inf is a
+    step the loss scaler skipped, not a failure."""
+    train = {k: v for k, v in (metrics.get("train") or {}).items() if "loss" in k}
+    bad = _non_finite({"train": train, **{k: v for k, v in metrics.items() if k not in ("train", "before")}})
+    if bad:
+        raise _diverged(stage, bad)
+
+
+def check_weights_finite(model, stage: str) -> None:
+    """Fail the stage when a weight is NaN/inf (the Trainer's logging_nan_inf_filter can hide a NaN loss)."""
+    import torch
+
+    with torch.no_grad():
+        bad = [n for n, p in model.named_parameters() if p.numel() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise _diverged(stage, [f"weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"])
 
 
 def _final_train_metrics(history: list[dict]) -> dict[str, float]:
@@ -258,7 +300,9 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
 
     ctx = StageContext(spec)
     try:
+        _check_data(spec)
         metrics = module(spec["trainer"]).run(ctx)
+        check_healthy(spec["name"], metrics)
         merge = ctx.pending_merge
     finally:
         del ctx
@@ -268,6 +312,19 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
         models.merge_adapter(**merge)
         _release_memory()
     return metrics
+
+
+def _check_data(spec: dict[str, Any]) -> None:
+    """The data just loaded must be the data fingerprinted at the start of the run (rank 0 checks)."""
+    from alignctl import store
+    from alignctl.launch import StageFailed, rank_env
+
+    if rank_env()[0] != 0:
+        return
+    try:
+        store.check_data_unchanged(spec)
+    except store.DataChanged as e:
+        raise StageFailed(spec["name"], "(its data changed)", str(e)) from None
 
 
 def _release_memory() -> None:

@@ -1,33 +1,45 @@
 """Stage fingerprints and the stage store shared by runs.
 
-A stage's fingerprint hashes everything that determines its weights: its trainer,
-its TRL fields except those that cannot change the weights (logging, saving,
-evaluation cadence, output names), its data spec and the content of local data
-files (or the Hub revision), the model settings, precision and peft settings, the
-fingerprints of the stages it links to (``from``, ``ref``, ``reward``, ``value``)
-and the alignctl / TRL / transformers versions.
+A stage's fingerprint hashes everything that determines its weights:
 
-Completed stages live in the store (default ``<output_root>/.store``), one entry per
-fingerprint. An entry is trained under a file lock, so concurrent sweep jobs that
-share a stage wait for the one training it; its ``final/`` appears by rename once
-fully written, and ``COMPLETE`` is written last. A run whose stage is already
-complete reuses the entry instead of training, and an interrupted entry keeps its
-Trainer checkpoints, so re-running the same command resumes it.
+* its trainer and TRL fields, except those that cannot change the weights (logging, saving and evaluation cadence,
+  output names; the cadence fields count when ``load_best_model_at_end`` picks the final weights by it);
+* its data spec and the content of its local data files (checked again when the stage loads them: a file that
+  changed since the run started stops the stage), or the Hub id and revision;
+* the model settings, the precision actually used (``auto`` resolved on the machine: bf16 / fp16 / fp32) and the
+  peft settings (the QLoRA compute dtype resolved the same way), world size and distributed engine;
+* the launcher settings that change numerics: ``extra_args``, ``env`` and the content of the accelerate /
+  DeepSpeed config files (minus where-to-run keys);
+* the fingerprints of the stages it links to (``from``, ``ref``, ``reward``, ``value``);
+* the versions of torch, transformers, trl, peft, accelerate, datasets (bitsandbytes under qlora, deepspeed under
+  DeepSpeed) and a content hash of alignctl's own source files.
+
+The store (default ``<output_root>/.store``) has one entry per fingerprint, ``<trainer>-<fingerprint[:16]>/``. An
+entry is trained under :class:`alignctl.fsutil.FileLock`, an exclusive lock file with a heartbeat that works on
+shared file systems. Once trained, its files are fsync'd and made read-only, their sizes and SHA-256 are recorded
+in ``COMPLETE`` (written last), and its Trainer checkpoints are deleted unless the stage keeps them. Reuse checks
+the entry cheaply first (sizes, mtimes, a sampled hash of every file; a full hash of a file whose mtime moved) and
+retrains a damaged entry. Run folders get the entry's files reflinked, hard-linked (read-only, when not root) or
+copied, so nothing written into a run's ``final/`` reaches the store.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+import time
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from alignctl import models
+from alignctl import fsutil, models
+
+log = logging.getLogger("alignctl")
 
 # TRL/Trainer fields that cannot change the trained weights: they stay out of the fingerprint.
 NON_WEIGHT_ARGS = {
@@ -41,32 +53,90 @@ NON_WEIGHT_ARGS = {
     "hub_private_repo", "hub_always_push", "hub_revision", "resume_from_checkpoint", "num_sample_generations",
     "skip_memory_metrics", "log_completions", "num_completions_to_print", "generate_during_eval",
 }
-# Spec keys that name places, not weights; links are replaced by the linked stage's fingerprint.
-PLACE_KEYS = {"name", "output_dir", "run_dir", "recipe", "cache_dir", "store_dir", "label", "run_stage_dir"}
+# With load_best_model_at_end the final weights are the best checkpoint at this cadence: then they count.
+BEST_MODEL_CADENCE = {"eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "save_strategy", "save_steps",
+                      "per_device_eval_batch_size", "eval_accumulation_steps"}
+# Spec keys that name places or bookkeeping, not weights; links are replaced by the linked stage's fingerprint.
+PLACE_KEYS = {"name", "output_dir", "run_dir", "recipe", "cache_dir", "store_dir", "label", "run_stage_dir",
+              "precision_setting", "data_check", "keep_checkpoints", "attempt", "fingerprint", "resume_from",
+              "description"}
 LINKS = (("from", "init_path"), ("ref", "ref_path"), ("reward", "reward_path"), ("value", "value_path"))
-FORMAT = 1
+# accelerate config keys that say where/how many processes run (world size and engine are fingerprinted apart),
+# or that alignctl overrides (mixed precision comes from `precision`).
+ACCELERATE_PLACE_KEYS = {"compute_environment", "distributed_type", "mixed_precision", "num_machines", "machine_rank",
+                         "num_processes", "gpu_ids", "rdzv_backend", "same_network", "use_cpu", "debug",
+                         "main_process_ip", "main_process_port", "main_training_function", "enable_cpu_affinity",
+                         "deepspeed_multinode_launcher", "deepspeed_hostfile", "deepspeed_config_file"}
+FORMAT = 2
+SAMPLE_BLOCKS, SAMPLE_BYTES = 8, 1 << 12  # the cheap check hashes 8 blocks of 4 KiB spread over each file
+KEPT = ("final", "adapter", "log_history.json", "samples.jsonl", "metrics.json")  # what a complete entry holds
 
 
+# -- fingerprints ----------------------------------------------------------------------------------------------------
 def _file_digest(path: Path, h) -> None:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
 
 
-def data_identity(d: dict | None) -> Any:
+def _data_files(d: dict) -> list[Path]:
+    p = Path(d["path"])
+    if not (d.get("local") and p.exists()):
+        return []
+    return sorted([p] if p.is_file() else [f for f in p.iterdir() if f.is_file()])
+
+
+def _signature(f: Path) -> list:
+    st = f.stat()
+    return [str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _content(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        _file_digest(f, h)
+    return h.hexdigest()
+
+
+def data_check(d: dict | None) -> dict | None:
+    """Content hash of a data set's local files plus their stat signatures (what the stage compares at load time)."""
+    files = _data_files(d) if d else []
+    if not files:
+        return None
+    return {"content": _content(files), "files": [_signature(f) for f in files]}
+
+
+def data_identity(d: dict | None, check: dict | None = None) -> Any:
     """Spec of a data set plus the content hash of its local files (or its Hub revision)."""
     if not d:
         return d
     out = {k: v for k, v in d.items() if k not in PLACE_KEYS}
-    p = Path(d["path"])
-    if d.get("local") and p.exists():
-        h = hashlib.sha256()
-        for f in sorted([p] if p.is_file() else [f for f in p.iterdir() if f.is_file()]):
-            h.update(f.name.encode())
-            _file_digest(f, h)
-        out["path"] = p.name
-        out["content"] = h.hexdigest()
+    check = check or data_check(d)
+    if check:
+        out["path"] = Path(d["path"]).name
+        out["content"] = check["content"]
     return out
+
+
+class DataChanged(RuntimeError):
+    pass
+
+
+def check_data_unchanged(spec: dict) -> None:
+    """Called by the stage once its data is loaded: the local files must still be those fingerprinted at the start
+    of the run (same stat signature, or else the same content); else the stage stops before training."""
+    recorded = spec.get("data_check")
+    if not recorded:
+        return
+    files = _data_files(spec["data"])
+    if [_signature(f) for f in files] == recorded["files"]:
+        return
+    if [f[0] for f in recorded["files"]] == [str(f) for f in files] and _content(files) == recorded["content"]:
+        return  # touched or rewritten with the same bytes
+    raise DataChanged(f"stage {spec['name']}: its data ({spec['data'].get('label') or spec['data']['path']}) changed "
+                      "on disk since this run started and fingerprinted it; nothing was trained. Keep data files "
+                      "unchanged while a run uses them, and re-run.")
 
 
 def model_identity(path: str, revision: str | None = None) -> Any:
@@ -80,25 +150,97 @@ def model_identity(path: str, revision: str | None = None) -> Any:
     return {"hub": path, "revision": revision or "main"}
 
 
-def _versions() -> dict[str, str | None]:
-    out = {}
-    for pkg in ("alignctl", "trl", "transformers"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:  # pragma: no cover
-            out[pkg] = None
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def tree_hash(root: Path) -> str:
+    """SHA-256 over the names and contents of the Python files under ``root``."""
+    h = hashlib.sha256()
+    for f in sorted(Path(root).rglob("*.py")):
+        if "__pycache__" in f.parts:
+            continue
+        h.update(str(f.relative_to(root)).encode())
+        _file_digest(f, h)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def source_hash() -> str:
+    """SHA-256 of alignctl's own Python source files (an editable install changes weights without a version bump)."""
+    return tree_hash(Path(__file__).resolve().parent)
+
+
+def environment(stage: dict) -> dict[str, str | None]:
+    """Library versions that change a stage's weights, and alignctl's source hash."""
+    pkgs = ["torch", "transformers", "trl", "peft", "accelerate", "datasets"]
+    if (stage.get("peft") or {}).get("method") == "qlora":
+        pkgs.append("bitsandbytes")
+    if str(stage.get("distributed", "")).startswith("deepspeed"):
+        pkgs.append("deepspeed")
+    return {**{p: _version(p) for p in pkgs}, "alignctl": _version("alignctl"), "alignctl_source": source_hash()}
+
+
+def launcher_identity(launcher: dict | None) -> dict:
+    """The launcher settings that change numerics: extra_args, env and the accelerate / DeepSpeed file contents
+    (world size and engine are part of every stage already; where processes run is not)."""
+    launcher = launcher or {}
+    out: dict[str, Any] = {}
+    if launcher.get("extra_args"):
+        out["extra_args"] = list(launcher["extra_args"])
+    if launcher.get("env"):
+        out["env"] = dict(launcher["env"])
+    if launcher.get("config_file"):
+        import yaml
+
+        cfg = yaml.safe_load(Path(launcher["config_file"]).read_text()) or {}
+        content = _strip(cfg)
+        ds_file = (cfg.get("deepspeed_config") or {}).get("deepspeed_config_file")
+        if ds_file:
+            content["deepspeed_config_file"] = json.loads(Path(ds_file).expanduser().read_text())
+        if content:
+            out["config_file"] = content
     return out
 
 
-def fingerprints(stages: list[dict]) -> dict[str, str]:
-    """Fingerprint of every stage, in order (upstream fingerprints feed downstream ones)."""
-    fps: dict[str, str] = {}
-    versions = _versions()
+def _strip(cfg: Any) -> Any:
+    if isinstance(cfg, dict):
+        return {k: _strip(v) for k, v in cfg.items() if k not in ACCELERATE_PLACE_KEYS and _strip(v) not in ({}, None)}
+    return cfg
+
+
+def resolve_numerics(stages: list[dict]) -> list[dict]:
+    """Resolve what depends on this machine (imports torch): ``precision: auto`` becomes bf16 / fp16 / fp32 and an
+    ``auto`` QLoRA compute dtype becomes that precision; the setting as written is kept as ``precision_setting``.
+    The workers train with the resolved values and check that they resolve ``auto`` the same way."""
+    out = []
     for s in stages:
-        ident: dict[str, Any] = {k: v for k, v in s.items()
-                                 if k not in PLACE_KEYS and k not in dict(LINKS) and k not in {p for _, p in LINKS}}
-        ident["args"] = {k: v for k, v in s.get("args", {}).items() if k not in NON_WEIGHT_ARGS}
-        ident["data"] = data_identity(s.get("data"))
+        s = dict(s)
+        s["precision_setting"] = s.get("precision", "auto")
+        s["precision"] = models.precision_for(s["precision_setting"])
+        peft = dict(s.get("peft") or {})
+        if peft.get("method") == "qlora" and peft.get("bnb_4bit_compute_dtype", "auto") in (None, "auto"):
+            peft["bnb_4bit_compute_dtype"] = s["precision"]
+            s["peft"] = peft
+        out.append(s)
+    return out
+
+
+def fingerprints(stages: list[dict], launcher: dict | None = None, env: dict | None = None) -> dict[str, str]:
+    """Fingerprint of every stage, in order (upstream fingerprints feed downstream ones). ``env`` overrides
+    :func:`environment` (tests); ``launcher`` is the run's resolved launcher."""
+    fps: dict[str, str] = {}
+    launch_ident = launcher_identity(launcher)
+    for s in stages:
+        link_keys = {k for pair in LINKS for k in pair}
+        ident: dict[str, Any] = {k: v for k, v in s.items() if k not in PLACE_KEYS and k not in link_keys}
+        args = s.get("args", {})
+        skip = NON_WEIGHT_ARGS - (BEST_MODEL_CADENCE if args.get("load_best_model_at_end") else set())
+        ident["args"] = {k: v for k, v in args.items() if k not in skip}
+        ident["data"] = data_identity(s.get("data"), s.get("data_check"))
         model = s.get("model") or {}
         for link, path_key in LINKS:
             target = s.get(link)
@@ -106,13 +248,94 @@ def fingerprints(stages: list[dict]) -> dict[str, str]:
                 ident[link] = fps[target]
             elif s.get(path_key):
                 ident[link] = model_identity(s[path_key], model.get("revision"))
-        ident["versions"] = versions
+        if launch_ident:
+            ident["launcher"] = launch_ident
+        ident["environment"] = env if env is not None else environment(s)
         ident["format"] = FORMAT
         blob = json.dumps(ident, sort_keys=True, default=str)
         fps[s["name"]] = hashlib.sha256(blob.encode()).hexdigest()
     return fps
 
 
+# -- entry files: sizes and hashes -----------------------------------------------------------------------------------
+def sampled_hash(path: Path, size: int | None = None) -> str:
+    """SHA-256 of ``SAMPLE_BLOCKS`` blocks spread evenly over the file (all of it when small): cheap to check on
+    every reuse, and it catches truncation, zero-filled and rewritten files."""
+    size = path.stat().st_size if size is None else size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+            h.update(f.read())
+        else:
+            step = (size - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1)
+            for i in range(SAMPLE_BLOCKS):
+                f.seek(i * step)
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def full_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    _file_digest(path, h)
+    return h.hexdigest()
+
+
+def _record(path: Path, full: bool = True) -> dict:
+    st = path.stat()
+    rec = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample": sampled_hash(path, st.st_size)}
+    if full:
+        rec["sha256"] = full_hash(path)
+    return rec
+
+
+# -- checkpoints (resume) --------------------------------------------------------------------------------------------
+def _safetensors_truncated(path: Path) -> bool:
+    """A safetensors file whose header promises more bytes than the file has (a truncated write)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size < 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return True
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from (None if it looks complete): trainer_state.json parses with
+    a global_step; weights and optimizer state are present; no file is empty; safetensors files are whole."""
+    state = ckpt / "trainer_state.json"
+    try:
+        step = json.loads(state.read_text()).get("global_step")
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, ValueError, AttributeError):
+        return "trainer_state.json is not valid JSON"
+    if not isinstance(step, int):
+        return "trainer_state.json has no global_step"
+    files = fsutil.tree_files(ckpt)
+    empty = [f.name for f in files if f.stat().st_size == 0]
+    if empty:
+        return f"empty file(s): {', '.join(empty[:3])}"
+    names = {f.name for f in files}
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin") and f.name != "training_args.bin"]
+    sharded = any(p.is_dir() and (p.name.startswith(("global_step", "pytorch_model_fsdp"))) for p in ckpt.iterdir())
+    if not weights and not sharded:
+        return "no weights"
+    if "optimizer.pt" not in names and not sharded and not any(p.name.startswith("optimizer") for p in ckpt.iterdir()):
+        return "no optimizer state (saved with save_only_model?)"
+    broken = [f.name for f in weights if f.suffix == ".safetensors" and _safetensors_truncated(f)]
+    if broken:
+        return f"truncated {', '.join(broken)}"
+    return None
+
+
+def _step(p: Path) -> int:
+    tail = p.name.split("-")[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+# -- an entry --------------------------------------------------------------------------------------------------------
 class Entry:
     """One store entry: <store>/<trainer>-<fingerprint[:16]>/ with final/, checkpoints/, metrics.json, COMPLETE."""
 
@@ -124,60 +347,214 @@ class Entry:
     def final(self) -> Path:
         return self.dir / "final"
 
+    def record(self) -> dict | None:
+        try:
+            rec = json.loads((self.dir / "COMPLETE").read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
+
     def complete(self) -> bool:
-        return (self.dir / "COMPLETE").is_file() and self.final.is_dir()
+        """COMPLETE exists, is this entry's (same fingerprint, this format) and final/ exists."""
+        rec = self.record()
+        return bool(rec) and rec.get("fingerprint") == self.fingerprint and rec.get("format") == FORMAT \
+            and self.final.is_dir()
 
     def metrics(self) -> dict:
         path = self.dir / "metrics.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def mark_complete(self, metrics: dict) -> None:
-        from alignctl.pipeline import write_json
+    def lock(self, timeout: Any = fsutil._FROM_ENV) -> fsutil.FileLock:
+        """Exclusive lock on this entry: a lock file in the entry (works across nodes on shared file systems)."""
+        if self.dir.is_symlink():
+            raise RuntimeError(f"store entry {self.dir} is a symbolic link; refusing to use it")
+        return fsutil.FileLock(self.dir / ".lock", f"store entry {self.dir.name}", timeout=timeout)
 
-        write_json(self.dir / "metrics.json", metrics)
-        write_json(self.dir / "COMPLETE", {"fingerprint": self.fingerprint})
+    def _kept_files(self) -> list[Path]:
+        return [f for name in KEPT for f in fsutil.tree_files(self.dir / name)]
+
+    def mark_complete(self, metrics: dict, keep_checkpoints: bool = False, extra: dict | None = None) -> dict:
+        """Seal a trained entry: metrics.json, every kept file fsync'd, made read-only and recorded (size, mtime,
+        sampled and full SHA-256) in COMPLETE, written last; then drop the Trainer checkpoints unless kept."""
+        if not self.final.is_dir():
+            raise RuntimeError(f"store entry {self.dir}: the stage reported success but wrote no final/")
+        fsutil.write_json(self.dir / "metrics.json", metrics)
+        files = {}
+        for f in self._kept_files():
+            fsutil.fsync_file(f)
+            f.chmod(f.stat().st_mode & 0o555)
+            files[str(f.relative_to(self.dir))] = _record(f)
+        for d in {f.parent for f in self._kept_files()} | {self.dir}:
+            fsutil.fsync_dir(d)
+        rec = {"fingerprint": self.fingerprint, "format": FORMAT, "completed": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "host": socket.gethostname(), "keep_checkpoints": bool(keep_checkpoints),
+               "bytes": sum(r["size"] for r in files.values()), "files": files, **(extra or {})}
+        fsutil.write_json(self.dir / "COMPLETE", rec, mode=0o444)
+        self.touch()
+        if not keep_checkpoints:
+            self.drop_checkpoints()
+        return rec
+
+    def drop_checkpoints(self) -> int:
+        """Delete the Trainer checkpoints (optimizer state included); returns the bytes freed."""
+        ckpts = self.dir / "checkpoints"
+        if not ckpts.exists():
+            return 0
+        size = fsutil.tree_size(ckpts)
+        shutil.rmtree(ckpts, ignore_errors=True)
+        return size
+
+    def touch(self) -> None:
+        """Record a use (``store gc --older-than`` removes entries unused for that long)."""
+        used = self.dir / ".last_used"
+        used.touch(exist_ok=True)
+        os.utime(used)
+
+    def last_used(self) -> float:
+        for name in (".last_used", "COMPLETE", ".lock"):
+            try:
+                return (self.dir / name).stat().st_mtime
+            except OSError:
+                continue
+        try:
+            return self.dir.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def verify(self, full: bool = False) -> list[str]:
+        """Problems of a complete entry's files against COMPLETE (empty: intact). Cheap by default: sizes, mtimes
+        and sampled hashes (a file whose mtime moved is hashed in full); ``full``: every file's SHA-256."""
+        rec = self.record()
+        if not rec or "files" not in rec:
+            return ["COMPLETE is missing or unreadable"]
+        problems = []
+        recorded = rec["files"]
+        for rel, want in recorded.items():
+            f = self.dir / rel
+            try:
+                st = f.stat()
+            except OSError:
+                problems.append(f"{rel}: missing")
+                continue
+            if st.st_size != want["size"]:
+                problems.append(f"{rel}: {st.st_size} bytes, {want['size']} when completed")
+            elif full or st.st_mtime_ns != want.get("mtime_ns"):
+                if full_hash(f) != want["sha256"]:
+                    problems.append(f"{rel}: content changed (SHA-256 differs)")
+            elif sampled_hash(f, st.st_size) != want["sample"]:
+                problems.append(f"{rel}: content changed (sampled hash differs)")
+        extra = [str(f.relative_to(self.dir)) for f in self._kept_files()
+                 if str(f.relative_to(self.dir)) not in recorded]
+        problems += [f"{rel}: not part of the completed entry" for rel in extra]
+        return problems
+
+    def invalidate(self) -> None:
+        """Forget a damaged entry's result, so that it is trained again (its folder stays, its lock too)."""
+        (self.dir / "COMPLETE").unlink(missing_ok=True)
+        for name in KEPT:
+            p = self.dir / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+    def resume_checkpoint(self) -> tuple[str | None, list[tuple[str, str]]]:
+        """The newest valid Trainer checkpoint (or None) and the newer ones skipped, with why."""
+        skipped = []
+        for ckpt in sorted((self.dir / "checkpoints").glob("checkpoint-*"), key=_step, reverse=True):
+            if not ckpt.is_dir() or ckpt.is_symlink():
+                continue
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                return str(ckpt), skipped
+            skipped.append((ckpt.name, problem))
+        return None, skipped
 
     def last_checkpoint(self) -> str | None:
-        """The newest complete Trainer checkpoint (the Trainer writes trainer_state.json last)."""
-        done = [p for p in (self.dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-        ckpts = sorted(done,
-                       key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-        return str(ckpts[-1]) if ckpts else None
+        return self.resume_checkpoint()[0]
 
-    @contextlib.contextmanager
-    def lock(self):
-        """Exclusive lock on this entry (blocks while another process trains it)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def size(self) -> int:
+        return fsutil.tree_size(self.dir)
 
 
-def link_tree(src: Path, dst: Path) -> None:
-    """Make ``dst`` a plain folder with ``src``'s files, hard-linked (copied across file systems)."""
+# -- run folders get the entry's files without sharing writable inodes -----------------------------------------------
+FICLONE = 0x40049409  # ioctl: reflink (copy-on-write clone) on btrfs, XFS, bcachefs, OCFS2...
+
+
+def _reflink(src: Path, dst: Path) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return False
+    try:
+        with open(src, "rb") as s, open(dst, "wb") as d:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+        shutil.copystat(src, dst)
+        return True
+    except OSError:
+        dst.unlink(missing_ok=True)
+        return False
+
+
+def place_file(src: Path, dst: Path) -> str:
+    """Put ``src``'s content at ``dst`` so that writing ``dst`` can never change ``src``: a reflink (its own inode,
+    shared blocks, no extra disk) where the file system has them; else a hard link to the read-only store file when
+    this process is not root (an in-place write through it then fails with PermissionError); else a copy.
+    Returns how: reflink | link | copy."""
+    dst.unlink(missing_ok=True)
+    if _reflink(src, dst):
+        return "reflink"
+    if hasattr(os, "geteuid") and os.geteuid() != 0 and not os.access(src, os.W_OK):
+        try:
+            os.link(src, dst)
+            return "link"
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+    return "copy"
+
+
+def link_tree(src: Path, dst: Path) -> dict[str, int]:
+    """Make ``dst`` a plain folder with ``src``'s files (see :func:`place_file`); returns bytes per method."""
+    if not src.is_dir() or src.is_symlink():
+        raise FileNotFoundError(f"{src}: no such store folder")
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    for f in src.rglob("*"):
+    tmp.mkdir(parents=True)
+    how: dict[str, int] = {}
+    for f in fsutil.tree_files(src):
         target = tmp / f.relative_to(src)
-        if f.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(f, target)
-        except OSError:
-            shutil.copy2(f, target)
-    tmp.mkdir(parents=True, exist_ok=True)
+        method = place_file(f, target)
+        how[method] = how.get(method, 0) + f.stat().st_size
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
+    return how
 
 
-def link_tree_file(src: Path, dst: Path) -> None:
-    dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def link_tree_file(src: Path, dst: Path) -> str:
+    return place_file(src, dst)
+
+
+# -- the store as a whole (alignctl store ...) -----------------------------------------------------------------------
+def entries(store_dir: str | os.PathLike) -> list[Entry]:
+    """Every entry folder of a store (complete or not)."""
+    root = Path(store_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and not d.is_symlink() and "-" in d.name and not d.name.startswith("."):
+            trainer, _, fp = d.name.rpartition("-")
+            e = Entry(root, trainer, fp)
+            rec = e.record()
+            if rec and str(rec.get("fingerprint", "")).startswith(fp):
+                e.fingerprint = rec["fingerprint"]
+            out.append(e)
+    return out
+
+
+def holder(entry: Entry) -> dict | None:
+    """The live holder of an entry's lock (None when unlocked or the lock is stale)."""
+    info = fsutil.read_lock(entry.dir / ".lock")
+    return info if fsutil.lock_is_live(info, fsutil.lock_settings()["stale"]) else None

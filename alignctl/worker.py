@@ -9,6 +9,13 @@ rank 0 writes the final model. Each rank then reports into ``<spec dir>/launch/`
 * ``rank<k>.error.json`` (a rank that raised): its error line and traceback. The rank prints one short line and
   exits 1; the orchestrator shows the first failing rank's error once (see :mod:`alignctl.launch`).
 
+Ranks die with their parent: each rank sets the Linux parent-death signal (``PR_SET_PDEATHSIG``, SIGKILL) at start, or
+elsewhere watches its parent pid from a thread, so no rank trains on after its launcher is gone; the launcher itself
+runs behind ``python -m alignctl.worker --guard <orchestrator pid> -- <command>``, which sets the same signal and
+execs the command, so a killed orchestrator takes the launcher and its ranks with it. A rank also refuses a spec
+whose ``attempt`` id is not the one the orchestrator started it for (another run rewrote that spec.json), and a spec
+whose ``precision: auto`` resolves differently on this machine than on the orchestrator's.
+
 Testing hook: ``ALIGNCTL_TEST_FAIL_RANK=<rank>[:<stage>]`` makes that rank raise before loading anything (in that
 stage only, with ``:<stage>``). tests/test_launch.py uses it to check how a failing rank is reported.
 """
@@ -18,12 +25,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
-from alignctl.launch import FAIL_HOOK, rank_env
+from alignctl.launch import ATTEMPT_ENV, FAIL_HOOK, rank_env
+
+PR_SET_PDEATHSIG = 1
 
 
 def _write(path: Path, obj) -> None:
@@ -71,8 +82,60 @@ def _setup_logging(rank: int) -> None:
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+def die_with_parent() -> None:
+    """Get SIGKILL when the parent process dies (Linux prctl), else a thread that exits when the parent changes."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(137)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def guard(argv: list[str]) -> int:
+    """``--guard <pid> -- cmd...``: exec ``cmd`` with the parent-death signal set (it survives exec), unless the
+    parent ``pid`` is already gone."""
+    if len(argv) < 4 or argv[2] != "--":
+        print("usage: python -m alignctl.worker --guard <parent pid> -- <command...>", file=sys.stderr)
+        return 2
+    die_with_parent()
+    if os.getppid() != int(argv[1]):
+        return 137
+    os.execvp(argv[3], argv[3:])
+    return 127  # pragma: no cover - execvp does not return
+
+
+def _check_spec(spec: dict) -> None:
+    """The spec must be the one this attempt was started for, and ``precision: auto`` must resolve as it did in the
+    orchestrator (it is part of the stage's fingerprint)."""
+    want = os.environ.get(ATTEMPT_ENV)
+    if want and spec.get("attempt") != want:
+        raise RuntimeError(f"the stage spec was rewritten by another run (attempt {spec.get('attempt')}, expected "
+                           f"{want}); nothing was trained. Give each run its own run directory")
+    if spec.get("precision_setting") == "auto":
+        from alignctl.models import precision_for
+
+        here = precision_for("auto")
+        if here != spec.get("precision"):
+            raise RuntimeError(f"precision auto is {here} on this machine but {spec.get('precision')} where alignctl "
+                               "runs; set precision explicitly (bf16, fp16 or fp32)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--guard"]:
+        return guard(argv)
+    die_with_parent()
+    if os.getppid() == 1:  # the launcher died before the signal was set: orphaned at birth
+        return 137
     if len(argv) != 1:
         print("usage: python -m alignctl.worker <stage spec.json>", file=sys.stderr)
         return 2
@@ -87,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         from alignctl.runner import load_spec, run_stage
 
         spec = load_spec(spec_path)
+        _check_spec(spec)
         _test_hook(rank, spec.get("name", ""))
         if world > 1 and not torch.cuda.is_available():
             # Without this, accelerate treats CPU ranks as separate single-process runs (no gradient averaging);

@@ -97,3 +97,53 @@ def test_sigterm_stops_cleanly_and_marks_interrupted(tmp_path):
     assert not list(store.glob("dpo-*/COMPLETE")) and not (run_dir / "dpo" / "final").exists()
     log = (tmp_path / "first.log").read_text()
     assert "Re-run the same command to resume" in log and "Traceback" not in log
+
+
+# -- which checkpoint a re-run resumes from (issue 12) ---------------------------------------------------------------
+def make_checkpoint(root: Path, step: int, state: str | None = None, optimizer: bytes | None = b"o" * 64,
+                    truncate_weights: bool = False) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = root / "checkpoints" / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}) if state is None else state)
+    save_file({"w": torch.ones(64, 64)}, str(ckpt / "model.safetensors"))
+    if truncate_weights:
+        os.truncate(ckpt / "model.safetensors", (ckpt / "model.safetensors").stat().st_size // 2)
+    if optimizer is not None:
+        (ckpt / "optimizer.pt").write_bytes(optimizer)
+    return ckpt
+
+
+def test_resume_picks_the_newest_valid_checkpoint_and_says_which_it_skipped(tmp_path, caplog):
+    from alignctl import pipeline, store
+
+    caplog.set_level("INFO", logger="alignctl")
+    e = store.Entry(tmp_path, "sft", "f" * 64)
+    make_checkpoint(e.dir, 10)
+    make_checkpoint(e.dir, 15, optimizer=b"")  # a truncated optimizer.pt
+    make_checkpoint(e.dir, 20, optimizer=None)  # save_only_model: no optimizer/scheduler state
+    make_checkpoint(e.dir, 25, truncate_weights=True)
+    make_checkpoint(e.dir, 30, state="")  # an empty trainer_state.json (ENOSPC / killed mid-write)
+    make_checkpoint(e.dir, 35, state='{"epoch": 1}')
+    ckpt, skipped = e.resume_checkpoint()
+    assert Path(ckpt).name == "checkpoint-10"
+    assert skipped == [("checkpoint-35", "trainer_state.json has no global_step"),
+                       ("checkpoint-30", "trainer_state.json is not valid JSON"),
+                       ("checkpoint-25", "truncated model.safetensors"),
+                       ("checkpoint-20", "no optimizer state (saved with save_only_model?)"),
+                       ("checkpoint-15", "empty file(s): optimizer.pt")]
+    assert pipeline._resume_point({"name": "sft", "trainer": "sft"}, e) == ckpt
+    assert "stage sft: skipping checkpoint checkpoint-30: trainer_state.json is not valid JSON" in caplog.text
+    assert "stage sft: resuming from checkpoint-10 (step 10)" in caplog.text
+
+
+def test_ppo_says_it_cannot_resume_instead_of_restarting_silently(tmp_path, caplog):
+    from alignctl import pipeline, store
+
+    e = store.Entry(tmp_path, "ppo", "e" * 64)
+    make_checkpoint(e.dir, 10)
+    assert pipeline._resume_point({"name": "ppo", "trainer": "ppo"}, e) is None
+    assert "stage ppo: cannot resume: TRL 1.12's trl.experimental.ppo PPOTrainer cannot resume" in caplog.text
+    assert not (e.dir / "checkpoints").exists()  # its useless checkpoints are not kept

@@ -34,6 +34,12 @@ KIND = StageKind(
 )
 
 
+# TRL 1.12's experimental PPOTrainer.train() takes no resume_from_checkpoint: it restarts step, optimizer, scheduler
+# and data at zero. The pipeline reads this, says so in the log and starts an interrupted PPO stage again.
+NO_RESUME = "TRL 1.12's trl.experimental.ppo PPOTrainer cannot resume from a checkpoint (train() takes no resume " \
+            "argument)"
+
+
 def _tokenized(ds, tokenizer):
     return ds.map(lambda ex: {"input_ids": encode_prompt(tokenizer, ex["prompt"])}, remove_columns=ds.column_names)
 
