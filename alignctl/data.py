@@ -165,7 +165,7 @@ def _peek_jsonl(file: str) -> dict | None:
             if line.strip():
                 row = _json_value(line, f"line {number}", file)
                 if not isinstance(row, dict):
-                    raise _Unreadable(f"{file}: line {number} is {type(row).__name__} {_short(row)}, not a JSON object "
+                    raise _Unreadable(f"{file}: line {number} is {_json_type(row)} ({_short(row)}), not a JSON object "
                                       "(each line must be one record, e.g. {\"prompt\": ...})")
                 return row
     return None
@@ -188,8 +188,8 @@ def _peek_json(file: str) -> dict | None:
                         return None
                     row, _ = decoder.raw_decode(inner)
                     if not isinstance(row, dict):
-                        raise _Unreadable(f"{file}: the array holds {type(row).__name__} values such as {_short(row)}, "
-                                          "not records (JSON objects)")
+                        raise _Unreadable(f"{file}: the array's first element is {_json_type(row)} ({_short(row)}), "
+                                          "not a record (a JSON object)")
                     return row
                 if body.startswith("{"):
                     obj, end = decoder.raw_decode(body)
@@ -243,6 +243,11 @@ def _peek(file: str) -> dict | None:
                           "save it as UTF-8") from None
     except OSError as e:
         raise _Unreadable(f"cannot read {file}: {e.strerror or e}") from None
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _short(value: Any) -> str:
@@ -397,8 +402,19 @@ def _apply_columns(ds, columns: dict):
 
 
 def _first_bad_line(file: str) -> str:
-    """Where a JSON Lines file stops being valid (only called after datasets failed to read it)."""
+    """Where a JSON / JSON Lines file stops being valid (only called after datasets failed to read it)."""
     try:
+        if Path(file).suffix == ".json":
+            with open(file, encoding="utf-8") as f:
+                head = f.read(64).lstrip("\ufeff \t\r\n")
+            if head.startswith("["):  # one JSON array: where it breaks
+                try:
+                    json.loads(Path(file).read_text(encoding="utf-8"))
+                except json.JSONDecodeError as e:
+                    return f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); is the file cut off?"
+                except UnicodeDecodeError as e:
+                    return f"not UTF-8 text (byte offset {e.start}); save the file as UTF-8"
+                return ""
         with open(file, "rb") as f:
             for number, raw in enumerate(f, 1):
                 try:
@@ -447,10 +463,15 @@ def _raw_split(spec: dict, split: str, label: str, key: str):
             if Path(file).stat().st_size == 0:
                 raise ConfigError([f"{label}: {file}: empty file"])
         builder = EXTENSIONS[Path(files[split][0]).suffix]
+        quiet = logging.getLogger("datasets")  # its JSON reader logs an ERROR line before raising: we say it better
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
         try:
             return datasets.load_dataset(builder, data_files=files[split], split="train")
         except (DatasetGenerationError, ValueError, OSError, TypeError) as e:
             raise _read_error(spec, label, files[split], e) from None
+        finally:
+            quiet.setLevel(level)
     hub = spec["path"] + (f" (config {spec['name']})" if spec.get("name") else "")
     try:
         return datasets.load_dataset(spec["path"], spec.get("name"), split=split, revision=spec.get("revision"))
@@ -517,10 +538,15 @@ def _convert(ds, spec: dict, data_kind: str, label: str, stage: str, split: str)
     except Exception as e:  # pyarrow: rows whose converted columns disagree in type
         import pyarrow as pa
 
+        if isinstance(e, UnicodeDecodeError) and spec["local"]:  # a bad byte datasets only met while reading rows
+            raise _read_error(spec, label, _files(spec).get(spec["split"] if split == "held-out" else split, []),
+                              e) from None
         if not isinstance(e, (pa.ArrowException, TypeError, ValueError)):
             raise
-        raise ConfigError([f"{label} (split {split}): rows differ in layout or column types ({str(e)[:160]}); "
-                           f"name the layout with {label}.format or fix the rows"]) from None
+        files = ", ".join(_files(spec).get(spec["split"] if split == "held-out" else split, [])) if spec["local"] \
+            else spec["path"]
+        raise ConfigError([f"{label} (split {split}, {files}): rows differ in layout or column types "
+                           f"({str(e)[:160]}); name the layout with {label}.format or fix the rows"]) from None
     for note in sorted(notes):
         _note_once(label, f"{stage} {note}")
     return ds
