@@ -496,15 +496,29 @@ def _reflink(src: Path, dst: Path) -> bool:
         return False
 
 
+PLACEMENT_ENV = "ALIGNCTL_STORE_LINKS"  # auto (default) | link | copy: how run folders get the store's files
+
+
+def placement() -> str:
+    value = os.environ.get(PLACEMENT_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "link", "copy"):
+        raise ValueError(f"{PLACEMENT_ENV}={value!r}: use auto, link or copy")
+    return value
+
+
 def place_file(src: Path, dst: Path) -> str:
     """Put ``src``'s content at ``dst`` so that writing ``dst`` can never change ``src``: a reflink (its own inode,
     shared blocks, no extra disk) where the file system has them; else a hard link to the read-only store file when
     this process is not root (an in-place write through it then fails with PermissionError); else a copy.
+    ``ALIGNCTL_STORE_LINKS=copy`` always copies; ``=link`` hard-links even as root (no extra disk, but a root
+    process writing into a run's final/ then changes the store entry: the reuse check finds it and retrains).
     Returns how: reflink | link | copy."""
     dst.unlink(missing_ok=True)
-    if _reflink(src, dst):
+    mode = placement()
+    if mode != "copy" and _reflink(src, dst):
         return "reflink"
-    if hasattr(os, "geteuid") and os.geteuid() != 0 and not os.access(src, os.W_OK):
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if mode == "link" or (mode == "auto" and not root and not os.access(src, os.W_OK)):
         try:
             os.link(src, dst)
             return "link"

@@ -501,3 +501,17 @@ def test_kill_9_of_the_orchestrator_leaves_no_rank_running(tmp_path, cache_root)
     finally:
         for pid in _pids_with(spec_path):  # only the processes this test started
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_rank_refuses_a_spec_rewritten_by_another_run_or_resolved_elsewhere(monkeypatch):
+    from alignctl import launch, worker
+
+    monkeypatch.setenv(launch.ATTEMPT_ENV, "abc123")
+    with pytest.raises(RuntimeError, match="rewritten by another run"):
+        worker._check_spec({"attempt": "other", "precision_setting": "fp32", "precision": "fp32"})
+    worker._check_spec({"attempt": "abc123", "precision_setting": "fp32", "precision": "fp32"})
+    from alignctl.models import precision_for
+
+    elsewhere = "bf16" if precision_for("auto") != "bf16" else "fp16"
+    with pytest.raises(RuntimeError, match="set precision explicitly"):
+        worker._check_spec({"attempt": "abc123", "precision_setting": "auto", "precision": elsewhere})
