@@ -70,9 +70,10 @@ def load_recipe(path: Path):
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"recipe file {path}: cannot be read: {getattr(e, 'strerror', None) or e}"]) from None
-    try:
-        yaml.safe_load(text)  # plain YAML first: a precise line number for syntax errors
-        node = OmegaConf.create(text)
+    try:  # parsed once, with OmegaConf's YAML loader (it refuses duplicate keys); errors carry the line
+        from omegaconf._utils import get_yaml_loader
+
+        node = OmegaConf.create(yaml.load(text, Loader=get_yaml_loader()) or {})
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

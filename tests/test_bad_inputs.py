@@ -16,7 +16,7 @@ import pytest
 
 from alignctl import checks
 from alignctl.cli import main
-from conftest import run_cli
+from conftest import read_manifest, run_cli
 
 
 def _fails(capsys, tmp_path, command: str, *args: str) -> str:
@@ -122,8 +122,6 @@ PLAN_CASES = [
     ("links-consent-without-flag", ["recipe=rlhf-ppo", "+stages.ppo.trust_remote_code_links=[reward]"],
      ["stages.ppo.trust_remote_code_links", "also needs model.trust_remote_code=true"]),
     # launchers
-    ("torchrun-nnodes-no-prefix", ["launcher=torchrun", "launcher.nproc_per_node=1", "launcher.nnodes=2"],
-     ["launcher.nnodes: 2 nodes, but no `prefix`"]),
     ("torchrun-nproc-zero", ["launcher=torchrun", "launcher.nproc_per_node=0"],
      ["launcher.nproc_per_node: must be a positive integer"]),
     ("launcher-kind-typo", ["launcher.kind=torchrn"], ["launcher.kind: unknown launcher 'torchrn'", "torchrun"]),
@@ -276,13 +274,27 @@ def test_deepspeed_json_that_is_a_list(capsys, tmp_path):
     assert "deepspeed_config_file" in err and "must be a JSON object" in err
 
 
-def test_too_many_processes_for_this_machine_fail_before_anything_loads(run_recipe, tmp_path):
+def assert_nothing_ran(run_dir: Path) -> None:
+    """A run stopped by the up-front checks: its manifest says failed, every stage pending, nothing trained."""
+    m = read_manifest(run_dir)
+    assert m["status"] == "failed" and {s["status"] for s in m["stages"]} == {"pending"}, m
+    assert not any(run_dir.glob("*/final")) and not any(run_dir.glob("*/spec.json"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["launcher=torchrun", "launcher.nproc_per_node=4096"], "launcher.nproc_per_node: 4096 processes on this machine"),
+    (["launcher=torchrun", "launcher.nproc_per_node=1", "launcher.nnodes=2"], "launcher.nnodes: 2 nodes, but no `prefix`"),
+], ids=["too-many-processes", "nodes-without-prefix"])
+def test_launcher_this_machine_cannot_run_fails_before_anything_loads(args, needle, run_recipe, tmp_path):
+    """Planned anywhere (a login node), refused by `run` before anything loads."""
     from alignctl.errors import ConfigError
 
+    assert main(["plan", *args]) == 0
+    t0 = time.perf_counter()
     with pytest.raises(ConfigError) as e:
-        run_recipe(["launcher=torchrun", "launcher.nproc_per_node=4096"], tmp_path / "run")
-    assert "launcher.nproc_per_node: 4096 processes on this machine" in str(e.value)
-    assert not (tmp_path / "run" / "manifest.json").exists() and not (tmp_path / "run" / "sft").exists()
+        run_recipe(args, tmp_path / "run")
+    assert needle in str(e.value) and time.perf_counter() - t0 < 10
+    assert_nothing_ran(tmp_path / "run")
 
 
 # -- sweeps: every point checked before any job starts ----------------------------------------------------------------
@@ -333,7 +345,7 @@ def test_third_stage_rejected_by_trl_fails_before_the_first_stage_trains(tmp_pat
     assert "stages.grpo: trl.GRPOConfig rejects the settings: generation_batch_size (6)" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and len(proc.stderr.splitlines()) < 6, proc.stderr
     assert seconds < 60, seconds
-    assert not (run_dir / "manifest.json").exists() and not (run_dir / "sft").exists()
+    assert_nothing_ran(run_dir)
     config = run_dir / "config.yaml"
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     assert "s3cret" not in config.read_text() and "https://me:***@tracker.example/x" in config.read_text()

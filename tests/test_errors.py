@@ -84,5 +84,6 @@ def test_value_rejected_by_trl_fails_before_any_model_loads(run_recipe, tmp_path
         run_recipe(["stages.dpo.loss_weights=[1.0,2.0]"], run_dir)
     msg = str(e.value)
     assert msg.startswith("stages.dpo: trl.DPOConfig rejects the settings") and "loss_weights" in msg, msg
-    assert not (run_dir / "manifest.json").exists()
+    m = read_manifest(run_dir)
+    assert m["status"] == "failed" and [s["status"] for s in m["stages"]] == ["pending", "pending"]
     assert not (run_dir / "sft").exists()
