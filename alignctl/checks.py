@@ -383,7 +383,8 @@ _SECRET_VALUES = [
     (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"), "gh_***"),
     (re.compile(r"\bgithub_pat_[A-Za-z0-9_]{30,}"), "github_pat_***"),
     (re.compile(r"\bxox[abprs]-[A-Za-z0-9\-]{10,}"), "xox-***"),
-    (re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]+):[^/\s@]+@"), r"\1:***@"),  # user:password@host
+    # user:password@host, also as Hydra writes overrides of a multirun job (`https\://u\:pw@host`)
+    (re.compile(r"(\b[a-z][a-z0-9+.\-]*\\?://[^/\s:@\\]+)\\?:[^/\s@]+@"), r"\1:***@"),
 ]
 # NAME=value or NAME: value inside a string (launcher prefix words, dict-form overrides)
 _EMBEDDED = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)(\s*[:=]\s*)([^\s,{}\[\]'\"=]+)")
@@ -419,3 +420,11 @@ def redact(obj: Any) -> Any:
                 return key + "=***"
         return redact_text(obj)
     return obj
+
+
+class RedactingFilter:
+    """A logging filter that redacts secrets from messages (Hydra's launchers log each job's overrides)."""
+
+    def filter(self, record) -> bool:
+        record.msg, record.args = redact_text(record.getMessage()), None
+        return True

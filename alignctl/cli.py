@@ -103,10 +103,11 @@ def _register_recipes(extra: dict[str, Path]) -> None:
         cs.store(group="recipe", name=name, node=node, package="_global_")
 
 
-def prepare_overrides(args: list[str]) -> tuple[list[str], dict[str, Path]]:
-    """Rewrite dotted overrides to ``++`` form and resolve ``recipe=<file>``; check recipe names."""
+def prepare_overrides(args: list[str], config_dir: str | None = None) -> tuple[list[str], dict[str, Path]]:
+    """Rewrite dotted overrides to ``++`` form and resolve ``recipe=<file>``; check recipe names (any name goes with
+    a user config dir, where Hydra looks for recipe/<name>.yaml)."""
     out, extra = [], {}
-    user_config_dir = any(a.split("=")[0] in ("--config-dir", "-cd") for a in args)
+    user_config_dir = bool(config_dir) or any(a.split("=")[0] in ("--config-dir", "-cd") for a in args)
     known = available_recipes()
     skip_next = False
     for a in args:
@@ -150,7 +151,7 @@ def compose(overrides: list[str], return_hydra_config: bool = False, config_dir:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    overrides, extra = prepare_overrides(overrides)
+    overrides, extra = prepare_overrides(overrides, config_dir)
     _register_recipes(extra)
     if config_dir:  # --config-dir: searched before alignctl's own configs, as Hydra does for `run`
         overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).expanduser().absolute()}]"]
@@ -290,10 +291,23 @@ def precheck_run(args: list[str]) -> None:
                               + ["the sweep was stopped before any job started"]) from None
 
 
+# Loggers of Hydra's launchers that print each job's overrides: their lines are redacted like saved files.
+LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core",
+                    "hydra_plugins.hydra_submitit_launcher.submitit_launcher")
+
+
 def cmd_run(args: list[str]) -> int:
+    import logging
+
+    from alignctl.checks import RedactingFilter
+
     overrides, extra = prepare_overrides(args)
     precheck_run(args)
     _register_recipes(extra)
+    for name in LAUNCHER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
     from alignctl.app import hydra_main
 
     sys.argv = ["alignctl"] + overrides

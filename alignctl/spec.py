@@ -122,7 +122,10 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
     problems: list[str] = []
     notes: list[str] = []
     for key in c:
-        if key not in TOP_KEYS:
+        if key == "recipe" and isinstance(c[key], dict):  # a recipe/<name>.yaml of --config-dir without its header
+            problems.append("recipe: a recipe file in a --config-dir recipe/ folder must start with the line "
+                            "`# @package _global_` (its keys are top-level keys)")
+        elif key not in TOP_KEYS:
             problems.append(_unknown("config", key, TOP_KEYS))
 
     recipe = c.get("name") or "recipe"

@@ -384,9 +384,9 @@ def test_redaction_by_key_and_value_keeps_tokenizer_fields():
     flat = json.dumps(out)
     assert "hf_aaa" not in flat and "hf_ccc" not in flat and "sk-ddd" not in flat and "pw@" not in flat
     overrides = ["launcher.env={HF_TOKEN:abc,NCCL_DEBUG:WARN}", "+launcher.env.WANDB_API_KEY=xyz",
-                 "stages.ppo.stop_token=eos"]
+                 "stages.ppo.stop_token=eos", "+stages.sft.run_name=https\\://u\\:pw@h/x"]  # as a multirun job has it
     assert checks.redact(overrides) == ["launcher.env={HF_TOKEN:***,NCCL_DEBUG:WARN}", "+launcher.env.WANDB_API_KEY=***",
-                                        "stages.ppo.stop_token=eos"]
+                                        "stages.ppo.stop_token=eos", "+stages.sft.run_name=https\\://u:***@h/x"]
 
 
 def test_hydra_multirun_yaml_is_redacted_and_private(tmp_path):
@@ -430,3 +430,17 @@ def test_grpo_factory_arguments_match_trl():
     for name, params in FACTORY_ARGS.items():
         sig = inspect.signature(getattr(trl.rewards, name)).parameters
         assert {a: p.default is inspect.Parameter.empty for a, p in sig.items()} == params, name
+
+
+def test_config_dir_recipe_is_checked_before_hydra_starts(capsys, tmp_path):
+    (tmp_path / "cd" / "recipe").mkdir(parents=True)
+    (tmp_path / "cd" / "recipe" / "mine.yaml").write_text(
+        "name: mine\nstages:\n  sft: {trainer: sft, data: sft, learning_rate: -1}\n")
+    err = _fails(capsys, tmp_path, "run", "--config-dir", str(tmp_path / "cd"), "recipe=mine",
+                 f"hydra.run.dir={tmp_path}/run")
+    assert "`# @package _global_`" in err
+    text = (tmp_path / "cd" / "recipe" / "mine.yaml").read_text()
+    (tmp_path / "cd" / "recipe" / "mine.yaml").write_text("# @package _global_\n" + text)
+    err = _fails(capsys, tmp_path, "run", "--config-dir", str(tmp_path / "cd"), "recipe=mine",
+                 f"hydra.run.dir={tmp_path}/run")
+    assert "stages.sft.learning_rate: must be a number ≥ 0, got -1" in err and not (tmp_path / "run").exists()
