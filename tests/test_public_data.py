@@ -394,3 +394,12 @@ def test_on_policy_kinds_raise_the_reward_on_public_prompt_sets(run):
     for label, dropped in (("data.gen", "chosen, rejected, messages"), ("data.hh", "chosen, rejected")):
         notes = [line for line in LOG if line.startswith(f"{label}: ") and "used its prompts only" in line]
         assert len(notes) == 1 and dropped in notes[0], notes
+
+
+@pytest.mark.parametrize("recipe", ["default", "rlhf-ppo", "rlhf-grpo", "kto", "simpo"])
+def test_hh_rlhf_data_group_serves_every_role_of_every_tiny_recipe(recipe, tmp_path):
+    """configs/data/hh-rlhf.yaml names Anthropic/hh-rlhf for sft, prefs, prompts and unpaired; pointed at files of its
+    layout, every role of every recipe passes the plan checks (SFT on the chosen conversations, pairs, prompts)."""
+    paths = [f"data.{role}.path={PUBLIC / 'hh_rlhf'}" for role in ("sft", "prefs", "prompts", "unpaired")]
+    resolved = spec.resolve(compose([f"recipe={recipe}", "data=hh-rlhf", *paths]), tmp_path)
+    assert all(s["data"]["path"] == str(PUBLIC / "hh_rlhf") for s in resolved["stages"])
