@@ -167,6 +167,13 @@ def _resolve_accelerate(node: dict, precision: str, out: dict, problems: list[st
     except yaml.YAMLError as e:
         problems.append(f"launcher.config_file: {path} is not valid YAML: {str(e).splitlines()[0]}")
         return
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"launcher.config_file: {path} cannot be read: {getattr(e, 'strerror', None) or e}")
+        return
+    if not isinstance(cfg, dict):
+        problems.append(f"launcher.config_file: {path} must hold a mapping of accelerate settings (as written by "
+                        f"`accelerate config`), got a {type(cfg).__name__}")
+        return
     where = f"launcher.config_file ({path.name})"
     nproc = _count(node.get("num_processes", "gpu"), "launcher.num_processes", problems, allow_null=True)
     if nproc is None and "num_processes" in node and node["num_processes"] is None:
@@ -174,6 +181,9 @@ def _resolve_accelerate(node: dict, precision: str, out: dict, problems: list[st
     machines = _count(node.get("num_machines") or cfg.get("num_machines") or 1, "launcher.num_machines", problems,
                       allow_gpu=False)
     out.update(num_processes=nproc, num_machines=machines)
+    if not isinstance(cfg.get("deepspeed_config") or {}, dict) or not isinstance(cfg.get("fsdp_config") or {}, dict):
+        problems.append(f"{where}: deepspeed_config and fsdp_config must be mappings")
+        return
     engine, engine_problems = accelerate_engine(cfg, where)
     problems += engine_problems
     mixed = str(cfg.get("mixed_precision") or "no")
@@ -202,6 +212,9 @@ def accelerate_engine(cfg: dict, where: str) -> tuple[str, list[str]]:
                 ds_json = json.loads(Path(ds["deepspeed_config_file"]).expanduser().read_text())
             except (OSError, ValueError) as e:
                 return "deepspeed", [f"{where}: deepspeed_config_file cannot be read: {e}"]
+            if not isinstance(ds_json, dict) or not isinstance(ds_json.get("zero_optimization") or {}, dict):
+                return "deepspeed", [f"{where}: deepspeed_config_file {ds['deepspeed_config_file']} must be a JSON "
+                                     "object with a `zero_optimization` mapping"]
             zero = ds_json.get("zero_optimization") or {}
             stage = zero.get("stage", 0)
             gather = zero.get("stage3_gather_16bit_weights_on_model_save", zero.get(
@@ -247,6 +260,8 @@ def apply_batch(raw: dict, args: dict, trl: dict, launcher: dict, where: str) ->
     if isinstance(target, bool) or not isinstance(target, int) or target < 1:
         return [f"{where}.global_batch_size: must be a positive integer, got {target!r}"]
     per_device = args.get("per_device_train_batch_size", trl.get("per_device_train_batch_size", {}).get("default", 8))
+    if isinstance(per_device, bool) or not isinstance(per_device, int) or per_device < 1:
+        return []  # the per-device batch itself is reported (checks.field_problems)
     ws = launcher.get("world_size") or 1
     step = per_device * ws
     if target % step:
@@ -296,6 +311,21 @@ def runtime_problems(launcher: dict | None) -> list[str]:
     if engine.startswith("deepspeed") and find_spec("deepspeed") is None:
         problems.append(f"launcher.config_file: {Path(launcher['config_file']).name} uses DeepSpeed, which is not "
                         "installed here: pip install 'alignctl[deepspeed]' (or choose config_file=ddp or fsdp)")
+    nodes = launcher.get("nnodes") if launcher.get("kind") == "torchrun" else launcher.get("num_machines")
+    if isinstance(nodes, int) and nodes > 1 and not launcher.get("prefix"):
+        key = "nnodes" if launcher.get("kind") == "torchrun" else "num_machines"
+        problems.append(f"launcher.{key}: {nodes} nodes, but no `prefix` starts {launcher['kind']} on the other nodes "
+                        "(it would wait for them ~10 minutes); set e.g. launcher.prefix=[srun,--ntasks-per-node=1]")
+    nproc = launcher.get("nproc_per_node") if launcher.get("kind") == "torchrun" else launcher.get("num_processes")
+    if isinstance(nproc, int) and not launcher.get("prefix"):  # this machine starts every process
+        if launcher.get("kind") == "accelerate":
+            nproc //= max(1, launcher.get("num_machines") or 1)
+        gpus = gpu_count()
+        have, what = (gpus, "GPUs") if gpus else (os.cpu_count() or 1, "CPU cores")
+        if nproc > have:
+            key = "nproc_per_node" if launcher.get("kind") == "torchrun" else "num_processes"
+            problems.append(f"launcher.{key}: {nproc} processes on this machine, which has {have} {what}; use at "
+                            f"most {have} (one process per {'GPU' if gpus else 'core'})")
     if (engine.startswith("deepspeed") or engine == "fsdp") and gpu_count() == 0:
         problems.append(f"launcher.config_file: {ENGINE_NAMES.get(engine, engine)} needs CUDA GPUs and none is visible "
                         "here; on CPU use launcher=torchrun or config_file=ddp (DDP over gloo)")
@@ -352,7 +382,9 @@ def run_stage(work: dict, spec_path: str | os.PathLike, launcher: dict | None) -
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cmd = command(launcher, spec_path)
-    (out / "command.txt").write_text(" ".join(cmd) + "\n")
+    from alignctl.checks import redact_text
+
+    (out / "command.txt").write_text(redact_text(" ".join(cmd)) + "\n")  # e.g. srun --export=...,HF_TOKEN=...
     log.info("stage %s: launching %d processes with %s (output of every rank: %s)", work["name"],
              launcher["world_size"], launcher["kind"], out / "output.log")
     env = {**os.environ, **launcher.get("env", {}), "PYTHONUNBUFFERED": "1", ATTEMPT_ENV: str(work.get("attempt", ""))}

@@ -30,20 +30,12 @@ from alignctl import fsutil
 
 log = logging.getLogger("alignctl")
 
-SECRET_HINTS = ("token", "api_key", "apikey", "password", "secret")
-
-
 def redact(obj: Any) -> Any:
-    """Replace values of secret-looking keys (and override strings) with ***."""
-    if isinstance(obj, dict):
-        return {k: ("***" if any(h in str(k).lower() for h in SECRET_HINTS) and v else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str) and "=" in obj:
-        key = obj.split("=", 1)[0]
-        if any(h in key.lower() for h in SECRET_HINTS):
-            return key + "=***"
-    return obj
+    """Secrets out of what is saved (config.yaml, manifest overrides, launch/command.txt, multirun.yaml): by key
+    name and by value pattern, tokenizer fields left intact (alignctl.checks.redact)."""
+    from alignctl.checks import redact as _redact
+
+    return _redact(obj)
 
 
 def versions() -> dict[str, str]:
@@ -93,29 +85,45 @@ def stage_specs(spec: dict) -> list[dict]:
 
 
 def preflight(stages: list[dict]) -> None:
-    """Load and check every stage's data and build every TRL config, before any model is loaded."""
+    """Everything checkable before anything trains, for every stage: its TRL config is built (TRL's own
+    validation; all stages first, so a bad field of the last stage fails in seconds), then its data is loaded and
+    column-checked, and what this machine needs is checked (attention kernel, 4-bit)."""
     import importlib
 
     from alignctl import data, models
+    from alignctl.errors import ConfigError
     from alignctl.runner import StageContext
-    from alignctl.spec import ConfigError
     from alignctl.stages import STAGES
 
     problems = []
+    for s in stages:
+        kind = STAGES[s["trainer"]]
+        module, _, cls = kind.config_class.rpartition(".")
+        try:
+            getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
+        except (ValueError, TypeError, NotImplementedError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            problems.append(f"stages.{s['name']}: {kind.config_class} rejects the settings: {first}")
+    if problems:  # no data loading for a run that cannot start
+        raise ConfigError(problems)
     for s in stages:
         kind = STAGES[s["trainer"]]
         try:
             data.load(s["data"], kind.data_kind, f"stages.{s['name']}")
         except ConfigError as e:
             problems += e.problems
-        module, _, cls = kind.config_class.rpartition(".")
-        try:
-            getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
-        except (ValueError, TypeError) as e:
-            problems.append(f"stages.{s['name']}: {kind.config_class} rejects the settings: {e}")
         problems += [p for p in models.device_problems(s) if p not in problems]  # attention, 4-bit on this machine
     if problems:
         raise ConfigError(problems)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file that holds configuration: readable by the user only (0600), replaced atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
@@ -131,13 +139,20 @@ def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) 
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if config_yaml is not None:
-        (run_dir / "config.yaml").write_text(config_yaml)
-    stages = _prepare(stage_specs(spec))
+        _write_private(run_dir / "config.yaml", config_yaml)
+    stages = stage_specs(spec)
+    try:  # before anything trains: what this machine lacks for the launcher (cheap, first), then every stage's
+        _launch_preflight(spec.get("launcher"), None)  # TRL config, data and models
+        preflight(stages)
+    except Exception as e:  # recorded: the run failed, every stage still pending
+        Manifest(spec, list(overrides)).update(status="failed", error=str(e).splitlines()[0][:500] if str(e) else
+                                               type(e).__name__, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        raise
+    stages = _prepare(stages)
     fps = store.fingerprints(stages, spec.get("launcher"))
     manifest = Manifest(spec, list(overrides))
     try:
         with _stop_on_sigterm():
-            preflight(stages)
             _launch_preflight(spec.get("launcher"), manifest)
             for s in stages:
                 _run_one(s, store.Entry(spec["store_dir"], s["trainer"], fps[s["name"]]), manifest,
@@ -152,7 +167,7 @@ def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) 
     return manifest.data
 
 
-def _launch_preflight(launcher: dict | None, manifest: Manifest) -> None:
+def _launch_preflight(launcher: dict | None, manifest: Manifest | None) -> None:
     """What this machine lacks for the launcher (e.g. DeepSpeed); the launcher goes into the manifest."""
     from alignctl import launch
     from alignctl.spec import ConfigError
@@ -160,7 +175,7 @@ def _launch_preflight(launcher: dict | None, manifest: Manifest) -> None:
     problems = launch.runtime_problems(launcher)
     if problems:
         raise ConfigError(problems)
-    if launcher:
+    if launcher and manifest is not None:
         manifest.update(launcher={"kind": launcher["kind"], "world_size": launcher["world_size"],
                                   "distributed": launcher["distributed"], "description": launch.describe(launcher)})
 
