@@ -403,3 +403,27 @@ def test_hh_rlhf_data_group_serves_every_role_of_every_tiny_recipe(recipe, tmp_p
     paths = [f"data.{role}.path={PUBLIC / 'hh_rlhf'}" for role in ("sft", "prefs", "prompts", "unpaired")]
     resolved = spec.resolve(compose([f"recipe={recipe}", "data=hh-rlhf", *paths]), tmp_path)
     assert all(s["data"]["path"] == str(PUBLIC / "hh_rlhf") for s in resolved["stages"])
+
+
+class _Template:
+    """A chat template rendering turns as '<role>: content' lines (enough to see what _texts formats)."""
+
+    def apply_chat_template(self, turns, tokenize=False, add_generation_prompt=False):
+        text = "".join(f"<{m['role']}>: {m['content']}\n" for m in turns)
+        return text + ("<assistant>: " if add_generation_prompt else "")
+
+
+@pytest.mark.parametrize("prompt,completion", [
+    ("describe the lake .", [assistant("the lake is calm and kind .")]),    # string prompt, conversational answer
+    ([user("describe the lake .")], "the lake is calm and kind ."),        # conversational prompt, string answer
+    ([user("describe the lake .")], [assistant("the lake is calm and kind .")]),
+])
+def test_preference_evaluation_formats_mixed_string_and_conversational_pairs(prompt, completion):
+    """The held-out preference evaluation cannot crash on a string prompt beside conversational completions (the
+    UltraFeedback layout before conversion): both sides go through the chat template."""
+    from alignctl.evaluate import _texts
+
+    p, full = _texts(_Template(), prompt, completion)
+    assert p == "<user>: describe the lake .\n<assistant>: "
+    assert full == "<user>: describe the lake .\n<assistant>: the lake is calm and kind .\n"
+    assert _texts(_Template(), "q ", "a") == ("q ", "q a")  # plain strings stay plain
