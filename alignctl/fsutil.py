@@ -5,6 +5,8 @@
   file is either the old or the new version.
 * :func:`finite`: the same mapping of NaN/inf to ``None``, for callers that build JSON themselves.
 * :func:`fsync_dir`, :func:`tree_files`, :func:`tree_size`.
+* :class:`FileLock`: an exclusive lock file (O_CREAT|O_EXCL) with the holder's host/pid and a heartbeat, stale-lock
+  takeover and a wait timeout, for the stage store and run directories on local and shared (cluster) file systems.
 """
 
 from __future__ import annotations
@@ -249,8 +251,8 @@ class FileLock:
             os.close(fd)
         return True
 
-    def _break_if_stale(self, info: dict, stale_now: bool) -> None:
-        """Remove the lock file if it still holds the holder judged stale (under the break file)."""
+    def _break_if_stale(self, info: dict, stale_now: bool) -> bool:
+        """Remove the lock file if it still holds the holder judged stale (under the break file); True if removed."""
         breaker = self.path.with_name(self.path.name + ".break")
         try:
             fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -260,7 +262,7 @@ class FileLock:
                     breaker.unlink(missing_ok=True)
             except OSError:
                 pass
-            return
+            return False
         os.close(fd)
         try:
             now = read_lock(self.path)
@@ -268,6 +270,8 @@ class FileLock:
                 log.warning("%s: taking over the lock of %s (%s)", self.what, describe_holder(info),
                             "its process is gone" if stale_now else f"no heartbeat for {self.stale:.0f} s")
                 self.path.unlink(missing_ok=True)
+                return True
+            return False
         finally:
             breaker.unlink(missing_ok=True)
 
@@ -291,7 +295,8 @@ class FileLock:
             dead_here = (info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
                          and not pid_alive(info["pid"], info.get("proc_start")))
             if dead_here or time.monotonic() - seen_at >= self.stale:
-                self._break_if_stale(info, dead_here)
+                if not self._break_if_stale(info, dead_here):
+                    time.sleep(self.poll)  # another waiter is taking it over
                 continue
             waited = time.monotonic() - t0
             if self.timeout is not None and waited >= self.timeout:

@@ -300,7 +300,8 @@ def test_lock_waits_names_the_holder_and_times_out(tmp_path, caplog):
     path = tmp_path / "e" / ".lock"
     with fsutil.FileLock(path, "entry e", heartbeat=0.1):
         t0 = time.monotonic()
-        with pytest.raises(fsutil.LockTimeout, match=rf"entry e is locked by .*@{socket.gethostname()} pid {os.getpid()}"):
+        holder = rf"entry e is locked by .*@{socket.gethostname()} pid {os.getpid()}"
+        with pytest.raises(fsutil.LockTimeout, match=holder):
             fsutil.FileLock(path, "entry e", timeout=0.6, stale=0.3).acquire()  # heartbeats keep it live
         assert time.monotonic() - t0 >= 0.6
     assert "waiting for" in caplog.text and not path.exists()
@@ -415,7 +416,8 @@ def test_damaged_entry_is_trained_again(trained, tmp_path, cache_root, caplog):
 def test_corrupted_newest_checkpoint_is_skipped_on_resume(trained, tmp_path, cache_root, caplog):
     caplog.set_level("INFO", logger="alignctl")
     root, sft = copy_store(trained, tmp_path)
-    assert sorted(p.name for p in (sft.dir / "checkpoints").glob("checkpoint-*")) == [f"checkpoint-{i}" for i in (1, 2, 3)]
+    kept = sorted(p.name for p in (sft.dir / "checkpoints").glob("checkpoint-*"))
+    assert kept == [f"checkpoint-{i}" for i in (1, 2, 3)]
     sft.invalidate()  # as if killed after the third checkpoint
     (sft.dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").write_text("")  # truncated by a full disk
     m = run_in_process(cache_root, root, tmp_path / "run")
