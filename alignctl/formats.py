@@ -194,7 +194,10 @@ def to_trl(row: dict[str, Any], layout: str) -> dict[str, Any]:
             raise FormatError(f"format {layout} needs column {', '.join(repr(c) for c in missing)}; "
                               f"has {sorted(row)}")
         return CONVERTERS[layout](row)
-    return dict(row)
+    row = dict(row)
+    if "messages" not in row and is_conversation(row.get("conversations")):  # role/content turns under that name
+        row["messages"] = row.pop("conversations")
+    return row
 
 
 def _wrap_answers(row: dict) -> dict:

@@ -118,3 +118,16 @@ def test_mapping_source_missing_is_reported(tmp_path):
 def test_hub_ids_are_not_mistaken_for_files():
     assert not data.looks_local("HuggingFaceH4/ultrachat_200k")
     assert data.looks_local("./x.jsonl") and data.looks_local("builtin:sft.jsonl") and data.looks_local("/a/b")
+
+
+def test_conversations_column_in_either_turn_style_becomes_messages(tmp_path):
+    """`conversations` of {role, content} turns is read as `messages`; of {from, value} turns (ShareGPT) converted."""
+    rows = [{"conversations": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}], "id": i}
+            for i in range(6)]
+    train, _ = data.load(spec_for(write_jsonl(tmp_path / "c.jsonl", rows), eval_size=0), "sft", "stages.sft")
+    assert train.column_names == ["messages"] and train[0]["messages"][0] == {"role": "user", "content": "q0"}
+    sharegpt = [{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": f"q{i}"},
+                                   {"from": "gpt", "value": "a"}]} for i in range(6)]
+    train, _ = data.load(spec_for(write_jsonl(tmp_path / "s.jsonl", sharegpt), eval_size=0, system_turns="drop"),
+                         "sft", "stages.sft")
+    assert train[0]["messages"] == [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a"}]
