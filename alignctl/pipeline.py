@@ -245,7 +245,7 @@ def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -
     t0 = time.time()
     world_size = s.get("world_size", 1)
     manifest.update(s["name"], status="running", fingerprint=entry.fingerprint, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    with entry.lock():
+    with entry.lock() as lock:
         reused = None
         if entry.complete():
             problems = entry.verify()
@@ -271,6 +271,11 @@ def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 manifest.update(s["name"], status=status, seconds=round(time.time() - t0, 1))
                 raise
+            if lock.lost:  # stalled past the stale timeout: another process took the entry over; it decides
+                manifest.update(s["name"], status="failed", seconds=round(time.time() - t0, 1))
+                raise launch.StageFailed(s["name"], "(lost its store lock)", f"another process took over {entry.dir} "
+                                         "while this one trained it; nothing was marked complete. Re-run: the stage "
+                                         "is reused once the other process completes it")
             data = s.get("data_check") or {}
             entry.mark_complete(metrics, keep_checkpoints=bool(s.get("keep_checkpoints")),
                                 extra={"stage": s["name"], "trainer": s["trainer"], "data_content": data.get("content")})
