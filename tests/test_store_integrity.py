@@ -517,3 +517,14 @@ def test_a_rank_refuses_a_spec_rewritten_by_another_run_or_resolved_elsewhere(mo
     elsewhere = "bf16" if precision_for("auto") != "bf16" else "fp16"
     with pytest.raises(RuntimeError, match="set precision explicitly"):
         worker._check_spec({"attempt": "abc123", "precision_setting": "auto", "precision": elsewhere})
+
+
+def test_a_holder_whose_lock_was_taken_over_knows_it(tmp_path):
+    path = tmp_path / ".lock"
+    mine = fsutil.FileLock(path, "entry", heartbeat=0.05).acquire()
+    path.unlink()  # what a takeover does after `stale` seconds without a heartbeat (e.g. this process was stopped)
+    with fsutil.FileLock(path, "entry", timeout=1):
+        time.sleep(0.3)
+        assert mine.lost
+        mine.release()  # must not remove the new holder's lock
+        assert path.exists()
