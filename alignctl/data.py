@@ -522,6 +522,11 @@ def _convert(ds, spec: dict, data_kind: str, label: str, stage: str, split: str)
     if spec["to_messages"]:
         ds = ds.map(_to_messages, remove_columns=[c for c in ("prompt", "completion") if c in ds.column_names])
     layout, system, notes = spec["format"], spec["system_turns"], set()
+    if data_kind == "sft" and "label" in ds.column_names and ds.features["label"].dtype == "bool":
+        ds = ds.filter(lambda ex: ex["label"])  # unpaired KTO data: SFT on the desirable completions only
+        _note_once(label, f"{stage} trains on the desirable rows only (label true)")
+        if len(ds) == 0:
+            raise ConfigError([f"{label} (split {split}): no row has label true, nothing to train {stage} on"])
     try:
         first, _ = formats.convert(ds[0], layout, data_kind, system)
     except formats.FormatError as e:

@@ -204,6 +204,13 @@ def test_pair_sets_serve_sft_with_their_chosen_conversations(key, kind):
     assert all(m[-1]["role"] == "assistant" and m[-2]["role"] == "user" for m in list(train["messages"]))
 
 
+def test_kto_mix_serves_sft_with_its_desirable_completions_only():
+    train, held = load("kto_mix_14k", "sft")
+    good = [r for r in raw("kto_mix_14k") if r["label"]]
+    assert train.column_names == ["prompt", "completion"] and len(train) == len(good) == 64
+    assert list(train["completion"]) == [r["completion"] for r in good]
+
+
 @pytest.mark.parametrize("key,expected", [
     ("ultrafeedback_prompt", lambda r: r["prompt"]),
     ("ultrafeedback_binarized:gen", lambda r: [user(r["prompt"])]),       # a pair set's train_gen split
@@ -213,6 +220,7 @@ def test_pair_sets_serve_sft_with_their_chosen_conversations(key, kind):
     ("pku_saferlhf", lambda r: [user(r["prompt"])]),
     ("ultrachat_200k:gen", lambda r: r["messages"][:-1]),                  # conversations: turns before the last answer
     ("tldr", lambda r: r["prompt"]),                                       # prompt/completion: the prompt
+    ("kto_mix_14k", lambda r: r["prompt"]),                                # unpaired: the prompt
 ])
 def test_every_layout_serves_as_a_prompt_set(key, expected, caplog):
     caplog.set_level(logging.INFO, logger="alignctl")
