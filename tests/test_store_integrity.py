@@ -426,6 +426,10 @@ def test_corrupted_newest_checkpoint_is_skipped_on_resume(trained, tmp_path, cac
     assert "[sft] step 3:" in caplog.text and "[sft] step 1:" not in caplog.text
     assert m["status"] == "completed" and sft.complete()
     assert not (sft.dir / "checkpoints").exists(), "completion drops the checkpoints (keep_checkpoints unset)"
+    size = strict(tmp_path / "run" / "manifest.json")["store"]  # the size line: manifest and report.md
+    assert size["entries"] == 2 and size["bytes"] == sum(e.size() for e in store.entries(root))
+    assert size["added_bytes"] == m["stages"][0]["bytes"] > 0 and "Store: 2 entries" in (
+        tmp_path / "run" / "report.md").read_text()
 
 
 def test_diverged_stage_fails_and_is_never_stored(tmp_path, cache_root):
