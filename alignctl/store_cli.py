@@ -151,12 +151,12 @@ def _remove(e: store.Entry, dry: bool) -> tuple[int, int] | None:
 
 
 def _leftovers(e: store.Entry) -> list[Path]:
-    out = []
-    for p in e.dir.iterdir() if e.dir.is_dir() else []:
-        if p.name.endswith(LEFTOVER_SUFFIXES) and not (p.name.endswith(".break") and store.holder(e)):
-            out.append(p)
+    """Half-written folders and temporary files of an entry nobody holds, and a completed entry's checkpoints."""
+    if not e.dir.is_dir() or store.holder(e):
+        return []
+    out = [p for p in e.dir.iterdir() if p.name.endswith(LEFTOVER_SUFFIXES)]
     rec = e.record()
-    if rec and not rec.get("keep_checkpoints") and (e.dir / "checkpoints").exists() and not store.holder(e):
+    if rec and not rec.get("keep_checkpoints") and (e.dir / "checkpoints").exists():
         out.append(e.dir / "checkpoints")
     return out
 

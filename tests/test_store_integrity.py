@@ -532,3 +532,17 @@ def test_a_holder_whose_lock_was_taken_over_knows_it(tmp_path):
         assert mine.lost
         mine.release()  # must not remove the new holder's lock
         assert path.exists()
+
+
+def test_nan_weights_fail_the_stage_even_when_the_logged_loss_looks_fine():
+    import torch
+
+    from alignctl.launch import StageFailed
+    from alignctl.runner import check_weights_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    check_weights_finite(model, "sft")
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(StageFailed, match=r"non-finite weights \(1.weight\)"):
+        check_weights_finite(model, "sft")
