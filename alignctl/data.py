@@ -305,7 +305,8 @@ def check_columns(row: dict[str, Any], data_kind: str, label: str, stage: str, w
         best = min(REQUIRED[data_kind], key=lambda alt: len(set(alt) - cols))
         missing = ", ".join(repr(c) for c in best if c not in cols)
         return [f"{label} ({where}): missing column {missing} needed by {stage}; has {sorted(cols)}. "
-                f"A {data_kind} data set needs {HELP[data_kind]}; map other names with {label}.columns "
+                f"{'An' if data_kind[0] in 'aeiou' else 'A'} {data_kind} data set needs {HELP[data_kind]}; "
+                f"map other names with {label}.columns "
                 f"or name its layout with {label}.format ({', '.join(formats.LAYOUTS)})"]
     problems = [f"{label} ({where}): {p} (for {stage})" for c in sorted(cols) if (p := _type_problem(c, row[c]))]
     if problems:
