@@ -8,8 +8,8 @@ A stage's fingerprint hashes everything that determines its weights:
   changed since the run started stops the stage), or the Hub id and revision;
 * the model settings, the precision actually used (``auto`` resolved on the machine: bf16 / fp16 / fp32) and the
   peft settings (the QLoRA compute dtype resolved the same way), world size and distributed engine;
-* the launcher settings that change numerics: ``extra_args``, ``env`` and the content of the accelerate /
-  DeepSpeed config files (minus where-to-run keys);
+* the launcher settings that change numerics: ``extra_args``, ``env`` (minus credentials, tracking, logging and
+  cache variables) and the content of the accelerate / DeepSpeed config files (minus where-to-run keys);
 * the fingerprints of the stages it links to (``from``, ``ref``, ``reward``, ``value``);
 * the versions of torch, transformers, trl, peft, accelerate, datasets (bitsandbytes under qlora, deepspeed under
   DeepSpeed) and a content hash of alignctl's own source files.
@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -67,6 +68,9 @@ ACCELERATE_PLACE_KEYS = {"compute_environment", "distributed_type", "mixed_preci
                          "num_processes", "gpu_ids", "rdzv_backend", "same_network", "use_cpu", "debug",
                          "main_process_ip", "main_process_port", "main_training_function", "enable_cpu_affinity",
                          "deepspeed_multinode_launcher", "deepspeed_hostfile", "deepspeed_config_file"}
+# launcher.env variables that cannot change the weights (credentials, tracking, logging, caches, proxies)
+NON_NUMERIC_ENV = re.compile(r"TOKEN|KEY|SECRET|PASSW|WANDB|MLFLOW|COMET|NEPTUNE|TRACKIO|LOG|DEBUG|PROXY|HOME|CACHE|"
+                             r"TMPDIR|HF_HUB", re.IGNORECASE)
 FORMAT = 2
 SAMPLE_BLOCKS, SAMPLE_BYTES = 8, 1 << 12  # the cheap check hashes 8 blocks of 4 KiB spread over each file
 KEPT = ("final", "adapter", "log_history.json", "samples.jsonl", "metrics.json")  # what a complete entry holds
@@ -191,8 +195,9 @@ def launcher_identity(launcher: dict | None) -> dict:
     out: dict[str, Any] = {}
     if launcher.get("extra_args"):
         out["extra_args"] = list(launcher["extra_args"])
-    if launcher.get("env"):
-        out["env"] = dict(launcher["env"])
+    env = {k: v for k, v in (launcher.get("env") or {}).items() if not NON_NUMERIC_ENV.search(k)}
+    if env:
+        out["env"] = env
     if launcher.get("config_file"):
         import yaml
 

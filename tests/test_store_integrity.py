@@ -85,6 +85,7 @@ def test_launcher_settings_that_change_numerics_are_fingerprinted(tmp_path):
     assert fps(tmp_path, *two, "launcher.rdzv_id=job7") == base  # where it runs: no
     assert fps(tmp_path, *two, "launcher.extra_args=[--max-restarts,0]")["sft"] != base["sft"]
     assert fps(tmp_path, *two, "launcher.env.CUBLAS_WORKSPACE_CONFIG=1")["sft"] != base["sft"]
+    assert fps(tmp_path, *two, "launcher.env.WANDB_API_KEY=abc", "launcher.env.NCCL_DEBUG=INFO") == base
     ddp = fps(tmp_path, "launcher=accelerate", "launcher.num_processes=2")
     assert ddp == base  # the shipped DDP file only says where to run
     mine = tmp_path / "acc.yaml"
