@@ -219,10 +219,13 @@ class FileLock:
     seconds as seen by the waiter's own clock (so clock skew between nodes does not matter). Takeover is serialised
     by a second exclusive file (``<lock>.break``), so two waiters never both remove a lock. ``timeout``: seconds to
     wait before :class:`LockTimeout` (None: as long as the holder is alive); 0: fail at once if held.
+    ``only_if_dead``: fail at once when the holder is seen alive (its pid on this host, or a heartbeat), else wait
+    until it is stale and take over (a run directory reused after its run was killed, maybe on another node).
     """
 
     def __init__(self, path: str | os.PathLike, what: str = "", timeout: float | None = _FROM_ENV,
-                 stale: float | None = None, heartbeat: float | None = None, poll: float = 0.2):
+                 stale: float | None = None, heartbeat: float | None = None, poll: float = 0.2,
+                 only_if_dead: bool = False):
         settings = lock_settings()
         self.path = Path(path)
         self.what = what or str(self.path.parent)
@@ -230,6 +233,7 @@ class FileLock:
         self.stale = stale or settings["stale"]
         self.heartbeat = heartbeat or settings["heartbeat"]
         self.poll = poll
+        self.only_if_dead = only_if_dead
         self.token = uuid.uuid4().hex
         self.lost = False
         self._stop = threading.Event()
@@ -290,10 +294,14 @@ class FileLock:
             if info is None:
                 continue  # released between our attempt and the read
             key = (info.get("token"), info.get("_mtime"))
+            beat = seen is not None and key != seen and key[0] == seen[0]  # the holder's heartbeat moved
             if key != seen:
                 seen, seen_at = key, time.monotonic()
-            dead_here = (info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
-                         and not pid_alive(info["pid"], info.get("proc_start")))
+            here = info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
+            dead_here = here and not pid_alive(info["pid"], info.get("proc_start"))
+            if self.only_if_dead and ((here and not dead_here) or beat):
+                raise LockTimeout(f"{self.what} is locked by {describe_holder(info)}, which is alive "
+                                  f"(lock file {self.path})")
             if dead_here or time.monotonic() - seen_at >= self.stale:
                 if not self._break_if_stale(info, dead_here):
                     time.sleep(self.poll)  # another waiter is taking it over

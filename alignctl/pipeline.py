@@ -196,7 +196,8 @@ def _run_dir_lock(run_dir: Path):
     from alignctl.errors import ConfigError
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = fsutil.FileLock(run_dir / ".alignctl.lock", f"run directory {run_dir}", timeout=0)
+    # a live run there: refused at once; a run killed on another node: taken over once its heartbeat is stale
+    lock = fsutil.FileLock(run_dir / ".alignctl.lock", f"run directory {run_dir}", timeout=None, only_if_dead=True)
     try:
         lock.acquire()
     except fsutil.LockTimeout:

@@ -547,3 +547,20 @@ def test_nan_weights_fail_the_stage_even_when_the_logged_loss_looks_fine():
         model[1].weight[0, 0] = float("nan")
     with pytest.raises(StageFailed, match=r"non-finite weights \(1.weight\)"):
         check_weights_finite(model, "sft")
+
+
+def test_a_run_directory_left_by_a_killed_run_on_another_node_is_taken_over(tmp_path):
+    path = tmp_path / ".alignctl.lock"
+    path.write_text(json.dumps({"host": "node-7", "pid": 4242, "token": "t"}))  # no heartbeat any more
+    t0 = time.monotonic()
+    with fsutil.FileLock(path, "run directory", timeout=None, only_if_dead=True, stale=0.5):
+        assert time.monotonic() - t0 >= 0.5
+    path.write_text(json.dumps({"host": "node-7", "pid": 4242, "token": "t"}))
+    beating = fsutil.FileLock(path, "run directory", timeout=None, only_if_dead=True, stale=5, poll=0.05)
+    toucher = subprocess.Popen([sys.executable, "-c", f"import os, time\nfor _ in range(40): os.utime({str(path)!r}); "
+                                "time.sleep(0.05)"])
+    try:
+        with pytest.raises(fsutil.LockTimeout, match="node-7 pid 4242 .* which is alive"):
+            beating.acquire()  # its heartbeat moves: a live run elsewhere, refused without waiting for `stale`
+    finally:
+        toucher.wait()
