@@ -22,6 +22,8 @@ MODES = ("none", "lora", "qlora")
 # Few steps, small held-out sets: the 18 runs of the matrix fit the suite's budget.
 FAST = ["stages.sft.max_steps=16", "stages.dpo.max_steps=16", "stages.sft.per_device_train_batch_size=8",
         "stages.dpo.per_device_train_batch_size=8", "data.sft.eval_size=16", "data.prefs.eval_size=32"]
+# Adapters learn slower per step: higher learning rates (LoRA's usual practice) keep the step count as small.
+ADAPTER_LR = ["stages.sft.learning_rate=1e-2", "stages.dpo.learning_rate=3e-3"]
 CONV = [{"role": "user", "content": "describe the river ."}, {"role": "assistant", "content": "the river is calm ."}]
 SYSTEM = [{"role": "system", "content": "answer kindly ."}]
 
@@ -44,17 +46,30 @@ def _final_loads(final: Path, arch: str):
     return model
 
 
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> list[str]:
+    """The first rows of the built-in synthetic sets (the stages read and tokenise less): overrides of data paths."""
+    from alignctl.synthetic import DATA_DIR
+
+    folder = tmp_path_factory.mktemp("synthetic-small")
+    for name, rows in (("sft", 176), ("prefs", 160)):
+        lines = (DATA_DIR / f"{name}.jsonl").read_text().splitlines()[:rows]
+        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return [f"data.sft.path={folder / 'sft.jsonl'}", f"data.prefs.path={folder / 'prefs.jsonl'}"]
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_sft_then_dpo_runs_learns_and_final_loads(arch, mode, run_recipe, tmp_path):
+def test_sft_then_dpo_runs_learns_and_final_loads(arch, mode, run_recipe, small_data, tmp_path):
     run_dir = tmp_path / "run"
-    m = run_recipe([f"model.name_or_path=tiny:{arch}", f"peft={mode}", *FAST], run_dir)
+    faster = [] if mode == "none" else ADAPTER_LR
+    m = run_recipe([f"model.name_or_path=tiny:{arch}", f"peft={mode}", *FAST, *faster, *small_data], run_dir)
     assert m["status"] == "completed"
     sft, dpo = (s["metrics"] for s in m["stages"])
     for stage in (sft, dpo):
         assert math.isfinite(stage["train"]["train_loss"])
-    # It learns: held-out SFT loss falls (16 steps: full ~6.2 -> ~3.6-4.2, LoRA/QLoRA ~6.2 -> ~5.6-5.9) and DPO moves
-    # held-out preference accuracy up (full 0.45-0.66 -> 1.0, LoRA/QLoRA ~0.2-0.6 -> >= 0.9 on every family).
+    # It learns: held-out SFT loss falls (16 steps: full ~6.2 -> ~3.6-4.2, LoRA/QLoRA ~6.2 -> ~5.5-5.8) and DPO moves
+    # held-out preference accuracy up (measured: from 0.19-0.66 to 0.9-1.0 in every cell).
     assert sft["after"]["eval_loss"] < sft["before"]["eval_loss"] - (0.3 if mode == "none" else 0.1), sft
     assert dpo["after"]["eval_pref_accuracy"] > dpo["before"]["eval_pref_accuracy"] + 0.1, dpo
     assert dpo["after"]["eval_pref_accuracy"] >= 0.75, dpo
