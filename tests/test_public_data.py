@@ -197,7 +197,7 @@ def test_kto_mix_passes_through():
     assert train.features["label"].dtype == "bool" and len(held) == 32
 
 
-@pytest.mark.parametrize("key,kind", [("hh_rlhf", "sft"), ("pku_saferlhf", "sft"), ("ultrafeedback_binarized", "sft")])
+@pytest.mark.parametrize("key,kind", [(k, "sft") for k in PAIR_SETS])
 def test_pair_sets_serve_sft_with_their_chosen_conversations(key, kind):
     train, _ = load(key, kind)
     assert train.column_names == ["messages"]
@@ -221,6 +221,10 @@ def test_kto_mix_serves_sft_with_its_desirable_completions_only():
     ("ultrachat_200k:gen", lambda r: r["messages"][:-1]),                  # conversations: turns before the last answer
     ("tldr", lambda r: r["prompt"]),                                       # prompt/completion: the prompt
     ("kto_mix_14k", lambda r: r["prompt"]),                                # unpaired: the prompt
+    ("no_robots", lambda r: r["messages"][:-1]),
+    ("capybara", lambda r: r["messages"][:-1]),
+    ("alpaca", None),
+    ("openhermes", None),
 ])
 def test_every_layout_serves_as_a_prompt_set(key, expected, caplog):
     caplog.set_level(logging.INFO, logger="alignctl")
