@@ -493,11 +493,14 @@ def _carve(train, spec: dict, label: str):
     """(train, held-out) carved out of the training split per eval_size/seed, or a ConfigError saying what to set."""
     size, n = spec["eval_size"], len(train)
     held = int(size) if size >= 1 else math.ceil(size * n)
-    if held >= n or held == 0:
-        why = (f"{held} held-out rows leave no training rows" if held >= n
-               else "the fraction gives no held-out rows")
-        raise ConfigError([f"{label}.eval_size: {size!r} of {n} rows in split '{spec['split']}': {why}; set "
-                           f"{label}.eval_size to a count below {n} or a fraction in (0, 1) (0 = no held-out set)"])
+    if n < 2:
+        raise ConfigError([f"{label}.eval_size: {size!r} of {n} rows in split '{spec['split']}': {held} held-out rows "
+                           f"leave no training rows; add rows, name a held-out split ({label}.eval_split) or set "
+                           f"{label}.eval_size=0 (no held-out set)"])
+    if held >= n:
+        raise ConfigError([f"{label}.eval_size: {size!r} of {n} rows in split '{spec['split']}': {held} held-out rows "
+                           f"leave no training rows; set {label}.eval_size to a count below {n} or a fraction in "
+                           f"(0, 1) (0 = no held-out set)"])
     parts = train.train_test_split(test_size=held, seed=spec["seed"])
     return parts["train"], parts["test"]
 
@@ -560,6 +563,7 @@ def _convert(ds, spec: dict, data_kind: str, label: str, stage: str, split: str)
 
 def load(spec: dict, data_kind: str, stage: str):
     """Return ``(train, eval_or_None)`` in TRL's formats; raises ConfigError on any data problem."""
+    spec = {"format": "auto", "system_turns": "keep", **spec}  # specs written before these keys existed
     label = spec.get("label", spec["path"])
     train = _raw_split(spec, spec["split"], label, "split")
     try:
