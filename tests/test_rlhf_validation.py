@@ -139,6 +139,8 @@ def test_reward_and_value_links_resolve_to_stage_outputs_or_paths(tmp_path):
     # A reward model kept anywhere; the value model then starts from it too, unless `value` says otherwise.
     elsewhere = tmp_path / "my-rm"
     elsewhere.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):  # what a model folder must hold to pass plan
+        (elsewhere / name).write_text("{}")
     ppo = spec.resolve(compose(["recipe=rlhf-ppo", f"stages.ppo.reward={elsewhere}"]), tmp_path / "run")["stages"][-1]
     assert ppo["reward"] is None and ppo["reward_path"] == ppo["value_path"] == str(elsewhere)
     ppo = spec.resolve(compose(["recipe=rlhf-ppo", "stages.ppo.value=sft"]), tmp_path / "run")["stages"][-1]
