@@ -210,6 +210,41 @@ def _run_dir_lock(run_dir: Path):
         lock.release()
 
 
+def upstream_digest(s: dict, manifest: Manifest) -> str:
+    """A digest of the linked stages' completed files (their COMPLETE records): an upstream stage trained again
+    under the same fingerprint (its entry removed, non-deterministic GPU kernels) gives other weights."""
+    import hashlib
+
+    from alignctl import store
+
+    h = hashlib.sha256()
+    for link in ("from", "ref", "reward", "value"):
+        name = s.get(link)
+        up = next((st for st in manifest.data["stages"] if st["name"] == name), None) if name else None
+        if up and up.get("fingerprint"):
+            rec = store.Entry(manifest.data["store_dir"], up["trainer"], up["fingerprint"]).record() or {}
+            h.update(json.dumps([link, rec.get("files")], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _check_upstream(s: dict, entry, manifest: Manifest) -> str:
+    """Checkpoints written on top of other upstream weights than the ones at hand are dropped (a resume would mix
+    them); the upstream digest is recorded in the entry, then in COMPLETE."""
+    digest = upstream_digest(s, manifest)
+    marker = entry.dir / "upstream.json"
+    try:
+        before = json.loads(marker.read_text()).get("digest")
+    except (OSError, ValueError, AttributeError):
+        before = None
+    if before and before != digest and (entry.dir / "checkpoints").exists():
+        log.warning("stage %s: the stages it starts from were trained again since its checkpoints were written; "
+                    "dropping them and training from the start", s["name"])
+        entry.drop_checkpoints()
+    entry.dir.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"digest": digest})
+    return digest
+
+
 def _resume_point(s: dict, entry) -> str | None:
     """The checkpoint to resume the stage from: the newest valid one (older ones when newer are damaged); None for
     stage kinds that cannot resume (their stale checkpoints are dropped)."""
@@ -262,6 +297,7 @@ def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -
                     entry.drop_checkpoints()  # left by a run killed between COMPLETE and the clean-up
                 entry.touch()
         if reused is None:
+            upstream = _check_upstream(s, entry, manifest)
             work["resume_from"] = _resume_point(s, entry)
             write_json(stage_dir / "spec.json", work)
             log.info("stage %s (%s): starting from %s", s["name"], s["trainer"], s["init_path"])
@@ -279,7 +315,8 @@ def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -
                                          "is reused once the other process completes it")
             data = s.get("data_check") or {}
             entry.mark_complete(metrics, keep_checkpoints=bool(s.get("keep_checkpoints")),
-                                extra={"stage": s["name"], "trainer": s["trainer"], "data_content": data.get("content")})
+                                extra={"stage": s["name"], "trainer": s["trainer"], "data_content": data.get("content"),
+                                       "upstream": upstream})
         write_json(stage_dir / "spec.json", work)
         placed = store.link_tree(entry.final, stage_dir / "final")
         if (entry.dir / "adapter").is_dir():  # lora/qlora: the trained adapter, kept beside the merged final/

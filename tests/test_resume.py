@@ -147,3 +147,30 @@ def test_ppo_says_it_cannot_resume_instead_of_restarting_silently(tmp_path, capl
     assert pipeline._resume_point({"name": "ppo", "trainer": "ppo"}, e) is None
     assert "stage ppo: cannot resume: TRL 1.12's trl.experimental.ppo PPOTrainer cannot resume" in caplog.text
     assert not (e.dir / "checkpoints").exists()  # its useless checkpoints are not kept
+
+
+def test_checkpoints_on_top_of_an_upstream_trained_again_are_dropped(tmp_path, caplog):
+    from alignctl import pipeline, store
+
+    root = tmp_path / "store"
+    sft = store.Entry(root, "sft", "a" * 64)
+    sft.final.mkdir(parents=True)
+    (sft.final / "model.safetensors").write_bytes(b"1" * 100)
+    sft.mark_complete({})
+    spec = {"run_dir": str(tmp_path / "run"), "recipe": "r", "store_dir": str(root),
+            "stages": [{"name": "sft", "trainer": "sft", "from": None, "output_dir": str(tmp_path / "run/sft")},
+                       {"name": "dpo", "trainer": "dpo", "from": "sft", "output_dir": str(tmp_path / "run/dpo")}]}
+    (tmp_path / "run").mkdir()
+    manifest = pipeline.Manifest(spec, [])
+    manifest.update("sft", fingerprint=sft.fingerprint)
+    dpo = store.Entry(root, "dpo", "b" * 64)
+    s = spec["stages"][1]
+    first = pipeline._check_upstream(s, dpo, manifest)
+    make_checkpoint(dpo.dir, 5)
+    assert pipeline._check_upstream(s, dpo, manifest) == first and dpo.last_checkpoint()  # same SFT: resumable
+    sft.invalidate()  # SFT removed and trained again under the same fingerprint: other weights
+    sft.final.mkdir()
+    (sft.final / "model.safetensors").write_bytes(b"2" * 100)
+    sft.mark_complete({})
+    assert pipeline._check_upstream(s, dpo, manifest) != first
+    assert dpo.last_checkpoint() is None and "were trained again since its checkpoints" in caplog.text
