@@ -30,64 +30,15 @@ def write_recipe(tmp_path, text: str) -> str:
 
 
 @pytest.mark.parametrize("recipe,stage", [("rlhf-ppo", "ppo"), ("rlhf-grpo", "grpo")])
-def test_on_policy_stage_without_reward_source(recipe, stage, tmp_path):
-    msg = one([f"recipe={recipe}", f"~stages.{stage}.reward"], tmp_path)
-    assert msg.startswith(f"stages.{stage}.reward: a {stage} stage needs a reward source"), msg
-
-
-def test_rloo_without_reward_source_and_grpo_with_only_builtin_reward_functions(tmp_path):
-    msg = one(["recipe=rlhf-grpo", "stages.grpo.trainer=rloo", "~stages.grpo.reward"], tmp_path)
-    assert msg.startswith("stages.grpo.reward: a rloo stage needs a reward source") and "reward_funcs" in msg
-    # A TRL built-in reward function alone is a reward source.
-    s = spec.resolve(compose(["recipe=rlhf-grpo", "~stages.grpo.reward",
-                              "+stages.grpo.reward_funcs=[think_format_reward]"]), tmp_path / "run")
-    grpo = s["stages"][-1]
-    assert grpo["reward"] is None and grpo["reward_path"] is None and grpo["reward_funcs"] == ["think_format_reward"]
-
-
-def test_reward_link_to_a_stage_that_is_not_a_reward_stage(tmp_path):
-    msg = one(["recipe=rlhf-ppo", "stages.ppo.reward=sft"], tmp_path)
-    assert msg.startswith("stages.ppo.reward: 'sft' is a sft stage, not a reward stage") and "rm" in msg
-
-
-def test_reward_link_to_a_later_stage(tmp_path):
-    recipe = write_recipe(tmp_path, """
-name: backwards
-description: "PPO placed before its reward model"
-stages:
-  sft: {trainer: sft, data: sft}
-  ppo: {trainer: ppo, from: sft, reward: rm, data: prompts}
-  rm: {trainer: reward, from: sft, data: prefs}
-""")
-    msg = one([f"recipe={recipe}"], tmp_path)
-    assert msg == "stages.ppo.reward: 'rm' comes later in the recipe; a reward link must name an earlier stage"
-
-
-def test_reward_link_naming_nothing_and_value_link_to_the_stage_itself(tmp_path):
-    found = problems(["recipe=rlhf-ppo", "stages.ppo.reward=rmm", "stages.ppo.value=ppo"], tmp_path)
-    assert any(p.startswith("stages.ppo.reward: 'rmm' names no stage of this recipe (did you mean 'rm'?)")
-               for p in found), found
-    assert "stages.ppo.value: 'ppo' is this stage itself; a value link must name an earlier stage" in found
-
-
-def test_kto_data_without_a_boolean_label(tmp_path):
-    rows = [{"prompt": "describe the lake .", "completion": "the lake is calm and kind .", "label": "good"}]
-    bad = tmp_path / "labels.jsonl"
+def test_prompt_dataset_whose_prompts_hold_answers(recipe, stage, tmp_path):
+    """A pair set serves as a prompt set (its answers ignored), but a `prompt` that already ends with the
+    assistant's answer is a mistake: the on-policy stage would generate after the answer."""
+    rows = [{"prompt": [{"role": "user", "content": "describe the lake ."},
+                        {"role": "assistant", "content": "the lake is calm ."}]}] * 4
+    bad = tmp_path / "prompts.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    msg = one(["recipe=kto", f"data.unpaired.path={bad}", "stages.kto.data=unpaired"], tmp_path)
-    assert msg.startswith("data.unpaired") and "column 'label' must be boolean" in msg and "stages.kto" in msg
-
-    no_label = tmp_path / "nolabel.jsonl"
-    no_label.write_text(json.dumps({"prompt": "describe the lake .", "completion": "the lake is calm ."}) + "\n")
-    msg = one(["recipe=kto", f"data.unpaired.path={no_label}", "stages.kto.data=unpaired"], tmp_path)
-    assert "missing column 'label' needed by stages.kto" in msg
-
-
-@pytest.mark.parametrize("recipe,stage", [("rlhf-ppo", "ppo"), ("rlhf-grpo", "grpo")])
-def test_prompt_dataset_holding_completions(recipe, stage, tmp_path):
-    msg = one([f"recipe={recipe}", f"stages.{stage}.data=prefs"], tmp_path)
-    assert msg.startswith("data.prefs") and f"stages.{stage} needs prompts only, but the data holds completions" in msg
-    assert "'chosen', 'rejected'" in msg
+    msg = one([f"recipe={recipe}", f"data.prompts.path={bad}"], tmp_path)
+    assert msg.startswith("data.prompts") and f"stages.{stage}" in msg and "assistant turn" in msg
 
 
 def test_grpo_reward_funcs_are_checked(tmp_path):
