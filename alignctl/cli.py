@@ -30,6 +30,7 @@ commands:
   plan [overrides...]   resolve and validate the configuration, print the stage graph; trains nothing
   recipes               list the recipes
   report <multirun dir> summarise a sweep: swept values vs held-out metrics (report.md + sweep.png)
+  store ls|du|gc|rm|verify  inspect and clean the stage store (alignctl store --help)
 
 examples:
   alignctl run                                   # the embedded default recipe: tiny SFT -> DPO on CPU
@@ -336,7 +337,13 @@ def cmd_report(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "recipes": cmd_recipes, "report": cmd_report}
+def cmd_store(args: list[str]) -> int:
+    from alignctl import store_cli
+
+    return store_cli.main(args)
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "recipes": cmd_recipes, "report": cmd_report, "store": cmd_store}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,7 +373,7 @@ def _main(argv: list[str]) -> int:
     if cmd not in COMMANDS:
         print(f"alignctl: unknown command '{cmd}'{suggest(cmd, COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2
-    if cmd != "run" and rest and rest[0] in ("-h", "--help"):
+    if cmd not in ("run", "store") and rest and rest[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     try:

@@ -46,7 +46,8 @@ TOP_KEYS = {
     "launcher": "local | torchrun | accelerate (configs/launcher): how each stage's processes are started",
 }
 MODEL_KEYS = {"name_or_path", "revision", "attn_implementation", "trust_remote_code", "chat_template", "gguf_file"}
-STAGE_KEYS = {"trainer", "from", "data", "description", "peft", "global_batch_size", "trust_remote_code_links"}
+STAGE_KEYS = {"trainer", "from", "data", "description", "peft", "global_batch_size", "trust_remote_code_links",
+              "keep_checkpoints"}
 LINK_KEYS = {"ref", "reward", "value"}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # TRL fields alignctl owns or refuses: where it writes, and secrets (they would land in saved configs).
@@ -266,12 +267,16 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
         problems += launch.stage_problems(trainer, stage_peft, launcher, where)
         args.setdefault("seed", seed)
         args.setdefault("report_to", "none")
+        keep = raw.get("keep_checkpoints", False)  # keep the Trainer checkpoints of a completed stage (store)
+        if not isinstance(keep, bool):
+            problems.append(f"{where}.keep_checkpoints: must be true or false, got {keep!r}")
         kinds_by_name[name] = trainer
         stages.append({
             "name": name, "trainer": trainer, "from": src, "init_path": init_path, **links, **options,
             "data": dspec, "args": args, "output_dir": str(run_dir / name), "peft": stage_peft,
             # world size and engine change the trained weights, so they are part of the stage (and its fingerprint)
             "world_size": launcher["world_size"], "distributed": launcher["distributed"],
+            "keep_checkpoints": keep is True,
         })
 
     if problems:
