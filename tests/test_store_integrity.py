@@ -567,14 +567,11 @@ def test_a_run_directory_left_by_a_killed_run_on_another_node_is_taken_over(tmp_
 
 
 def test_store_command_is_reachable_from_the_cli(tmp_path, capsys):
-    import pytest
-
     from alignctl.cli import main
 
     assert main(["store", "ls", "--store", str(tmp_path / "missing")]) == 2
     assert "is not a store folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["store", "ls", "--store", str(tmp_path / "empty")]) == 0
-    with pytest.raises(SystemExit) as e:  # the store command's own help, not alignctl's usage
-        main(["store", "--help"])
-    assert e.value.code == 0 and "{ls,du,gc,rm,verify}" in capsys.readouterr().out
+    assert main(["store", "--help"]) == 0  # the store command's own help, not alignctl's usage
+    assert "{ls,du,gc,rm,verify}" in capsys.readouterr().out
