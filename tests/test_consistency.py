@@ -16,6 +16,11 @@ def test_trl_field_snapshot_matches_installed_trl():
         assert set(saved["configs"][cls]) == set(fields), f"fields of {cls} changed: run `python -m alignctl.trl_fields`"
         for name, entry in fields.items():
             assert saved["configs"][cls][name]["type"] == entry["type"], f"{cls}.{name}"
+            # choice fields (loss_type, lr_scheduler_type, optim, ...) are validated against these at plan time
+            assert saved["configs"][cls][name].get("choices") == entry.get("choices"), \
+                f"choices of {cls}.{name} changed: run `python -m alignctl.trl_fields`"
+    dpo = saved["configs"]["trl.DPOConfig"]
+    assert {"sigmoid", "ipo", "hinge"} <= set(dpo["loss_type"]["choices"]) and "cosine" in dpo["lr_scheduler_type"]["choices"]
 
 
 def test_bundled_synthetic_data_matches_generator():
