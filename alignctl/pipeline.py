@@ -75,7 +75,7 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        write_json(self.path, self.data)
+        write_json(self.path, self.data, mode=0o600)  # overrides and paths: the owner's only
 
 
 def stage_specs(spec: dict) -> list[dict]:
@@ -299,7 +299,7 @@ def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -
         if reused is None:
             upstream = _check_upstream(s, entry, manifest)
             work["resume_from"] = _resume_point(s, entry)
-            write_json(stage_dir / "spec.json", work)
+            write_json(stage_dir / "spec.json", work, mode=0o600)
             log.info("stage %s (%s): starting from %s", s["name"], s["trainer"], s["init_path"])
             try:
                 result = launch.run_stage(work, stage_dir / "spec.json", launcher)
@@ -317,7 +317,7 @@ def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -
             entry.mark_complete(metrics, keep_checkpoints=bool(s.get("keep_checkpoints")),
                                 extra={"stage": s["name"], "trainer": s["trainer"], "data_content": data.get("content"),
                                        "upstream": upstream})
-        write_json(stage_dir / "spec.json", work)
+        write_json(stage_dir / "spec.json", work, mode=0o600)
         placed = store.link_tree(entry.final, stage_dir / "final")
         if (entry.dir / "adapter").is_dir():  # lora/qlora: the trained adapter, kept beside the merged final/
             store.link_tree(entry.dir / "adapter", stage_dir / "adapter")

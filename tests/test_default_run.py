@@ -78,3 +78,13 @@ def test_final_model_loads_with_plain_transformers_and_generates(default_run):
     sft = load_file(str(run_dir / "sft" / "final" / "model.safetensors"))
     dpo = load_file(str(run_dir / "dpo" / "final" / "model.safetensors"))
     assert any(not torch.equal(sft[k], dpo[k]) for k in sft)
+
+
+def test_files_holding_the_configuration_are_the_owners_only(default_run):
+    """config.yaml, manifest.json (overrides) and every spec.json (resolved settings, paths) are 0600."""
+    import stat
+
+    run_dir, _ = default_run
+    for f in [run_dir / "config.yaml", run_dir / "manifest.json", *run_dir.glob("*/spec.json")]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    assert len(list(run_dir.glob("*/spec.json"))) == 2
