@@ -26,8 +26,9 @@ def hydra_main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from alignctl import checks, pipeline, plan, spec
+    from alignctl import checks, console, pipeline, plan, spec
 
+    console.setup()  # per-step metrics, library warnings and progress bars off the console (kept in alignctl.log)
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:  # Hydra saved the sweep's config with every override as given: redact it
         _redact_file(Path(hc.sweep.dir) / "multirun.yaml")
@@ -56,7 +57,7 @@ def hydra_main(cfg: DictConfig):
         log.exception("internal error")
         sys.exit(errors.internal_error(e, Path(hc.runtime.output_dir) / f"{hc.job.name}.log"))
     plan.summary(manifest)
-    return plan.objective(manifest)
+    return plan.objective(manifest, (resolved.get("sweep") or {}).get("objective"))
 
 
 def _redact_file(path: Path) -> None:

@@ -1,18 +1,242 @@
-"""Held-out preference accuracy of a causal LM, the same measure for every preference method.
+"""Held-out evaluation of a policy: preference accuracy, samples, KL to the reference, reward and win rate.
 
-For each held-out pair, the model's own preference is whether it gives the chosen
-completion a higher total log-probability than the rejected one (given the prompt);
-ties count half. Unlike TRL's ``rewards/accuracies`` (implicit reward versus the
-reference, which is 0 for every pair before training because policy and reference
-coincide), it is meaningful before training too, and it compares DPO, IPO, ORPO,
-SimPO and KTO on one scale.
+Preference accuracy (every preference stage). For each held-out pair, the model's own preference:
+does it give the chosen completion a higher log-probability than the rejected one (given the prompt)?
+Ties count half. Two versions:
+
+* ``eval_pref_accuracy``: summed log-probabilities. Meaningful before training (unlike TRL's
+  ``rewards/accuracies``, 0 before training because policy and reference coincide) and comparable
+  across DPO, IPO, ORPO, SimPO and KTO, but it favours the shorter answer: every token costs
+  log-probability.
+* ``eval_pref_accuracy_norm``: mean log-probability per completion token (length-normalised), which
+  does not reward short answers for being short.
+
+Generation-based evaluation of a policy stage (:class:`PolicyEval`), before and after training, on at
+most ``eval.max_prompts`` held-out prompts: one completion per prompt sampled with a fixed seed (at most
+``eval.max_new_tokens`` tokens, cut after the first EOS), then
+
+* ``eval_kl`` / ``eval_kl_seq``: KL of the policy to its reference estimated on those completions,
+  sum over completion tokens of log pi(y_t) - log ref(y_t), per token (total over total tokens) and per
+  sequence (mean of the sums); an unbiased estimate of KL(pi || ref) at temperature 1. Before training
+  the policy is its reference when the reference is the initial weights: exactly 0;
+* with a reward model: ``eval_reward_mean`` / ``eval_reward_std`` before and after, and ``eval_win_rate``:
+  the share of prompts whose after-training answer the reward model scores above the before-training
+  answer (ties count half), with a 95% Wilson score interval (``eval_win_rate_low`` / ``_high``);
+  ``eval_win_rate_ref`` the same against the reference's answers;
+* ``<stage>/samples.jsonl``: one line per prompt, {prompt, before, after, scores, kl}.
+
+Nothing at module level imports torch: ``plan`` reads :data:`DEFAULTS` and :func:`settings_problems`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+# The `eval:` group of configs/config.yaml, with its defaults (also used for specs written before it existed).
+DEFAULTS: dict[str, Any] = {"enabled": True, "max_prompts": 32, "max_new_tokens": 64, "temperature": 1.0,
+                            "seed": None, "prompts": None, "reward": None}
+LIMITS = {"max_prompts": (1, 100_000), "max_new_tokens": (1, 32_768)}
 
 
+# -- configuration (no heavy imports) -----------------------------------------------------------------------------
+def settings_problems(value: Any, where: str = "eval") -> tuple[dict, list[str]]:
+    """The ``eval`` setting with defaults filled in, and the problems with it (unknown keys, types, ranges)."""
+    from alignctl.errors import suggest
+
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        return dict(DEFAULTS), [f"{where}: must be a mapping of {', '.join(DEFAULTS)}, got {value!r}"]
+    problems = [f"{where}: unknown key '{k}'{suggest(k, DEFAULTS)}; known: {', '.join(DEFAULTS)}"
+                for k in value if k not in DEFAULTS]
+    out = {**DEFAULTS, **{k: v for k, v in value.items() if k in DEFAULTS}}
+    if not isinstance(out["enabled"], bool):
+        problems.append(f"{where}.enabled: must be true or false, got {out['enabled']!r}")
+    for key, (lo, hi) in LIMITS.items():
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            problems.append(f"{where}.{key}: must be a whole number from {lo} to {hi}, got {v!r}")
+    t = out["temperature"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 100 or t != t:
+        problems.append(f"{where}.temperature: must be a number from 0 (greedy) to 100, got {t!r}")
+    s = out["seed"]
+    if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
+        problems.append(f"{where}.seed: must be a non-negative whole number or null (the run's seed), got {s!r}")
+    for key in ("prompts", "reward"):
+        if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
+            problems.append(f"{where}.{key}: must be a name (or path), got {out[key]!r}")
+    return out, problems
+
+
+def stage_settings(ev: dict, stage: dict, stages: list[dict], run_seed: int) -> dict:
+    """One stage's evaluation settings (written into its spec.json, outside its fingerprint): where its prompts,
+    reward model and reference come from. Reward model: ``eval.reward`` (a reward stage, scoring the stages after
+    it, or a path), else the stage's own ``reward`` link, else the nearest earlier reward stage of the recipe."""
+    from alignctl.stages import STAGES
+
+    kind = STAGES[stage["trainer"]]
+    out = {k: ev.get(k, DEFAULTS[k]) for k in ("enabled", "max_prompts", "max_new_tokens", "temperature")}
+    out["seed"] = ev.get("seed") if ev.get("seed") is not None else run_seed
+    out["prompts_data"] = ev.get("prompts_data")
+    if kind.output != "causal_lm":
+        out["enabled"] = False
+        return out
+    names = [s["name"] for s in stages]
+    earlier = stages[:names.index(stage["name"])]
+    reward, reward_path = None, None
+    wanted = ev.get("reward")
+    if wanted:
+        if wanted in names:
+            if any(s["name"] == wanted for s in earlier):
+                reward, reward_path = wanted, str(Path(stage["run_dir"]) / wanted / "final")
+        else:
+            reward, reward_path = wanted, wanted
+    elif stage.get("reward_path"):
+        reward, reward_path = stage.get("reward"), stage["reward_path"]
+    else:
+        rms = [s for s in earlier if STAGES[s["trainer"]].name == "reward"]
+        if rms:
+            reward, reward_path = rms[-1]["name"], str(Path(stage["run_dir"]) / rms[-1]["name"] / "final")
+    out["reward"], out["reward_path"] = reward or (Path(reward_path).name if reward_path else None), reward_path
+    return out
+
+
+# -- statistics -----------------------------------------------------------------------------------------------------
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (ties counted half are half a success)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
+    """Share of items where ``a`` beats ``b`` (ties half), with its 95% Wilson interval."""
+    wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
+    lo, hi = wilson(wins, len(a))
+    return {"rate": wins / len(a) if a else float("nan"), "low": lo, "high": hi}
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _std(xs: list[float]) -> float:
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) if xs else float("nan")
+
+
+# -- prompts and token ids ------------------------------------------------------------------------------------------
+def held_out_prompts(dataset, limit: int) -> list | None:
+    """The first ``limit`` distinct prompts of a held-out split in any TRL format: a ``prompt`` column, or
+    conversations (``messages``) without their final assistant turn. None when it holds no prompts (plain text)."""
+    if dataset is None:
+        return None
+    cols = dataset.column_names
+    if "prompt" in cols:
+        raw = dataset["prompt"]
+    elif "messages" in cols:
+        raw = []
+        for m in dataset["messages"]:
+            turns = list(m)
+            while turns and turns[-1].get("role") == "assistant":
+                turns.pop()
+            if turns:
+                raw.append(turns)
+    else:
+        return None
+    out, seen = [], set()
+    for p in raw:
+        key = json.dumps(p, sort_keys=True)
+        if key not in seen and p:
+            seen.add(key)
+            out.append(p)
+        if len(out) >= limit:
+            break
+    return out or None
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """Token ids of one prompt: chat template with the generation prompt for messages, the plain string otherwise."""
+    if isinstance(prompt, list):
+        return list(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
+                                                  add_generation_prompt=True)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
+             batch_size: int) -> list[list[int]]:
+    """One completion per prompt (token ids, cut after the first EOS), sampled in batches (greedy at temperature 0).
+    Each batch is seeded with ``seed`` + its index, so the same model gives the same completions every time."""
+    import torch
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
+    sample = temperature > 0
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=eos, pad_token_id=pad,
+                              use_cache=True,
+                              **({"temperature": float(temperature), "top_k": 0, "top_p": 1.0} if sample else {}))
+    out: list[list[int]] = []
+    with _eval_mode(model):
+        for b, i in enumerate(range(0, len(prompt_ids), batch_size)):
+            chunk = prompt_ids[i:i + batch_size]
+            width = max(len(x) for x in chunk)
+            ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)  # left-padded
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
+            torch.manual_seed(seed + b)
+            with torch.no_grad():
+                seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            for row in seqs[:, width:].tolist():  # the answer up to and including its first EOS
+                out.append(row[:row.index(eos) + 1] if eos in row else [t for t in row if t != pad])
+    return out
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def token_logps(model, tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                batch_size: int) -> list[tuple[float, int]]:
+    """(sum of log-probabilities of the completion's tokens given the prompt, number of completion tokens) for
+    each prompt/completion pair of token ids; right-padded batches."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    out: list[tuple[float, int]] = []
+    with _eval_mode(model):
+        for i in range(0, len(prompt_ids), batch_size):
+            seqs = [p + c for p, c in zip(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size])]
+            starts = [len(p) for p in prompt_ids[i:i + batch_size]]
+            width = max(len(x) for x in seqs)
+            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs], device=device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            for row, (x, start) in enumerate(zip(seqs, starts)):
+                out.append((float(logp[row, start - 1:len(x) - 1].sum()), len(x) - start))
+    return out
+
+
+# -- preference accuracy --------------------------------------------------------------------------------------------
 def _turns(value: Any, role: str) -> list[dict]:
     """A conversation as a list of messages; a string becomes one turn of ``role``."""
     if isinstance(value, list):
@@ -32,42 +256,162 @@ def _texts(tokenizer, prompt: Any, completion: Any) -> tuple[str, str]:
     return prompt or "", (prompt or "") + (completion or "")
 
 
+def completion_stats(model, tokenizer, prompts: list, completions: list, batch_size: int = 32
+                     ) -> list[tuple[float, int]]:
+    """(summed log-probability, token count) of each completion given its prompt (texts or conversations)."""
+    p_ids, c_ids = [], []
+    for p, c in zip(prompts, completions):
+        p_text, full = _texts(tokenizer, p, c)
+        pi = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+        fi = tokenizer(full, add_special_tokens=False)["input_ids"]
+        p_ids.append(fi[:len(pi)])
+        c_ids.append(fi[len(pi):])
+    return token_logps(model, tokenizer, p_ids, c_ids, batch_size)
+
+
 def completion_logps(model, tokenizer, prompts: list, completions: list, batch_size: int = 32) -> list[float]:
     """Sum of log-probabilities of each completion's tokens given its prompt."""
-    import torch
+    return [s for s, _ in completion_stats(model, tokenizer, prompts, completions, batch_size)]
 
-    device = next(model.parameters()).device
-    out: list[float] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(prompts), batch_size):
-            items = [_texts(tokenizer, p, c) for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
-            ids, starts = [], []
-            for p, full in items:
-                p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-                f_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-                ids.append(f_ids)
-                starts.append(len(p_ids))
-            width = max(len(x) for x in ids)
-            pad = tokenizer.pad_token_id or 0
-            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-            with torch.no_grad():
-                logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-            for row, (x, start) in enumerate(zip(ids, starts)):
-                out.append(float(logp[row, start - 1:len(x) - 1].sum()))
-    finally:
-        model.train(was_training)
+
+def preference_accuracy(model, tokenizer, dataset, batch_size: int = 32) -> dict[str, float]:
+    """``eval_pref_accuracy`` / ``eval_pref_margin`` (summed log-probabilities) and ``eval_pref_accuracy_norm`` /
+    ``eval_pref_margin_norm`` (mean log-probability per token) on a prompt/chosen/rejected dataset."""
+    prompts = list(dataset["prompt"])
+    chosen = completion_stats(model, tokenizer, prompts, list(dataset["chosen"]), batch_size)
+    rejected = completion_stats(model, tokenizer, prompts, list(dataset["rejected"]), batch_size)
+    out = {}
+    for suffix, f in (("", lambda s, n: s), ("_norm", lambda s, n: s / max(n, 1))):
+        c, r = [f(*x) for x in chosen], [f(*x) for x in rejected]
+        out[f"eval_pref_accuracy{suffix}"] = win_rate(c, r)["rate"]
+        out[f"eval_pref_margin{suffix}"] = _mean([a - b for a, b in zip(c, r)])
     return out
 
 
-def preference_accuracy(model, tokenizer, dataset) -> dict[str, float]:
-    """``eval_pref_accuracy`` and ``eval_pref_margin`` (mean log-prob margin) on a prompt/chosen/rejected dataset."""
-    prompts = list(dataset["prompt"])
-    chosen = completion_logps(model, tokenizer, prompts, list(dataset["chosen"]))
-    rejected = completion_logps(model, tokenizer, prompts, list(dataset["rejected"]))
-    wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)]
-    margins = [c - r for c, r in zip(chosen, rejected)]
-    return {"eval_pref_accuracy": sum(wins) / len(wins), "eval_pref_margin": sum(margins) / len(margins)}
+# -- reward-model scores --------------------------------------------------------------------------------------------
+def reward_scores(reward_model, reward_tokenizer, tokenizer, prompt_ids: list[list[int]],
+                  completion_ids: list[list[int]], batch_size: int) -> list[float]:
+    """The reward model's score of each prompt + completion: at the last token, as TRL's PPO scores (TRL's
+    ``get_reward`` on left-padded queries, right-padded answers). A reward model with another vocabulary gets the
+    text re-tokenised with its own tokenizer."""
+    import torch
+    from trl.experimental.utils import get_reward
+
+    same = reward_tokenizer is None or reward_tokenizer.get_vocab() == tokenizer.get_vocab()
+    rtok = tokenizer if same else reward_tokenizer
+    if not same:
+        texts = [tokenizer.decode(p + c) for p, c in zip(prompt_ids, completion_ids)]
+        prompt_ids = [rtok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        completion_ids = [[] for _ in texts]
+    pad = _pad_id(rtok)
+    device = next(reward_model.parameters()).device
+    out: list[float] = []
+    with _eval_mode(reward_model):
+        for i in range(0, len(prompt_ids), batch_size):
+            ps, cs = prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size]
+            width, rest = max(len(p) for p in ps), max(len(c) for c in cs) + 1  # a pad closes every row
+            ids = torch.tensor([[pad] * (width - len(p)) + p + c + [pad] * (rest - len(c)) for p, c in zip(ps, cs)],
+                               device=device)
+            with torch.no_grad():
+                _, scores, _ = get_reward(reward_model, ids, pad, width)
+            out += scores.float().tolist()
+    return out
+
+
+# -- the evaluation of one policy stage -----------------------------------------------------------------------------
+class PolicyEval:
+    """Before/after evaluation of a policy on held-out prompts. ``before(model)`` runs on the initial weights (before
+    training), ``after(model, reference, reward)`` after it. ``reference``: a factory of a context manager yielding
+    the reference model (when the reference is the initial weights, the before-pass needs none: the policy is its
+    reference); ``reward``: a factory of a context manager yielding (reward model, its tokenizer), or None."""
+
+    def __init__(self, settings: dict, tokenizer, prompts: list, batch_size: int, ref_is_initial: bool = True):
+        self.settings, self.tokenizer, self.prompts = settings, tokenizer, prompts
+        self.batch_size = max(1, int(batch_size))
+        self.ref_is_initial = ref_is_initial
+        self.prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+        self.samples: dict[str, list[list[int]]] = {}
+        self.logps: dict[str, list[tuple[float, int]]] = {}
+        self.ref_logps: dict[str, list[tuple[float, int]]] = {}
+        self.scores: dict[str, list[float]] = {}
+
+    def _gen(self, model) -> list[list[int]]:
+        s = self.settings
+        return generate(model, self.tokenizer, self.prompt_ids, max_new_tokens=s["max_new_tokens"],
+                        temperature=s["temperature"], seed=s["seed"], batch_size=self.batch_size)
+
+    def _lp(self, model, completions) -> list[tuple[float, int]]:
+        return token_logps(model, self.tokenizer, self.prompt_ids, completions, self.batch_size)
+
+    def before(self, model) -> None:
+        self.samples["before"] = self._gen(model)
+        self.logps["before"] = self._lp(model, self.samples["before"])
+        if self.ref_is_initial:  # the policy is its reference: KL exactly 0
+            self.ref_logps["before"] = self.logps["before"]
+
+    def after(self, model, reference: Callable | None, reward: Callable | None = None) -> None:
+        self.samples["after"] = self._gen(model)
+        self.logps["after"] = self._lp(model, self.samples["after"])
+        if reference is not None:
+            with reference() as ref:
+                self.ref_logps["after"] = self._lp(ref, self.samples["after"])
+                if not self.ref_is_initial:
+                    self.ref_logps["before"] = self._lp(ref, self.samples["before"])
+                    self.samples["reference"] = self._gen(ref)
+        if reward is not None:
+            with reward() as (rm, rtok):
+                for phase, comps in self.samples.items():
+                    self.scores[phase] = reward_scores(rm, rtok, self.tokenizer, self.prompt_ids, comps,
+                                                       self.batch_size)
+
+    def metrics(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(before, after) metrics under eval_* names."""
+        phases = {}
+        for phase in ("before", "after"):
+            m: dict[str, float] = {}
+            lp, ref = self.logps.get(phase), self.ref_logps.get(phase)
+            if lp is not None and ref is not None:
+                diffs = [a[0] - b[0] for a, b in zip(lp, ref)]
+                tokens = sum(n for _, n in lp)
+                m["eval_kl"] = sum(diffs) / max(tokens, 1)
+                m["eval_kl_seq"] = _mean(diffs)
+            if lp is not None:
+                m["eval_completion_tokens"] = _mean([float(n) for _, n in lp])
+            if phase in self.scores:
+                m["eval_reward_mean"] = _mean(self.scores[phase])
+                m["eval_reward_std"] = _std(self.scores[phase])
+            phases[phase] = {k: v for k, v in m.items() if math.isfinite(v)}
+        after = phases["after"]
+        if "before" in self.scores and "after" in self.scores:
+            w = win_rate(self.scores["after"], self.scores["before"])
+            after.update(eval_win_rate=w["rate"], eval_win_rate_low=w["low"], eval_win_rate_high=w["high"])
+            ref = self.scores.get("reference", self.scores["before"] if self.ref_is_initial else None)
+            if ref is not None:
+                after["eval_win_rate_ref"] = win_rate(self.scores["after"], ref)["rate"]
+        return phases["before"], after
+
+    def rows(self) -> list[dict]:
+        dec = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        out = []
+        for i, prompt in enumerate(self.prompts):
+            row = {"prompt": prompt if isinstance(prompt, str) else dec(self.prompt_ids[i])}
+            for phase, comps in self.samples.items():
+                row[phase] = dec(comps[i])
+            row["scores"] = {phase: s[i] for phase, s in self.scores.items()}
+            row["kl"] = {phase: self.logps[phase][i][0] - self.ref_logps[phase][i][0]
+                         for phase in self.logps if phase in self.ref_logps}
+            out.append(row)
+        return out
+
+    def write(self, path: Path) -> None:
+        from alignctl.fsutil import dumps
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text("".join(dumps(r).replace("\n", " ") + "\n" for r in self.rows()))
+        tmp.replace(path)
+
+    def info(self) -> dict:
+        s = self.settings
+        return {"prompts": len(self.prompts), "max_new_tokens": s["max_new_tokens"], "temperature": s["temperature"],
+                "seed": s["seed"], "reward": s.get("reward"), "interval": "95% Wilson score, ties count half"}

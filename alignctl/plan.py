@@ -22,7 +22,7 @@ def _data_label(d: dict) -> str:
 
 def show(spec: dict, console: Console | None = None) -> None:
     """Print the stage graph: each stage's trainer, links, data, output and explicit settings."""
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, soft_wrap=True)  # a line is never wrapped mid-field
     model = spec["model"]
     e = _esc
     console.print(f"[bold]recipe[/bold] {e(spec['recipe'])}: {e(spec['description'])}")
@@ -85,21 +85,54 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+PREFERENCE_ACCURACY = "eval_pref_accuracy"
+
+
+def headline(stage: dict) -> str:
+    """The held-out metric a stage is judged by (summaries, reports, a sweep's default objective):
+    with a reward model, the win rate of its answers after training over before (what users ask: did it get
+    better?); for preference stages without one, the length-normalised preference accuracy (the summed one favours
+    short answers); otherwise the stage kind's own headline (SFT: eval_loss, reward: eval_accuracy, ...)."""
+    after = (stage.get("metrics") or {}).get("after") or {}
+    if "eval_win_rate" in after:
+        return "eval_win_rate"
+    head = STAGES[stage["trainer"]].headline
+    if head == PREFERENCE_ACCURACY and f"{head}_norm" in after:
+        return f"{head}_norm"
+    return head
+
+
 def summary(manifest: dict, console: Console | None = None) -> None:
-    console = console or Console(width=max(Console().width, 120))
+    console = console or Console(width=max(Console().width, 140), soft_wrap=True)
     table = Table("stage", "trainer", "status", "seconds", "train loss", "held-out metric", "before", "after",
-                  title=_esc(f"{manifest['recipe']}: {manifest['status']}"))
+                  "KL/token", "win rate [95% CI]", title=_esc(f"{manifest['recipe']}: {manifest['status']}"))
     for s in manifest["stages"]:
         m = s.get("metrics") or {}
-        head = STAGES[s["trainer"]].headline
+        head, after = headline(s), m.get("after") or {}
+        win = (f"{after['eval_win_rate']:.2f} [{after['eval_win_rate_low']:.2f}, {after['eval_win_rate_high']:.2f}]"
+               if "eval_win_rate" in after else "")
         table.add_row(_esc(s["name"]), s["trainer"], s["status"], _fmt(s.get("seconds", "")),
                       _fmt(m.get("train", {}).get("train_loss", "")), head,
-                      _fmt(m.get("before", {}).get(head, "")), _fmt(m.get("after", {}).get(head, "")))
+                      _fmt(m.get("before", {}).get(head, "")), _fmt(after.get(head, "")),
+                      _fmt(after.get("eval_kl", "")), win)
     console.print(table)
     console.print(_esc(f"final model: {manifest['final_model']}\nmanifest: {Path(manifest['run_dir']) / 'manifest.json'}"))
 
 
-def objective(manifest: dict) -> float | None:
-    """The last stage's held-out headline metric after training (what a Hydra sweeper optimises)."""
-    last = manifest["stages"][-1]
-    return (last.get("metrics") or {}).get("after", {}).get(STAGES[last["trainer"]].headline)
+def metric(manifest: dict, name: str | None = None) -> float | None:
+    """A metric after training: ``name`` of the last stage, ``<stage>:<name>``, or (None) the last stage's headline."""
+    stages = manifest["stages"]
+    stage = stages[-1]
+    if name and ":" in name:
+        wanted, name = name.split(":", 1)
+        stage = next((s for s in stages if s["name"] == wanted), None)
+        if stage is None:
+            return None
+    value = ((stage.get("metrics") or {}).get("after") or {}).get(name or headline(stage))
+    return value if isinstance(value, (int, float)) else None
+
+
+def objective(manifest: dict, name: str | None = None) -> float | None:
+    """What a Hydra sweeper optimises: ``sweep.objective`` (a metric of the last stage, or <stage>:<metric>), by
+    default the last stage's headline metric after training."""
+    return metric(manifest, name)

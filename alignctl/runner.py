@@ -8,6 +8,7 @@ stage's directory; nothing here reads Hydra.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -15,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from alignctl import data, models
+from alignctl import console, data, models
 
 log = logging.getLogger("alignctl")
 
@@ -112,9 +113,93 @@ class StageContext:
             metrics.update(preference_accuracy(trainer.model, self.tokenizer, self.eval))
         return metrics
 
+    # -- generation-based evaluation of a policy (alignctl.evaluate.PolicyEval) -------------------------------------
+    def policy_eval(self, batch_size: int | None = None):
+        """The stage's before/after evaluation on held-out prompts, or None: switched off (``eval.enabled``), not a
+        language-model stage, no held-out prompts, or several processes (then ``alignctl eval <run dir>`` does it
+        afterwards on one process; the reason is kept in the manifest under ``metrics.eval.skipped``)."""
+        from alignctl import evaluate
+        from alignctl.launch import rank_env
+
+        settings = self.spec.get("eval")
+        self.eval_skipped = None
+        if not settings or not settings.get("enabled") or self.kind.output != "causal_lm":
+            return None
+        if rank_env()[2] > 1:
+            self.eval_skipped = "several processes: run `alignctl eval <run dir>` for samples, KL and win rate"
+            return None
+        if settings.get("prompts_data"):
+            train, held = data.load(settings["prompts_data"], "prompt", "eval.prompts")
+            prompts = evaluate.held_out_prompts(held if held is not None else train, settings["max_prompts"])
+        else:
+            prompts = evaluate.held_out_prompts(self.eval, settings["max_prompts"])
+        if not prompts:
+            self.eval_skipped = "no held-out prompts (set eval.prompts=<data name>)"
+            return None
+        ref = self.spec.get("ref_path") or self.spec["init_path"]
+        batch = batch_size or self.spec["args"].get("per_device_eval_batch_size", 8)
+        return evaluate.PolicyEval(settings, self.tokenizer, prompts, batch, ref_is_initial=ref == self.spec["init_path"])
+
+    eval_skipped: str | None = None
+
+    def finish_policy_eval(self, pe, model, ref_model=None, reward_model=None) -> dict[str, Any]:
+        """After training: the policy's samples, KL to its reference (``ref_model``, else the adapter disabled, else
+        the reference loaded from its folder) and reward scores; writes samples.jsonl; returns {before, after, eval}."""
+        if pe is None:
+            if self.eval_skipped:
+                log.info("[%s] held-out answers not evaluated: %s", self.spec["name"], self.eval_skipped)
+            return {"eval": {"skipped": self.eval_skipped}} if self.eval_skipped else {}
+        pe.after(model, lambda: self._reference(model, ref_model, pe.ref_is_initial),
+                 self._reward(reward_model, model) if pe.settings.get("reward_path") or reward_model is not None
+                 else None)
+        pe.write(self.dir / "samples.jsonl")
+        before, after = pe.metrics()
+        out = {"before": before, "after": after, "eval": pe.info()}
+        line = console.eval_line(self.spec["name"], out)
+        if line:
+            log.info("%s", line)
+        return out
+
+    @contextlib.contextmanager
+    def _reference(self, model, ref_model, ref_is_initial: bool):
+        if ref_model is not None:
+            yield ref_model
+        elif ref_is_initial and models.is_peft_model(model):  # the initial weights = the adapter disabled
+            with model.disable_adapter():
+                yield model
+        else:
+            path = models.materialize(self.spec.get("ref_path") or self.spec["init_path"], self.spec["cache_dir"],
+                                      self.model_spec)
+            ref = _to_device(models.load_causal_lm(path, self.model_spec, self.precision, self.tokenizer,
+                                                   peft=self.peft), model)
+            try:
+                yield ref
+            finally:
+                del ref
+                _release_memory()
+
+    def _reward(self, reward_model, like):
+        @contextlib.contextmanager
+        def factory():
+            if reward_model is not None:
+                yield reward_model, self.tokenizer
+                return
+            path = models.materialize(self.spec["eval"]["reward_path"], self.spec["cache_dir"])
+            rtok = models.load_tokenizer(path, self.model_spec)
+            rm = _to_device(self.load_classifier(path), like)
+            try:
+                yield rm, rtok
+            finally:
+                del rm
+                _release_memory()
+        return factory
+
     def train_and_save(self, trainer, preference_eval: bool = False, save=None) -> dict[str, Any]:
         log_to_run_log(trainer, self.spec["name"])
         models.match_trainable_dtype(trainer.model, trainer.args)
+        pe = self.policy_eval(trainer.args.per_device_eval_batch_size)
+        if pe is not None:
+            pe.before(trainer.model)
         # ZeRO-3 / FSDP (issue 6): the "before" evaluation runs inside train(), at step 0
         at_start = self._evaluate_at_start(trainer, preference_eval) if self.eval is not None and \
             _weights_sharded(trainer) else None
@@ -126,6 +211,7 @@ class StageContext:
         if at_start is not None:
             before = at_start.metrics or {}
         after = self.evaluate(trainer, preference_eval)
+        generated = self.finish_policy_eval(pe, trainer.model, getattr(trainer, "ref_model", None))
         train = _final_train_metrics(trainer.state.log_history)
         train.update({k: v for k, v in result.metrics.items() if _is_number(v)})
         check_healthy(self.spec["name"], {"train": train, "after": after})  # before anything is saved
@@ -139,7 +225,7 @@ class StageContext:
         metrics = {"train": train}
         if self.eval is not None:
             metrics.update(before=before, after=after)
-        return metrics
+        return merge_eval(metrics, generated)
 
     def write_history(self, history: list[dict]) -> None:
         """Every logged metric per step (the report's training curves)."""
@@ -220,6 +306,23 @@ class StageContext:
                                       peft=self.peft, classifier=self.kind.output == "classifier")
 
 
+def merge_eval(metrics: dict[str, Any], generated: dict[str, Any]) -> dict[str, Any]:
+    """Stage metrics with the policy evaluation's before/after metrics added (and its settings under ``eval``)."""
+    for key in ("before", "after"):
+        if key in generated:
+            metrics[key] = {**metrics.get(key, {}), **generated[key]}
+    if "eval" in generated:
+        metrics["eval"] = generated["eval"]
+    return metrics
+
+
+def _to_device(model, like):
+    """``model`` on the device of ``like`` (4-bit models stay where bitsandbytes placed them)."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return model
+    return model.to(next(like.parameters()).device)
+
+
 def _weights_sharded(trainer) -> bool:
     """True under DeepSpeed ZeRO-3 or FSDP: no rank holds the full weights, so saving must gather them."""
     state = getattr(getattr(trainer, "accelerator", None), "state", None)
@@ -288,10 +391,11 @@ def log_to_run_log(trainer, stage: str) -> None:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs:
                 shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
-                log.info("[%s] step %d: %s", stage, state.global_step, shown)
+                log.info("[%s] step %d: %s", stage, state.global_step, shown, extra={"detail": True})  # log only
 
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LogCallback())
+    trainer.add_callback(console.progress_callback(trainer, stage))  # the console's one bar (or line) per stage
 
 
 def run_stage(spec: dict[str, Any]) -> dict[str, Any]:

@@ -44,6 +44,9 @@ TOP_KEYS = {
     "store": "stage store shared by runs (null: <output_root>/.store)",
     "peft": "none | lora | qlora (configs/peft) and their fields; a stage's `peft` key overrides it",
     "launcher": "local | torchrun | accelerate (configs/launcher): how each stage's processes are started",
+    "eval": "held-out evaluation of policy stages: enabled, max_prompts, max_new_tokens, temperature, seed, "
+            "prompts (a data set name), reward (a reward stage or model path)",
+    "sweep": "sweep settings: objective (the metric a Hydra sweeper optimises; default the last stage's headline)",
 }
 MODEL_KEYS = {"name_or_path", "revision", "attn_implementation", "trust_remote_code", "chat_template", "gguf_file"}
 STAGE_KEYS = {"trainer", "from", "data", "description", "peft", "global_batch_size", "trust_remote_code_links",
@@ -279,15 +282,52 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
             "keep_checkpoints": keep is True,
         })
 
+    ev, ev_problems = _eval_setting(c, datasets, kinds_by_name, check_data)
+    problems += ev_problems
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     return {
+        "eval": ev, "sweep": c.get("sweep") or {},
         "recipe": recipe, "description": c.get("description", ""),
         "model": model, "precision": precision, "seed": seed,
         "output_root": str(output_root), "cache_dir": str(output_root / ".cache"),
         "store_dir": str(store_dir), "run_dir": str(run_dir), "stages": stages, "launcher": launcher,
         "notes": notes,
     }
+
+
+def _eval_setting(c: dict, datasets: dict, kinds_by_name: dict[str, str], check: bool) -> tuple[dict, list[str]]:
+    """The `eval` group (alignctl.evaluate.settings_problems), its prompt data set and reward source; `sweep`."""
+    from alignctl import evaluate
+
+    ev, problems = evaluate.settings_problems(c.get("eval"))
+    sweep = c.get("sweep") or {}
+    if not isinstance(sweep, dict) or set(sweep) - {"objective"}:
+        problems.append(f"sweep: takes only `objective` (a metric name, e.g. eval_win_rate or dpo:eval_kl), "
+                        f"got {sweep!r}")
+    elif sweep.get("objective") is not None and (not isinstance(sweep["objective"], str) or not sweep["objective"]):
+        problems.append(f"sweep.objective: must be a metric name such as eval_win_rate, got {sweep['objective']!r}")
+    name = ev.get("prompts")
+    if isinstance(name, str) and name:
+        if name not in datasets:
+            problems.append(f"eval.prompts: no data set named '{name}'{suggest(name, datasets)}; "
+                            f"defined: {', '.join(datasets) or 'none'}")
+        else:
+            dspec, dprob = _dataset(name, datasets, "eval.prompts", STAGES["ppo"], check)  # prompts only
+            ev["prompts_data"] = dspec
+            problems += dprob
+    reward = ev.get("reward")
+    if isinstance(reward, str) and reward:
+        rms = [n for n, t in kinds_by_name.items() if STAGES[t].output == "classifier"]
+        if reward in kinds_by_name and reward not in rms:
+            problems.append(f"eval.reward: '{reward}' is a {kinds_by_name[reward]} stage, not a reward stage "
+                            f"(reward stages: {', '.join(rms) or 'none'})")
+        elif reward not in kinds_by_name and not Path(reward).expanduser().is_dir() and reward.count("/") != 1:
+            problems.append(f"eval.reward: '{reward}' is neither a reward stage of this recipe (reward stages: "
+                            f"{', '.join(rms) or 'none'}) nor a model folder")
+        elif Path(reward).expanduser().is_dir():
+            ev["reward"] = str(Path(reward).expanduser().absolute())
+    return ev, problems
 
 
 def _model_problems(model: dict, run: bool, notes: list[str]) -> list[str]:

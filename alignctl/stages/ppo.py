@@ -11,16 +11,16 @@
 Per-step metrics (objective/scores, objective/kl, objective/entropy, loss/policy_avg,
 loss/value_avg, ...) go to the run log, the last ones to the manifest, together with the mean
 score of the first and last quarter of the rollouts. The held-out metric ``eval_rm_score`` is
-the reward model's mean score of sampled completions to the held-out prompts, before and after;
-those completions and their scores are written to ``<stage dir>/samples.jsonl``. ``final/`` is
-the policy alone, a plain causal LM.
+the reward model's mean score of completions sampled for the held-out prompts, before and after
+(the shared evaluation of every policy stage, alignctl.evaluate: also KL and win rate; samples and
+scores in ``<stage dir>/samples.jsonl``). ``final/`` is the policy alone, a plain causal LM.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
+from alignctl.evaluate import encode_prompt
 from alignctl.stages import StageKind
 
 log = logging.getLogger("alignctl")
@@ -77,7 +77,7 @@ def run(ctx):
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     from alignctl import models
-    from alignctl.runner import _final_train_metrics, log_to_run_log
+    from alignctl.runner import _final_train_metrics, log_to_run_log, merge_eval
 
     args = ctx.args_for(ctx.spec)
     args.setdefault("num_sample_generations", 0)  # TRL would print tables to stdout; samples.jsonl has them
@@ -100,9 +100,14 @@ def run(ctx):
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
     main = trainer.is_world_process_zero()  # with several processes, one evaluates and writes
 
-    before = held_out_rm_score(ctx, policy, reward_model, config, "before") if main else {}
+    pe = ctx.policy_eval() if main else None  # the shared held-out evaluation (alignctl.evaluate), scored by the RM
+    if pe is not None:
+        pe.before(policy)
     trainer.train()
-    after = held_out_rm_score(ctx, policy, reward_model, config, "after") if main else {}
+    generated = ctx.finish_policy_eval(pe, policy, trainer.ref_model, reward_model) if main else {}
+    for phase in ("before", "after"):  # PPO's headline: the reward model's mean score of held-out answers
+        if "eval_reward_mean" in generated.get(phase, {}):
+            generated[phase]["eval_rm_score"] = generated[phase]["eval_reward_mean"]
 
     models.align_special_tokens(policy, ctx.tokenizer)  # PPO set generation_config.eos_token_id to its stop token
     if main:
@@ -110,67 +115,4 @@ def run(ctx):
         ctx.save(SimpleNamespace(model=policy))  # the policy alone, without the value model
     metrics = {"train": _final_train_metrics(trainer.state.log_history),
                "rollouts": _quarters(trainer.state.log_history)}
-    if ctx.eval is not None:
-        metrics.update(before=before, after=after)
-    return metrics
-
-
-# -- the held-out metric: the reward model's score of sampled answers ---------------------------------------------
-def encode_prompt(tokenizer, prompt) -> list[int]:
-    """Token ids of one prompt: chat template with the generation prompt for messages, the plain string otherwise."""
-    if isinstance(prompt, list):
-        return list(tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
-                                                  add_generation_prompt=True)["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
-
-
-def rm_score(policy, reward_model, tokenizer, prompts: list, *, max_new_tokens: int, temperature: float,
-             samples: int = 4, seed: int = 0, batch_size: int = 64) -> tuple[float, list[dict]]:
-    """Mean reward-model score of completions sampled for ``prompts`` (``samples`` each), and the scored samples.
-
-    Generation, truncation at EOS and scoring are TRL's PPO functions, so the score is the
-    one PPO optimises: the reward model's output at the last token of prompt + answer.
-    """
-    import torch
-    from transformers import GenerationConfig
-    from trl.experimental.ppo.ppo_trainer import batch_generation, truncate_response
-    from trl.experimental.utils import get_reward
-
-    device = next(policy.parameters()).device
-    pad = tokenizer.pad_token_id
-    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature + 1e-7, top_k=0, top_p=1.0,
-                              do_sample=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
-    encoded = [encode_prompt(tokenizer, p) for p in prompts for _ in range(samples)]
-    was_training = policy.training
-    policy.eval()
-    torch.manual_seed(seed)
-    rows: list[dict] = []
-    try:
-        for i in range(0, len(encoded), batch_size):
-            chunk = encoded[i:i + batch_size]
-            width = max(len(x) for x in chunk)
-            queries = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)  # left-padded
-            query_responses, _ = batch_generation(policy, queries, len(chunk), pad, config)
-            responses = truncate_response(tokenizer.eos_token_id, pad, query_responses[:, width:])
-            with torch.no_grad():
-                _, scores, _ = get_reward(reward_model, torch.cat((queries, responses), 1), pad, width)
-            for x, r, s in zip(chunk, responses, scores.float().tolist()):
-                rows.append({"prompt": tokenizer.decode(x, skip_special_tokens=True),
-                             "completion": tokenizer.decode(r[r != pad], skip_special_tokens=True), "score": s})
-    finally:
-        policy.train(was_training)
-    return sum(r["score"] for r in rows) / len(rows), rows
-
-
-def held_out_rm_score(ctx, policy, reward_model, config, phase: str) -> dict[str, float]:
-    """``eval_rm_score`` of ``policy`` on the held-out prompts (sampled at the stage's temperature and response
-    length); the scored samples go to <stage dir>/samples.jsonl."""
-    if ctx.eval is None:
-        return {}
-    mean, rows = rm_score(policy, reward_model, ctx.tokenizer, list(ctx.eval["prompt"]),
-                          max_new_tokens=config.response_length, temperature=config.temperature, seed=config.seed)
-    ctx.dir.mkdir(parents=True, exist_ok=True)
-    with open(ctx.dir / "samples.jsonl", "w" if phase == "before" else "a") as f:
-        for row in rows:
-            f.write(json.dumps({"phase": phase, **row}) + "\n")
-    return {"eval_rm_score": mean}
+    return merge_eval(metrics, generated)
