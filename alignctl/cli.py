@@ -31,6 +31,9 @@ commands:
   recipes               list the recipes
   report <multirun dir> summarise a sweep: swept values vs held-out metrics (report.md + sweep.png)
   store ls|du|gc|rm|verify  inspect and clean the stage store (alignctl store --help)
+  eval <run dir|model>  held-out answers, KL, reward and win rate of a finished run's stages (or of a model folder
+                        against --reference): eval.json + plots (alignctl eval --help)
+  generate <run dir|model> --prompt TEXT   print answers of the run's final model (or a model folder)
 
 examples:
   alignctl run                                   # the embedded default recipe: tiny SFT -> DPO on CPU
@@ -302,6 +305,9 @@ def cmd_run(args: list[str]) -> int:
 
     from alignctl.checks import RedactingFilter
 
+    if any(a in ("-v", "--verbose") for a in args):  # per-step metrics and library warnings on the console too
+        os.environ["ALIGNCTL_VERBOSE"] = "1"
+        args = [a for a in args if a not in ("-v", "--verbose")]
     overrides, extra = prepare_overrides(args)
     precheck_run(args)
     _register_recipes(extra)
@@ -343,7 +349,20 @@ def cmd_store(args: list[str]) -> int:
     return store_cli.main(args)
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "recipes": cmd_recipes, "report": cmd_report, "store": cmd_store}
+def cmd_eval(args: list[str]) -> int:
+    from alignctl import eval_cli
+
+    return eval_cli.cmd_eval(args)
+
+
+def cmd_generate(args: list[str]) -> int:
+    from alignctl import eval_cli
+
+    return eval_cli.cmd_generate(args)
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "recipes": cmd_recipes, "report": cmd_report, "store": cmd_store,
+            "eval": cmd_eval, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,7 +392,7 @@ def _main(argv: list[str]) -> int:
     if cmd not in COMMANDS:
         print(f"alignctl: unknown command '{cmd}'{suggest(cmd, COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2
-    if cmd not in ("run", "store") and rest and rest[0] in ("-h", "--help"):
+    if cmd not in ("run", "store", "eval", "generate") and rest and rest[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     try:

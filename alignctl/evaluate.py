@@ -291,31 +291,35 @@ def preference_accuracy(model, tokenizer, dataset, batch_size: int = 32) -> dict
 # -- reward-model scores --------------------------------------------------------------------------------------------
 def reward_scores(reward_model, reward_tokenizer, tokenizer, prompt_ids: list[list[int]],
                   completion_ids: list[list[int]], batch_size: int) -> list[float]:
-    """The reward model's score of each prompt + completion: at the last token, as TRL's PPO scores (TRL's
-    ``get_reward`` on left-padded queries, right-padded answers). A reward model with another vocabulary gets the
-    text re-tokenised with its own tokenizer."""
+    """The reward model's score of each prompt + completion: the sequence classifier's output at the last non-pad
+    token (where TRL's RewardTrainer trained it and TRL's PPO reads it). A reward model with another vocabulary gets
+    the text re-tokenised with its own tokenizer."""
     import torch
-    from trl.experimental.utils import get_reward
 
-    same = reward_tokenizer is None or reward_tokenizer.get_vocab() == tokenizer.get_vocab()
-    rtok = tokenizer if same else reward_tokenizer
-    if not same:
-        texts = [tokenizer.decode(p + c) for p, c in zip(prompt_ids, completion_ids)]
-        prompt_ids = [rtok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        completion_ids = [[] for _ in texts]
+    rtok = reward_tokenizer or tokenizer
+    if rtok.get_vocab() == tokenizer.get_vocab():
+        seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    else:
+        seqs = [rtok(tokenizer.decode(p + c), add_special_tokens=False)["input_ids"]
+                for p, c in zip(prompt_ids, completion_ids)]
     pad = _pad_id(rtok)
+    reward_model.config.pad_token_id = pad  # the classifier finds each row's last token by its padding
     device = next(reward_model.parameters()).device
     out: list[float] = []
     with _eval_mode(reward_model):
-        for i in range(0, len(prompt_ids), batch_size):
-            ps, cs = prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size]
-            width, rest = max(len(p) for p in ps), max(len(c) for c in cs) + 1  # a pad closes every row
-            ids = torch.tensor([[pad] * (width - len(p)) + p + c + [pad] * (rest - len(c)) for p, c in zip(ps, cs)],
-                               device=device)
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i:i + batch_size]
+            width = max(len(x) for x in chunk)
+            ids = torch.tensor([x + [pad] * (width - len(x)) for x in chunk], device=device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=device)
             with torch.no_grad():
-                _, scores, _ = get_reward(reward_model, ids, pad, width)
-            out += scores.float().tolist()
+                out += reward_model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
     return out
+
+
+def _last_user_turn(turns: list) -> str | None:
+    users = [t.get("content") for t in turns if isinstance(t, dict) and t.get("role") == "user"]
+    return str(users[-1]) if users and isinstance(users[-1], str) else None
 
 
 # -- the evaluation of one policy stage -----------------------------------------------------------------------------
@@ -394,7 +398,7 @@ class PolicyEval:
         dec = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         out = []
         for i, prompt in enumerate(self.prompts):
-            row = {"prompt": prompt if isinstance(prompt, str) else dec(self.prompt_ids[i])}
+            row = {"prompt": prompt if isinstance(prompt, str) else _last_user_turn(prompt) or dec(self.prompt_ids[i])}
             for phase, comps in self.samples.items():
                 row[phase] = dec(comps[i])
             row["scores"] = {phase: s[i] for phase, s in self.scores.items()}

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignctl.stages import STAGES
+from alignctl.plan import headline
 
+# Besides each stage's headline, the sweep table shows these metrics after training (when measured).
+SWEEP_EXTRA = ("eval_win_rate", "eval_kl", "eval_reward_mean", "eval_pref_accuracy_norm")
 # Training curves worth plotting, in order, when a stage logged them (TRL's names).
-CURVES = ("loss", "rewards/margins", "rewards/accuracies", "objective/scores", "objective/kl", "objective/rlhf_reward",
+CURVES = ("loss", "rewards/margins", "rewards/accuracies", "objective/scores", "objective/kl", "objective/kl_coef",
+          "objective/rlhf_reward",
           "reward", "kl", "eval_loss", "eval_rewards/accuracies", "eval_accuracy")
 
 
@@ -50,6 +53,86 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
+def read_samples(path: Path) -> list[dict]:
+    """Rows of a samples.jsonl written by alignctl.evaluate (one per prompt: prompt, before, after, scores, kl)."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and "after" in r]
+
+
+def plot_rewards(rows: list[dict], out: Path, title: str) -> bool:
+    """Histogram of the reward model's scores of the held-out answers, before vs after (and the reference's)."""
+    phases = [p for p in ("before", "after", "reference") if sum(p in (r.get("scores") or {}) for r in rows) >= 2]
+    if "after" not in phases:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    values = {p: [r["scores"][p] for r in rows if p in (r.get("scores") or {})] for p in phases}
+    lo, hi = min(min(v) for v in values.values()), max(max(v) for v in values.values())
+    bins = [lo + (hi - lo) * i / 20 for i in range(21)] if hi > lo else 10
+    for p in phases:
+        ax.hist(values[p], bins=bins, alpha=0.55, label=f"{p} (mean {sum(values[p]) / len(values[p]):.3g})")
+    ax.set_xlabel("reward-model score", fontsize=8)
+    ax.set_ylabel("answers", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title}: held-out answers", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _cell(text) -> str:
+    """Text in one markdown table cell: one line, pipes escaped, at most 160 characters."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _evaluation_section(run_dir: Path, s: dict) -> list[str]:
+    """A stage's held-out evaluation: KL, reward, win rate, preference accuracies, histogram, three answers."""
+    m = s.get("metrics") or {}
+    before, after, info = m.get("before") or {}, m.get("after") or {}, m.get("eval") or {}
+    if "eval_kl" not in after and "eval_pref_accuracy" not in after:
+        return []
+    lines = [f"### {s['name']} ({s['trainer']})", ""]
+    if info.get("prompts"):
+        lines += [f"{info['prompts']} held-out prompts, one answer each (at most {info.get('max_new_tokens')} new "
+                  f"tokens, temperature {info.get('temperature')}, seed {info.get('seed')}); reward model: "
+                  f"{info.get('reward') or 'none'}.", ""]
+    elif info.get("skipped"):
+        lines += [f"Held-out answers not evaluated: {info['skipped']}.", ""]
+    lines += ["| metric | before | after |", "| --- | --- | --- |"]
+    for key, label in (("eval_kl", "KL to reference per token"), ("eval_kl_seq", "KL to reference per answer"),
+                       ("eval_reward_mean", "reward (mean)"), ("eval_reward_std", "reward (std)"),
+                       ("eval_completion_tokens", "answer length (tokens)"),
+                       ("eval_pref_accuracy", "preference accuracy (summed log-prob)"),
+                       ("eval_pref_accuracy_norm", "preference accuracy (per-token log-prob)"),
+                       ("eval_rewards/accuracies", "TRL implicit-reward accuracy")):
+        if key in after:
+            lines.append(f"| {label} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |")
+    if "eval_win_rate" in after:
+        lines.append(f"| win rate after vs before [95% Wilson CI, ties half] | | {after['eval_win_rate']:.3f} "
+                     f"[{after['eval_win_rate_low']:.3f}, {after['eval_win_rate_high']:.3f}] |")
+    if "eval_win_rate_ref" in after:
+        lines.append(f"| win rate after vs reference | | {after['eval_win_rate_ref']:.3f} |")
+    lines.append("")
+    rows = read_samples(run_dir / s["name"] / "samples.jsonl")
+    if rows and plot_rewards(rows, run_dir / s["name"] / "rewards.png", s["name"]):
+        lines += [f"![{s['name']} rewards]({s['name']}/rewards.png)", ""]
+    if rows:
+        scored = any(r.get("scores") for r in rows)
+        lines += ["| prompt | before | after |" + (" score before → after |" if scored else ""),
+                  "| --- | --- | --- |" + (" --- |" if scored else "")]
+        for r in rows[:3]:
+            sc = r.get("scores") or {}
+            extra = f" {_fmt(sc.get('before'))} → {_fmt(sc.get('after'))} |" if scored else ""
+            lines.append(f"| {_cell(r['prompt'])} | {_cell(r.get('before', ''))} | {_cell(r['after'])} |{extra}")
+        lines.append("")
+    return lines
+
+
 def write_run_report(manifest: dict) -> Path:
     run_dir = Path(manifest["run_dir"])
     lines = [f"# {manifest['recipe']} — {manifest['status']}", "",
@@ -58,7 +141,7 @@ def write_run_report(manifest: dict) -> Path:
     plots = []
     for s in manifest["stages"]:
         m = s.get("metrics") or {}
-        head = STAGES[s["trainer"]].headline
+        head = headline(s)
         lines.append(f"| {s['name']} | {s['trainer']} | {s['status']} | {'yes' if s.get('reused_from') else 'no'} | "
                      f"{head} | {_fmt(m.get('before', {}).get(head))} | {_fmt(m.get('after', {}).get(head))} | "
                      f"{_fmt(m.get('train', {}).get('train_loss'))} |")
@@ -74,6 +157,9 @@ def write_run_report(manifest: dict) -> Path:
         lines += [f"Store: {st['entries']} entries, {human(st['bytes'])}; this run added {human(st['added_bytes'])} "
                   f"(`alignctl store ls --store {st['dir']}`, `alignctl store gc`)", ""]
     lines += [*plots, ""]
+    evaluation = [line for s in manifest["stages"] for line in _evaluation_section(run_dir, s)]
+    if evaluation:
+        lines += ["## Held-out evaluation", "", *evaluation]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))
     return out
@@ -110,34 +196,52 @@ def sweep_report(sweep_dir: str | Path) -> tuple[Path, Path | None, list[dict]]:
     for m, it in zip(manifests, items):
         row = {"job": Path(m["run_dir"]).name, "status": m["status"], **{k: it.get(k) for k in swept}}
         for s in m["stages"]:
-            head = STAGES[s["trainer"]].headline
-            row[f"{s['name']}:{head}"] = (s.get("metrics") or {}).get("after", {}).get(head)
+            after = (s.get("metrics") or {}).get("after") or {}
+            for key in dict.fromkeys([headline(s), *SWEEP_EXTRA]):
+                if key in after:
+                    row[f"{s['name']}:{key}"] = after[key]
             row[f"{s['name']}:reused"] = bool(s.get("reused_from"))
         rows.append(row)
-    metric_cols = [c for c in rows[0] if ":" in c and not c.endswith(":reused")]
+    metric_cols = list(dict.fromkeys(c for r in rows for c in r if ":" in c and not c.endswith(":reused")))
     cols = ["job", *swept, "status", *metric_cols]
     lines = [f"# Sweep {sweep_dir}", "", f"Swept: {', '.join(swept) or 'nothing differs between jobs'}", "",
              "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     plot = None
     if swept and metric_cols:
-        param, metric = swept[0], metric_cols[-1]
-        pts = sorted((_number(r[param]), r[metric]) for r in rows
-                     if _number(r.get(param) or "") is not None and isinstance(r.get(metric), (int, float)))
-        if pts:
-            plt = _plt()
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-            if min(p[0] for p in pts) > 0 and max(p[0] for p in pts) / min(p[0] for p in pts) >= 10:
-                ax.set_xscale("log")
-            ax.set_xlabel(param)
-            ax.set_ylabel(metric)
-            ax.set_title("held-out metric vs swept parameter", fontsize=10)
-            fig.tight_layout()
-            plot = sweep_dir / "sweep.png"
-            fig.savefig(plot, dpi=100)
-            plt.close(fig)
+        plot = _sweep_plot(rows, swept[0], metric_cols, sweep_dir / "sweep.png")
+        if plot:
             lines += ["", "![sweep](sweep.png)"]
     out = sweep_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out, plot, rows
+
+
+def _sweep_plot(rows: list[dict], param: str, metric_cols: list[str], out: Path) -> Path | None:
+    """The last stage's headline, win rate and KL against the swept parameter (the KL-reward frontier of a beta
+    sweep), one panel each."""
+    last = metric_cols[-1].split(":")[0]
+    ours = [c for c in metric_cols if c.split(":")[0] == last]
+    panels = [ours[0]] + [c for c in ours[1:] if c.split(":")[1] in ("eval_win_rate", "eval_kl")]
+    series = []
+    for metric in panels:
+        pts = sorted((_number(r[param]), r[metric]) for r in rows
+                     if _number(r.get(param) or "") is not None and isinstance(r.get(metric), (int, float)))
+        if pts:
+            series.append((metric, pts))
+    if not series:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.4), squeeze=False)
+    for ax, (metric, pts) in zip(axes[0], series):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        if min(p[0] for p in pts) > 0 and max(p[0] for p in pts) / min(p[0] for p in pts) >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(param, fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.set_title(metric, fontsize=9)
+    fig.suptitle("held-out metrics vs swept parameter", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -142,9 +142,11 @@ class StageContext:
 
     eval_skipped: str | None = None
 
-    def finish_policy_eval(self, pe, model, ref_model=None, reward_model=None) -> dict[str, Any]:
+    def finish_policy_eval(self, pe, model, ref_model=None, reward_model=None, samples_to: Path | None | str = "stage"
+                           ) -> dict[str, Any]:
         """After training: the policy's samples, KL to its reference (``ref_model``, else the adapter disabled, else
-        the reference loaded from its folder) and reward scores; writes samples.jsonl; returns {before, after, eval}."""
+        the reference loaded from its folder) and reward scores; writes the samples (default <stage>/samples.jsonl);
+        returns {before, after, eval}."""
         if pe is None:
             if self.eval_skipped:
                 log.info("[%s] held-out answers not evaluated: %s", self.spec["name"], self.eval_skipped)
@@ -152,7 +154,8 @@ class StageContext:
         pe.after(model, lambda: self._reference(model, ref_model, pe.ref_is_initial),
                  self._reward(reward_model, model) if pe.settings.get("reward_path") or reward_model is not None
                  else None)
-        pe.write(self.dir / "samples.jsonl")
+        if samples_to is not None:
+            pe.write(self.dir / "samples.jsonl" if samples_to == "stage" else Path(samples_to))
         before, after = pe.metrics()
         out = {"before": before, "after": after, "eval": pe.info()}
         line = console.eval_line(self.spec["name"], out)
