@@ -1,19 +1,21 @@
-"""Proximal policy optimisation against a reward model (TRL's ``trl.experimental.ppo``), InstructGPT-style.
+"""Proximal policy optimisation against a reward model, InstructGPT-style: alignctl's own PPO (``alignctl.rl``).
 
-* policy and reference: the ``from`` stage's final weights (``ref`` may name another stage);
+* policy and reference: the ``from`` stage's final weights (``ref`` may name another stage); with an adapter
+  (lora/qlora) the reference is the policy with its adapter disabled, without a second copy;
 * reward model: ``reward:`` a reward stage of the recipe or a model path (required);
 * value model: initialised from the reward model unless ``value:`` names another stage or path;
-* data: prompts only, conversational (chat template applied with the generation prompt) or plain
-  strings; the stage tokenises them into the ``input_ids`` PPOTrainer expects (left-padded);
-* every PPO knob passes through under its TRL name (kl_coef, kl_estimator, cliprange, vf_coef,
-  gamma, lam, num_ppo_epochs, num_mini_batches, response_length, temperature, stop_token, ...).
+* data: prompts only, conversational (chat template applied with the generation prompt) or plain strings;
+* every PPO knob keeps the name TRL 1.12's PPOConfig gave it (kl_coef, kl_estimator, cliprange, vf_coef, gamma,
+  lam, num_ppo_epochs, num_mini_batches, response_length, temperature, stop_token, ...); ``kl_target`` (with
+  ``kl_horizon``) turns on the adaptive KL controller (alignctl.rl.kl).
 
-Per-step metrics (objective/scores, objective/kl, objective/entropy, loss/policy_avg,
-loss/value_avg, ...) go to the run log, the last ones to the manifest, together with the mean
-score of the first and last quarter of the rollouts. The held-out metric ``eval_rm_score`` is
-the reward model's mean score of completions sampled for the held-out prompts, before and after
-(the shared evaluation of every policy stage, alignctl.evaluate: also KL and win rate; samples and
-scores in ``<stage dir>/samples.jsonl``). ``final/`` is the policy alone, a plain causal LM.
+Per-step metrics (objective/scores, objective/kl, objective/kl_coef, objective/entropy, loss/policy_avg,
+loss/value_avg, ...) go to the run log and log_history.json, the last ones to the manifest, together with the
+first/last-quarter mean scores and the KL and kl_coef of every step (``metrics.rollouts``). The held-out metric
+``eval_rm_score`` is the reward model's mean score of completions sampled for the held-out prompts, before and after
+(the shared evaluation of every policy stage, alignctl.evaluate: also KL and win rate; samples and scores in
+``<stage dir>/samples.jsonl``). ``final/`` is the policy alone, a plain causal LM. Checkpoints follow
+``save_strategy``/``save_steps``; an interrupted stage resumes from its newest valid one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from alignctl.stages import StageKind
 log = logging.getLogger("alignctl")
 
 KIND = StageKind(
-    name="ppo", config_class="trl.experimental.ppo.PPOConfig", data_kind="prompt",
+    name="ppo", config_class="alignctl.rl.ppo_config.PPOConfig", data_kind="prompt",
     summary="PPO against a reward model, KL-penalised towards the reference (InstructGPT)",
     links=("ref", "reward", "value"), needs_reward=True, headline="eval_rm_score",
     key_fields=("learning_rate", "total_episodes", "per_device_train_batch_size", "num_ppo_epochs",
@@ -34,18 +36,8 @@ KIND = StageKind(
 )
 
 
-# TRL 1.12's experimental PPOTrainer.train() takes no resume_from_checkpoint: it restarts step, optimizer, scheduler
-# and data at zero. The pipeline reads this, says so in the log and starts an interrupted PPO stage again.
-NO_RESUME = "TRL 1.12's trl.experimental.ppo PPOTrainer cannot resume from a checkpoint (train() takes no resume " \
-            "argument)"
-
-
-def _tokenized(ds, tokenizer):
-    return ds.map(lambda ex: {"input_ids": encode_prompt(tokenizer, ex["prompt"])}, remove_columns=ds.column_names)
-
-
 def _warn_if_template_trails_eos(tokenizer) -> None:
-    """TRL's PPO scores prompt + answer cut at the EOS; a chat template that writes text after a turn's EOS (a
+    """PPO scores prompt + answer cut at the EOS; a chat template that writes text after a turn's EOS (a
     newline, ...) trained the reward model to score at that text instead, which weakens the reward signal."""
     if not tokenizer.chat_template or not tokenizer.eos_token:
         return
@@ -60,59 +52,66 @@ def _warn_if_template_trails_eos(tokenizer) -> None:
                     "pairs scores that text, while PPO scores answers cut at the EOS", tail)
 
 
-def _quarters(history: list[dict]) -> dict[str, float]:
-    """Mean of ``objective/scores`` over the first and the last quarter of the PPO updates."""
-    scores = [h["objective/scores"] for h in history if "objective/scores" in h]
-    if not scores:
+def _quarters(history: list[dict]) -> dict:
+    """Mean ``objective/scores`` of the first and the last quarter of the PPO updates; KL and kl_coef per step."""
+    rows = [h for h in history if "objective/scores" in h]
+    if not rows:
         return {}
-    q = max(1, len(scores) // 4)
-    return {"updates": len(scores), "score_first_quarter": sum(scores[:q]) / q,
-            "score_last_quarter": sum(scores[-q:]) / q}
+    q = max(1, len(rows) // 4)
+    scores, kl = [h["objective/scores"] for h in rows], [h["objective/kl"] for h in rows]
+    return {"updates": len(rows), "score_first_quarter": sum(scores[:q]) / q,
+            "score_last_quarter": sum(scores[-q:]) / q, "kl_last_quarter": sum(kl[-q:]) / q, "kl": kl,
+            "kl_coef": [h["objective/kl_coef"] for h in rows]}
 
 
 def run(ctx):
     import copy
     from types import SimpleNamespace
 
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-
     from alignctl import models
-    from alignctl.runner import _final_train_metrics, log_to_run_log, merge_eval
+    from alignctl.rl.ppo_config import PPOConfig
+    from alignctl.rl.ppo_trainer import PPOTrainer
+    from alignctl.runner import _final_train_metrics, merge_eval
 
-    args = ctx.args_for(ctx.spec)
-    args.setdefault("num_sample_generations", 0)  # TRL would print tables to stdout; samples.jsonl has them
+    name = ctx.spec["name"]
+    config = ctx.trl_config(PPOConfig)
     tokenizer = copy.deepcopy(ctx.tokenizer)
     tokenizer.padding_side = "left"  # queries are generated from: pad on the left
     _warn_if_template_trails_eos(tokenizer)
     policy = ctx.load_policy()
     reward_model = ctx.load_reward_model()
     if reward_model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        raise ValueError(f"stages.{ctx.spec['name']}.reward: the reward model's vocabulary is smaller than the "
+        raise ValueError(f"stages.{name}.reward: the reward model's vocabulary is smaller than the "
                          "policy's tokenizer; PPO scores the policy's token ids, so both must share one tokenizer")
-    config = PPOConfig(**args)
-    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy,
-                         ref_model=ctx.load_reference(), reward_model=reward_model, value_model=ctx.load_value_model(),
-                         train_dataset=_tokenized(ctx.train, tokenizer),
-                         # TRL samples from it only for num_sample_generations (off); it needs a data set all the same
-                         eval_dataset=_tokenized(ctx.eval if ctx.eval is not None else ctx.train, tokenizer),
-                         peft_config=ctx.peft_config())
-    log_to_run_log(trainer, ctx.spec["name"])
-    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    ref, lora = ctx.load_reference(), ctx.peft_config()
+    if lora is not None:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora)  # the reference (unless `ref` names another model): adapter disabled
+    elif ref is None:
+        ref = copy.deepcopy(policy)
+    if ref is not None:
+        ref.requires_grad_(False)
+    trainer = PPOTrainer(config, policy, ctx.load_value_model(), reward_model, tokenizer,
+                         [encode_prompt(tokenizer, p) for p in ctx.train["prompt"]], ref_policy=ref, stage=name)
+    policy = trainer.policy
     main = trainer.is_world_process_zero()  # with several processes, one evaluates and writes
+
+    def on_log(step, metrics):
+        log.info("[%s] step %d: %s", name, step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     pe = ctx.policy_eval() if main else None  # the shared held-out evaluation (alignctl.evaluate), scored by the RM
     if pe is not None:
         pe.before(policy)
-    trainer.train()
-    generated = ctx.finish_policy_eval(pe, policy, trainer.ref_model, reward_model) if main else {}
+    trainer.train(resume_from=ctx.spec.get("resume_from"), on_log=on_log)
+    generated = ctx.finish_policy_eval(pe, policy, trainer.ref, reward_model) if main else {}
     for phase in ("before", "after"):  # PPO's headline: the reward model's mean score of held-out answers
         if "eval_reward_mean" in generated.get(phase, {}):
             generated[phase]["eval_rm_score"] = generated[phase]["eval_reward_mean"]
 
-    models.align_special_tokens(policy, ctx.tokenizer)  # PPO set generation_config.eos_token_id to its stop token
+    models.align_special_tokens(policy, ctx.tokenizer)
     if main:
-        ctx.write_history(trainer.state.log_history)
+        ctx.write_history(trainer.log_history)
         ctx.save(SimpleNamespace(model=policy))  # the policy alone, without the value model
-    metrics = {"train": _final_train_metrics(trainer.state.log_history),
-               "rollouts": _quarters(trainer.state.log_history)}
+    metrics = {"train": _final_train_metrics(trainer.log_history), "rollouts": _quarters(trainer.log_history)}
     return merge_eval(metrics, generated)

@@ -1,0 +1,256 @@
+"""The PPO training loop: rollout batches, minibatch epochs, gradient accumulation and DDP through accelerate's
+Accelerator, logging, checkpoints and resume. The algorithm's pieces are in :mod:`alignctl.rl.ppo_core`.
+
+One update = one rollout batch of per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches
+prompts per process, then ``num_ppo_epochs`` passes over it in ``num_mini_batches`` minibatches, each the
+accumulated gradient of ``gradient_accumulation_steps`` micro-batches. The prompts of update ``i`` depend only on
+``seed`` and ``i``, so a resumed run sees the prompts the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from alignctl.rl import kl as klmod
+from alignctl.rl import ppo_core as core
+
+log = logging.getLogger("alignctl")
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Policy and value model as one module: one optimiser, one DDP wrapper, one checkpoint."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, ids, mask, positions):
+        logits = self.policy(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        return logits, core.token_scores(self.value_model, ids, mask, positions)
+
+
+def _no_dropout(model) -> None:
+    """Huang et al. 2024: dropout off, so rollout and training log-probabilities agree."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+class PPOTrainer:
+    def __init__(self, config, policy, value_model, reward_model, tokenizer, prompts: list[list[int]],
+                 ref_policy=None, stage: str = "ppo"):
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
+        self.acc = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=mixed)
+        self.config, self.tokenizer, self.prompts, self.stage = config, tokenizer, prompts, stage
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stop_ids = [config.stop_token_id] if config.stop_token_id is not None else \
+            [tokenizer.eos_token_id] if config.stop_token == "eos" else []
+        c, world = config, self.acc.num_processes
+        self.local_batch = c.per_device_train_batch_size * c.gradient_accumulation_steps * c.num_mini_batches
+        self.batch = self.local_batch * world
+        episodes = c.total_episodes or int(c.num_train_epochs * len(prompts))
+        self.updates = max(1, math.ceil(episodes / self.batch))
+        self.kl = klmod.controller(c)
+        self.is_peft = ref_policy is None and hasattr(policy, "disable_adapter")
+        for m in (policy, value_model):
+            _no_dropout(m)
+        model = PolicyAndValue(policy, value_model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+                                      eps=c.adam_epsilon, weight_decay=c.weight_decay)
+        scheduler = get_scheduler(c.lr_scheduler_type, optimizer, num_warmup_steps=c.get_warmup_steps(self.updates),
+                                  num_training_steps=self.updates, scheduler_specific_kwargs=c.lr_scheduler_kwargs)
+        self.model, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
+        dev = self.acc.device
+        self.reward_model = reward_model.to(dev).eval()
+        self.ref = None if ref_policy is None else ref_policy.to(dev).eval()
+        if self.ref is None and not self.is_peft:
+            raise ValueError("PPO needs a reference model, or a policy with an adapter to disable")
+        self.step, self.log_history = 0, []
+
+    @property
+    def policy(self):
+        return self.acc.unwrap_model(self.model).policy
+
+    def is_world_process_zero(self) -> bool:
+        return self.acc.is_main_process
+
+    # -- prompts of an update ------------------------------------------------------------------------------------
+    def _prompt_indices(self, update: int) -> list[int]:
+        """This process's prompts of ``update``: a stream of seeded permutations of all prompts, one per pass."""
+        n, perms, out = len(self.prompts), {}, []
+        first = update * self.batch + self.acc.process_index * self.local_batch
+        for pos in range(first, first + self.local_batch):
+            epoch, i = divmod(pos, n)
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch))
+            out.append(int(perms[epoch][i]))
+        return out
+
+    # -- rollouts --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, rows: list[list[int]]) -> dict:
+        c, dev, chunks = self.config, self.acc.device, []
+        model = self.acc.unwrap_model(self.model)
+        model.eval()
+        for i in range(0, len(rows), c.local_rollout_forward_batch_size):
+            q, qm = core.left_pad(rows[i:i + c.local_rollout_forward_batch_size], self.pad, dev)
+            with self.acc.autocast():
+                resp = core.generate(model.policy, q, qm, max_new_tokens=c.response_length, temperature=c.temperature,
+                                     stop_ids=self.stop_ids, pad=self.pad)
+                lengths, stopped = core.answer_lengths(resp, self.stop_ids, self.pad)
+                ids, mask, pos = core.sequence_inputs(q, qm, resp, lengths)
+                logits, values = model(ids, mask, pos)
+                logp, entropy = core.answer_logprobs(logits, resp, q.shape[1], c.temperature)
+                with model.policy.disable_adapter() if self.ref is None else contextlib.nullcontext():
+                    ref_logits = (model.policy if self.ref is None else self.ref)(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                                            use_cache=False).logits
+                ref_logp, _ = core.answer_logprobs(ref_logits, resp, q.shape[1], c.temperature)
+                scores = core.token_scores(self.reward_model, ids, mask, pos)
+            w = q.shape[1]
+            scores = scores.float()[torch.arange(len(resp), device=dev), w + lengths - 1]
+            if c.missing_eos_penalty is not None:
+                scores = scores - c.missing_eos_penalty * (~stopped).float()
+            amask = (torch.arange(resp.shape[1], device=dev)[None] < lengths[:, None]).float()
+            chunks.append(dict(q=q, qm=qm, resp=resp, lengths=lengths, mask=amask, logp=logp * amask,
+                               ref_logp=ref_logp * amask, entropy=entropy * amask, scores=scores,
+                               values=values.float()[:, w - 1:w - 1 + resp.shape[1]] * amask))
+        model.train()
+        return chunks
+
+    # -- one update ----------------------------------------------------------------------------------------------
+    def update(self) -> dict:
+        c = self.config
+        rows = [self.prompts[i] for i in self._prompt_indices(self.step)]
+        chunks = self.rollout(rows)
+        stats = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl", "ent", "ratio")}
+        seq_kl, scores, non_score, entropy = [], [], [], []
+        for ch in chunks:
+            kl_tok = klmod.kl_per_token(ch["logp"], ch["ref_logp"], c.kl_estimator) * ch["mask"]
+            _, ns, ch["adv"], ch["ret"] = core.rewards_and_advantages(
+                ch["scores"], kl_tok, ch["values"], ch["mask"], ch["lengths"], kl_coef=self.kl.value, gamma=c.gamma,
+                lam=c.lam, whiten_rewards=c.whiten_rewards)
+            seq_kl.append(kl_tok.sum(1)), scores.append(ch["scores"]), non_score.append(ns.sum(1))
+            entropy.append(ch["entropy"].sum(1))
+        samples = [(ch, j) for ch in chunks for j in range(len(ch["resp"]))]
+        mini = c.per_device_train_batch_size * c.gradient_accumulation_steps
+        for _ in range(c.num_ppo_epochs):
+            order = torch.randperm(len(samples)).tolist()
+            for m in range(0, len(order), mini):
+                for k in range(m, min(m + mini, len(order)), c.per_device_train_batch_size):
+                    part = [samples[i] for i in order[k:k + c.per_device_train_batch_size]]
+                    with self.acc.accumulate(self.model):
+                        self._micro_step(part, stats)
+        self.scheduler.step()
+        self.kl.update(self._mean(torch.cat(seq_kl)), self.batch)
+        self.step += 1
+        mean = lambda xs: self._mean(torch.stack(xs)) if xs else float("nan")  # noqa: E731
+        sc, kl_mean = self._mean(torch.cat(scores)), self._mean(torch.cat(seq_kl))
+        return {"objective/kl": kl_mean, "objective/kl_coef": self.kl.value,
+                "objective/entropy": self._mean(torch.cat(entropy)),
+                "objective/non_score_reward": self._mean(torch.cat(non_score)), "objective/scores": sc,
+                "objective/rlhf_reward": sc + self._mean(torch.cat(non_score)),
+                "policy/approxkl_avg": mean(stats["approxkl"]), "policy/clipfrac_avg": mean(stats["clip"]),
+                "loss/policy_avg": mean(stats["pg"]), "loss/value_avg": mean(stats["vf"]),
+                "val/clipfrac_avg": mean(stats["vclip"]), "policy/entropy_avg": mean(stats["ent"]),
+                "val/ratio": mean(stats["ratio"]), "lr": self.scheduler.get_last_lr()[0],
+                "episode": self.step * self.batch}
+
+    def _micro_step(self, part, stats) -> None:
+        c, dev = self.config, self.acc.device
+        width = max(ch["resp"].shape[1] for ch, _ in part)
+        qrows = [ch["q"][j][ch["qm"][j].bool()].tolist() for ch, j in part]
+        q, qm = core.left_pad(qrows, self.pad, dev)
+
+        def stack(key):
+            fill = self.pad if key == "resp" else 0
+            return torch.stack([torch.nn.functional.pad(ch[key][j], (0, width - ch[key].shape[1]), value=fill)
+                                for ch, j in part])
+
+        resp, mask, old_logp, old_v, adv, ret = (stack(k) for k in ("resp", "mask", "logp", "values", "adv", "ret"))
+        lengths = torch.stack([ch["lengths"][j] for ch, j in part])
+        ids, amask, pos = core.sequence_inputs(q, qm, resp, lengths)
+        with self.acc.autocast():
+            logits, values = self.model(ids, amask, pos)
+        logp, ent = core.answer_logprobs(logits, resp, q.shape[1], c.temperature)
+        values = values.float()[:, q.shape[1] - 1:q.shape[1] - 1 + width]
+        pg, clip, approxkl, ratio = core.policy_loss(logp, old_logp, adv, mask, c.cliprange)
+        vf, vclip = core.value_loss(values, old_v, ret, mask, c.cliprange_value)
+        self.acc.backward(pg + c.vf_coef * vf)
+        if self.acc.sync_gradients and c.max_grad_norm:
+            self.acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        for key, v in (("pg", pg), ("vf", vf), ("clip", clip), ("vclip", vclip), ("approxkl", approxkl),
+                       ("ent", core.masked_mean(ent, mask)), ("ratio", ratio)):
+            stats[key].append(v.detach())
+
+    def _mean(self, x: torch.Tensor) -> float:
+        return self.acc.gather_for_metrics(x.detach().float().reshape(-1)).mean().item()
+
+    # -- the loop, checkpoints, resume -----------------------------------------------------------------------------
+    def train(self, resume_from: str | None = None, on_log=None) -> None:
+        c = self.config
+        if resume_from:
+            self._load(Path(resume_from))
+        every = c.logging_steps if c.logging_steps >= 1 else max(1, math.ceil(c.logging_steps * self.updates))
+        save_every = _save_every(c, self.updates)
+        while self.step < self.updates:
+            metrics = self.update()
+            if self.step % int(every) == 0 or self.step == self.updates:
+                entry = {**{k: round(v, 6) for k, v in metrics.items()}, "step": self.step}
+                self.log_history.append(entry)
+                if on_log and self.acc.is_main_process:
+                    on_log(self.step, metrics)
+            if save_every and self.step % save_every == 0 and self.step < self.updates:
+                self.save_checkpoint()
+
+    def save_checkpoint(self) -> Path:
+        out = Path(self.config.output_dir) / f"checkpoint-{self.step}"
+        tmp = out.with_name(out.name + ".partial")
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp), safe_serialization=False)
+        if self.acc.is_main_process:
+            state = {"global_step": self.step, "log_history": self.log_history, "kl": self.kl.state(),
+                     "updates": self.updates}
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+            _prune(out.parent, self.config.save_total_limit)
+        self.acc.wait_for_everyone()
+        return out
+
+    def _load(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        self.acc.load_state(str(ckpt))
+        self.step, self.log_history = int(state["global_step"]), list(state.get("log_history", []))
+        self.kl.load(state.get("kl", {}))
+        log.info("[%s] resumed at update %d of %d (kl_coef %.4g)", self.stage, self.step, self.updates, self.kl.value)
+
+
+def _save_every(c, updates: int) -> int:
+    strategy = getattr(c.save_strategy, "value", c.save_strategy)
+    if strategy != "steps":
+        return 0
+    return int(c.save_steps) if c.save_steps >= 1 else max(1, math.ceil(c.save_steps * updates))
+
+
+def _prune(folder: Path, limit: int | None) -> None:
+    if not limit:
+        return
+    ckpts = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    for old in ckpts[:-limit]:
+        shutil.rmtree(old, ignore_errors=True)
