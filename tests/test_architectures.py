@@ -194,3 +194,20 @@ def test_sdpa_forced_on_gemma2_stops_before_loading_with_what_to_set(run_recipe,
     with pytest.raises(ConfigError, match="gemma2 models do not support sdpa"):
         run_recipe(["model.name_or_path=tiny:gemma2", "model.attn_implementation=sdpa"], tmp_path / "run")
     assert not list((tmp_path / "run").glob("*/final"))
+
+
+def test_system_turns_merged_for_a_template_that_refuses_them(run_recipe, tmp_path):
+    """Data with system turns on a Mistral-shaped template: data.<set>.system_turns=merge makes it train (the
+    template itself refuses them, as test_template_refusing_system_turns_is_named_with_what_to_set shows)."""
+    from alignctl.synthetic import DATA_DIR
+
+    rows = [json.loads(line) for line in (DATA_DIR / "sft.jsonl").read_text().splitlines()[:96]]
+    data = tmp_path / "sft-with-system.jsonl"
+    data.write_text("".join(json.dumps({"messages": SYSTEM + r["messages"]}) + "\n" for r in rows))
+    recipe = tmp_path / "sft-only.yaml"
+    recipe.write_text("name: sft-only\nstages:\n  sft:\n    trainer: sft\n    data: sft\n    learning_rate: 3.0e-3\n"
+                      "    max_steps: 6\n    per_device_train_batch_size: 8\n    save_strategy: 'no'\n")
+    m = run_recipe([f"recipe={recipe}", "model.name_or_path=tiny:mistral", f"data.sft.path={data}",
+                    "data.sft.eval_size=16", "data.sft.system_turns=merge"], tmp_path / "run")
+    assert m["status"] == "completed"
+    assert m["stages"][0]["metrics"]["after"]["eval_loss"] < m["stages"][0]["metrics"]["before"]["eval_loss"]
