@@ -126,7 +126,8 @@ def materialize(name_or_path: str, cache_root: str | os.PathLike, model_spec: di
     into the cache, so that every stage loads plain safetensors."""
     if is_tiny(name_or_path):
         arch = tiny_arch(name_or_path)
-        return _build_once(Path(cache_root) / f"tiny-{arch}-{tiny_key(name_or_path)}", lambda tmp: build_tiny(arch, tmp))
+        out = Path(cache_root) / f"tiny-{arch}-{tiny_key(name_or_path)}"
+        return _build_once(out, lambda tmp: build_tiny(arch, tmp))
     model_spec = model_spec or {}
     gguf_file = model_spec.get("gguf_file")
     is_base = str(name_or_path) == str(model_spec.get("name_or_path"))

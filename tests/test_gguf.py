@@ -27,7 +27,6 @@ def _permute(w, heads: int):
 def write_tiny_llama_gguf(folder: Path):
     """A random tiny Llama + alignctl's tiny tokenizer, written as one GGUF file; returns (model, tokenizer)."""
     import gguf
-    import numpy as np
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -88,7 +87,6 @@ def write_tiny_llama_gguf(folder: Path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert np  # numpy arrays above
     return model, tok
 
 
