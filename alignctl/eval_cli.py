@@ -119,8 +119,8 @@ def _quiet() -> None:
 
 
 def cmd_eval(args: list[str]) -> int:
-    _quiet()
     pos, opts, overrides = _parse(args, {"--reference", "--reward", "--prompts", "--out"}, EVAL_USAGE)
+    _quiet()
     if len(pos) != 1:
         raise ConfigError([f"eval: name one run directory or model folder\n{EVAL_USAGE}"])
     target = Path(pos[0]).expanduser()
@@ -285,9 +285,9 @@ def eval_model(path: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path
 def cmd_generate(args: list[str]) -> int:
     from alignctl import evaluate, models
 
-    _quiet()
     pos, opts, overrides = _parse(args, {"--prompt", "--prompts-file", "--max-new-tokens", "--temperature", "--seed"},
                                   GENERATE_USAGE)
+    _quiet()
     if len(pos) != 1 or overrides or not (opts.get("--prompt") or opts.get("--prompts-file")):
         raise ConfigError([f"generate: name one run directory or model folder and --prompt or --prompts-file\n"
                            f"{GENERATE_USAGE}"])
