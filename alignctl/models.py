@@ -462,18 +462,25 @@ def _config_model_type(folder: Path | None) -> str | None:
 
 
 def _supports_attn(model_type: str, attn: str) -> bool:
-    """Whether transformers' model class for ``model_type`` declares support for ``attn`` (True when unknown)."""
-    flag = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}.get(attn.removeprefix("paged|"))
-    if flag is None:
-        return True
-    try:
-        from transformers import AutoModelForCausalLM
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    """Whether transformers' model family ``model_type`` declares support for ``attn`` (True when unknown). Read from
+    the family's modeling source (its ``*PreTrainedModel`` class sets ``_supports_sdpa = False`` etc.) without
+    importing transformers or torch, so that `alignctl plan` can say it."""
+    from importlib.util import find_spec
 
-        cls = AutoModelForCausalLM._model_mapping[CONFIG_MAPPING[model_type]]
-    except (KeyError, ImportError):
+    flag = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}.get(attn.removeprefix("paged|"))
+    spec = find_spec("transformers")
+    if flag is None or spec is None or not spec.submodule_search_locations:
         return True
-    return bool(getattr(cls, flag, True))
+    name = model_type.replace("-", "_")
+    source = Path(list(spec.submodule_search_locations)[0]) / "models" / name / f"modeling_{name}.py"
+    try:
+        text = source.read_text()
+    except OSError:
+        return True
+    for block in re.findall(r"^class \w+PreTrainedModel\(PreTrainedModel\):\n(.*?)(?=^class |\Z)", text, re.M | re.S):
+        if re.search(rf"^\s+{flag}\s*=\s*False", block, re.M):
+            return False
+    return True
 
 
 def template_problems(tokenizer, sample_messages, where: str, model: str | None = None,

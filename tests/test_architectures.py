@@ -184,6 +184,16 @@ def test_attention_names_are_checked_cheaply_and_match_transformers():
                               "mean 'flash_attention_2'")
 
 
+def test_sdpa_refusal_read_without_importing_matches_transformers_classes():
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for model_type in ("gemma2", "vaultgemma", "gpt_oss", *ARCHS):
+        cls = AutoModelForCausalLM._model_mapping[CONFIG_MAPPING[model_type]]
+        assert models._supports_attn(model_type, "sdpa") == cls._supports_sdpa, model_type
+    assert not models._supports_attn("gemma2", "sdpa") and models._supports_attn("llama", "sdpa")
+
+
 def test_sdpa_forced_on_gemma2_stops_before_loading_with_what_to_set(run_recipe, tmp_path):
     from alignctl.spec import ConfigError
 
