@@ -377,7 +377,7 @@ def run_stage(work: dict, spec_path: str | os.PathLike, launcher: dict | None) -
 
     for key in ("init_path", "ref_path", "reward_path", "value_path"):  # build a built-in tiny model once, not per rank
         if work.get(key):
-            models.materialize(work[key], work["cache_dir"])
+            models.materialize(work[key], work["cache_dir"], work["model"])
     out = Path(spec_path).parent / "launch"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

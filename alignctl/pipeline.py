@@ -106,15 +106,49 @@ def preflight(stages: list[dict]) -> None:
             problems.append(f"stages.{s['name']}: {kind.config_class} rejects the settings: {first}")
     if problems:  # no data loading for a run that cannot start
         raise ConfigError(problems)
+    tokenizer = None
     for s in stages:
         kind = STAGES[s["trainer"]]
         try:
-            data.load(s["data"], kind.data_kind, f"stages.{s['name']}")
+            train, _ = data.load(s["data"], kind.data_kind, f"stages.{s['name']}")
         except ConfigError as e:
             problems += e.problems
+            train = None
         problems += [p for p in models.device_problems(s) if p not in problems]  # attention, 4-bit on this machine
+        conversations = _sample_conversations(train) if train is not None and kind.output == "causal_lm" else []
+        if conversations:  # the chat template every stage applies (it travels with final/) renders this data
+            if tokenizer is None:
+                base = models.materialize(s["model"]["name_or_path"], s["cache_dir"], s["model"])
+                tokenizer = models.load_tokenizer(base, s["model"])
+            found = models.template_problems(tokenizer, conversations, s["data"].get("label", f"stages.{s['name']}.data"),
+                                             model=str(s["model"]["name_or_path"]),
+                                             assistant_only_loss=bool(s["args"].get("assistant_only_loss")))
+            problems += [p for p in found if p not in problems]
     if problems:
         raise ConfigError(problems)
+
+
+def _sample_conversations(ds, limit: int = 2000) -> list[list[dict]]:
+    """The first conversation of a data set, and its first one with a system turn (among the first ``limit`` rows):
+    what a chat template must render."""
+    def conversation(row: dict) -> list | None:
+        if isinstance(row.get("messages"), list):
+            return row["messages"]
+        prompt, answer = row.get("prompt"), row.get("chosen", row.get("completion"))
+        if not isinstance(prompt, list):
+            return None
+        return prompt + (answer if isinstance(answer, list) else [])
+
+    out = []
+    for row in ds.select(range(min(len(ds), limit))):
+        conv = conversation(row)
+        if not conv:
+            return out  # not conversational: no chat template involved
+        if not out or any(m.get("role") == "system" for m in conv):
+            out.append(conv)
+        if len(out) == 2:
+            break
+    return out
 
 
 def _write_private(path: Path, text: str) -> None:

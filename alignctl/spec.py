@@ -355,7 +355,7 @@ def _model_problems(model: dict, run: bool, notes: list[str]) -> list[str]:
         if models.tiny_arch(name) not in models.TINY_ARCHS:
             problems.append(f"model.name_or_path: unknown built-in tiny model '{name}'; "
                             f"choose from {', '.join(models.TINY_PREFIX + a for a in models.TINY_ARCHS)}")
-    elif name.startswith(getattr(models, "PKG_PREFIX", "\0")):
+    elif name.startswith(models.PKG_PREFIX):
         pass  # checked by models.base_model_problems
     elif data_mod.looks_local(name):
         problems += checks.local_model_problems(Path(name).expanduser(), "model.name_or_path", model.get("gguf_file"))
@@ -363,9 +363,8 @@ def _model_problems(model: dict, run: bool, notes: list[str]) -> list[str]:
         hub_problems, hub_notes = checks.hub_model_problems(name, model.get("revision"), "model.name_or_path", run)
         problems += hub_problems
         notes += hub_notes
-    base_check = getattr(models, "base_model_problems", None)
-    if base_check is not None and not problems:
-        problems += base_check(model)
+    if not problems:  # pkg:/GGUF/attention checks; what only a run needs (an installed package) is not a plan error
+        problems += models.base_model_problems(model, run=run)
     if model.get("trust_remote_code") is True:
         notes.append(f"model.trust_remote_code: on — Python code shipped with {name} will run"
                      + ("" if model.get("revision") else "; pin model.revision to a commit so it cannot change"))
@@ -392,7 +391,7 @@ def _remote_code_problems(raw: dict, links: dict, model: dict, where: str, allow
     for key in ("reward", "value"):
         path = links.get(f"{key}_path")
         if not path or links.get(key) or raw.get(key) is None or models.is_tiny(path) or \
-                path.startswith(getattr(models, "PKG_PREFIX", "\0")):
+                path.startswith(models.PKG_PREFIX):
             continue  # a stage of this recipe (or no link, or a built-in tiny model)
         if model.get("trust_remote_code") is True and key not in consent:
             problems.append(f"{where}.{key}: model.trust_remote_code is on and would also run code shipped with "

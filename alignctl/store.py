@@ -147,6 +147,8 @@ def model_identity(path: str, revision: str | None = None) -> Any:
     """A base model's identity: built-in name, Hub id + revision, or a local folder's file names/sizes/mtimes."""
     if models.is_tiny(path):
         return {"tiny": models.tiny_key(path)}
+    if str(path).startswith(models.PKG_PREFIX):  # an installed package's folder: its files, like a local folder
+        path = str(models.pkg_dir(path) or path)
     p = Path(path).expanduser()
     if p.exists():
         files = sorted(f for f in p.rglob("*") if f.is_file())
