@@ -198,7 +198,7 @@ def dequantize_gguf(path: str, gguf_file: str, out: str | os.PathLike, model_spe
 
     log.info("de-quantising %s from %s (once; cached as safetensors)", gguf_file, path)
     common = dict(gguf_file=gguf_file, revision=model_spec.get("revision"),
-                  trust_remote_code=bool(model_spec.get("trust_remote_code")))
+                  trust_remote_code=model_spec.get("trust_remote_code") is True)
     tok = AutoTokenizer.from_pretrained(path, **common)
     # dequantize=True: plain full-precision layers (transformers would otherwise keep packed GGUF layers where a
     # kernel is installed), and a model without a quantizer, which save_pretrained accepts
@@ -293,7 +293,7 @@ def load_tokenizer(path: str, model_spec: dict[str, Any]):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, revision=model_spec.get("revision"),
-                                        trust_remote_code=bool(model_spec.get("trust_remote_code")))
+                                        trust_remote_code=model_spec.get("trust_remote_code") is True)
     if model_spec.get("chat_template"):
         tok.chat_template = model_spec["chat_template"]
     elif not tok.chat_template:
@@ -312,7 +312,7 @@ def _load_kwargs(model_spec: dict[str, Any], precision: str, peft: dict | None =
         dtype=torch_dtype(precision),
         # None: transformers picks for the architecture (SDPA where it supports it, else eager, e.g. Gemma2)
         attn_implementation=model_spec.get("attn_implementation") or None,
-        trust_remote_code=bool(model_spec.get("trust_remote_code")),
+        trust_remote_code=model_spec.get("trust_remote_code") is True,
         use_safetensors=True,
         **quantization_kwargs(peft, precision, classifier),
     )
