@@ -184,5 +184,6 @@ def eval_line(stage: str, metrics: dict) -> str | None:
     if "eval_win_rate" in after:
         parts.append(f"win rate {after['eval_win_rate']:.2f} [{after['eval_win_rate_low']:.2f}, "
                      f"{after['eval_win_rate_high']:.2f}]")
-    return (f"[{stage}] held-out answers ({info.get('prompts')} prompts, <= {info.get('max_new_tokens')} tokens): "
-            + ", ".join(parts))
+    took = f" in {info['seconds']:.1f} s" if isinstance(info.get("seconds"), (int, float)) else ""
+    return (f"[{stage}] held-out answers ({info.get('prompts')} prompts, <= {info.get('max_new_tokens')} tokens"
+            f"{took}): " + ", ".join(parts))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -347,13 +348,25 @@ class PolicyEval:
     def _lp(self, model, completions) -> list[tuple[float, int]]:
         return token_logps(model, self.tokenizer, self.prompt_ids, completions, self.batch_size)
 
+    seconds = 0.0  # time spent in this evaluation (generation, scoring, loading reference/reward models)
+
     def before(self, model) -> None:
+        t0 = time.perf_counter()
+        self._before(model)
+        self.seconds += time.perf_counter() - t0
+
+    def after(self, model, reference: Callable | None, reward: Callable | None = None) -> None:
+        t0 = time.perf_counter()
+        self._after(model, reference, reward)
+        self.seconds += time.perf_counter() - t0
+
+    def _before(self, model) -> None:
         self.samples["before"] = self._gen(model)
         self.logps["before"] = self._lp(model, self.samples["before"])
         if self.ref_is_initial:  # the policy is its reference: KL exactly 0
             self.ref_logps["before"] = self.logps["before"]
 
-    def after(self, model, reference: Callable | None, reward: Callable | None = None) -> None:
+    def _after(self, model, reference: Callable | None, reward: Callable | None = None) -> None:
         self.samples["after"] = self._gen(model)
         self.logps["after"] = self._lp(model, self.samples["after"])
         if reference is not None:
@@ -418,4 +431,5 @@ class PolicyEval:
     def info(self) -> dict:
         s = self.settings
         return {"prompts": len(self.prompts), "max_new_tokens": s["max_new_tokens"], "temperature": s["temperature"],
-                "seed": s["seed"], "reward": s.get("reward"), "interval": "95% Wilson score, ties count half"}
+                "seed": s["seed"], "reward": s.get("reward"), "interval": "95% Wilson score, ties count half",
+                "seconds": round(self.seconds, 2)}

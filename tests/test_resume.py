@@ -64,7 +64,9 @@ def test_sigkill_in_second_stage_then_rerun_resumes_it(tmp_path):
     out = again.stdout + again.stderr
     assert "[dpo] resuming from" in out and "checkpoint-" in out
     resumed_at = int(ckpt.name.split("-")[1])
-    steps = [int(line.split("step ")[1].split(":")[0]) for line in out.splitlines() if "[dpo] step " in line]
+    # per-step metrics are in the run log (the console shows one line per stage): those after the resume
+    resumed_log = (run_dir / "alignctl.log").read_text().rsplit("[dpo] resuming from", 1)[1]
+    steps = [int(line.split("step ")[1].split(":")[0]) for line in resumed_log.splitlines() if "[dpo] step " in line]
     assert steps and min(s for s in steps if s > 0) > resumed_at  # training went on from the checkpoint
     assert dpo["metrics"]["after"]["eval_pref_accuracy"] >= 0.9
     final_loads(m["final_model"])
