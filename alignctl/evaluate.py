@@ -178,7 +178,8 @@ def _pad_id(tokenizer) -> int:
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
              batch_size: int) -> list[list[int]]:
     """One completion per prompt (token ids, cut after the first EOS), sampled in batches (greedy at temperature 0).
-    Each batch is seeded with ``seed`` + its index, so the same model gives the same completions every time."""
+    Each batch is seeded with ``seed`` + its index, so the same model gives the same completions every time; the
+    global random state is left as it was."""
     import torch
     from transformers import GenerationConfig
 
@@ -189,7 +190,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
                               use_cache=True,
                               **({"temperature": float(temperature), "top_k": 0, "top_p": 1.0} if sample else {}))
     out: list[list[int]] = []
-    with _eval_mode(model):
+    # the global random state is restored afterwards: evaluating must not change what training samples
+    forked = [device.index or 0] if device.type == "cuda" else []
+    with _eval_mode(model), torch.random.fork_rng(devices=forked):
         for b, i in enumerate(range(0, len(prompt_ids), batch_size)):
             chunk = prompt_ids[i:i + batch_size]
             width = max(len(x) for x in chunk)
