@@ -135,7 +135,7 @@ def field_problems(args: dict, fields: dict, kind: str, where: str) -> list[str]
         if key in ranges:
             bad = range_problem(value, ranges[key])
         elif key in SEED_FIELDS:
-            bad = None if value is None and key == "data_seed" else seed_problem(value, "").removeprefix(": ")
+            bad = None if value is None and key == "data_seed" else (seed_problem(value, "") or "").removeprefix(": ") or None
         elif key in CADENCE:
             bad = None if value is None or (is_num(value) and math.isfinite(value) and value > 0) else \
                 f"must be a positive number of steps (or a fraction < 1 of the total), got {value!r}"

@@ -23,6 +23,28 @@ def test_trl_field_snapshot_matches_installed_trl():
     assert {"sigmoid", "ipo", "hinge"} <= set(dpo["loss_type"]["choices"]) and "cosine" in dpo["lr_scheduler_type"]["choices"]
 
 
+def test_stage_configs_resolve_on_the_installed_trl_and_ppo_keeps_its_field_names():
+    """Each stage kind's config class imports from where the installed TRL (or alignctl, for PPO) keeps it, and PPO's
+    own config accepts the field names recipes written for TRL 1.12's PPOConfig use, plus the adaptive KL fields."""
+    import importlib
+
+    from alignctl.stages import STAGES
+
+    for kind in STAGES.values():
+        module, _, name = kind.config_class.rpartition(".")
+        assert hasattr(importlib.import_module(module), name), kind.config_class
+    assert STAGES["ppo"].config_class == "alignctl.rl.ppo_config.PPOConfig"
+    ppo = trl_fields.fields("alignctl.rl.ppo_config.PPOConfig")
+    for field in ("kl_coef", "kl_estimator", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
+                  "num_ppo_epochs", "num_mini_batches", "whiten_rewards", "missing_eos_penalty", "stop_token",
+                  "stop_token_id", "response_length", "temperature", "total_episodes",
+                  "local_rollout_forward_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps",
+                  "learning_rate", "lr_scheduler_type", "seed", "logging_steps", "save_steps", "kl_target",
+                  "kl_horizon"):
+        assert field in ppo, field
+    assert ppo["kl_estimator"]["choices"] == ["k1", "k3"] and ppo["stop_token"]["choices"] == ["eos", None]
+
+
 def test_bundled_synthetic_data_matches_generator():
     for name in synthetic.SETS:
         rows = [json.loads(line) for line in (synthetic.DATA_DIR / f"{name}.jsonl").read_text().splitlines()]

@@ -2,13 +2,10 @@
 the PPO fields, under the names TRL 1.12's ``trl.experimental.ppo.PPOConfig`` used, so recipes written for it run
 unchanged; plus ``kl_target`` / ``kl_horizon`` for the adaptive KL controller (Ziegler et al. 2019)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from transformers import TrainingArguments
-
 
 @dataclass
 class PPOConfig(TrainingArguments):
@@ -17,7 +14,7 @@ class PPOConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every this many PPO updates (a float < 1: a "
                                                                 "ratio of all updates)."})
     # -- rollouts
-    total_episodes: Optional[int] = field(default=None, metadata={
+    total_episodes: int | None = field(default=None, metadata={
         "help": "Prompts answered in all (episodes); default num_train_epochs passes over the prompts."})
     num_mini_batches: int = field(default=1, metadata={
         "help": "Minibatches per rollout batch. A rollout batch holds per_device_train_batch_size x "
@@ -27,9 +24,9 @@ class PPOConfig(TrainingArguments):
     response_length: int = field(default=53, metadata={"help": "Most new tokens per answer."})
     stop_token: Optional[Literal["eos"]] = field(default=None, metadata={
         "help": "'eos': answers end at the tokenizer's EOS token (else at stop_token_id, else at response_length)."})
-    stop_token_id: Optional[int] = field(default=None, metadata={"help": "A token id that ends answers."})
+    stop_token_id: int | None = field(default=None, metadata={"help": "A token id that ends answers."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the rollouts."})
-    missing_eos_penalty: Optional[float] = field(default=None, metadata={
+    missing_eos_penalty: float | None = field(default=None, metadata={
         "help": "Subtracted from the reward-model score of an answer that never emits the stop token."})
     # -- PPO
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
@@ -38,7 +35,7 @@ class PPOConfig(TrainingArguments):
         "help": "KL penalty coefficient (InstructGPT's beta); the initial value when kl_target is set."})
     kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={
         "help": "Per-token KL estimator: k1 = log(pi/ref), k3 = (ref/pi - 1) - log(ref/pi)."})
-    kl_target: Optional[float] = field(default=None, metadata={
+    kl_target: float | None = field(default=None, metadata={
         "help": "Target KL to the reference (nats per answer): turns on the adaptive KL controller."})
     kl_horizon: int = field(default=10000, metadata={
         "help": "Horizon of the adaptive KL controller, in episodes (Ziegler et al. 2019)."})

@@ -200,7 +200,10 @@ class PPOTrainer:
 
     # -- the loop, checkpoints, resume -----------------------------------------------------------------------------
     def train(self, resume_from: str | None = None, on_log=None) -> None:
+        from transformers import set_seed
+
         c = self.config
+        set_seed(c.seed + self.acc.process_index)  # each process samples its own answers; a resume restores the RNGs
         if resume_from:
             self._load(Path(resume_from))
         every = c.logging_steps if c.logging_steps >= 1 else max(1, math.ceil(c.logging_steps * self.updates))
