@@ -178,3 +178,22 @@ def test_eval_settings_are_checked_before_anything_runs(override, message, capsy
 
     assert main(["plan", override]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sweep_report_plots_win_rate_and_kl_against_the_swept_value(rm_dpo, tmp_path):
+    from alignctl import report
+
+    _, m = rm_dpo
+    for i, beta in enumerate(("0.05", "0.5", "5.0")):  # the run's manifest as three points of a beta sweep
+        point = json.loads(json.dumps(m))
+        point["run_dir"], point["overrides"] = str(tmp_path / str(i)), [f"stages.dpo.beta={beta}"]
+        dpo = _stage(point, "dpo")["metrics"]["after"]
+        dpo["eval_win_rate"], dpo["eval_kl"] = 0.5 + 0.1 * i, 0.01 * 10 ** i
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "manifest.json").write_text(json.dumps(point))
+    out, plot, rows = report.sweep_report(tmp_path)
+    assert [r["dpo:eval_win_rate"] for r in rows] == pytest.approx([0.5, 0.6, 0.7])
+    assert [r["dpo:eval_kl"] for r in rows] == pytest.approx([0.01, 0.1, 1.0])
+    text = out.read_text()
+    assert "dpo:eval_win_rate" in text and "dpo:eval_kl" in text and "![sweep](sweep.png)" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
