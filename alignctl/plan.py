@@ -44,6 +44,7 @@ def show(spec: dict, console: Console | None = None) -> None:
         if s.get("reward_funcs"):
             rows.append(("reward fns", ", ".join(f if isinstance(f, str) else next(iter(f)) for f in s["reward_funcs"])))
         rows += [("data", _data_label(s["data"])), ("output", f"<run dir>/{s['name']}/final")]
+        rows += _eval_rows(spec, s)
         rows += _peft_rows(s, kind)
         rows += _launch_rows(s, kind)
         settings = [f"{k}={s['args'][k]}" for k in kind.key_fields if k in s["args"]]
@@ -51,6 +52,25 @@ def show(spec: dict, console: Console | None = None) -> None:
         rows.append(("settings", " ".join(settings) or "TRL defaults"))
         for label, value in rows:
             console.print(f"    {label:<10} {value if label == 'data' else e(value)}")
+
+
+def _eval_rows(spec: dict, s: dict) -> list[tuple[str, str]]:
+    """The stage's held-out evaluation (alignctl.evaluate): its cost bound and reward source."""
+    from alignctl import evaluate
+
+    if STAGES[s["trainer"]].output != "causal_lm":
+        return []
+    ev = evaluate.stage_settings(spec.get("eval") or {}, {**s, "run_dir": spec["run_dir"]},
+                                 [{**x, "run_dir": spec["run_dir"]} for x in spec["stages"]], spec.get("seed", 42))
+    if not ev["enabled"]:
+        return [("eval", "off (eval.enabled=false)")]
+    if (s.get("world_size") or 1) > 1:
+        return [("eval", f"skipped under {s['world_size']} processes: `alignctl eval <run dir>` evaluates the "
+                         "finished run on one process")]
+    prompts = (ev.get("prompts_data") or {}).get("label") or "held-out split"
+    return [("eval", f"≤ {ev['max_prompts']} prompts ({prompts}) × ≤ {ev['max_new_tokens']} new tokens, "
+                     f"temperature {ev['temperature']}, seed {ev['seed']}; KL to the reference; "
+                     + (f"reward model {ev['reward']} (win rate)" if ev.get("reward") else "no reward model"))]
 
 
 def _peft_rows(s: dict, kind) -> list[tuple[str, str]]:
