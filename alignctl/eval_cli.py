@@ -274,7 +274,7 @@ def eval_model(path: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path
 
     pe.after(model, reference if ref_path else None, reward if opts.get("--reward") else None)
     before, after = pe.metrics()
-    name = path.name
+    name = path.name if path.name != "final" else path.parent.name  # <run dir>/<stage>/final -> <stage>
     result = {"model": str(path.absolute()), "reference": ref_path, "stages": {name: {
         "before": before, "after": after, "eval": pe.info()}}}
     out = Path(opts.get("--out") or f"eval-{name}")
