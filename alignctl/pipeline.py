@@ -168,7 +168,7 @@ def run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -
 
 
 def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
-    from alignctl import store
+    from alignctl import evaluate, store
 
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +184,8 @@ def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) 
         raise
     stages = _prepare(stages)
     fps = store.fingerprints(stages, spec.get("launcher"))
+    for s in stages:  # evaluation settings change no weights: added after fingerprinting (alignctl.evaluate)
+        s["eval"] = evaluate.stage_settings(spec.get("eval") or {}, s, stages, spec.get("seed", 42))
     manifest = Manifest(spec, list(overrides))
     try:
         with _stop_on_sigterm():
