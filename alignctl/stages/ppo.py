@@ -98,7 +98,8 @@ def run(ctx):
     main = trainer.is_world_process_zero()  # with several processes, one evaluates and writes
 
     def on_log(step, metrics):
-        log.info("[%s] step %d: %s", name, step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        log.info("[%s] step %d: %s", name, step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+                 extra={"detail": True})  # the run log only (alignctl.console), unless -v
 
     pe = ctx.policy_eval() if main else None  # the shared held-out evaluation (alignctl.evaluate), scored by the RM
     if pe is not None:
