@@ -154,6 +154,7 @@ def test_length_normalised_accuracy_moves_with_trls_accuracy_when_rejected_is_sh
         before["eval_pref_accuracy_norm"] + 0.3, (before, after)
     # ... while the summed accuracy starts far below it: the long chosen answers cost more log-probability.
     assert before["eval_pref_accuracy"] < before["eval_pref_accuracy_norm"]
+    assert after["eval_pref_accuracy"] < after["eval_pref_accuracy_norm"]  # and stays there: the headline is norm
     assert "eval_kl" not in after  # eval.enabled=false: no samples
     assert not (tmp_path / "run" / "dpo" / "samples.jsonl").exists()
 
