@@ -136,7 +136,8 @@ def summary(manifest: dict, console: Console | None = None) -> None:
                       _fmt(m.get("before", {}).get(head, "")), _fmt(after.get(head, "")),
                       _fmt(after.get("eval_kl", "")), win)
     console.print(table)
-    console.print(_esc(f"final model: {manifest['final_model']}\nmanifest: {Path(manifest['run_dir']) / 'manifest.json'}"))
+    console.print(_esc(f"final model: {manifest['final_model']}\n"
+                       f"manifest: {Path(manifest['run_dir']) / 'manifest.json'}"))
 
 
 def metric(manifest: dict, name: str | None = None) -> float | None:

@@ -138,7 +138,8 @@ class StageContext:
             return None
         ref = self.spec.get("ref_path") or self.spec["init_path"]
         batch = batch_size or self.spec["args"].get("per_device_eval_batch_size", 8)
-        return evaluate.PolicyEval(settings, self.tokenizer, prompts, batch, ref_is_initial=ref == self.spec["init_path"])
+        return evaluate.PolicyEval(settings, self.tokenizer, prompts, batch,
+                                   ref_is_initial=ref == self.spec["init_path"])
 
     eval_skipped: str | None = None
 
