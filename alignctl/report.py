@@ -203,6 +203,8 @@ def sweep_report(sweep_dir: str | Path) -> tuple[Path, Path | None, list[dict]]:
             row[f"{s['name']}:reused"] = bool(s.get("reused_from"))
         rows.append(row)
     metric_cols = list(dict.fromkeys(c for r in rows for c in r if ":" in c and not c.endswith(":reused")))
+    every = list(dict.fromkeys(c for r in rows for c in r))
+    rows = [{c: r.get(c) for c in every} for r in rows]  # one column set (a failed job lacks metrics)
     cols = ["job", *swept, "status", *metric_cols]
     lines = [f"# Sweep {sweep_dir}", "", f"Swept: {', '.join(swept) or 'nothing differs between jobs'}", "",
              "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
