@@ -215,11 +215,13 @@ class StageContext:
         if at_start is not None:
             before = at_start.metrics or {}
         after = self.evaluate(trainer, preference_eval)
-        generated = self.finish_policy_eval(pe, trainer.model, getattr(trainer, "ref_model", None))
         train = _final_train_metrics(trainer.state.log_history)
         train.update({k: v for k, v in result.metrics.items() if _is_number(v)})
-        check_healthy(self.spec["name"], {"train": train, "after": after})  # before anything is saved
+        check_healthy(self.spec["name"], {"train": train, "after": after})  # before anything is sampled or saved
         gathered = save is None and _weights_sharded(trainer)  # ZeRO-3 / FSDP (issue 6): every rank saves
+        if not gathered:  # a diverged model fails here, not inside the sampling of the held-out evaluation
+            check_weights_finite(getattr(trainer.model, "module", trainer.model), self.spec["name"])
+        generated = self.finish_policy_eval(pe, trainer.model, getattr(trainer, "ref_model", None))
         if gathered:
             self.save_gathered(trainer)
         if trainer.is_world_process_zero():

@@ -467,8 +467,10 @@ def test_two_runs_racing_on_one_fingerprint_train_it_once(tmp_path, cache_root):
     ms = [read_manifest(tmp_path / f"run{i}") for i in (0, 1)]
     assert sorted(bool(m["stages"][0]["reused_from"]) for m in ms) == [False, True]
     assert ms[0]["stages"][0]["fingerprint"] == ms[1]["stages"][0]["fingerprint"]
-    logs = "".join((tmp_path / f"log{i}").read_text() for i in (0, 1))
-    assert logs.count("train_runtime=") == 1 and "waiting for" in logs, "trained once, the other run waited"
+    logs = "".join((tmp_path / f"log{i}").read_text() for i in (0, 1))  # the consoles
+    run_logs = "".join((tmp_path / f"run{i}" / "alignctl.log").read_text() for i in (0, 1))  # per-step metrics
+    assert run_logs.count("train_runtime=") == 1, "trained once"
+    assert "waiting for" in logs + run_logs, "the other run waited"
 
 
 def _pids_with(text: str) -> list[int]:
