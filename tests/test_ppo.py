@@ -103,21 +103,24 @@ def test_gae_kl_estimators_and_adaptive_controller_on_hand_computed_numbers():
 
 
 # -- adaptive KL --------------------------------------------------------------------------------------------------
-TARGET = 4.0  # nats per answer; the fixed kl_coef 0.05 of the recipe lets KL reach ~7-9 (seeds 1, 2, 3 and 42)
-ADAPTIVE = (f"stages.ppo.kl_target={TARGET}", "stages.ppo.kl_horizon=32", "stages.ppo.kl_coef=0.2")
+# Seed 1 for both runs (PPO on a ~70k-parameter model is seed-sensitive): with the recipe's fixed kl_coef 0.05 the KL
+# of the last quarter reaches ~6.7 nats per answer (4.1-7.9 over seeds 1, 2, 3 and the default).
+TARGET = 3.0
+FIXED = ("stages.ppo.seed=1",)
+ADAPTIVE = (*FIXED, f"stages.ppo.kl_target={TARGET}", "stages.ppo.kl_horizon=16", "stages.ppo.kl_coef=0.3")
 
 
 def test_adaptive_kl_holds_kl_near_the_target_where_a_fixed_small_coefficient_exceeds_it(run):
-    _, fixed = run()
+    _, fixed = run(*FIXED)
     run_dir, adaptive = run(*ADAPTIVE)
     fixed_r, adaptive_r = _ppo(fixed)["metrics"]["rollouts"], _ppo(adaptive)["metrics"]["rollouts"]
     assert fixed_r["kl_last_quarter"] > 1.5 * TARGET, fixed_r  # kl_coef 0.05 throughout: nothing holds KL
     assert abs(adaptive_r["kl_last_quarter"] - TARGET) <= 0.5 * TARGET, adaptive_r
-    # kl_coef per step follows Ziegler et al.'s rule on the logged KL (16 episodes per update, horizon 32).
-    coef, kls = [0.2] + adaptive_r["kl_coef"], adaptive_r["kl"]
+    # kl_coef per step follows Ziegler et al.'s rule on the logged KL (16 episodes per update, horizon 16).
+    coef, kls = [0.3] + adaptive_r["kl_coef"], adaptive_r["kl"]
     for i, k in enumerate(kls):
-        assert coef[i + 1] == pytest.approx(coef[i] * (1 + min(max(k / TARGET - 1, -0.2), 0.2) * 16 / 32), rel=1e-3)
-    assert max(coef) > 0.3  # it rose to hold KL down
+        assert coef[i + 1] == pytest.approx(coef[i] * (1 + min(max(k / TARGET - 1, -0.2), 0.2) * 16 / 16), rel=1e-3)
+    assert max(coef) > 0.45  # it rose to hold KL down
     ppo = _ppo(adaptive)
     assert ppo["metrics"]["after"]["eval_rm_score"] > ppo["metrics"]["before"]["eval_rm_score"]
     # The run log shows KL and kl_coef per step; the report plots them.
@@ -156,10 +159,10 @@ def test_ppo_resumes_from_its_newest_checkpoint_after_a_kill(cache_root, tmp_pat
     assert trained == list(range(9, 21))  # only the updates after the checkpoint were trained again
     history = json.loads((tmp_path / "second" / "ppo" / "log_history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, 21))  # the first 8 come from the checkpoint
-    # The controller's state was restored: update 9's kl_coef follows from update 8's, not from the initial 0.2.
+    # The controller's state was restored: update 9's kl_coef follows from update 8's, not from the initial 0.3.
     k8, k9 = history[7]["objective/kl_coef"], history[8]["objective/kl_coef"]
-    assert k8 != pytest.approx(0.2)
-    assert k9 == pytest.approx(k8 * (1 + min(max(history[8]["objective/kl"] / TARGET - 1, -0.2), 0.2) * 0.5),
+    assert k8 != pytest.approx(0.3)
+    assert k9 == pytest.approx(k8 * (1 + min(max(history[8]["objective/kl"] / TARGET - 1, -0.2), 0.2) * 1.0),
                                rel=1e-3)
     assert ppo["metrics"]["after"]["eval_rm_score"] > ppo["metrics"]["before"]["eval_rm_score"]
 
@@ -168,7 +171,7 @@ def test_ppo_resumes_from_its_newest_checkpoint_after_a_kill(cache_root, tmp_pat
 def test_ppo_under_torchrun_two_processes(run, tmp_path):
     from conftest import read_manifest, run_cli
 
-    base_dir, _ = run()
+    base_dir, _ = run(*FIXED)
     recipe = tmp_path / "ppo-only.yaml"
     stage = json.loads((base_dir / "ppo" / "spec.json").read_text())["args"]
     stage = {k: v for k, v in stage.items() if k not in ("output_dir", "disable_tqdm", "seed", "bf16", "fp16")}

@@ -13,6 +13,9 @@ class PPOConfig(TrainingArguments):
     learning_rate: float = field(default=3e-6, metadata={"help": "Initial learning rate (AdamW) of policy and value."})
     logging_steps: float = field(default=10, metadata={"help": "Log every this many PPO updates (a float < 1: a "
                                                                 "ratio of all updates)."})
+    max_grad_norm: float = field(default=0.0, metadata={
+        "help": "Clip the gradient norm of policy and value to this (0: no clipping, as in OpenAI's "
+                "lm-human-preferences and TRL 1.12's PPO, which ignored this field)."})
     # -- rollouts
     total_episodes: int | None = field(default=None, metadata={
         "help": "Prompts answered in all (episodes); default num_train_epochs passes over the prompts."})

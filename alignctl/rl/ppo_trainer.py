@@ -196,7 +196,7 @@ class PPOTrainer:
             stats[key].append(v.detach())
 
     def _mean(self, x: torch.Tensor) -> float:
-        return self.acc.gather_for_metrics(x.detach().float().reshape(-1)).mean().item()
+        return self.acc.gather(x.detach().float().reshape(-1)).mean().item()
 
     # -- the loop, checkpoints, resume -----------------------------------------------------------------------------
     def train(self, resume_from: str | None = None, on_log=None) -> None:
