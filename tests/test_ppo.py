@@ -191,5 +191,7 @@ def test_ppo_under_torchrun_two_processes(run, tmp_path):
     # 64 episodes, 8 prompts per process per update, 2 processes: 4 updates of 16 answers each.
     history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
     assert [h["episode"] for h in history] == [16, 32, 48, 64]
+    # The learning rate decays linearly over the 4 updates, once per update (not once per process).
+    assert [h["lr"] for h in history] == pytest.approx([3e-3 * 3 / 4, 3e-3 / 2, 3e-3 / 4, 0.0])
     log = (run_dir / "alignctl.log").read_text()
     assert log.count("[ppo] step 4:") == 1 and "Traceback" not in proc.stdout + proc.stderr

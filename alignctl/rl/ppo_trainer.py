@@ -70,7 +70,10 @@ class PPOTrainer:
                                       eps=c.adam_epsilon, weight_decay=c.weight_decay)
         scheduler = get_scheduler(c.lr_scheduler_type, optimizer, num_warmup_steps=c.get_warmup_steps(self.updates),
                                   num_training_steps=self.updates, scheduler_specific_kwargs=c.lr_scheduler_kwargs)
-        self.model, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # stepped once per update on every process (accelerate's prepared scheduler would step once per process)
+        self.scheduler = scheduler
+        self.acc.register_for_checkpointing(scheduler)
         dev = self.acc.device
         self.reward_model = reward_model.to(dev).eval()
         self.ref = None if ref_policy is None else ref_policy.to(dev).eval()
