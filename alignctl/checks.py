@@ -122,6 +122,9 @@ def range_problem(value: Any, rule: _R) -> str | None:
     return None if ok else f"must be {_range_text(rule)}, got {value!r}"
 
 
+MAX_INT = 2**63 - 1
+
+
 def field_problems(args: dict, fields: dict, kind: str, where: str) -> list[str]:
     """Ranges, NaNs, seeds, epochs/steps and choices of one stage's TRL fields (``fields``: the snapshot's)."""
     problems = []
@@ -131,6 +134,17 @@ def field_problems(args: dict, fields: dict, kind: str, where: str) -> list[str]
             continue
         if isinstance(value, float) and math.isnan(value):
             problems.append(f"{where}.{key}: must be a number, got nan")
+            continue
+        if is_int(value) and abs(value) > MAX_INT:  # torch, the data loader and islice stop at 64 bits
+            problems.append(f"{where}.{key}: {value} is out of range (a 64-bit integer: at most {MAX_INT} either way)")
+            continue
+        if key == "report_to" and value is not None and not (isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            problems.append(f"{where}.report_to: must be none, all, or a tracker name or list of them (e.g. wandb, "
+                            f"tensorboard), got {value!r}")
+            continue
+        if isinstance(value, list) and fields[key].get("choices") and "list" not in str(fields[key].get("type")):
+            problems.append(f"{where}.{key}: takes one value, not a list; got {value!r}")
             continue
         if key in ranges:
             bad = range_problem(value, ranges[key])
@@ -155,6 +169,27 @@ def field_problems(args: dict, fields: dict, kind: str, where: str) -> list[str]
     if kind == "dpo" and is_num(smoothing) and smoothing >= 0.5 and "robust" in (
             loss if isinstance(loss, list) else [loss]):
         problems.append(f"{where}.label_smoothing: robust DPO needs a flip probability in [0, 0.5), got {smoothing}")
+    return problems
+
+
+def report_to_problems(report_to: Any, where: str) -> list[str]:
+    """``report_to`` of a built TRL config (a list of names) against transformers' trackers and what is installed:
+    the Trainer would refuse them only when the stage starts (run's pre-flight; imports transformers)."""
+    from transformers.integrations import integration_utils as iu
+
+    names = [] if report_to in (None, "none") else ([report_to] if isinstance(report_to, str) else list(report_to))
+    problems = []
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in iu.INTEGRATION_TO_CALLBACK:
+            problems.append(f"{where}.report_to: unknown tracker {name!r}{suggest(str(name), iu.INTEGRATION_TO_CALLBACK)}"
+                            f"; choose from none, all, {', '.join(iu.INTEGRATION_TO_CALLBACK)}")
+            continue
+        available = getattr(iu, f"is_{ {'azure_ml': 'azureml', 'comet_ml': 'comet'}.get(name, name)}_available", None)
+        if available is not None and not available():
+            problems.append(f"{where}.report_to: {name} is not installed (pip install {name.replace('_', '-')}), "
+                            "or leave it out of report_to")
     return problems
 
 

@@ -77,7 +77,11 @@ def load_recipe(path: Path):
     try:  # parsed once, with OmegaConf's YAML loader (it refuses duplicate keys); errors carry the line
         from omegaconf._utils import get_yaml_loader
 
-        node = OmegaConf.create(yaml.load(text, Loader=get_yaml_loader()) or {})
+        loaded = yaml.load(text, Loader=get_yaml_loader())
+        if loaded is not None and not isinstance(loaded, (dict, list)):
+            raise ConfigError([f"recipe file {path}: must be a mapping of alignctl keys (name, stages, ...), got "
+                               f"{type(loaded).__name__} {str(loaded)[:40]!r}"])
+        node = OmegaConf.create(loaded or {})
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -135,6 +139,10 @@ def prepare_overrides(args: list[str], config_dir: str | None = None) -> tuple[l
                 else:
                     names.append(v)
             out.append("recipe=" + ",".join(names))
+        elif key in config_groups() and _not_an_option(value):
+            options = sorted(p.stem for p in (CONFIGS_DIR / key).glob("*.yaml"))
+            raise ConfigError([f"{key}: choose one of the {key} configs ({', '.join(options)}), got '{value}'; "
+                               f"set a field with {key}.<field>=<value>"])
         elif "." in key and key[0] not in "+~" and not key.startswith("hydra."):
             out.append("++" + a)
         elif key[0] not in "+~" and "." not in key and "/" not in key and key not in TOP_KEYS \
@@ -145,6 +153,18 @@ def prepare_overrides(args: list[str], config_dir: str | None = None) -> tuple[l
         else:
             out.append(a)
     return out, extra
+
+
+def _not_an_option(value: str) -> bool:
+    """A config group override Hydra would crash on (null, a boolean, a number, a mapping, nothing)."""
+    v = value.strip()
+    if v.lower() in ("", "null", "~", "true", "false") or v.startswith("{"):
+        return True
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
 
 
 _error = errors.report

@@ -118,10 +118,10 @@ def normalize(spec: Any, label: str) -> tuple[dict, list[str]]:
                 problems.append(f"{label}.columns.{target}: must be a column name or a list of them, got {source!r}")
     if not isinstance(out["to_messages"], bool):
         problems.append(f"{label}.to_messages: must be true or false, got {out['to_messages']!r}")
-    if out["format"] not in formats.LAYOUTS:
+    if not isinstance(out["format"], str) or out["format"] not in formats.LAYOUTS:
         problems.append(f"{label}.format: unknown format {out['format']!r}{suggest(str(out['format']), formats.LAYOUTS)}"
                         f"; choose one of: {', '.join(formats.LAYOUTS)}")
-    if out["system_turns"] not in formats.SYSTEM_TURNS:
+    if not isinstance(out["system_turns"], str) or out["system_turns"] not in formats.SYSTEM_TURNS:
         problems.append(f"{label}.system_turns: must be one of {', '.join(formats.SYSTEM_TURNS)}, "
                         f"got {out['system_turns']!r}")
     return out, problems

