@@ -176,7 +176,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
-             batch_size: int) -> list[list[int]]:
+             batch_size: int, top_p: float = 1.0) -> list[list[int]]:
     """One completion per prompt (token ids, cut after the first EOS), sampled in batches (greedy at temperature 0).
     Each batch is seeded with ``seed`` + its index, so the same model gives the same completions every time; the
     global random state is left as it was."""
@@ -188,7 +188,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     sample = temperature > 0
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=eos, pad_token_id=pad,
                               use_cache=True,
-                              **({"temperature": float(temperature), "top_k": 0, "top_p": 1.0} if sample else {}))
+                              **({"temperature": float(temperature), "top_k": 0, "top_p": float(top_p)} if sample else {}))
     out: list[list[int]] = []
     # the global random state is restored afterwards: evaluating must not change what training samples
     forked = [device.index or 0] if device.type == "cuda" else []

@@ -133,6 +133,43 @@ def _evaluation_section(run_dir: Path, s: dict) -> list[str]:
     return lines
 
 
+def _generated_section(stages: list[dict]) -> list[str]:
+    """Generate stages (alignctl.stages.generate): the data each wrote, and how the stage after it (the round's
+    training) did against its starting policy, i.e. the previous round."""
+    lines = []
+    for n, s in enumerate(stages):
+        d = (s.get("metrics") or {}).get("data")
+        if s["trainer"] != "generate" or not d:
+            continue
+        lines += [f"### {s['name']}: {int(d.get('pairs', 0))} pairs from {d.get('prompts')} prompts x {d.get('k')} "
+                  f"answers (scored by {', '.join(d.get('scorers') or [])}; {d.get('eval_pairs', 0)} held out)", ""]
+        if "margin_mean" in d:
+            lines.append(f"Score margin chosen - rejected: mean {_fmt(d['margin_mean'])}, min {_fmt(d['margin_min'])}, "
+                         f"max {_fmt(d['margin_max'])}; mean score of all answers {_fmt(d.get('score_mean'))}.")
+        j = d.get("judge")
+        if j:
+            lines.append(f"Judge: {j['comparisons']} comparisons asked in both orders, {j['decisive']} decisive, "
+                         f"{j['ties']} ties (identical answers, or a verdict that flipped with the order: no pair); position consistency "
+                         f"{_fmt(j['position_consistency'])}.")
+        nxt = stages[n + 1] if n + 1 < len(stages) else None
+        after = ((nxt or {}).get("metrics") or {}).get("after") or {}
+        if "eval_win_rate" in after:
+            lines.append(f"{nxt['name']} trained on it: held-out win rate vs its starting policy (the previous round) "
+                         f"{after['eval_win_rate']:.3f} [{after['eval_win_rate_low']:.3f}, "
+                         f"{after['eval_win_rate_high']:.3f}]" + (f", vs its reference {after['eval_win_rate_ref']:.3f}"
+                                                                  if "eval_win_rate_ref" in after else "")
+                         + (f"; reward {_fmt(after.get('eval_reward_mean'))}" if "eval_reward_mean" in after else "")
+                         + (f"; KL to reference {_fmt(after.get('eval_kl'))}/token" if "eval_kl" in after else "")
+                         + ".")
+        lines.append("")
+        if d.get("examples"):
+            lines += ["| prompt | chosen | rejected | margin |", "| --- | --- | --- | --- |"]
+            lines += [f"| {_cell(e['prompt'])} | {_cell(e['chosen'])} | {_cell(e['rejected'])} | {_fmt(e['margin'])} |"
+                      for e in d["examples"][:3]]
+            lines.append("")
+    return lines
+
+
 def write_run_report(manifest: dict) -> Path:
     run_dir = Path(manifest["run_dir"])
     lines = [f"# {manifest['recipe']} — {manifest['status']}", "",
@@ -157,6 +194,9 @@ def write_run_report(manifest: dict) -> Path:
         lines += [f"Store: {st['entries']} entries, {human(st['bytes'])}; this run added {human(st['added_bytes'])} "
                   f"(`alignctl store ls --store {st['dir']}`, `alignctl store gc`)", ""]
     lines += [*plots, ""]
+    generated = _generated_section(manifest["stages"])
+    if generated:
+        lines += ["## Generated data", "", *generated]
     evaluation = [line for s in manifest["stages"] for line in _evaluation_section(run_dir, s)]
     if evaluation:
         lines += ["## Held-out evaluation", "", *evaluation]

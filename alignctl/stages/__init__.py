@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
 
-_MODULES = ("sft", "dpo", "orpo", "reward", "ppo", "kto", "cpo", "grpo", "rloo")
+_MODULES = ("sft", "dpo", "orpo", "reward", "ppo", "kto", "cpo", "grpo", "rloo", "generate")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class StageKind:
     data_kind: str  # what its data must hold: sft | preference | prompt | unpaired
     summary: str
     links: tuple[str, ...] = ()  # extra links it accepts besides `from`: ref, reward, value
-    output: str = "causal_lm"  # what final/ holds: causal_lm | classifier
+    output: str = "causal_lm"  # what final/ holds: causal_lm | classifier | data (a generated data set)
     key_fields: tuple[str, ...] = field(default=("learning_rate", "num_train_epochs", "per_device_train_batch_size"))
     headline: str = "eval_loss"  # the held-out metric shown before -> after in summaries
     needs_reward: bool = False  # must have a reward source: the `reward` link (or an entry of a `reward_funcs` option)
