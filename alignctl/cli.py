@@ -351,6 +351,13 @@ def cmd_report(args: list[str]) -> int:
     if len(args) != 1:
         print("usage: alignctl report <multirun dir>", file=sys.stderr)
         return 2
+    folder = Path(args[0]).expanduser()
+    if (folder / "manifest.json").is_file():
+        return _error(ConfigError([f"report: {folder} is one run, not a sweep (its report: {folder / 'report.md'}); "
+                                   "name a multirun directory, e.g. outputs/<recipe>/multirun/<timestamp>"]))
+    if not folder.is_dir():
+        return _error(ConfigError([f"report: {folder} is not a folder; name a multirun directory, e.g. "
+                                   "outputs/<recipe>/multirun/<timestamp>"]))
     try:
         out, plot, rows = report.sweep_report(args[0])
     except FileNotFoundError as e:

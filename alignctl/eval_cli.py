@@ -127,6 +127,12 @@ def cmd_eval(args: list[str]) -> int:
     if not target.exists():
         raise ConfigError([f"eval: {target} does not exist"])
     one = {k: v[-1] for k, v in opts.items()}
+    if one.get("--out"):  # checked before any model loads, not when the results are written
+        from alignctl import checks
+
+        bad = checks.writable_problem(Path(one["--out"]).expanduser().absolute(), "--out")
+        if bad:
+            raise ConfigError([bad])
     if (target / "manifest.json").is_file():
         result, out = eval_run(target, one, overrides)
     elif (target / "config.json").is_file():
@@ -302,12 +308,21 @@ def cmd_generate(args: list[str]) -> int:
             prompts += [line.strip() for line in Path(f).read_text().splitlines() if line.strip()]
         except OSError as e:
             raise ConfigError([f"--prompts-file: cannot read {f}: {e.strerror}"]) from None
-    try:
-        max_new, temperature = int(opts.get("--max-new-tokens", ["64"])[-1]), float(opts.get("--temperature",
-                                                                                                 ["0"])[-1])
-        seed = int(opts.get("--seed", ["0"])[-1])
-    except ValueError as e:
-        raise ConfigError([f"generate: {e}"]) from None
+    values, problems = {}, []
+    for flag, cast, default, ok, what in (
+            ("--max-new-tokens", int, "64", lambda v: 1 <= v <= 32768, "a whole number from 1 to 32768"),
+            ("--temperature", float, "0", lambda v: 0 <= v <= 100, "a number from 0 (greedy) to 100"),
+            ("--seed", int, "0", lambda v: 0 <= v < 2**32, "a whole number in [0, 2**32)")):
+        raw = opts.get(flag, [default])[-1]
+        try:
+            values[flag] = cast(raw)
+            if not ok(values[flag]):
+                raise ValueError
+        except ValueError:
+            problems.append(f"{flag}: must be {what}, got {raw!r}")
+    if problems:
+        raise ConfigError(problems)
+    max_new, temperature, seed = values["--max-new-tokens"], values["--temperature"], values["--seed"]
     model_spec = {"name_or_path": str(target)}
     tok = models.load_tokenizer(str(target), model_spec)
     model = models.load_causal_lm(str(target), model_spec, models.precision_for("auto"), tok)

@@ -413,6 +413,29 @@ def test_report_to_a_tracker_that_is_not_installed():
         f"stages.dpo.report_to: {missing} is not installed (pip install {missing}), or leave it out of report_to"]
 
 
+# -- eval / generate / report: bad options stop before any model loads -------------------------------------------------
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "{m}", "--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens: must be a whole number from 1"),
+    (["generate", "{m}", "--prompt", "x", "--temperature", "abc"], "--temperature: must be a number from 0 (greedy)"),
+    (["generate", "{m}", "--prompt", "x", "--seed", "-3"], "--seed: must be a whole number in [0, 2**32)"),
+    (["eval", "{m}", "--out", "{f}"], "--out: {f} is not a directory"),
+    (["report", "{run}"], "report: {run} is one run, not a sweep (its report: {run}/report.md)"),
+    (["report", "{f}"], "report: {f} is not a folder"),
+], ids=["generate-max-new-tokens", "generate-temperature", "generate-seed", "eval-out-is-a-file", "report-on-a-run",
+        "report-on-a-file"])
+def test_command_options_rejected_before_loading(args, needle, capsys, tmp_path):
+    """The folder passes the command's own check (config.json / manifest.json), so the option is what is judged;
+    a real model would load only after it (was: internal errors, one after the whole evaluation)."""
+    names = {"m": model_folder(tmp_path / "m"), "f": tmp_path / "afile", "run": tmp_path / "run"}
+    names["f"].write_text("x")
+    names["run"].mkdir()
+    (names["run"] / "manifest.json").write_text("{}")
+    rc = main([a.format(**names) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "internal error" not in err, err
+    assert needle.format(**names) in err, err
+
+
 # -- secrets -------------------------------------------------------------------------------------------------------
 def test_redaction_by_key_and_value_keeps_tokenizer_fields():
     template = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] + eos_token }}" \
