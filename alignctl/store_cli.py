@@ -235,7 +235,7 @@ def main(args: list[str]) -> int:
                 return cmd_ls(root)
             if ns.command == "du":
                 return cmd_du(root)
-            if ns.older_than is not None and ns.older_than < 0:
+            if ns.older_than is not None and not ns.older_than >= 0:  # also nan
                 raise UsageError("--older-than: must be a number of days >= 0")
             return cmd_gc(root, ns.older_than, ns.dry_run)
         if ns.command == "rm":

@@ -436,6 +436,15 @@ def test_command_options_rejected_before_loading(args, needle, capsys, tmp_path)
     assert needle.format(**names) in err, err
 
 
+@pytest.mark.parametrize("days", ["-1", "nan"])
+def test_store_gc_older_than_must_be_days(days, capsys, tmp_path):
+    """nan passed the `< 0` check and removed nothing, silently."""
+    (tmp_path / "store").mkdir()
+    rc = main(["store", "gc", "--store", str(tmp_path / "store"), "--older-than", days, "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--older-than: must be a number of days >= 0" in err and "Traceback" not in err, err
+
+
 # -- secrets -------------------------------------------------------------------------------------------------------
 def test_redaction_by_key_and_value_keeps_tokenizer_fields():
     template = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] + eos_token }}" \
