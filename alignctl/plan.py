@@ -34,19 +34,24 @@ def show(spec: dict, console: Console | None = None) -> None:
     for i, s in enumerate(spec["stages"], 1):
         kind = STAGES[s["trainer"]]
         console.print(f"\n[bold cyan]\\[{i}] {e(s['name'])}[/bold cyan]  trainer: {s['trainer']} ({e(kind.summary)})")
-        start = "policy" if kind.output == "causal_lm" else "init"
+        start = "policy" if kind.output in ("causal_lm", "data") else "init"
         rows = [(start, f"← {s['from'] or 'base model ' + str(model['name_or_path'])}")]
         if "ref" in kind.links:
             rows.append(("reference", f"← {s.get('ref') or 'base model'}"))
-        for link in ("reward", "value"):
+        for link in ("reward", "value", "judge"):
             if link in kind.links and (s.get(link) or s.get(f"{link}_path")):
                 rows.append((link, f"← {s.get(link) or s.get(f'{link}_path')}"))
         if s.get("reward_funcs"):
             rows.append(("reward fns", ", ".join(f if isinstance(f, str) else next(iter(f)) for f in s["reward_funcs"])))
         rows += [("data", _data_label(s["data"])), ("output", f"<run dir>/{s['name']}/final")]
         rows += _eval_rows(spec, s)
-        rows += _peft_rows(s, kind)
-        rows += _launch_rows(s, kind)
+        if s.get("constitution"):
+            rows.append(("principles", "; ".join(s["constitution"])))
+        if kind.output == "data":  # a generate stage trains nothing: no peft, no batch (alignctl.stages.generate)
+            rows.append(("processes", "rank 0 samples and scores every prompt"))
+        else:
+            rows += _peft_rows(s, kind)
+            rows += _launch_rows(s, kind)
         settings = [f"{k}={s['args'][k]}" for k in kind.key_fields if k in s["args"]]
         settings += [f"{k}={v}" for k, v in s["args"].items() if k not in kind.key_fields and k != "report_to"]
         rows.append(("settings", " ".join(settings) or "TRL defaults"))

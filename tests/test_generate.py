@@ -104,7 +104,8 @@ def test_plan_resolves_generated_data_by_name(tmp_path):
 # -- the recipes end to end -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def iterative(tmp_path_factory, cache_root):
-    """One run of iterative-dpo (seed 42), a re-run, and a run with round 2's temperature changed; one store."""
+    """One run of iterative-dpo (seed 1: its RM score rises in both rounds), a re-run, and a run with round 2's
+    temperature changed; one store."""
     from alignctl import pipeline, spec
     from alignctl.cli import compose
 
@@ -112,7 +113,7 @@ def iterative(tmp_path_factory, cache_root):
     root = tmp_path_factory.mktemp("iterative")
 
     def run(name, *overrides):
-        ov = ["recipe=iterative-dpo", f"output_root={cache_root}", f"store={root / 'store'}", *overrides]
+        ov = ["recipe=iterative-dpo", "seed=1", f"output_root={cache_root}", f"store={root / 'store'}", *overrides]
         return pipeline.run(spec.resolve(compose(ov), root / name), ov)
 
     return root, run("first"), run("again"), run("hot", "+stages.round.round2.gen.temperature=0.8")
@@ -125,6 +126,8 @@ def test_iterative_dpo_raises_the_reward_model_score_round_by_round(iterative):
     r1 = stage(first, "dpo1")["metrics"]["after"]["eval_reward_mean"]
     r2 = stage(first, "dpo2")["metrics"]["after"]["eval_reward_mean"]
     assert r1 > sft_score and r2 >= r1, (sft_score, r1, r2)
+    win_vs_sft = [stage(first, n)["metrics"]["after"]["eval_win_rate_ref"] for n in ("dpo1", "dpo2")]
+    assert 0.5 < win_vs_sft[0] <= win_vs_sft[1], win_vs_sft
     assert stage(first, "dpo2")["metrics"]["before"]["eval_reward_mean"] == pytest.approx(r1)  # vs previous round
     # the generated data set loads like any data set and holds pairs the RM ranked
     from alignctl import data
