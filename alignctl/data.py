@@ -289,7 +289,19 @@ def _type_problem(column: str, value: Any) -> str | None:
     if column in ("prompt", "completion", "chosen", "rejected") and value is not None and \
             not isinstance(value, str) and not formats.is_conversation(value):
         return f"column '{column}' must be {text_or_turns}, got {_type_name(value)}"
+    if column in ("messages", "prompt", "completion", "chosen", "rejected") and isinstance(value, list):
+        for i, turn in enumerate(value):  # chat templates render unknown roles silently, or fail on null content
+            if isinstance(turn, dict) and turn.get("role") not in CHAT_ROLES:
+                return (f"column '{column}': message {i} has role {turn.get('role')!r}; roles are "
+                        f"{', '.join(CHAT_ROLES)} (map other names first, or for ShareGPT data set format: sharegpt)")
+            if isinstance(turn, dict) and not isinstance(turn.get("content"), (str, list)) and \
+                    not turn.get("tool_calls"):
+                return f"column '{column}': message {i} ({turn.get('role')}) has content {turn.get('content')!r}, " \
+                       "not text"
     return None
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
 
 
 def _type_name(value: Any) -> str:

@@ -158,6 +158,12 @@ def sharegpt_unknown_role(t):
     return [f"data.sft.path={jsonl(t / 'sg.jsonl', [row] * 8)}"]
 
 
+def messages_rows(turns):
+    def make(t):
+        return [f"data.sft.path={jsonl(t / 'msg.jsonl', [{'messages': turns}] * 8)}"]
+    return make
+
+
 def huge_json_array_peeked(t):
     """A .json array whose first record is fine and whose tail is cut off: plan peeks at the first record only (it
     never reads the whole file), so the check passes plan and the truncation is reported by run's pre-flight."""
@@ -202,6 +208,11 @@ PLAN_CASES = {
     "format-hh-on-messages": (hh_format_on_messages, ["data.sft", "format hh needs column 'chosen', 'rejected'"]),
     "pku-better-response-id-2": (pku_bad_index, ["data.prefs", "pku.jsonl", "'better_response_id' must be 0 or 1"]),
     "sharegpt-unknown-role": (sharegpt_unknown_role, ["data.sft", "sg.jsonl", "unknown ShareGPT role 'narrator'"]),
+    # trained silently (the template rendered 'bot'), or blamed on the chat template (null content)
+    "messages-unknown-role": (messages_rows([{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "yo"}]),
+                              ["data.sft", "msg.jsonl", "message 0 has role 'bot'", "system, user, assistant"]),
+    "messages-null-content": (messages_rows([{"role": "user", "content": None}, {"role": "assistant", "content": "yo"}]),
+                              ["data.sft", "msg.jsonl", "message 0 (user) has content None, not text"]),
 }
 def good_lines(n: int = 1) -> str:
     return "".join(json.dumps(r) + "\n" for r in GOOD_SFT * n)
