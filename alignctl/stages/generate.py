@@ -237,8 +237,9 @@ def run(ctx):
         funcs, _ = grpo.reward_functions(_NoRM(ctx))
         flat_p = [p for p in prompts for _ in range(cfg.k)]
         flat_c = [_answer(p, texts[i][j]) for i, p in enumerate(prompts) for j in range(cfg.k)]
-        for f in funcs:
-            vals = f(prompts=flat_p, completions=flat_c)
+        flat_ids = [answers[j][i] for i in range(len(prompts)) for j in range(cfg.k)]
+        for f in funcs:  # TRL's reward-function interface, as GRPO calls it
+            vals = f(prompts=flat_p, completions=flat_c, completion_ids=flat_ids)
             for n, v in enumerate(vals):
                 scores[n // cfg.k][n % cfg.k] += float(v if v is not None else 0.0)
         info["scorers"] += [f if isinstance(f, str) else next(iter(f)) for f in ctx.spec["reward_funcs"]]
