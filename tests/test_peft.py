@@ -245,15 +245,8 @@ def test_dpo_reference_after_lora_sft_is_the_merged_sft_model(lora_run, tmp_path
 
     sft = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "final")
     base = AutoModelForCausalLM.from_pretrained(models.materialize(spec["model"]["name_or_path"], spec["cache_dir"]))
-    # 1. TRL's own reference computation on a training batch.
-    batch = next(iter(trainer.get_eval_dataloader()))
-    batch = {k: v.to(trainer.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
-    want = torch.cat(trainer.compute_ref_log_probs(sft, batch))
-    other = torch.cat(trainer.compute_ref_log_probs(base, batch))
-    assert torch.allclose(ref, want, atol=1e-3), (ref - want).abs().max()
-    assert (ref - other).abs().max() > 1.0
-    # 2. The same with alignctl's completion log-probs of held-out pairs, adapter disabled as TRL does.
+    # alignctl's completion log-probs of held-out pairs, with the adapter disabled the way TRL computes its reference
+    # (TRL 1.16's compute_ref_log_probs takes only the trainer's own prepared model, so it cannot score `sft` itself).
     prompts, chosen = list(ctx.eval["prompt"][:16]), list(ctx.eval["chosen"][:16])
     with use_adapter(trainer.model, adapter_name=None):
         ref_lp = torch.tensor(completion_logps(trainer.model, ctx.tokenizer, prompts, chosen))
