@@ -67,7 +67,10 @@ class ConsoleFormatter(logging.Formatter):
 
 
 def _is_console(handler: logging.Handler) -> bool:
-    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+    """A handler writing to the terminal (Hydra's console handler), not a file or another program's capture."""
+    streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and \
+        getattr(handler, "stream", None) in streams
 
 
 def setup(show_all: bool | None = None) -> None:
