@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +13,30 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def one_thread_collecting_log(lines: list[str]):
+    """One torch thread (a ~70k-parameter model gains nothing from two, and with other processes on the same cores
+    OpenMP's spinning makes each op ~10x slower), and the messages of the alignctl log appended to ``lines``."""
+    import torch
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    logger = logging.getLogger("alignctl")
+    level, handler = logger.level, Collect()
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

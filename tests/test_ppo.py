@@ -5,36 +5,21 @@ newest checkpoint (step, optimiser, kl_coef and logs carried over); PPO over tor
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
 from alignctl import pipeline, spec
 from alignctl.cli import compose
+from conftest import one_thread_collecting_log
 
 LOG: list[str] = []
 RUNS: dict[str, tuple] = {}
 
 
-class _Collect(logging.Handler):
-    def emit(self, record):
-        LOG.append(record.getMessage())
-
-
 @pytest.fixture(scope="module", autouse=True)
 def single_thread_and_log():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    logger = logging.getLogger("alignctl")
-    level, handler = logger.level, _Collect()
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-    torch.set_num_threads(threads)
+    with one_thread_collecting_log(LOG):
+        yield
 
 
 def _run(cache_root, run_dir, *overrides: str) -> dict:

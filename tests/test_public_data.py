@@ -19,6 +19,7 @@ from alignctl.errors import ConfigError
 PUBLIC = Path(__file__).resolve().parent / "fixtures" / "public"
 sys.path.insert(0, str(PUBLIC))
 import make_fixtures  # noqa: E402
+from conftest import one_thread_collecting_log
 
 # The published schema of each fixture: columns (in order) and split names (sources: fixtures/public/README.md).
 PUBLISHED = {
@@ -296,26 +297,10 @@ PAIR_KINDS = {"dpo": {"learning_rate": 5.0e-3, "beta": 0.1}, "orpo": {"learning_
 RUNS: dict[str, tuple[Path, dict]] = {}
 
 
-class _Collect(logging.Handler):
-    def emit(self, record):
-        LOG.append(record.getMessage())
-
-
 @pytest.fixture(scope="module", autouse=True)
 def single_thread_and_log():
-    """One torch thread (a ~70k-parameter model gains nothing from two) and the alignctl log collected."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    logger = logging.getLogger("alignctl")
-    level, handler = logger.level, _Collect()
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-    torch.set_num_threads(threads)
+    with one_thread_collecting_log(LOG):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,38 +5,21 @@ SimPO raise held-out preference accuracy; the outputs load with plain transforme
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
 from alignctl import pipeline, spec
 from alignctl.cli import compose
+from conftest import one_thread_collecting_log
 
 RUNS: dict[str, tuple] = {}
 LOG: list[str] = []
 
 
-class _Collect(logging.Handler):
-    def emit(self, record):
-        LOG.append(record.getMessage())
-
-
 @pytest.fixture(scope="module", autouse=True)
 def single_thread_and_log():
-    """One torch thread: a ~70k-parameter model gains nothing from two, and with other processes on the same
-    cores OpenMP's spinning makes each op ~10x slower. The alignctl log is collected for the tests."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    logger = logging.getLogger("alignctl")
-    level, handler = logger.level, _Collect()
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-    torch.set_num_threads(threads)
+    with one_thread_collecting_log(LOG):
+        yield
 
 
 @pytest.fixture(scope="module")
