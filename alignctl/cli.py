@@ -61,9 +61,10 @@ def recipe_description(path: Path) -> str:
         return f"(unreadable: {e.problems[0]})"
 
 
-def load_recipe(path: Path):
+def load_recipe(path: Path, config_dir: str | None = None):
     """A recipe file as an OmegaConf node, after checking it sets alignctl's keys only (checks.recipe_file_problems):
-    YAML errors, duplicate keys, Hydra settings, instantiation keys and environment resolvers are ConfigErrors."""
+    YAML errors, duplicate keys, Hydra settings, instantiation keys, environment resolvers, launch settings and
+    `defaults` options that are not files of alignctl's groups (or of the user's ``config_dir``) are ConfigErrors."""
     import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -91,21 +92,22 @@ def load_recipe(path: Path):
     except (OmegaConfBaseException, ValueError, TypeError) as e:
         raise errors.from_library(e, f"recipe file {path}") from None
     container = OmegaConf.to_container(node, resolve=False) if node is not None else None
+    dirs = [CONFIGS_DIR] + ([Path(config_dir).expanduser()] if config_dir else [])
     problems = checks.recipe_file_problems(container, Path(path), TOP_KEYS,
-                                           set(config_groups()) - {"recipe", "hydra"})
+                                           set(config_groups()) - {"recipe", "hydra"}, dirs)
     if problems:
         raise ConfigError(problems)
     return node
 
 
-def _register_recipes(extra: dict[str, Path]) -> None:
+def _register_recipes(extra: dict[str, Path], config_dir: str | None = None) -> None:
     """Put every recipe file into Hydra's ``recipe`` group (package _global_: a recipe sets top-level keys and
     chooses config groups). Each file is checked first (load_recipe), so it can set alignctl's keys only."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     for name, path in {**available_recipes(), **extra}.items():
-        node = load_recipe(path)
+        node = load_recipe(path, config_dir)
         if "name" not in node:
             node.name = name
         cs.store(group="recipe", name=name, node=node, package="_global_")
@@ -176,7 +178,7 @@ def compose(overrides: list[str], return_hydra_config: bool = False, config_dir:
     from hydra import initialize_config_dir
 
     overrides, extra = prepare_overrides(overrides, config_dir)
-    _register_recipes(extra)
+    _register_recipes(extra, config_dir)
     if config_dir:  # --config-dir: searched before alignctl's own configs, as Hydra does for `run`
         overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).expanduser().absolute()}]"]
     with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):
@@ -204,6 +206,9 @@ def check_point(args: list[str], run: bool = False, config_dir: str | None = Non
 
     try:
         cfg = compose(args, return_hydra_config=True, config_dir=config_dir)
+        problem = _callbacks_problem(OmegaConf.select(cfg, "hydra.callbacks"), args, config_dir)
+        if problem:
+            raise ConfigError([problem])
         run_dir = OmegaConf.select(cfg, "hydra.run.dir")
         with open_dict(cfg):
             del cfg["hydra"]
@@ -217,11 +222,43 @@ def check_point(args: list[str], run: bool = False, config_dir: str | None = Non
         raise err from None
 
 
+def _override_key(arg: str) -> str:
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def _callbacks_problem(callbacks, args: list[str], config_dir: str | None) -> str | None:
+    """Hydra instantiates ``hydra.callbacks`` (any Python call) before alignctl's job starts: they may come from the
+    command line or a --config-dir the user passed, never from a file alignctl composed on a recipe's behalf."""
+    if not callbacks or config_dir or any(_override_key(a).startswith("hydra.callbacks") for a in args):
+        return None
+    return (f"hydra.callbacks: set by a config file ({', '.join(map(str, callbacks))}); Hydra callbacks run code, "
+            "so they come only from the command line (hydra.callbacks.<name>=...) or a --config-dir you pass")
+
+
+def user_config_dir(args: list[str]) -> str | None:
+    """The folder of ``--config-dir``/``-cd`` on the command line (trusted like the command line), or None."""
+    return split_config_dir(args)[0]
+
+
+def split_config_dir(args: list[str]) -> tuple[str | None, list[str]]:
+    """(the ``--config-dir``/``-cd`` folder or None, the other arguments)."""
+    config_dir, rest, it = None, [], iter(args)
+    for a in it:
+        if a in ("--config-dir", "-cd"):
+            config_dir = next(it, None)
+        elif a.startswith(("--config-dir=", "-cd=")):
+            config_dir = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return config_dir, rest
+
+
 def cmd_plan(args: list[str]) -> int:
     from alignctl import plan
 
-    resolved = check_point(args)
-    plan.show(resolved)
+    config_dir, args = split_config_dir(args)  # `plan --config-dir DIR ...` composes as `run` would
+    resolved = check_point(args, config_dir=config_dir)
+    plan.show(resolved, overrides=args)
     return 0
 
 
@@ -284,17 +321,9 @@ def precheck_run(args: list[str]) -> None:
                                                                                    "--experimental-rerun")
                                                                 for a in args):
         return
-    config_dir, rest, it = None, [], iter(args)
-    multirun = False
-    for a in it:
-        if a in ("-m", "--multirun"):
-            multirun = True
-        elif a in ("--config-dir", "-cd"):
-            config_dir = next(it, None)
-        elif a.startswith("--config-dir="):
-            config_dir = a.split("=", 1)[1]
-        elif not a.startswith("-"):
-            rest.append(a)
+    config_dir, others = split_config_dir(args)
+    multirun = any(a in ("-m", "--multirun") for a in others)
+    rest = [a for a in others if not a.startswith("-")]
     if not multirun:
         check_point(rest, run=True, config_dir=config_dir)
         return
@@ -329,8 +358,10 @@ def cmd_run(args: list[str]) -> int:
         os.environ["ALIGNCTL_VERBOSE"] = "1"
         args = [a for a in args if a not in ("-v", "--verbose")]
     overrides, extra = prepare_overrides(args)
+    if any(a in ("-m", "--multirun") for a in args):
+        _warn_secret_overrides(args)
     precheck_run(args)
-    _register_recipes(extra)
+    _register_recipes(extra, user_config_dir(args))
     for name in LAUNCHER_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
@@ -340,6 +371,18 @@ def cmd_run(args: list[str]) -> int:
     sys.argv = ["alignctl"] + overrides
     hydra_main()
     return 0
+
+
+def _warn_secret_overrides(args: list[str]) -> None:
+    """A sweep's overrides reach disk through Hydra's launchers (multirun.yaml, submitit's pickled job files) before
+    any alignctl code can redact them: say so, once, for overrides that look secret."""
+    from alignctl.checks import redact
+
+    keys = [_override_key(a) for a in args if "=" in a and not a.startswith("-") and redact([a]) != [a]]
+    if keys:
+        print(f"alignctl: warning: {', '.join(keys)} looks like a secret; Hydra's launcher writes a sweep's overrides "
+              "to disk before alignctl can redact them: export it as an environment variable instead (the ranks "
+              "inherit it), e.g. export HF_TOKEN=...", file=sys.stderr)
 
 
 def cmd_report(args: list[str]) -> int:

@@ -65,10 +65,13 @@ def _build_once(out: Path, build) -> str:
 
 def pkg_dir(name_or_path: str) -> Path | None:
     """The folder named by ``pkg:<module>[/<sub>]`` (the installed package's folder), or None if not installed.
-    The package is located, not imported."""
+    The package is located, not imported: only top-level names (finding ``a.b`` imports ``a``, running its
+    ``__init__.py``); a dotted name is None (and refused at plan)."""
     from importlib.util import find_spec
 
     module, _, sub = str(name_or_path)[len(PKG_PREFIX):].partition("/")
+    if not module.isidentifier():
+        return None
     try:
         spec = find_spec(module)
     except (ImportError, ValueError):

