@@ -216,10 +216,10 @@ def _outcome(manifest: dict) -> list[str]:
     stopped = next((s for s in manifest["stages"] if s.get("status") in ("failed", "interrupted", "running")), None)
     error = " ".join(str(manifest.get("error") or "no error recorded").split())
     if stopped is None:
-        return [f"**{status}** before any stage ran: {error}", ""]
+        return [f"**{status}** before any stage ran: {error.rstrip('.')}.", ""]
     hint = (" Re-run the same command to resume: completed stages are reused, this one resumes from its last "
             "checkpoint." if status == "interrupted" else "")
-    return [f"**{status}** in stage {stopped['name']} ({stopped['trainer']}): {error}{hint}", ""]
+    return [f"**{status}** in stage {stopped['name']} ({stopped['trainer']}): {error.rstrip('.')}.{hint}", ""]
 
 
 def _override_items(overrides: list[str]) -> dict[str, str]:
