@@ -1,12 +1,15 @@
 """The Hydra application behind ``alignctl run``: resolve once, then run the pipeline.
 
 Errors end the way every alignctl error does (alignctl.errors): a user's mistake is one short message and exit
-code 2; a bug is "internal error" with the traceback kept in the run log (<run dir>/alignctl.log).
+code 2; a bug is "internal error" with the traceback kept in the run log (<run dir>/alignctl.log). A failed or
+interrupted run still gets its report.md. In a sweep (``-m``) a failed point does not end the sweep: it is recorded
+and the next point runs; the last lines name the failed points and the exit code is non-zero (:func:`main`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,17 +24,67 @@ from alignctl.spec import CONFIGS_DIR
 log = logging.getLogger("alignctl")
 
 
+# The sweep points run in this process (Hydra's basic launcher): what `alignctl run -m` reports at the end.
+POINTS: list[dict] = []
+_MAIN_PID: list[int] = []  # the pid of the process that called main(): jobs there are "in this process"
+
+
+class SweepPointFailed(Exception):
+    """A sweep point run in another process (joblib, SLURM) failed: raised as a plain Exception, which Hydra records
+    for that job (the other points still run) and which makes the sweep's exit code non-zero."""
+
+
+class _Failed(Exception):
+    def __init__(self, code: int, reason: str):
+        self.code, self.reason = code, reason
+        super().__init__(reason)
+
+
+def main() -> int:
+    """Run the Hydra application (``sys.argv`` already set); after a sweep, name its failed points. The exit code:
+    0, or for a sweep with failed points 2 when every failure was a configuration error, else 1."""
+    POINTS.clear()
+    _MAIN_PID[:] = [os.getpid()]
+    try:
+        hydra_main()
+    finally:  # also when Ctrl-C stopped the sweep: the points that failed before it
+        code = _sweep_summary(POINTS)
+    return code
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIGS_DIR), config_name="config")
 def hydra_main(cfg: DictConfig):
+    """One run, or one point of a sweep. A run that fails exits (code 2: configuration, 130: interrupted, 1: other);
+    a failed sweep point is recorded (manifest, report.md) and the sweep goes on: the point returns NaN (a failed
+    trial for a sweeper such as Optuna). An interrupted point stops the sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from alignctl import checks, console, pipeline, plan, spec
+    from alignctl import console, plan
 
     console.setup()  # per-step metrics, library warnings and progress bars off the console (kept in alignctl.log)
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:  # Hydra saved the sweep's config with every override as given: redact it
+    multirun = hc.mode == RunMode.MULTIRUN
+    if multirun:  # Hydra saved the sweep's config with every override as given: redact it
         _redact_file(Path(hc.sweep.dir) / "multirun.yaml")
+    try:
+        manifest, objective = _run(cfg, hc)
+    except _Failed as f:
+        _report_failed_run(Path(hc.runtime.output_dir))
+        if not multirun or f.code == 130:
+            sys.exit(f.code)
+        return _failed_point(hc, f)
+    if multirun:
+        POINTS.append(_point(hc, 0, ""))
+    plan.summary(manifest)
+    return objective
+
+
+def _run(cfg: DictConfig, hc) -> tuple[dict, float | None]:
+    """Resolve and run; a failure is printed the alignctl way (one line, or the failing rank's error) and raised as
+    :class:`_Failed` with its exit code. ``--debug`` lets the original exception through."""
+    from alignctl import checks, pipeline, plan, spec
+
     try:
         resolved = spec.resolve(cfg, hc.runtime.output_dir, run=True)
         for note in resolved.get("notes", []):
@@ -42,28 +95,80 @@ def hydra_main(cfg: DictConfig):
     except ConfigError as e:
         if errors.debug():
             raise
-        sys.exit(errors.report(e))
+        raise _Failed(errors.report(e), e.problems[0] if e.problems else str(e)) from None
     except StageFailed as e:  # a rank of a torchrun/accelerate stage failed: its error once, no orchestrator traceback
-        print(e.report(), file=sys.stderr)
-        sys.exit(1)
+        _say(e.report())
+        raise _Failed(1, str(e).splitlines()[0]) from None
     except KeyboardInterrupt:
-        print(f"alignctl: interrupted; manifest: {hc.runtime.output_dir}/manifest.json. "
-              "Re-run the same command to resume (completed stages are reused, the interrupted one resumes "
-              "from its last checkpoint).", file=sys.stderr)
-        sys.exit(130)
+        _say(f"alignctl: interrupted; manifest: {hc.runtime.output_dir}/manifest.json. Re-run the same command to "
+             "resume (completed stages are reused, the interrupted one resumes from its last checkpoint).")
+        raise _Failed(130, "interrupted") from None
     except Exception as e:
         if errors.debug():
             raise
         log.exception("internal error")
-        sys.exit(errors.internal_error(e, Path(hc.runtime.output_dir) / f"{hc.job.name}.log"))
-    plan.summary(manifest)
-    return plan.objective(manifest, (resolved.get("sweep") or {}).get("objective"))
+        code = errors.internal_error(e, Path(hc.runtime.output_dir) / f"{hc.job.name}.log")
+        raise _Failed(code, f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+                      ) from None
+    return manifest, plan.objective(manifest, (resolved.get("sweep") or {}).get("objective"))
+
+
+def _say(text: str) -> None:
+    try:
+        print(text, file=sys.stderr)
+    except OSError:  # the terminal is gone (SIGHUP after an ssh drop): the manifest says it all
+        pass
+
+
+def _point(hc, code: int, reason: str) -> dict:
+    from alignctl import checks
+
+    return {"job": hc.job.num, "overrides": checks.redact(list(hc.overrides.task)), "code": code, "reason": reason,
+            "run_dir": str(hc.runtime.output_dir)}
+
+
+def _failed_point(hc, f: _Failed) -> float:
+    """Record a failed sweep point and go on with the next one (see :func:`hydra_main`)."""
+    if _MAIN_PID != [os.getpid()]:
+        raise SweepPointFailed(f"sweep point #{hc.job.num} failed: {f.reason} (manifest: "
+                               f"{hc.runtime.output_dir}/manifest.json)")
+    POINTS.append(_point(hc, f.code, f.reason))
+    log.warning("sweep point #%s failed; going on with the next point", hc.job.num)
+    return float("nan")
+
+
+def _sweep_summary(points: list[dict]) -> int:
+    """The last lines of a sweep with failed points (their swept values, why, their run folder); the exit code."""
+    failed = [p for p in points if p["code"]]
+    if not failed:
+        return 0
+    common = set.intersection(*(set(p["overrides"]) for p in points))
+    _say(f"alignctl: {len(failed)} of {len(points)} sweep points failed:")
+    for p in failed:
+        swept = " ".join(o.lstrip("+") for o in p["overrides"] if o not in common) or "the base configuration"
+        _say(f"  #{p['job']} {swept}: {p['reason']} ({p['run_dir']})")
+    return 2 if all(p["code"] == 2 for p in failed) else 1
+
+
+def _report_failed_run(run_dir: Path) -> None:
+    """report.md for a run that failed or was interrupted (its manifest says which stage, and why)."""
+    import json
+
+    path = run_dir / "manifest.json"
+    if not path.is_file():  # it failed before the run started (e.g. a configuration error)
+        return
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("status") in ("failed", "interrupted"):  # not another live run's manifest ("running")
+            from alignctl import report
+
+            report.write_run_report(manifest)
+    except Exception as e:  # noqa: BLE001 - a report must never hide the run's own error
+        log.warning("could not write report.md: %s", e)
 
 
 def _redact_file(path: Path) -> None:
     """Rewrite a YAML file Hydra wrote (multirun.yaml) with secrets redacted, readable by the user only."""
-    import os
-
     from alignctl import checks
 
     try:

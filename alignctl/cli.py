@@ -366,11 +366,10 @@ def cmd_run(args: list[str]) -> int:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
             logger.addFilter(RedactingFilter())
-    from alignctl.app import hydra_main
+    from alignctl import app
 
     sys.argv = ["alignctl"] + overrides
-    hydra_main()
-    return 0
+    return app.main()  # non-zero after a sweep with failed points
 
 
 def _warn_secret_overrides(args: list[str]) -> None:

@@ -379,17 +379,50 @@ def run_stage(work: dict, spec_path: str | os.PathLike, launcher: dict | None) -
         if work.get(key):
             models.materialize(work[key], work["cache_dir"], work["model"])
     out = Path(spec_path).parent / "launch"
+    env = {**os.environ, **launcher.get("env", {}), "PYTHONUNBUFFERED": "1", ATTEMPT_ENV: str(work.get("attempt", ""))}
+    for retry in range(PORT_RETRIES + 1):
+        rc = _launch_once(work["name"], spec_path, launcher, env, out)
+        if retry == PORT_RETRIES or not _port_was_taken(launcher, out, rc):
+            break
+        log.warning("stage %s: the port given to accelerate was taken by another process before it started "
+                    "(address already in use); launching again with a fresh port (retry %d of %d)", work["name"],
+                    retry + 1, PORT_RETRIES)
+    return _collect(work["name"], out, rc, launcher)
+
+
+PORT_RETRIES = 3  # launches again after the main process port was taken between _free_port() and accelerate's bind
+_PORT_TAKEN = re.compile(r"EADDRINUSE|address already in use", re.IGNORECASE)
+
+
+def _launch_once(stage: str, spec_path: str | os.PathLike, launcher: dict, env: dict, out: Path) -> int:
+    """Start every rank of the stage once (a fresh ``launch/`` folder, a fresh port); the launcher's exit code."""
+    from alignctl.checks import redact_text
+
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cmd = command(launcher, spec_path)
-    from alignctl.checks import redact_text
-
     (out / "command.txt").write_text(redact_text(" ".join(cmd)) + "\n")  # e.g. srun --export=...,HF_TOKEN=...
-    log.info("stage %s: launching %d processes with %s (output of every rank: %s)", work["name"],
+    log.info("stage %s: launching %d processes with %s (output of every rank: %s)", stage,
              launcher["world_size"], launcher["kind"], out / "output.log")
-    env = {**os.environ, **launcher.get("env", {}), "PYTHONUNBUFFERED": "1", ATTEMPT_ENV: str(work.get("attempt", ""))}
-    rc = _stream(cmd, env, out / "output.log")
-    return _collect(work["name"], out, rc, launcher)
+    return _stream(cmd, env, out / "output.log")
+
+
+def _port_was_taken(launcher: dict, out: Path, rc: int) -> bool:
+    """A single-machine accelerate launch that failed because its main process port was in use: another job took
+    the port alignctl picked (:func:`_free_port` cannot reserve it). torchrun on one node picks its own port
+    (``--standalone``) and is not retried."""
+    if launcher.get("kind") != "accelerate" or launcher.get("num_machines") != 1 or rc == 0 \
+            or (out / "result.json").is_file():
+        return False
+    return any(_PORT_TAKEN.search(_tail(p)) for p in (out / "output.log", *out.glob("rank*.error.json"))
+               if p.is_file())
+
+
+def _tail(path: Path, size: int = 1 << 18) -> str:
+    """The last ``size`` bytes of a file, as text."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+        return f.read().decode(errors="replace")
 
 
 GRACE_S = 30  # seconds the launcher's process group gets to stop after SIGTERM, before SIGKILL
@@ -403,32 +436,64 @@ def guarded(cmd: list[str]) -> list[str]:
     return [sys.executable, "-m", "alignctl.worker", "--guard", str(os.getpid()), "--", *cmd]
 
 
+DRAIN_S = 2.0  # seconds to read what is left in the pipe once the launcher has exited
+
+
 def _stream(cmd: list[str], env: dict, output: Path) -> int:
     """Run the launcher; every line goes to ``output``, rank log lines of alignctl also to the run log.
 
     The launcher runs in a new session (its own process group) behind :func:`guarded`; on Ctrl-C / SIGTERM /
     an error here the whole group gets SIGTERM, then SIGKILL after ``GRACE_S`` (a second interrupt kills at once),
-    and at interpreter exit any group still alive is killed."""
+    and at interpreter exit any group still alive is killed. The end of the stage is the launcher's exit, not the
+    end of its output: a process that left the group (``setsid``) and still holds the pipe is not waited for."""
     with open(output, "w") as sink:
-        proc = subprocess.Popen(guarded(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                bufsize=1, start_new_session=True)
+        proc = subprocess.Popen(guarded(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, bufsize=0,
+                                start_new_session=True)
         _LIVE.add(proc)
         try:
-            for line in proc.stdout:
-                sink.write(line)
-                sink.flush()
-                m = _WORKER_LINE.match(line.rstrip("\n"))
-                if m and m.group(1) == "0":
-                    log.info("%s", m.group(2))
-                elif m:
-                    log.warning("[rank %s] %s", m.group(1), m.group(2))
+            _pump(proc, lambda line: _pass_on(line, sink))
             return proc.wait()
         except BaseException:  # Ctrl-C / SIGTERM of the orchestrator: stop every rank too
             stop_group(proc)
             raise
         finally:
             _kill_group(proc, 9)  # anything of the group still alive (a rank the launcher did not reap)
+            proc.stdout.close()
             _LIVE.discard(proc)
+
+
+def _pump(proc: subprocess.Popen, emit, drain: float = DRAIN_S) -> None:
+    """Read ``proc``'s output line by line until end of file, or until ``drain`` seconds after ``proc`` exited (its
+    group is killed then: whatever still writes to the pipe outlived the launcher)."""
+    import select
+    import time
+
+    fd, pending, deadline = proc.stdout.fileno(), b"", None
+    while deadline is None or time.monotonic() < deadline:
+        if deadline is None and proc.poll() is not None:
+            _kill_group(proc, 9)
+            deadline = time.monotonic() + drain
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if not ready:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            emit(line.decode(errors="replace") + "\n")
+    if pending:
+        emit(pending.decode(errors="replace") + "\n")
+
+
+def _pass_on(line: str, sink) -> None:
+    sink.write(line)
+    sink.flush()
+    m = _WORKER_LINE.match(line.rstrip("\n"))
+    if m and m.group(1) == "0":
+        log.info("%s", m.group(2))
+    elif m:
+        log.warning("[rank %s] %s", m.group(1), m.group(2))
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:

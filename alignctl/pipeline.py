@@ -84,29 +84,17 @@ def stage_specs(spec: dict) -> list[dict]:
     return [{**shared, **s} for s in spec["stages"]]
 
 
-def preflight(stages: list[dict]) -> None:
+def preflight(stages: list[dict], launcher: dict | None = None) -> list[dict]:
     """Everything checkable before anything trains, for every stage: its TRL config is built (TRL's own
-    validation; all stages first, so a bad field of the last stage fails in seconds), then its data is loaded and
-    column-checked, and what this machine needs is checked (attention kernel, 4-bit)."""
-    import importlib
-
-    from alignctl import checks, data, models
+    validation; all stages first, so a bad field of the last stage fails in seconds) and what this machine needs is
+    checked (attention kernel, 4-bit), then its data is loaded and column-checked. Returns each stage's resolved
+    numerics (:func:`check_configs`)."""
+    from alignctl import data, models
     from alignctl.errors import ConfigError
-    from alignctl.runner import StageContext
     from alignctl.stages import STAGES
 
+    numerics = check_configs(stages, launcher)
     problems = []
-    for s in stages:
-        kind = STAGES[s["trainer"]]
-        module, _, cls = kind.config_class.rpartition(".")
-        try:
-            config = getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
-            problems += checks.report_to_problems(getattr(config, "report_to", None), f"stages.{s['name']}")
-        except (ValueError, TypeError, NotImplementedError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            problems.append(f"stages.{s['name']}: {kind.config_class} rejects the settings: {first}")
-    if problems:  # no data loading for a run that cannot start
-        raise ConfigError(problems)
     tokenizer = None
     for s in stages:
         kind = STAGES[s["trainer"]]
@@ -116,7 +104,6 @@ def preflight(stages: list[dict]) -> None:
         except ConfigError as e:
             problems += e.problems
             train = None
-        problems += [p for p in models.device_problems(s) if p not in problems]  # attention, 4-bit on this machine
         conversations = _sample_conversations(train) if train is not None and kind.output == "causal_lm" else []
         if conversations:  # the chat template every stage applies (it travels with final/) renders this data
             if tokenizer is None:
@@ -128,6 +115,21 @@ def preflight(stages: list[dict]) -> None:
             problems += [p for p in found if p not in problems]
     if problems:
         raise ConfigError(problems)
+    return numerics
+
+
+def check_configs(stages: list[dict], launcher: dict | None) -> list[dict]:
+    """Resolve the numerics (``precision: auto``), build every stage's TRL config and check this machine's devices
+    (alignctl.probe): in this process for the local launcher, in a short-lived one under torchrun / accelerate, so
+    that the orchestrator never initialises CUDA or accelerate's state on GPU 0. ConfigError for a bad setting;
+    returns each stage's resolved numerics (for :func:`_prepare`)."""
+    from alignctl import probe
+    from alignctl.errors import ConfigError
+
+    result = probe.run(stages, launcher)
+    if result["problems"]:  # no data loading for a run that cannot start
+        raise ConfigError(result["problems"])
+    return result["numerics"]
 
 
 def _sample_conversations(ds, limit: int = 2000) -> list[list[dict]]:
@@ -179,12 +181,12 @@ def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) 
     stages = stage_specs(spec)
     try:  # before anything trains: what this machine lacks for the launcher (cheap, first), then every stage's
         _launch_preflight(spec.get("launcher"), None)  # TRL config, data and models
-        preflight(stages)
+        numerics = preflight(stages, spec.get("launcher"))
     except Exception as e:  # recorded: the run failed, every stage still pending
         Manifest(spec, list(overrides)).update(status="failed", error=str(e).splitlines()[0][:500] if str(e) else
                                                type(e).__name__, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
-    stages = _prepare(stages)
+    stages = _prepare(stages, numerics)
     fps = store.fingerprints(stages, spec.get("launcher"))
     for s in stages:  # evaluation settings change no weights: added after fingerprinting (alignctl.evaluate)
         s["eval"] = evaluate.stage_settings(spec.get("eval") or {}, s, stages, spec.get("seed", 42))
@@ -218,12 +220,13 @@ def _launch_preflight(launcher: dict | None, manifest: Manifest | None) -> None:
                                   "distributed": launcher["distributed"], "description": launch.describe(launcher)})
 
 
-def _prepare(stages: list[dict]) -> list[dict]:
+def _prepare(stages: list[dict], numerics: list[dict] | None = None) -> list[dict]:
     """What the orchestrator fixes before fingerprinting: the precision actually used on this machine (``auto``
-    resolved, QLoRA compute dtype too) and each stage's data content + file signatures (re-checked at load time)."""
+    resolved, QLoRA compute dtype too: ``numerics`` from :func:`preflight`, else resolved here) and each stage's data
+    content + file signatures (re-checked at load time)."""
     from alignctl import store
 
-    stages = store.resolve_numerics(stages)
+    stages = store.resolve_numerics(stages) if numerics is None else [{**s, **n} for s, n in zip(stages, numerics)]
     for s in stages:
         # generated data (a generate stage's output) is written during the run: its producer's fingerprint covers it
         s["data_check"] = None if (s.get("data") or {}).get("stage") else store.data_check(s.get("data"))
@@ -391,21 +394,27 @@ def _store_line(spec: dict, manifest: Manifest) -> dict:
     return {"dir": spec["store_dir"], "entries": len(entries), "bytes": total, "added_bytes": added}
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # SIGHUP: the terminal went away (an ssh connection dropped without tmux)
+
+
 @contextlib.contextmanager
 def _stop_on_sigterm():
-    """SIGTERM stops a run like Ctrl-C: the running stage and the run are marked interrupted."""
+    """SIGTERM and SIGHUP stop a run like Ctrl-C: the running stage and the run are marked interrupted."""
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                previous[name] = signal.signal(getattr(signal, name), handler)
     except ValueError:  # not the main thread
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for name, old in previous.items():
+            signal.signal(getattr(signal, name), old)
 
 
 def _write_report(manifest: dict) -> None:

@@ -3,7 +3,9 @@
 A sweep report reads every job's ``manifest.json`` under a multirun directory, finds
 the overrides that differ between jobs (the swept parameters), and writes a table
 of swept values against each stage's held-out metrics plus a plot of the last
-stage's headline metric against the first swept parameter.
+stage's headline metric against the first swept parameter. A job whose manifest
+still says "running" but whose run-directory lock has no live holder is shown as
+"died" (killed before it could record anything).
 """
 
 from __future__ import annotations
@@ -186,7 +188,8 @@ def write_run_report(manifest: dict) -> Path:
         if hist.is_file() and plot_curves(json.loads(hist.read_text()), run_dir / s["name"] / "curves.png",
                                           f"{s['name']} ({s['trainer']})"):
             plots.append(f"![{s['name']}]({s['name']}/curves.png)")
-    lines += ["", f"Final model: `{manifest['final_model']}`", ""]
+    final = f"`{manifest['final_model']}`" if manifest["status"] == "completed" else "none (the run did not complete)"
+    lines += ["", *_outcome(manifest), f"Final model: {final}", ""]
     st = manifest.get("store") or {}
     if st.get("dir"):
         from alignctl.fsutil import human
@@ -203,6 +206,20 @@ def write_run_report(manifest: dict) -> Path:
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def _outcome(manifest: dict) -> list[str]:
+    """For a run that did not complete: which stage stopped it, and why (the manifest's error line)."""
+    status = manifest.get("status")
+    if status == "completed":
+        return []
+    stopped = next((s for s in manifest["stages"] if s.get("status") in ("failed", "interrupted", "running")), None)
+    error = " ".join(str(manifest.get("error") or "no error recorded").split())
+    if stopped is None:
+        return [f"**{status}** before any stage ran: {error.rstrip('.')}.", ""]
+    hint = (" Re-run the same command to resume: completed stages are reused, this one resumes from its last "
+            "checkpoint." if status == "interrupted" else "")
+    return [f"**{status}** in stage {stopped['name']} ({stopped['trainer']}): {error.rstrip('.')}.{hint}", ""]
 
 
 def _override_items(overrides: list[str]) -> dict[str, str]:
@@ -226,7 +243,10 @@ def sweep_report(sweep_dir: str | Path) -> tuple[Path, Path | None, list[dict]]:
     sweep_dir = Path(sweep_dir)
     manifests = []
     for path in sorted(sweep_dir.glob("*/manifest.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        manifests.append(json.loads(path.read_text()))
+        m = json.loads(path.read_text())
+        if m.get("status") == "running" and not _holder_alive(path.parent):
+            m["status"] = "died"  # killed (kill -9, out of memory, a lost node) before it could record anything
+        manifests.append(m)
     if not manifests:
         raise FileNotFoundError(f"no */manifest.json under {sweep_dir}")
     items = [_override_items(m["overrides"]) for m in manifests]
@@ -257,6 +277,14 @@ def sweep_report(sweep_dir: str | Path) -> tuple[Path, Path | None, list[dict]]:
     out = sweep_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out, plot, rows
+
+
+def _holder_alive(run_dir: Path) -> bool:
+    """Whether the process that holds a run directory's lock (alignctl.pipeline: ``.alignctl.lock``, removed when
+    the run ends) is still alive."""
+    from alignctl import fsutil
+
+    return fsutil.lock_is_live(fsutil.read_lock(run_dir / ".alignctl.lock"), fsutil.lock_settings()["stale"])
 
 
 def _sweep_plot(rows: list[dict], param: str, metric_cols: list[str], out: Path) -> Path | None:

@@ -17,7 +17,9 @@ whose ``attempt`` id is not the one the orchestrator started it for (another run
 whose ``precision: auto`` resolves differently on this machine than on the orchestrator's.
 
 Testing hook: ``ALIGNCTL_TEST_FAIL_RANK=<rank>[:<stage>]`` makes that rank raise before loading anything (in that
-stage only, with ``:<stage>``). tests/test_launch.py uses it to check how a failing rank is reported.
+stage only, with ``:<stage>``). tests/test_launch.py uses it to check how a failing rank is reported. It is read in
+production (a real launch is the only way to test a failing rank); a value that does not parse is ignored with one
+warning on rank 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -43,12 +46,23 @@ def _write(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+_HOOK_VALUE = re.compile(r"^\s*(\d+)(?::([A-Za-z0-9_][A-Za-z0-9_-]*))?\s*$")
+
+
 def _test_hook(rank: int, stage: str) -> None:
+    """Tests only (ALIGNCTL_TEST_FAIL_RANK=<rank>[:<stage>]): make that rank raise before loading anything. Read in
+    every rank because a failing rank can only be tested in a real launch; a value that does not parse is ignored
+    (one warning on rank 0), so a stray setting can never fail a real run."""
     value = os.environ.get(FAIL_HOOK)
     if not value:
         return
-    want_rank, _, want_stage = value.partition(":")
-    if int(want_rank) == rank and want_stage in ("", stage):
+    m = _HOOK_VALUE.match(value)
+    if m is None:
+        if rank == 0:
+            logging.getLogger("alignctl").warning("ignoring %s=%r: a test hook, expected <rank>[:<stage>]",
+                                                  FAIL_HOOK, value[:40])
+        return
+    if int(m.group(1)) == rank and m.group(2) in (None, stage):
         raise RuntimeError(f"failure injected on rank {rank} by {FAIL_HOOK}={value}")
 
 
