@@ -5,6 +5,7 @@ one tiny training run (the pipeline-level loss of a lock)."""
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import shutil
@@ -134,7 +135,7 @@ def test_a_holder_in_a_real_other_pid_namespace_keeps_its_lock(tmp_path, capsys)
     try:
         assert proc.stdout.readline().strip() == "held"
         info = fsutil.read_lock(e.dir / ".lock")
-        assert info["host"] == fsutil.identity()["host"] and info["pid_ns"] != fsutil.identity()["pid_ns"]
+        assert info["host"] == fsutil.identity()["host"] and info.get("pid_ns") != fsutil.identity()["pid_ns"]
         with pytest.raises(fsutil.LockTimeout):
             fsutil.FileLock(e.dir / ".lock", "entry e", timeout=1.5).acquire()
         assert store.holder(e) is not None
@@ -277,19 +278,49 @@ def test_a_stage_whose_lock_is_taken_over_stops_and_writes_nothing(tmp_path, cac
         write_lock(lock, token="new-holder", pid=os.getpid(), proc_start=fsutil._proc_start(os.getpid()))
         swapped.append(time.monotonic())
 
-    thief = threading.Thread(target=new_holder, daemon=True)
-    thief.start()
-    with pytest.raises(StageFailed, match="lost its store lock"):
-        pipeline.run(resolved, overrides)
-    stopped = time.monotonic()
-    thief.join()
-    assert stopped - swapped[0] < 15, "the stage went on training after it lost its lock"
+    def watchdog():  # bounds the test where the stage would train on (100000 steps)
+        while not swapped and not finished.is_set():
+            time.sleep(0.1)
+        if not finished.wait(30):
+            _thread.interrupt_main()
+
+    finished = threading.Event()
+    for target in (new_holder, watchdog):
+        threading.Thread(target=target, daemon=True).start()
+    try:
+        with pytest.raises(StageFailed, match="lost its store lock"):
+            pipeline.run(resolved, overrides)
+    except KeyboardInterrupt:
+        pytest.fail("the stage went on training for 30 s after it lost its store lock")
+    finally:
+        finished.set()
+    assert swapped and time.monotonic() - swapped[0] < 30
     entry = next((tmp_path / "store").glob("sft-*"))
     assert sorted(p.name for p in (entry / "final").iterdir()) == ["theirs.txt"], "final/ was replaced"
     assert not (entry / "COMPLETE").exists() and not (tmp_path / "run" / "sft" / "final").exists()
     assert json.loads((entry / ".lock").read_text())["token"] == "new-holder"
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert m["status"] == "failed" and m["stages"][0]["status"] == "failed"
+
+
+def test_a_lost_lock_kills_the_launchers_process_group(tmp_path):
+    """torchrun / accelerate stages: the orchestrator's heartbeat thread kills the launcher's group at once."""
+    from alignctl import launch, pipeline
+
+    stop = pipeline._StopWhenLost({"kind": "torchrun"})
+    lock = fsutil.FileLock(tmp_path / ".lock", "entry", heartbeat=0.05, on_lost=stop).acquire()
+    rc: list[int] = []
+    launcher = threading.Thread(target=lambda: rc.append(launch._stream(
+        [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), tmp_path / "output.log")))
+    with stop.armed(lock):
+        launcher.start()
+        while not launch._LIVE:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        (tmp_path / ".lock").unlink()  # taken over
+        launcher.join(10)
+    assert rc == [-9] and lock.lost
+    lock.release()
 
 
 # -- N5: gc and rm work under the entry lock ------------------------------------------------------------------------
