@@ -304,7 +304,8 @@ class StageContext:
             return
         try:
             if not any(tmp.glob("*.safetensors")):
-                raise RuntimeError(f"stage {self.spec['name']}: the gathered save wrote no safetensors weights to {tmp}")
+                raise RuntimeError(f"stage {self.spec['name']}: the gathered save wrote no safetensors weights to "
+                                   f"{tmp}")
             (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds only the model and tokenizer
             self.tokenizer.save_pretrained(tmp)
         except BaseException:

@@ -11,8 +11,9 @@ completed entries that did not ask to keep them); with ``--older-than DAYS`` it 
 not) unused for that many days. ``rm`` removes the named entries; a run directory names the entries of its stages.
 Both work on an entry only while holding its lock, taken without waiting: an entry whose holder is alive (its pid
 in this pid space, else a recent heartbeat) is skipped with a line naming it; a removed entry is first renamed to
-``<store>/.trash-<name>-<random>`` under the lock, then deleted (``gc`` also deletes trash a killed gc/rm left). Space is reported as what deleting actually frees:
-files still hard-linked from run folders stay on disk until those runs are deleted too. ``verify`` re-hashes every
+``<store>/.trash-<name>-<random>`` under the lock, then deleted (``gc`` also deletes trash a killed gc/rm left).
+Space is reported as what deleting actually frees: files still hard-linked from run folders stay on disk until those
+runs are deleted too. ``verify`` re-hashes every
 file of the complete entries against the SHA-256 recorded when they completed; exit code 1 if one is damaged.
 The store is ``--store DIR``, else ``outputs/.store`` (the default ``<output_root>/.store``); for ``rm <run dir>`` it
 is the one recorded in the run's manifest.
@@ -226,7 +227,8 @@ def _trash(root: Path, dry: bool) -> tuple[int, int]:
         if t.is_dir() and not t.is_symlink():
             f, ln = _freeable(t)
             freed, linked = freed + f, linked + ln
-            print(f"  {'would remove' if dry else 'removed'} {t.name} (left by an interrupted gc/rm, {fsutil.human(f)})")
+            print(f"  {'would remove' if dry else 'removed'} {t.name} (left by an interrupted gc/rm, "
+                  f"{fsutil.human(f)})")
             if not dry:
                 shutil.rmtree(t, ignore_errors=True)
     return freed, linked
