@@ -523,10 +523,18 @@ def stop_group(proc: subprocess.Popen, grace: float = GRACE_S) -> None:
             pass
 
 
+def kill_live_groups() -> int:
+    """SIGKILL the process group of every running launcher (torchrun / accelerate and their ranks) at once, e.g.
+    when the orchestrator lost a stage's store lock and the stage must stop writing; returns how many."""
+    live = list(_LIVE)
+    for proc in live:
+        _kill_group(proc, 9)
+    return len(live)
+
+
 @atexit.register
 def _kill_live_groups() -> None:
-    for proc in list(_LIVE):
-        _kill_group(proc, 9)
+    kill_live_groups()
 
 
 def _collect(stage: str, out: Path, rc: int, launcher: dict) -> dict:

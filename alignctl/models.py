@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -219,16 +220,41 @@ def align_special_tokens(model, tokenizer) -> None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-def save_final(model, tokenizer, out: str | os.PathLike) -> str:
-    """Write a plain HF folder (safetensors + tokenizer) atomically: write to a temp dir, then rename."""
+def partial_dir(out: str | os.PathLike, tag: str | None = None) -> Path:
+    """Where ``out`` is written before it is renamed into place: ``<out>.<tag>.partial``, a name of this writer's
+    own (``tag``: e.g. the attempt id every rank shares; default random), so that two writers never share one
+    (``store gc`` removes ``*.partial`` leftovers)."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    return out.with_name(f"{out.name}.{tag or uuid.uuid4().hex[:8]}.partial")
+
+
+def place_dir(tmp: Path, out: str | os.PathLike, guard=None) -> str:
+    """Replace ``out`` with the finished folder ``tmp``; ``guard`` (a callable that raises when this process no
+    longer owns ``out``, e.g. lost its store lock: alignctl.fsutil.check_owner) is called first, and on failure
+    ``tmp`` is removed and ``out`` left alone."""
+    out = Path(out)
+    try:
+        if guard is not None:
+            guard()
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return str(out)
+
+
+def save_final(model, tokenizer, out: str | os.PathLike, guard=None) -> str:
+    """Write a plain HF folder (safetensors + tokenizer) atomically: write to a folder of this writer's own, then
+    (``guard`` permitting: :func:`place_dir`) rename it over ``out``."""
+    tmp = partial_dir(out)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return place_dir(tmp, out, guard)
 
 
 # -- LoRA / QLoRA (the setting itself is validated in alignctl.peft_config) -------------------------------------
@@ -515,14 +541,14 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_adapter(model, tokenizer, out: str | os.PathLike) -> str:
+def save_adapter(model, tokenizer, out: str | os.PathLike, guard=None) -> str:
     """Write a trained adapter (PEFT's adapter_config.json and adapter_model.safetensors) and the tokenizer
-    atomically."""
-    return save_final(model, tokenizer, out)
+    atomically (``guard``: see :func:`save_final`)."""
+    return save_final(model, tokenizer, out, guard)
 
 
 def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out: str | os.PathLike, model_spec: dict[str, Any],
-                  precision: str, tokenizer, peft: dict, classifier: bool = False) -> str:
+                  precision: str, tokenizer, peft: dict, classifier: bool = False, guard=None) -> str:
     """Merge an adapter into the base weights it was trained on and save a plain HF model at ``out``.
 
     Under qlora the base is loaded in 4 bits exactly as for training, then de-quantised, so the merged weights are
@@ -541,7 +567,7 @@ def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out: str | os.
     if conv1d:
         _restore_conv1d(model, conv1d)
     align_special_tokens(model, tokenizer)
-    return save_final(model, tokenizer, out)
+    return save_final(model, tokenizer, out, guard)
 
 
 def _conv1d_names(model) -> list[str]:

@@ -323,7 +323,9 @@ def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -
     t0 = time.time()
     world_size = s.get("world_size", 1)
     manifest.update(s["name"], status="running", fingerprint=entry.fingerprint, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    with entry.lock() as lock:
+    stop = _StopWhenLost(launcher)
+    with _entry_lock(s, entry, manifest, stop) as lock:
+        work["lock_token"] = lock.token  # rank 0 checks it before it replaces final/ (alignctl.runner, worker)
         reused = None
         if entry.complete():
             problems = entry.verify()
@@ -344,17 +346,17 @@ def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -
             write_json(stage_dir / "spec.json", work, mode=0o600)
             log.info("stage %s (%s): starting from %s", s["name"], s["trainer"], s["init_path"])
             try:
-                result = launch.run_stage(work, stage_dir / "spec.json", launcher)
+                with stop.armed(lock):  # a lost lock from here on stops the stage at once
+                    result = launch.run_stage(work, stage_dir / "spec.json", launcher)
                 metrics, world_size = result["metrics"], result.get("world_size", world_size)
+                if not lock.owned():  # checked again right before COMPLETE is written
+                    raise fsutil.LockLost(str(lock.path))
             except BaseException as e:
+                if lock.lost or not lock.owned():  # stalled past the stale timeout, another process took it over
+                    _lost_lock(s, entry, manifest, t0)
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 manifest.update(s["name"], status=status, seconds=round(time.time() - t0, 1))
                 raise
-            if lock.lost:  # stalled past the stale timeout: another process took the entry over; it decides
-                manifest.update(s["name"], status="failed", seconds=round(time.time() - t0, 1))
-                raise launch.StageFailed(s["name"], "(lost its store lock)", f"another process took over {entry.dir} "
-                                         "while this one trained it; nothing was marked complete. Re-run: the stage "
-                                         "is reused once the other process completes it")
             data = s.get("data_check") or {}
             entry.mark_complete(metrics, keep_checkpoints=bool(s.get("keep_checkpoints")),
                                 extra={"stage": s["name"], "trainer": s["trainer"], "data_content": data.get("content"),
@@ -376,6 +378,89 @@ def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -
                     distributed=s.get("distributed", "none"), bytes=size, final_placed_by=sorted(placed))
     log.info("stage %s: %s in %.1f s, final weights in %s", s["name"], "reused" if reused else "completed",
              time.time() - t0, stage_dir / "final")
+
+
+@contextlib.contextmanager
+def _entry_lock(s: dict, entry, manifest: Manifest, stop: "_StopWhenLost"):
+    """The store entry's lock for a stage; waiting past ALIGNCTL_LOCK_TIMEOUT ends the stage with one line."""
+    from alignctl import launch
+
+    try:
+        lock = entry.lock(on_lost=stop).acquire()
+    except fsutil.LockTimeout as e:
+        manifest.update(s["name"], status="failed")
+        raise launch.StageFailed(s["name"], "(waiting for its store entry)", str(e)) from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _lost_lock(s: dict, entry, manifest: Manifest, t0: float) -> None:
+    from alignctl import launch
+
+    manifest.update(s["name"], status="failed", seconds=round(time.time() - t0, 1))
+    raise launch.StageFailed(s["name"], "(lost its store lock)", f"another process took over {entry.dir} while "
+                             "this one trained it; the stage was stopped and nothing was marked complete. Re-run: the "
+                             "stage is reused once the other process completes it") from None
+
+
+class _StopWhenLost:
+    """The entry lock's ``on_lost``: while a stage runs (:meth:`armed`), stop it at once, before it writes more:
+    the launcher's process groups are killed (torchrun / accelerate), or the main thread is interrupted (local)."""
+
+    def __init__(self, launcher: dict | None):
+        import threading
+
+        self.local = (launcher or {"kind": "local"})["kind"] == "local"
+        self.running = False
+        self.guard = threading.Lock()  # no interrupt is sent once the stage has returned
+
+    def __call__(self) -> None:
+        import _thread
+
+        from alignctl import launch
+
+        with self.guard:
+            if not self.running:
+                return
+            if self.local:
+                _thread.interrupt_main()
+            else:
+                launch.kill_live_groups()
+
+    @contextlib.contextmanager
+    def armed(self, lock: fsutil.FileLock):
+        if lock.lost:
+            raise fsutil.LockLost(str(lock.path))
+        previous = self._handle_sigint(lock) if self.local else None
+        with self.guard:
+            self.running = True
+        try:
+            yield
+        finally:
+            with self.guard:
+                self.running = False
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    @staticmethod
+    def _handle_sigint(lock: fsutil.FileLock):
+        """interrupt_main works through the SIGINT handler: where SIGINT is ignored (a job started in the background
+        by a script), install one that interrupts only for a lost lock. Returns the handler to restore, or None."""
+        try:
+            current = signal.getsignal(signal.SIGINT)
+            if current is not signal.SIG_IGN:  # Python's own handler (KeyboardInterrupt), or one we must keep
+                return None
+
+            def lost_only(signum, frame):
+                if lock.lost:
+                    raise KeyboardInterrupt("lost the store lock")
+
+            signal.signal(signal.SIGINT, lost_only)
+            return current
+        except ValueError:  # not the main thread: the stage is checked when it returns
+            return None
 
 
 def _store_line(spec: dict, manifest: Manifest) -> dict:

@@ -33,6 +33,7 @@ class StageContext:
         self.init_path = models.materialize(spec["init_path"], spec["cache_dir"], self.model_spec)
         self.tokenizer = models.load_tokenizer(self.init_path, self.model_spec)
         self.train, self.eval = data.load(spec["data"], self.kind.data_kind, f"stages.{spec['name']}")
+        self.guard = owner_guard(spec)
 
     # -- pieces for the stage modules -------------------------------------------------
     @property
@@ -250,12 +251,13 @@ class StageContext:
             if self.peft["method"] != "none":
                 raise RuntimeError(f"stage {self.spec['name']}: peft {self.peft['method']} is set but the trained "
                                    "model carries no adapter")
-            models.save_final(model, self.tokenizer, self.dir / "final")
+            models.save_final(model, self.tokenizer, self.dir / "final", self.guard)
             return
-        models.save_adapter(model, self.tokenizer, self.dir / "adapter")
+        models.save_adapter(model, self.tokenizer, self.dir / "adapter", self.guard)
         self.pending_merge = dict(base_path=self.init_path, adapter_dir=str(self.dir / "adapter"),
                                   out=str(self.dir / "final"), model_spec=self.model_spec, precision=self.precision,
-                                  tokenizer=self.tokenizer, peft=self.peft, classifier=self.kind.output == "classifier")
+                                  tokenizer=self.tokenizer, peft=self.peft, classifier=self.kind.output == "classifier",
+                                  guard=self.guard)
 
     pending_merge: dict[str, Any] | None = None
 
@@ -294,22 +296,39 @@ class StageContext:
 
         adapter = self.peft["method"] != "none"
         out = self.dir / ("adapter" if adapter else "final")
-        tmp = out.with_name(out.name + ".partial")
+        tmp = models.partial_dir(out, self.spec.get("attempt") or "gathered")  # one name on every rank
         if trainer.is_world_process_zero():
             shutil.rmtree(tmp, ignore_errors=True)
         trainer.save_model(str(tmp))
         if not trainer.is_world_process_zero():
             return
-        if not any(tmp.glob("*.safetensors")):
-            raise RuntimeError(f"stage {self.spec['name']}: the gathered save wrote no safetensors weights to {tmp}")
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds only the model and tokenizer
-        self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        try:
+            if not any(tmp.glob("*.safetensors")):
+                raise RuntimeError(f"stage {self.spec['name']}: the gathered save wrote no safetensors weights to "
+                                   f"{tmp}")
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds only the model and tokenizer
+            self.tokenizer.save_pretrained(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        models.place_dir(tmp, out, self.guard)
         if adapter:  # the same merge as save() sets up
             self.pending_merge = dict(base_path=self.init_path, adapter_dir=str(out), out=str(self.dir / "final"),
                                       model_spec=self.model_spec, precision=self.precision, tokenizer=self.tokenizer,
-                                      peft=self.peft, classifier=self.kind.output == "classifier")
+                                      peft=self.peft, classifier=self.kind.output == "classifier", guard=self.guard)
+
+
+def owner_guard(spec: dict[str, Any]):
+    """What rank 0 (or the local process) calls right before it replaces the entry's final/ or adapter/: raises
+    :class:`alignctl.fsutil.LockLost` unless the entry's lock file still holds the orchestrator's token (the spec's
+    ``lock_token``); None for a spec without one (alignctl eval/generate, tests)."""
+    from alignctl import fsutil
+
+    token = spec.get("lock_token")
+    if not token:
+        return None
+    path = Path(spec["output_dir"]) / ".lock"
+    return lambda: fsutil.check_owner(path, token, f"stage {spec.get('name')}")
 
 
 def merge_eval(metrics: dict[str, Any], generated: dict[str, Any]) -> dict[str, Any]:

@@ -148,6 +148,9 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
     # How stages are launched (issue 6): world size and distributed engine, computed once for every stage.
     launcher, launch_problems = launch.resolve(c.get("launcher"), precision)
     problems += launch_problems
+    from alignctl.fsutil import lock_problems  # ALIGNCTL_LOCK_* (store and run-directory locks)
+
+    problems += lock_problems()
 
     run_dir = Path(run_dir).absolute()
     paths = {}

@@ -374,11 +374,13 @@ class Entry:
         path = self.dir / "metrics.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def lock(self, timeout: Any = fsutil._FROM_ENV) -> fsutil.FileLock:
-        """Exclusive lock on this entry: a lock file in the entry (works across nodes on shared file systems)."""
+    def lock(self, timeout: Any = fsutil._FROM_ENV, on_lost=None, decide_now: bool = False) -> fsutil.FileLock:
+        """Exclusive lock on this entry: a lock file in the entry (works across nodes on shared file systems);
+        ``on_lost``/``decide_now``: see :class:`alignctl.fsutil.FileLock`."""
         if self.dir.is_symlink():
             raise RuntimeError(f"store entry {self.dir} is a symbolic link; refusing to use it")
-        return fsutil.FileLock(self.dir / ".lock", f"store entry {self.dir.name}", timeout=timeout)
+        return fsutil.FileLock(self.dir / ".lock", f"store entry {self.dir.name}", timeout=timeout, on_lost=on_lost,
+                               decide_now=decide_now)
 
     def _kept_files(self) -> list[Path]:
         return [f for name in KEPT for f in fsutil.tree_files(self.dir / name)]
@@ -562,7 +564,7 @@ def link_tree_file(src: Path, dst: Path) -> str:
 
 # -- the store as a whole (alignctl store ...) -----------------------------------------------------------------------
 def entries(store_dir: str | os.PathLike) -> list[Entry]:
-    """Every entry folder of a store (complete or not)."""
+    """Every entry folder of a store (complete or not); not ``.trash-*`` (entries being deleted by store gc/rm)."""
     root = Path(store_dir)
     if not root.is_dir():
         return []
@@ -579,6 +581,7 @@ def entries(store_dir: str | os.PathLike) -> list[Entry]:
 
 
 def holder(entry: Entry) -> dict | None:
-    """The live holder of an entry's lock (None when unlocked or the lock is stale)."""
+    """The live holder of an entry's lock (None when unlocked or the lock is stale), judged at once by
+    :func:`alignctl.fsutil.lock_is_live`: its pid where it ran in this pid space, else its heartbeat."""
     info = fsutil.read_lock(entry.dir / ".lock")
     return info if fsutil.lock_is_live(info, fsutil.lock_settings()["stale"]) else None

@@ -9,8 +9,11 @@
 ``gc`` always removes leftovers (half-written ``*.partial`` folders, temporary files, the Trainer checkpoints of
 completed entries that did not ask to keep them); with ``--older-than DAYS`` it also removes every entry (complete or
 not) unused for that many days. ``rm`` removes the named entries; a run directory names the entries of its stages.
-Neither touches an entry whose lock is held by a live process. Space is reported as what deleting actually frees:
-files still hard-linked from run folders stay on disk until those runs are deleted too. ``verify`` re-hashes every
+Both work on an entry only while holding its lock, taken without waiting: an entry whose holder is alive (its pid
+in this pid space, else a recent heartbeat) is skipped with a line naming it; a removed entry is first renamed to
+``<store>/.trash-<name>-<random>`` under the lock, then deleted (``gc`` also deletes trash a killed gc/rm left).
+Space is reported as what deleting actually frees: files still hard-linked from run folders stay on disk until those
+runs are deleted too. ``verify`` re-hashes every
 file of the complete entries against the SHA-256 recorded when they completed; exit code 1 if one is damaged.
 The store is ``--store DIR``, else ``outputs/.store`` (the default ``<output_root>/.store``); for ``rm <run dir>`` it
 is the one recorded in the run's manifest.
@@ -24,6 +27,7 @@ import re
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from alignctl import fsutil, store
@@ -138,21 +142,46 @@ def cmd_du(root: Path) -> int:
     return 0
 
 
-def _remove(e: store.Entry, dry: bool) -> tuple[int, int] | None:
-    """Remove an entry unless a live process holds its lock; returns (freed, still linked) or None if skipped."""
-    info = store.holder(e)
-    if info:
-        print(f"  skip {e.dir.name}: locked by {fsutil.describe_holder(info)}")
+def _held(e: store.Entry):
+    """The entry's lock, taken at once (a holder judged dead from its lock file is taken over), or None after
+    printing who holds it: gc and rm work on an entry only while holding its lock, so a run that takes the entry
+    meanwhile waits for them, and they never delete under a run."""
+    lock = e.lock(timeout=0, decide_now=True)
+    try:
+        return lock.acquire()
+    except fsutil.LockTimeout as err:
+        print(f"  skip {e.dir.name}: locked by {fsutil.describe_holder(err.holder)}")
         return None
-    freed, linked = _freeable(e.dir)
-    if not dry:
-        shutil.rmtree(e.dir, ignore_errors=True)
-    return freed, linked
+
+
+def _remove(e: store.Entry, dry: bool) -> tuple[int, int] | None:
+    """Remove an entry unless a live process holds its lock; returns (freed, still linked) or None if skipped.
+    Under the entry's lock the folder is renamed to ``<store>/.trash-<name>-<random>`` (one atomic step; a run
+    that needs the entry afterwards starts a fresh one), then the trash is deleted."""
+    if dry:
+        info = store.holder(e)
+        if info:
+            print(f"  skip {e.dir.name}: locked by {fsutil.describe_holder(info)}")
+            return None
+        return _freeable(e.dir)
+    lock = _held(e)
+    if lock is None:
+        return None
+    trash = e.dir.parent / f".trash-{e.dir.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        lock.stop_heartbeat()  # its lock file moves with the folder
+        e.dir.rename(trash)
+    finally:
+        lock.release()  # nothing left to remove once moved; the lock file itself if the rename failed
+    (trash / ".lock").unlink(missing_ok=True)  # ours: not part of what the entry took
+    got = _freeable(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    return got
 
 
 def _leftovers(e: store.Entry) -> list[Path]:
-    """Half-written folders and temporary files of an entry nobody holds, and a completed entry's checkpoints."""
-    if not e.dir.is_dir() or store.holder(e):
+    """Half-written folders and temporary files of an entry, and a completed entry's checkpoints."""
+    if not e.dir.is_dir():
         return []
     out = [p for p in e.dir.iterdir() if p.name.endswith(LEFTOVER_SUFFIXES)]
     rec = e.record()
@@ -161,25 +190,67 @@ def _leftovers(e: store.Entry) -> list[Path]:
     return out
 
 
+def _clean(e: store.Entry, root: Path, dry: bool) -> tuple[int, int]:
+    """Remove an entry's leftovers, under its lock (an entry being trained is skipped); returns (freed, linked)."""
+    if not _leftovers(e):
+        return 0, 0  # nothing to do: the entry is left untouched (not even locked)
+    if dry:
+        info = store.holder(e)
+        if info:
+            print(f"  skip {e.dir.name}: locked by {fsutil.describe_holder(info)}")
+            return 0, 0
+        return _drop_leftovers(e, root, dry)
+    lock = _held(e)
+    if lock is None:
+        return 0, 0
+    try:
+        return _drop_leftovers(e, root, dry)  # listed again, under the lock
+    finally:
+        lock.release()
+
+
+def _drop_leftovers(e: store.Entry, root: Path, dry: bool) -> tuple[int, int]:
+    freed = linked = 0
+    for p in _leftovers(e):
+        f, ln = _freeable(p)
+        freed, linked = freed + f, linked + ln
+        print(f"  {'would remove' if dry else 'removed'} {p.relative_to(root)} ({fsutil.human(f)})")
+        if not dry:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return freed, linked
+
+
+def _trash(root: Path, dry: bool) -> tuple[int, int]:
+    """Entries a killed gc/rm had moved to the store's trash but not yet deleted."""
+    freed = linked = 0
+    for t in sorted(root.glob(".trash-*")):
+        if t.is_dir() and not t.is_symlink():
+            f, ln = _freeable(t)
+            freed, linked = freed + f, linked + ln
+            print(f"  {'would remove' if dry else 'removed'} {t.name} (left by an interrupted gc/rm, "
+                  f"{fsutil.human(f)})")
+            if not dry:
+                shutil.rmtree(t, ignore_errors=True)
+    return freed, linked
+
+
 def cmd_gc(root: Path, older_than: float | None, dry: bool) -> int:
     verb = "would free" if dry else "freed"
-    freed = linked = removed = 0
+    freed, linked = _trash(root, dry)
+    removed = 0
     cutoff = time.time() - older_than * 86400 if older_than is not None else None
     for e in store.entries(root):
-        if cutoff is not None and e.last_used() < cutoff:
+        used = e.last_used()
+        if cutoff is not None and used < cutoff:
             got = _remove(e, dry)
             if got:
                 removed += 1
                 freed, linked = freed + got[0], linked + got[1]
-                print(f"  {'would remove' if dry else 'removed'} {e.dir.name} (unused for {_age(e.last_used())}, "
+                print(f"  {'would remove' if dry else 'removed'} {e.dir.name} (unused for {_age(used)}, "
                       f"{fsutil.human(got[0])})")
             continue
-        for p in _leftovers(e):
-            f, ln = _freeable(p)
-            freed, linked = freed + f, linked + ln
-            print(f"  {'would remove' if dry else 'removed'} {p.relative_to(root)} ({fsutil.human(f)})")
-            if not dry:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        f, ln = _clean(e, root, dry)
+        freed, linked = freed + f, linked + ln
     print(f"gc {root}: {removed} entries removed; {verb} {freed} bytes ({fsutil.human(freed)})"
           + (f"; {fsutil.human(linked)} stay on disk, hard-linked from run folders" if linked else ""))
     return 0
@@ -226,6 +297,11 @@ def main(args: list[str]) -> int:
     except SystemExit as e:  # argparse printed the usage / help
         return int(e.code or 0)
     root = Path(ns.store).expanduser() if ns.store else None
+    problems = fsutil.lock_problems()  # ALIGNCTL_LOCK_*: how ls/gc/rm judge a lock's holder
+    if problems:
+        for p in problems:
+            print(f"alignctl store: {p}", file=sys.stderr)
+        return 2
     try:
         if ns.command in ("ls", "du", "gc"):
             root = root or DEFAULT_STORE

@@ -13,8 +13,10 @@ Ranks die with their parent: each rank sets the Linux parent-death signal (``PR_
 elsewhere watches its parent pid from a thread, so no rank trains on after its launcher is gone; the launcher itself
 runs behind ``python -m alignctl.worker --guard <orchestrator pid> -- <command>``, which sets the same signal and
 execs the command, so a killed orchestrator takes the launcher and its ranks with it. A rank also refuses a spec
-whose ``attempt`` id is not the one the orchestrator started it for (another run rewrote that spec.json), and a spec
-whose ``precision: auto`` resolves differently on this machine than on the orchestrator's.
+whose ``attempt`` id is not the one the orchestrator started it for (another run rewrote that spec.json), a spec
+whose ``precision: auto`` resolves differently on this machine than on the orchestrator's, and a stage whose store
+entry's lock no longer holds the orchestrator's ``lock_token``; rank 0 checks that token again right before it
+replaces the entry's ``final/`` or ``adapter/`` (alignctl.runner.owner_guard).
 
 Testing hook: ``ALIGNCTL_TEST_FAIL_RANK=<rank>[:<stage>]`` makes that rank raise before loading anything (in that
 stage only, with ``:<stage>``). tests/test_launch.py uses it to check how a failing rank is reported. It is read in
@@ -134,6 +136,10 @@ def _check_spec(spec: dict) -> None:
     if want and spec.get("attempt") != want:
         raise RuntimeError(f"the stage spec was rewritten by another run (attempt {spec.get('attempt')}, expected "
                            f"{want}); nothing was trained. Give each run its own run directory")
+    if spec.get("lock_token"):  # the orchestrator lost the entry's lock before this rank started: do not train
+        from alignctl.fsutil import check_owner
+
+        check_owner(Path(spec["output_dir"]) / ".lock", spec["lock_token"], f"stage {spec.get('name')}")
     if spec.get("precision_setting") == "auto":
         from alignctl.models import precision_for
 

@@ -573,3 +573,10 @@ def test_config_dir_recipe_is_checked_before_hydra_starts(capsys, tmp_path):
     err = _fails(capsys, tmp_path, "run", "--config-dir", str(tmp_path / "cd"), "recipe=mine",
                  f"hydra.run.dir={tmp_path}/run")
     assert "stages.sft.learning_rate: must be a number ≥ 0, got -1" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name,value", [("ALIGNCTL_LOCK_STALE", "-1"), ("ALIGNCTL_LOCK_STALE", "0"),
+                                        ("ALIGNCTL_LOCK_HEARTBEAT", "fast"), ("ALIGNCTL_LOCK_TIMEOUT", "later")])
+def test_bad_lock_settings_are_refused_at_plan(capsys, tmp_path, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    assert f"{name}={value!r}" in plan_fails(capsys, tmp_path)

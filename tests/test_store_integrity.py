@@ -312,7 +312,7 @@ def test_stale_locks_are_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     path = tmp_path / ".lock"
-    path.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "token": "x"}))
+    path.write_text(json.dumps({**fsutil.identity(), "pid": dead.pid, "token": "x"}))
     t0 = time.monotonic()
     with fsutil.FileLock(path, "dead holder", timeout=5):  # same host, dead pid: at once
         assert time.monotonic() - t0 < 1 and json.loads(path.read_text())["pid"] == os.getpid()
