@@ -370,9 +370,11 @@ def run_stage(work: dict, spec_path: str | os.PathLike, launcher: dict | None) -
     ``work`` has already been written to ``spec_path`` (the worker reads it there)."""
     launcher = launcher or {"kind": "local"}
     if launcher["kind"] == "local":
+        from alignctl.models import training_environment
         from alignctl.runner import run_stage as run_here
 
-        return {"metrics": run_here(work), "world_size": 1}
+        with training_environment(work):  # no inherited variable changes how it trains (alignctl.models)
+            return {"metrics": run_here(work), "world_size": 1}
     from alignctl import models
 
     for key in ("init_path", "ref_path", "reward_path", "value_path"):  # build a built-in tiny model once, not per rank
@@ -387,7 +389,9 @@ def run_stage(work: dict, spec_path: str | os.PathLike, launcher: dict | None) -
     (out / "command.txt").write_text(redact_text(" ".join(cmd)) + "\n")  # e.g. srun --export=...,HF_TOKEN=...
     log.info("stage %s: launching %d processes with %s (output of every rank: %s)", work["name"],
              launcher["world_size"], launcher["kind"], out / "output.log")
-    env = {**os.environ, **launcher.get("env", {}), "PYTHONUNBUFFERED": "1", ATTEMPT_ENV: str(work.get("attempt", ""))}
+    env, dropped = models.training_env(work, dict(os.environ), launcher.get("env", {}))  # as in-process (local)
+    models.note_dropped_env(work["name"], dropped)
+    env.update({"PYTHONUNBUFFERED": "1", ATTEMPT_ENV: str(work.get("attempt", ""))})
     rc = _stream(cmd, env, out / "output.log")
     return _collect(work["name"], out, rc, launcher)
 

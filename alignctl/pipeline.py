@@ -84,13 +84,15 @@ def stage_specs(spec: dict) -> list[dict]:
     return [{**shared, **s} for s in spec["stages"]]
 
 
-def preflight(stages: list[dict]) -> None:
+def preflight(stages: list[dict]) -> list[dict]:
     """Everything checkable before anything trains, for every stage: its TRL config is built (TRL's own
-    validation; all stages first, so a bad field of the last stage fails in seconds), then its data is loaded and
-    column-checked, and what this machine needs is checked (attention kernel, 4-bit)."""
+    validation; all stages first, so a bad field of the last stage fails in seconds); then the stages are prepared
+    (:func:`_prepare`: precision resolved, local data and model folders identified by content), then each stage's
+    data is loaded through the cache that content keys and column-checked, and what this machine needs is checked
+    (attention kernel, 4-bit). Returns the prepared stages (what is fingerprinted and run)."""
     import importlib
 
-    from alignctl import checks, data, models
+    from alignctl import checks, models
     from alignctl.errors import ConfigError
     from alignctl.runner import StageContext
     from alignctl.stages import STAGES
@@ -100,13 +102,26 @@ def preflight(stages: list[dict]) -> None:
         kind = STAGES[s["trainer"]]
         module, _, cls = kind.config_class.rpartition(".")
         try:
-            config = getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
+            with models.training_environment(s, note=False):  # as the stage will see it (no inherited FSDP_* ...)
+                config = getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
             problems += checks.report_to_problems(getattr(config, "report_to", None), f"stages.{s['name']}")
         except (ValueError, TypeError, NotImplementedError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             problems.append(f"stages.{s['name']}: {kind.config_class} rejects the settings: {first}")
-    if problems:  # no data loading for a run that cannot start
+    if problems:  # no hashing and no data loading for a run that cannot start
         raise ConfigError(problems)
+    stages = _prepare(stages)
+    _preflight_data(stages)
+    return stages
+
+
+def _preflight_data(stages: list[dict]) -> None:
+    """Each stage's data loaded (as the stage will load it) and column-checked; its chat template renders it."""
+    from alignctl import data, models, store
+    from alignctl.errors import ConfigError
+    from alignctl.stages import STAGES
+
+    problems: list[str] = []
     tokenizer = None
     for s in stages:
         kind = STAGES[s["trainer"]]
@@ -115,6 +130,9 @@ def preflight(stages: list[dict]) -> None:
                                                                              f"stages.{s['name']}")
         except ConfigError as e:
             problems += e.problems
+            train = None
+        except store.DataChanged as e:
+            problems.append(str(e))
             train = None
         problems += [p for p in models.device_problems(s) if p not in problems]  # attention, 4-bit on this machine
         conversations = _sample_conversations(train) if train is not None and kind.output == "causal_lm" else []
@@ -179,12 +197,11 @@ def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) 
     stages = stage_specs(spec)
     try:  # before anything trains: what this machine lacks for the launcher (cheap, first), then every stage's
         _launch_preflight(spec.get("launcher"), None)  # TRL config, data and models
-        preflight(stages)
+        stages = preflight(stages)  # prepared: precision resolved, data and model folders identified by content
     except Exception as e:  # recorded: the run failed, every stage still pending
         Manifest(spec, list(overrides)).update(status="failed", error=str(e).splitlines()[0][:500] if str(e) else
                                                type(e).__name__, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
-    stages = _prepare(stages)
     fps = store.fingerprints(stages, spec.get("launcher"))
     for s in stages:  # evaluation settings change no weights: added after fingerprinting (alignctl.evaluate)
         s["eval"] = evaluate.stage_settings(spec.get("eval") or {}, s, stages, spec.get("seed", 42))
@@ -220,13 +237,20 @@ def _launch_preflight(launcher: dict | None, manifest: Manifest | None) -> None:
 
 def _prepare(stages: list[dict]) -> list[dict]:
     """What the orchestrator fixes before fingerprinting: the precision actually used on this machine (``auto``
-    resolved, QLoRA compute dtype too) and each stage's data content + file signatures (re-checked at load time)."""
+    resolved, QLoRA compute dtype too); each stage's local data content + file signatures (``data_check``, also in
+    its data spec: the load is keyed by it and compared with it) and local model folders' (``model_check``,
+    compared when the stage starts). Unchanged files are not read again (the digest cache in ``cache_dir``)."""
     from alignctl import store
 
     stages = store.resolve_numerics(stages)
+    memo: dict = {}
     for s in stages:
+        d = s.get("data")
         # generated data (a generate stage's output) is written during the run: its producer's fingerprint covers it
-        s["data_check"] = None if (s.get("data") or {}).get("stage") else store.data_check(s.get("data"))
+        s["data_check"] = None if (d or {}).get("stage") else store.data_check(d, s.get("cache_dir"))
+        if d:
+            s["data"] = {**d, "data_check": s["data_check"], "cache_dir": s.get("cache_dir")}
+        s["model_check"] = store.model_checks(s, s.get("cache_dir"), memo)
     return stages
 
 
