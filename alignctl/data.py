@@ -11,7 +11,8 @@ out of the training split (``eval_size``, ``seed``).
 ``check`` is cheap (reads a file's first record, no torch, never a whole file) and runs
 at plan time; ``load`` returns ``(train, eval)`` datasets in TRL's formats and repeats the
 checks on the real data, before any model is loaded. Every problem a user can cause is a
-:class:`ConfigError` naming the key, file or column.
+:class:`ConfigError` naming the key, file or column. Local files are read through a datasets
+cache keyed by their content digest and full stat signatures, never by path and mtime alone.
 """
 
 from __future__ import annotations
@@ -624,12 +625,12 @@ def load(spec: dict, data_kind: str, stage: str):
     evalset = None
     if spec["eval_split"]:
         evalset = _apply_columns(_raw_split(spec, spec["eval_split"], label, "eval_split", cache), spec["columns"])
-    if cache is not None:
-        _check_read(spec, stage, cache, before)
     elif spec["eval_size"]:
         if len(train) == 0:
             raise ConfigError([f"{label} (split {spec['split']}): no rows"])
         train, evalset = _carve(train, spec, label)
+    if cache is not None:
+        _check_read(spec, stage, cache, before)
     out = []
     for ds, split in ((train, spec["split"]), (evalset, spec["eval_split"] or "held-out")):
         if ds is None:

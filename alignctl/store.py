@@ -3,16 +3,22 @@
 A stage's fingerprint hashes everything that determines its weights:
 
 * its trainer and TRL fields, except those that cannot change the weights (logging, saving and evaluation cadence,
-  output names; the cadence fields count when ``load_best_model_at_end`` picks the final weights by it);
+  output names; the cadence fields count when ``load_best_model_at_end`` picks the final weights by it, and the
+  evaluation cadence when the trainer samples as it evaluates: ``StageKind.samples_during_eval``);
 * its data spec and the content of its local data files (checked again when the stage loads them: a file that
   changed since the run started stops the stage), or the Hub id and revision;
-* the model settings, the precision actually used (``auto`` resolved on the machine: bf16 / fp16 / fp32) and the
-  peft settings (the QLoRA compute dtype resolved the same way), world size and distributed engine;
+* the model settings, local model folders by content (checked again when the stage starts), the precision actually
+  used (``auto`` resolved on the machine: bf16 / fp16 / fp32) and the peft settings (the QLoRA compute dtype resolved
+  the same way), world size and distributed engine;
 * the launcher settings that change numerics: ``extra_args``, ``env`` (minus credentials, tracking, logging and
   cache variables) and the content of the accelerate / DeepSpeed config files (minus where-to-run keys);
 * the fingerprints of the stages it links to (``from``, ``ref``, ``reward``, ``value``);
-* the versions of torch, transformers, trl, peft, accelerate, datasets (bitsandbytes under qlora, deepspeed under
-  DeepSpeed) and a content hash of alignctl's own source files.
+* the versions of torch, transformers, trl, peft, accelerate, datasets, tokenizers (bitsandbytes under qlora or a
+  bitsandbytes optimizer, deepspeed under DeepSpeed, ...) and a content hash of alignctl's own source files.
+
+A file's SHA-256 is computed once: the digest cache (``<cache>/digests/``) keeps it under the file's full stat
+signature (path, device, inode, size, mtime and ctime; inode and ctime cannot be set back by tar, ``cp -p``, rsync
+or touch), so unchanged files are not read again and a replaced one always is.
 
 The store (default ``<output_root>/.store``) has one entry per fingerprint, ``<trainer>-<fingerprint[:16]>/``. An
 entry is trained under :class:`alignctl.fsutil.FileLock`, an exclusive lock file with a heartbeat that works on

@@ -40,14 +40,14 @@ def write_rows(path: Path, word: str, n: int = 8) -> None:
 def test_a_file_replaced_with_the_same_mtime_loads_its_new_rows(tmp_path):
     f = tmp_path / "d.jsonl"
     write_rows(f, "AAAA")
-    first = prepared(tmp_path, f"data.sft.path={f}", "data.sft.eval_size=0")[0]
-    train, _ = data.load(first["data"], "sft", "stages.sft")
-    assert set(train["completion"]) == {"The word is AAAA."}
+    first = prepared(tmp_path, f"data.sft.path={f}", "data.sft.eval_size=2")[0]
+    train, held = data.load(first["data"], "sft", "stages.sft")
+    assert set(train["completion"]) | set(held["completion"]) == {"The word is AAAA."} and len(held) == 2
     write_rows(f, "BBBB")  # same path, size and mtime: the datasets library's own key is unchanged
-    second = prepared(tmp_path, f"data.sft.path={f}", "data.sft.eval_size=0")[0]
+    second = prepared(tmp_path, f"data.sft.path={f}", "data.sft.eval_size=2")[0]
     assert second["data_check"]["content"] != first["data_check"]["content"]
-    train, _ = data.load(second["data"], "sft", "stages.sft")
-    assert set(train["completion"]) == {"The word is BBBB."}
+    train, held = data.load(second["data"], "sft", "stages.sft")
+    assert set(train["completion"]) | set(held["completion"]) == {"The word is BBBB."} and len(held) == 2
     with pytest.raises(store.DataChanged, match="changed on disk since this run started"):
         data.load(first["data"], "sft", "stages.sft")  # the spec fingerprinted A: B is refused, not trained on
 
