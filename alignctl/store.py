@@ -113,22 +113,33 @@ def signatures(files: list[Path]) -> list[list]:
 DIGESTS = "digests"  # <cache>/digests/<key>.json: a file's SHA-256 under its exact stat signature
 
 
+def _digest_entry(sig: list, cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir) / DIGESTS / f"{hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:32]}.json"
+
+
+def cached_digest(sig: list, cache_dir: str | os.PathLike | None) -> str | None:
+    """The SHA-256 the digest cache holds for a file with exactly this stat signature, or None."""
+    if not cache_dir:
+        return None
+    try:
+        rec = json.loads(_digest_entry(sig, cache_dir).read_text())
+        if rec.get("signature") == sig and isinstance(rec.get("sha256"), str):
+            return rec["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
 def file_digest(f: Path, cache_dir: str | os.PathLike | None = None) -> str:
     """SHA-256 of a file's content, read from the digest cache (``<cache_dir>/digests``) when the file's full stat
     signature is the one recorded there, else hashed (and recorded when the file did not change while hashed)."""
     sig = _signature(f)
-    entry = None
-    if cache_dir:
-        key = hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:32]
-        entry = Path(cache_dir) / DIGESTS / f"{key}.json"
-        try:
-            rec = json.loads(entry.read_text())
-            if rec.get("signature") == sig and isinstance(rec.get("sha256"), str):
-                return rec["sha256"]
-        except (OSError, ValueError, AttributeError):
-            pass
+    digest = cached_digest(sig, cache_dir)
+    if digest is not None:
+        return digest
     digest = full_hash(f)
-    if entry is not None and _signature(f) == sig:
+    if cache_dir and _signature(f) == sig:
+        entry = _digest_entry(sig, cache_dir)
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             fsutil.write_json(entry, {"signature": sig, "sha256": digest})
@@ -137,17 +148,18 @@ def file_digest(f: Path, cache_dir: str | os.PathLike | None = None) -> str:
     return digest
 
 
-def _content(files: list[Path], cache_dir: str | os.PathLike | None = None, root: Path | None = None) -> str:
-    """One digest of the files' names (relative to ``root``, else their own) and contents."""
+def _content(files: list[Path], cache_dir: str | os.PathLike | None = None, root: Path | None = None,
+             what: str | None = None) -> str:
+    """One digest of the files' names (relative to ``root``, else their own) and contents; ``what``: log a line
+    when at least 1 GB of it has to be read."""
+    if what:
+        sigs = signatures(files)
+        unread = sum(sig[3] for sig in sigs if cached_digest(sig, cache_dir) is None)
+        if unread >= 1 << 30:
+            log.info("fingerprinting %s by content: reading %s%s", what, fsutil.human(unread),
+                     " (once: unchanged files are not read again)" if cache_dir else "")
     items = [[str(f.relative_to(root)) if root else f.name, file_digest(f, cache_dir)] for f in files]
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()
-
-
-def _note_hashing(files: list[Path], cache_dir, what: str) -> None:
-    size = sum(f.stat().st_size for f in files)
-    if size >= 1 << 30:
-        log.info("fingerprinting %s (%s) by content%s", what, fsutil.human(size),
-                 "; unchanged files are not read again" if cache_dir else "")
 
 
 def data_check(d: dict | None, cache_dir: str | os.PathLike | None = None) -> dict | None:
@@ -156,10 +168,8 @@ def data_check(d: dict | None, cache_dir: str | os.PathLike | None = None) -> di
     files = _data_files(d) if d else []
     if not files:
         return None
-    _note_hashing(files, cache_dir, f"data {d.get('label') or d['path']}")
     before = signatures(files)
-    content = _content(files, cache_dir)
-    return {"content": content, "files": before}
+    return {"content": _content(files, cache_dir, what=f"data {d.get('label') or d['path']}"), "files": before}
 
 
 def data_identity(d: dict | None, check: dict | None = None) -> Any:
@@ -235,9 +245,9 @@ def model_check(path: str, cache_dir: str | os.PathLike | None = None) -> dict |
     if folder is None:
         return None
     files = _model_files(folder)
-    _note_hashing(files, cache_dir, f"model {path}")
     before = signatures(files)
-    return {"folder": str(folder), "content": _content(files, cache_dir, folder), "files": before}
+    return {"folder": str(folder), "content": _content(files, cache_dir, folder, what=f"model {path}"),
+            "files": before}
 
 
 def model_identity(path: str, revision: str | None = None, check: dict | None = None) -> Any:
