@@ -11,7 +11,8 @@ out of the training split (``eval_size``, ``seed``).
 ``check`` is cheap (reads a file's first record, no torch, never a whole file) and runs
 at plan time; ``load`` returns ``(train, eval)`` datasets in TRL's formats and repeats the
 checks on the real data, before any model is loaded. Every problem a user can cause is a
-:class:`ConfigError` naming the key, file or column.
+:class:`ConfigError` naming the key, file or column. Local files are read through a datasets
+cache keyed by their content digest and full stat signatures, never by path and mtime alone.
 """
 
 from __future__ import annotations
@@ -460,7 +461,42 @@ def _read_error(spec: dict, label: str, files: list[str], error: Exception) -> C
     return ConfigError([f"{label}: cannot read {', '.join(files)}: {text[:300]}"])
 
 
-def _raw_split(spec: dict, split: str, label: str, key: str):
+def _local_cache(spec: dict, stage: str) -> tuple[str, list]:
+    """Where the datasets library caches a local data set, and its files' stat signatures now. The library keys a
+    local file by path and mtime only, so a file replaced with the same mtime (tar, cp -p, rsync -a, touch -r) would
+    be read from the old cache; this folder is keyed by the content digest the run fingerprinted and by the files'
+    full signatures (inode and ctime cannot be set back), so only the very files that were hashed can hit it."""
+    import hashlib
+
+    from alignctl import store
+
+    files = store._data_files(spec)
+    now = store.signatures(files)
+    recorded = spec.get("data_check")
+    if recorded and now != recorded["files"] and not store.files_unchanged(recorded, files, spec.get("cache_dir")):
+        raise store.data_changed(stage, spec)
+    key = hashlib.sha256(json.dumps([(recorded or {}).get("content"), now]).encode()).hexdigest()[:20]
+    if spec.get("cache_dir"):
+        root = Path(spec["cache_dir"]) / "datasets"
+    else:  # a load outside a run's stages (e.g. evaluation prompts): keyed by the signatures alone
+        import datasets
+
+        root = Path(datasets.config.HF_DATASETS_CACHE) / "alignctl"
+    return str(root / key), now
+
+
+def _check_read(spec: dict, stage: str, cache: str, before: list) -> None:
+    """The files must not have changed while they were read (the rows would be a mix, or not the hashed bytes)."""
+    import shutil
+
+    from alignctl import store
+
+    if store.signatures(store._data_files(spec)) != before:
+        shutil.rmtree(cache, ignore_errors=True)
+        raise store.data_changed(stage, spec, "while alignctl read it")
+
+
+def _raw_split(spec: dict, split: str, label: str, key: str, cache_dir: str | None = None):
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
@@ -480,7 +516,7 @@ def _raw_split(spec: dict, split: str, label: str, key: str):
         level = quiet.level
         quiet.setLevel(logging.CRITICAL)
         try:
-            return datasets.load_dataset(builder, data_files=files[split], split="train")
+            return datasets.load_dataset(builder, data_files=files[split], split="train", cache_dir=cache_dir)
         except (DatasetGenerationError, ValueError, OSError, TypeError) as e:
             raise _read_error(spec, label, files[split], e) from None
         finally:
@@ -574,21 +610,27 @@ def _convert(ds, spec: dict, data_kind: str, label: str, stage: str, split: str)
 
 
 def load(spec: dict, data_kind: str, stage: str):
-    """Return ``(train, eval_or_None)`` in TRL's formats; raises ConfigError on any data problem."""
+    """Return ``(train, eval_or_None)`` in TRL's formats; raises ConfigError on any data problem. A local data set
+    is read through a cache keyed by its content (:func:`_local_cache`); when the spec carries the run's
+    ``data_check``, files that differ from it raise :class:`alignctl.store.DataChanged`, as do files that change
+    while they are read."""
     spec = {"format": "auto", "system_turns": "keep", **spec}  # specs written before these keys existed
     label = spec.get("label", spec["path"])
-    train = _raw_split(spec, spec["split"], label, "split")
+    cache, before = _local_cache(spec, stage) if spec["local"] else (None, None)
+    train = _raw_split(spec, spec["split"], label, "split", cache)
     try:
         train = _apply_columns(train, spec["columns"])
     except ValueError as e:
         raise ConfigError([f"{label}.columns: {e}"]) from None
     evalset = None
     if spec["eval_split"]:
-        evalset = _apply_columns(_raw_split(spec, spec["eval_split"], label, "eval_split"), spec["columns"])
+        evalset = _apply_columns(_raw_split(spec, spec["eval_split"], label, "eval_split", cache), spec["columns"])
     elif spec["eval_size"]:
         if len(train) == 0:
             raise ConfigError([f"{label} (split {spec['split']}): no rows"])
         train, evalset = _carve(train, spec, label)
+    if cache is not None:
+        _check_read(spec, stage, cache, before)
     out = []
     for ds, split in ((train, spec["split"]), (evalset, spec["eval_split"] or "held-out")):
         if ds is None:

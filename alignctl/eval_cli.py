@@ -177,7 +177,7 @@ def _write(result: dict, out: Path, pes: dict[str, Any]) -> None:
 
 def eval_run(run_dir: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path]:
     """Every completed policy stage of a finished run, as evaluated in the run (spec.json), before vs final/."""
-    from alignctl import evaluate
+    from alignctl import evaluate, store
     from alignctl.runner import StageContext
     from alignctl.stages import STAGES
 
@@ -200,7 +200,12 @@ def eval_run(run_dir: Path, opts: dict, overrides: list[str]) -> tuple[dict, Pat
         spec = {**spec, "eval": settings}
         if opts.get("--reference"):
             spec["ref_path"] = str(Path(opts["--reference"]).expanduser().absolute())
-        metrics, pe = _eval_stage(StageContext(spec), final)
+        try:
+            ctx = StageContext(spec)
+        except store.DataChanged:  # the held-out rows would not be the ones the run was evaluated on
+            raise ConfigError([f"eval: stage {st['name']}: its data ({spec['data'].get('label')}) changed on disk "
+                               "since the run trained on it; restore it to evaluate this run"]) from None
+        metrics, pe = _eval_stage(ctx, final)
         if pe is not None:
             result["stages"][st["name"]] = {**metrics, "run_after": _overlap(st, metrics)}
             pes[st["name"]] = pe

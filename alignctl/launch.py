@@ -370,16 +370,20 @@ def run_stage(work: dict, spec_path: str | os.PathLike, launcher: dict | None) -
     ``work`` has already been written to ``spec_path`` (the worker reads it there)."""
     launcher = launcher or {"kind": "local"}
     if launcher["kind"] == "local":
+        from alignctl.models import training_environment
         from alignctl.runner import run_stage as run_here
 
-        return {"metrics": run_here(work), "world_size": 1}
+        with training_environment(work):  # no inherited variable changes how it trains (alignctl.models)
+            return {"metrics": run_here(work), "world_size": 1}
     from alignctl import models
 
     for key in ("init_path", "ref_path", "reward_path", "value_path"):  # build a built-in tiny model once, not per rank
         if work.get(key):
             models.materialize(work[key], work["cache_dir"], work["model"])
     out = Path(spec_path).parent / "launch"
-    env = {**os.environ, **launcher.get("env", {}), "PYTHONUNBUFFERED": "1", ATTEMPT_ENV: str(work.get("attempt", ""))}
+    env, dropped = models.training_env(work, dict(os.environ), launcher.get("env", {}))  # as in-process (local)
+    models.note_dropped_env(work["name"], dropped)
+    env.update({"PYTHONUNBUFFERED": "1", ATTEMPT_ENV: str(work.get("attempt", ""))})
     for retry in range(PORT_RETRIES + 1):
         rc = _launch_once(work["name"], spec_path, launcher, env, out)
         if retry == PORT_RETRIES or not _port_was_taken(launcher, out, rc):

@@ -9,6 +9,7 @@ plain Hugging Face model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -150,6 +151,62 @@ def mixed_precision_args(precision: str) -> dict[str, bool]:
     """TRL/Trainer ``bf16``/``fp16`` flags for a precision setting."""
     p = precision_for(precision)
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
+
+
+# Variables accelerate and transformers read that change how a stage trains without being part of its spec (and so
+# of its fingerprint): mixed precision, the sharding engine (FSDP, DeepSpeed, Megatron), compilation, accumulation...
+# A stage never inherits them; launcher.env (fingerprinted) and accelerate config files set them on purpose.
+TRAINING_ENV = re.compile(r"^(ACCELERATE_|FSDP_|MEGATRON_LM_|PARALLELISM_CONFIG_)")
+# ... except those that say where or how verbosely it runs
+PLACEMENT_ENV = {"ACCELERATE_USE_CPU", "ACCELERATE_TORCH_DEVICE", "ACCELERATE_DEBUG_MODE", "ACCELERATE_LOG_LEVEL",
+                 "ACCELERATE_ENABLE_RICH", "ACCELERATE_DEBUG_RDV_FILE", "ACCELERATE_CPU_AFFINITY",
+                 "ACCELERATE_BYPASS_DEVICE_MAP"}
+
+
+def training_env(spec: dict[str, Any], inherited: dict[str, str], explicit: dict[str, str] | None = None
+                 ) -> tuple[dict[str, str], list[str]]:
+    """The environment a stage trains under, and the given variables it does not see: ``inherited`` without the
+    variables of TRAINING_ENV, plus ``explicit`` (launcher.env), plus ``ACCELERATE_MIXED_PRECISION`` matching the
+    stage's bf16/fp16 flags (``no`` for fp32: transformers reads the variable when neither flag is set)."""
+    from alignctl.runner import StageContext
+
+    flags = StageContext.args_for(spec)
+    env = {k: v for k, v in inherited.items() if not TRAINING_ENV.match(k) or k in PLACEMENT_ENV}
+    env.update(explicit or {})
+    env["ACCELERATE_MIXED_PRECISION"] = "fp16" if flags.get("fp16") else "bf16" if flags.get("bf16") else "no"
+    given = {**inherited, **(explicit or {})}
+    return env, sorted(k for k, v in given.items() if TRAINING_ENV.match(k) and env.get(k) != v)
+
+
+def note_dropped_env(stage: str, dropped: list[str]) -> None:
+    if dropped:
+        log.info("stage %s: training without %s from the environment (it would change how the stage trains without "
+                 "changing its fingerprint; `precision` sets mixed precision); set others in launcher.env or an "
+                 "accelerate config file", stage, ", ".join(dropped))
+
+
+@contextlib.contextmanager
+def training_environment(spec: dict[str, Any], note: bool = True):
+    """This process's environment as :func:`training_env` makes it, for a stage trained (or its TRL config checked)
+    in this process; restored afterwards. ``note``: log the variables left out."""
+    before = dict(os.environ)
+    env, dropped = training_env(spec, before)
+    if note:
+        note_dropped_env(spec["name"], dropped)
+    changed = {k for k in set(before) | set(env) if before.get(k) != env.get(k)}
+    for k in changed:
+        if k in env:
+            os.environ[k] = env[k]
+        else:
+            os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        for k in changed:
+            if k in before:
+                os.environ[k] = before[k]
+            else:
+                os.environ.pop(k, None)
 
 
 def load_tokenizer(path: str, model_spec: dict[str, Any]):

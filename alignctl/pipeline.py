@@ -87,14 +87,22 @@ def stage_specs(spec: dict) -> list[dict]:
 def preflight(stages: list[dict], launcher: dict | None = None) -> list[dict]:
     """Everything checkable before anything trains, for every stage: its TRL config is built (TRL's own
     validation; all stages first, so a bad field of the last stage fails in seconds) and what this machine needs is
-    checked (attention kernel, 4-bit), then its data is loaded and column-checked. Returns each stage's resolved
-    numerics (:func:`check_configs`)."""
-    from alignctl import data, models
+    checked (attention kernel, 4-bit) by :func:`check_configs`; then the stages are prepared (:func:`_prepare`:
+    precision resolved, local data and model folders identified by content), then each stage's data is loaded through
+    the cache that content keys and column-checked. Returns the prepared stages (what is fingerprinted and run)."""
+    numerics = check_configs(stages, launcher)
+    stages = _prepare(stages, numerics)
+    _preflight_data(stages)
+    return stages
+
+
+def _preflight_data(stages: list[dict]) -> None:
+    """Each stage's data loaded (as the stage will load it) and column-checked; its chat template renders it."""
+    from alignctl import data, models, store
     from alignctl.errors import ConfigError
     from alignctl.stages import STAGES
 
-    numerics = check_configs(stages, launcher)
-    problems = []
+    problems: list[str] = []
     tokenizer = None
     for s in stages:
         kind = STAGES[s["trainer"]]
@@ -103,6 +111,9 @@ def preflight(stages: list[dict], launcher: dict | None = None) -> list[dict]:
                                                                              f"stages.{s['name']}")
         except ConfigError as e:
             problems += e.problems
+            train = None
+        except store.DataChanged as e:
+            problems.append(str(e))
             train = None
         conversations = _sample_conversations(train) if train is not None and kind.output == "causal_lm" else []
         if conversations:  # the chat template every stage applies (it travels with final/) renders this data
@@ -115,7 +126,6 @@ def preflight(stages: list[dict], launcher: dict | None = None) -> list[dict]:
             problems += [p for p in found if p not in problems]
     if problems:
         raise ConfigError(problems)
-    return numerics
 
 
 def check_configs(stages: list[dict], launcher: dict | None) -> list[dict]:
@@ -181,12 +191,11 @@ def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) 
     stages = stage_specs(spec)
     try:  # before anything trains: what this machine lacks for the launcher (cheap, first), then every stage's
         _launch_preflight(spec.get("launcher"), None)  # TRL config, data and models
-        numerics = preflight(stages, spec.get("launcher"))
+        stages = preflight(stages, spec.get("launcher"))  # prepared: precision resolved, data/models by content
     except Exception as e:  # recorded: the run failed, every stage still pending
         Manifest(spec, list(overrides)).update(status="failed", error=str(e).splitlines()[0][:500] if str(e) else
                                                type(e).__name__, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
-    stages = _prepare(stages, numerics)
     fps = store.fingerprints(stages, spec.get("launcher"))
     for s in stages:  # evaluation settings change no weights: added after fingerprinting (alignctl.evaluate)
         s["eval"] = evaluate.stage_settings(spec.get("eval") or {}, s, stages, spec.get("seed", 42))
@@ -222,14 +231,21 @@ def _launch_preflight(launcher: dict | None, manifest: Manifest | None) -> None:
 
 def _prepare(stages: list[dict], numerics: list[dict] | None = None) -> list[dict]:
     """What the orchestrator fixes before fingerprinting: the precision actually used on this machine (``auto``
-    resolved, QLoRA compute dtype too: ``numerics`` from :func:`preflight`, else resolved here) and each stage's data
-    content + file signatures (re-checked at load time)."""
+    resolved, QLoRA compute dtype too: ``numerics`` from :func:`check_configs`, else resolved here); each stage's
+    local data content + file signatures (``data_check``, also in its data spec: the load is keyed by it and compared
+    with it) and local model folders' (``model_check``, compared when the stage starts). Unchanged files are not read
+    again (the digest cache in ``cache_dir``)."""
     from alignctl import store
 
     stages = store.resolve_numerics(stages) if numerics is None else [{**s, **n} for s, n in zip(stages, numerics)]
+    memo: dict = {}
     for s in stages:
+        d = s.get("data")
         # generated data (a generate stage's output) is written during the run: its producer's fingerprint covers it
-        s["data_check"] = None if (s.get("data") or {}).get("stage") else store.data_check(s.get("data"))
+        s["data_check"] = None if (d or {}).get("stage") else store.data_check(d, s.get("cache_dir"))
+        if d:
+            s["data"] = {**d, "data_check": s["data_check"], "cache_dir": s.get("cache_dir")}
+        s["model_check"] = store.model_checks(s, s.get("cache_dir"), memo)
     return stages
 
 

@@ -49,7 +49,8 @@ def check(stages: list[dict]) -> dict:
         kind = STAGES[s["trainer"]]
         module, _, cls = kind.config_class.rpartition(".")
         try:
-            config = getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
+            with models.training_environment(s, note=False):  # as the stage will see it (no inherited FSDP_* ...)
+                config = getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
             problems += checks.report_to_problems(getattr(config, "report_to", None), f"stages.{s['name']}")
         except (ValueError, TypeError, NotImplementedError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

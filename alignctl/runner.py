@@ -427,9 +427,8 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one stage; returns its metrics. The stage's final/ exists only if this returns."""
     from alignctl.stages import module
 
-    ctx = StageContext(spec)
+    ctx = _checked_context(spec)
     try:
-        _check_data(spec)
         metrics = module(spec["trainer"]).run(ctx)
         check_healthy(spec["name"], metrics)
         merge = ctx.pending_merge
@@ -443,17 +442,23 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def _check_data(spec: dict[str, Any]) -> None:
-    """The data just loaded must be the data fingerprinted at the start of the run (rank 0 checks)."""
+def _checked_context(spec: dict[str, Any]) -> StageContext:
+    """The stage's context, its models and data being the ones fingerprinted at the start of the run: local model
+    folders are compared before anything loads them (rank 0), the data by its load (data.load) and again after it
+    (rank 0); a difference stops the stage before it trains."""
     from alignctl import store
     from alignctl.launch import StageFailed, rank_env
 
-    if rank_env()[0] != 0:
-        return
     try:
-        store.check_data_unchanged(spec)
+        if rank_env()[0] == 0:
+            store.check_models_unchanged(spec)
+        ctx = StageContext(spec)
+        if rank_env()[0] == 0:
+            store.check_data_unchanged(spec)
     except store.DataChanged as e:
-        raise StageFailed(spec["name"], "(its data changed)", str(e)) from None
+        what = "(its model changed)" if isinstance(e, store.ModelChanged) else "(its data changed)"
+        raise StageFailed(spec["name"], what, str(e)) from None
+    return ctx
 
 
 def _release_memory() -> None:

@@ -15,7 +15,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from alignctl import checks, launch, models, peft_config, trl_fields
+from alignctl import checks, launch, models, peft_config, store, trl_fields
 from alignctl import data as data_mod
 from alignctl.errors import ConfigError, suggest  # noqa: F401  (ConfigError is re-exported)
 from alignctl.stages import STAGES, module
@@ -308,6 +308,7 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
     problems += ev_problems
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
+    notes += store.unpinned_notes(model, stages)  # Hub model / data sets without a revision
     return {
         "eval": ev, "sweep": c.get("sweep") or {},
         "recipe": recipe, "description": c.get("description", ""),

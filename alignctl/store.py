@@ -3,16 +3,22 @@
 A stage's fingerprint hashes everything that determines its weights:
 
 * its trainer and TRL fields, except those that cannot change the weights (logging, saving and evaluation cadence,
-  output names; the cadence fields count when ``load_best_model_at_end`` picks the final weights by it);
+  output names; the cadence fields count when ``load_best_model_at_end`` picks the final weights by it, and the
+  evaluation cadence when the trainer samples as it evaluates: ``StageKind.samples_during_eval``);
 * its data spec and the content of its local data files (checked again when the stage loads them: a file that
   changed since the run started stops the stage), or the Hub id and revision;
-* the model settings, the precision actually used (``auto`` resolved on the machine: bf16 / fp16 / fp32) and the
-  peft settings (the QLoRA compute dtype resolved the same way), world size and distributed engine;
+* the model settings, local model folders by content (checked again when the stage starts), the precision actually
+  used (``auto`` resolved on the machine: bf16 / fp16 / fp32) and the peft settings (the QLoRA compute dtype resolved
+  the same way), world size and distributed engine;
 * the launcher settings that change numerics: ``extra_args``, ``env`` (minus credentials, tracking, logging and
   cache variables) and the content of the accelerate / DeepSpeed config files (minus where-to-run keys);
 * the fingerprints of the stages it links to (``from``, ``ref``, ``reward``, ``value``);
-* the versions of torch, transformers, trl, peft, accelerate, datasets (bitsandbytes under qlora, deepspeed under
-  DeepSpeed) and a content hash of alignctl's own source files.
+* the versions of torch, transformers, trl, peft, accelerate, datasets, tokenizers (bitsandbytes under qlora or a
+  bitsandbytes optimizer, deepspeed under DeepSpeed, ...) and a content hash of alignctl's own source files.
+
+A file's SHA-256 is computed once: the digest cache (``<cache>/digests/``) keeps it under the file's full stat
+signature (path, device, inode, size, mtime and ctime; inode and ctime cannot be set back by tar, ``cp -p``, rsync
+or touch), so unchanged files are not read again and a replaced one always is.
 
 The store (default ``<output_root>/.store``) has one entry per fingerprint, ``<trainer>-<fingerprint[:16]>/``. An
 entry is trained under :class:`alignctl.fsutil.FileLock`, an exclusive lock file with a heartbeat that works on
@@ -57,10 +63,12 @@ NON_WEIGHT_ARGS = {
 # With load_best_model_at_end the final weights are the best checkpoint at this cadence: then they count.
 BEST_MODEL_CADENCE = {"eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "save_strategy", "save_steps",
                       "per_device_eval_batch_size", "eval_accumulation_steps"}
+# Trainers that sample completions when they evaluate draw from the RNG at this cadence: then it counts.
+SAMPLING_EVAL_CADENCE = {"eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size"}
 # Spec keys that name places or bookkeeping, not weights; links are replaced by the linked stage's fingerprint.
 PLACE_KEYS = {"name", "output_dir", "run_dir", "recipe", "cache_dir", "store_dir", "label", "run_stage_dir",
-              "precision_setting", "data_check", "keep_checkpoints", "attempt", "fingerprint", "resume_from",
-              "description"}
+              "precision_setting", "data_check", "model_check", "keep_checkpoints", "attempt", "fingerprint",
+              "resume_from", "description"}
 LINKS = (("from", "init_path"), ("ref", "ref_path"), ("reward", "reward_path"), ("value", "value_path"),
          ("judge", "judge_path"))
 # accelerate config keys that say where/how many processes run (world size and engine are fingerprinted apart),
@@ -92,24 +100,76 @@ def _data_files(d: dict) -> list[Path]:
 
 
 def _signature(f: Path) -> list:
+    """What identifies one file on disk: a rewrite, a replacement (tar, cp -p, rsync -a) or a swapped symlink
+    changes its inode or ctime even when size and mtime are restored, and neither can be set back by user space."""
     st = f.stat()
-    return [str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return [str(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def _content(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        _file_digest(f, h)
-    return h.hexdigest()
+def signatures(files: list[Path]) -> list[list]:
+    return [_signature(f) for f in files]
 
 
-def data_check(d: dict | None) -> dict | None:
-    """Content hash of a data set's local files plus their stat signatures (what the stage compares at load time)."""
+DIGESTS = "digests"  # <cache>/digests/<key>.json: a file's SHA-256 under its exact stat signature
+
+
+def _digest_entry(sig: list, cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir) / DIGESTS / f"{hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:32]}.json"
+
+
+def cached_digest(sig: list, cache_dir: str | os.PathLike | None) -> str | None:
+    """The SHA-256 the digest cache holds for a file with exactly this stat signature, or None."""
+    if not cache_dir:
+        return None
+    try:
+        rec = json.loads(_digest_entry(sig, cache_dir).read_text())
+        if rec.get("signature") == sig and isinstance(rec.get("sha256"), str):
+            return rec["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def file_digest(f: Path, cache_dir: str | os.PathLike | None = None) -> str:
+    """SHA-256 of a file's content, read from the digest cache (``<cache_dir>/digests``) when the file's full stat
+    signature is the one recorded there, else hashed (and recorded when the file did not change while hashed)."""
+    sig = _signature(f)
+    digest = cached_digest(sig, cache_dir)
+    if digest is not None:
+        return digest
+    digest = full_hash(f)
+    if cache_dir and _signature(f) == sig:
+        entry = _digest_entry(sig, cache_dir)
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            fsutil.write_json(entry, {"signature": sig, "sha256": digest})
+        except OSError as e:  # a cache: a read-only or full disk costs a re-hash next time, nothing else
+            log.debug("digest cache %s not written: %s", entry, e)
+    return digest
+
+
+def _content(files: list[Path], cache_dir: str | os.PathLike | None = None, root: Path | None = None,
+             what: str | None = None) -> str:
+    """One digest of the files' names (relative to ``root``, else their own) and contents; ``what``: log a line
+    when at least 1 GB of it has to be read."""
+    if what:
+        sigs = signatures(files)
+        unread = sum(sig[3] for sig in sigs if cached_digest(sig, cache_dir) is None)
+        if unread >= 1 << 30:
+            log.info("fingerprinting %s by content: reading %s%s", what, fsutil.human(unread),
+                     " (once: unchanged files are not read again)" if cache_dir else "")
+    items = [[str(f.relative_to(root)) if root else f.name, file_digest(f, cache_dir)] for f in files]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
+def data_check(d: dict | None, cache_dir: str | os.PathLike | None = None) -> dict | None:
+    """Content digest of a data set's local files plus their stat signatures (what its load is keyed by and compared
+    with). ``cache_dir``: the digest cache's folder (``<output_root>/.cache``)."""
     files = _data_files(d) if d else []
     if not files:
         return None
-    return {"content": _content(files), "files": [_signature(f) for f in files]}
+    before = signatures(files)
+    return {"content": _content(files, cache_dir, what=f"data {d.get('label') or d['path']}"), "files": before}
 
 
 def data_identity(d: dict | None, check: dict | None = None) -> Any:
@@ -125,7 +185,20 @@ def data_identity(d: dict | None, check: dict | None = None) -> Any:
 
 
 class DataChanged(RuntimeError):
-    pass
+    """A stage's local data files are not the ones the run fingerprinted (it stops before training)."""
+
+
+class ModelChanged(DataChanged):
+    """A stage's local model folder is not the one the run fingerprinted."""
+
+
+def files_unchanged(recorded: dict, files: list[Path], cache_dir=None, root: Path | None = None) -> bool:
+    """The files are those ``recorded`` (a data or model check): the same stat signatures, or else the same paths
+    and the same content (touched, or rewritten with the same bytes)."""
+    if signatures(files) == recorded["files"]:
+        return True
+    return [f[0] for f in recorded["files"]] == [str(f) for f in files] and \
+        _content(files, cache_dir, root) == recorded["content"]
 
 
 def check_data_unchanged(spec: dict) -> None:
@@ -134,27 +207,104 @@ def check_data_unchanged(spec: dict) -> None:
     recorded = spec.get("data_check")
     if not recorded:
         return
-    files = _data_files(spec["data"])
-    if [_signature(f) for f in files] == recorded["files"]:
+    if files_unchanged(recorded, _data_files(spec["data"]), spec.get("cache_dir")):
         return
-    if [f[0] for f in recorded["files"]] == [str(f) for f in files] and _content(files) == recorded["content"]:
-        return  # touched or rewritten with the same bytes
-    raise DataChanged(f"stage {spec['name']}: its data ({spec['data'].get('label') or spec['data']['path']}) changed "
-                      "on disk since this run started and fingerprinted it; nothing was trained. Keep data files "
-                      "unchanged while a run uses them, and re-run.")
+    raise data_changed(f"stage {spec['name']}", spec["data"])
 
 
-def model_identity(path: str, revision: str | None = None) -> Any:
-    """A base model's identity: built-in name, Hub id + revision, or a local folder's file names/sizes/mtimes."""
+def data_changed(who: str, d: dict, how: str = "since this run started and fingerprinted it") -> DataChanged:
+    return DataChanged(f"{who}: its data ({d.get('label') or d['path']}) changed on disk {how}; nothing was "
+                       "trained. Keep data files unchanged while a run uses them, and re-run.")
+
+
+MODEL_LINK_PATHS = ("init_path", "ref_path", "reward_path", "value_path", "judge_path")
+
+
+def _model_folder(path: str) -> Path | None:
+    """The local folder a model path names (``pkg:`` resolved), or None (built-in tiny model, Hub id)."""
+    if models.is_tiny(path):
+        return None
+    if str(path).startswith(models.PKG_PREFIX):  # an installed package's folder: its files, like a local folder
+        folder = models.pkg_dir(path)
+        return folder if folder is not None and folder.is_dir() else None
+    p = Path(path).expanduser()
+    return p.absolute() if p.is_dir() else None
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """A model folder's files (symlinks followed: a Hub snapshot links to its blobs), hidden ones left out (.git,
+    the Hub's .cache): transformers loads none of them."""
+    return sorted(f for f in folder.rglob("*")
+                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
+def model_check(path: str, cache_dir: str | os.PathLike | None = None) -> dict | None:
+    """A local model folder's content digest (per-file SHA-256 through the digest cache) and the files' stat
+    signatures, compared again when a stage loads it; None for a built-in or Hub model."""
+    folder = _model_folder(path)
+    if folder is None:
+        return None
+    files = _model_files(folder)
+    before = signatures(files)
+    return {"folder": str(folder), "content": _content(files, cache_dir, folder, what=f"model {path}"),
+            "files": before}
+
+
+def model_identity(path: str, revision: str | None = None, check: dict | None = None) -> Any:
+    """A model's identity: built-in name, Hub id + revision, or a local folder's content (file names and SHA-256)."""
     if models.is_tiny(path):
         return {"tiny": models.tiny_key(path)}
-    if str(path).startswith(models.PKG_PREFIX):  # an installed package's folder: its files, like a local folder
-        path = str(models.pkg_dir(path) or path)
-    p = Path(path).expanduser()
-    if p.exists():
-        files = sorted(f for f in p.rglob("*") if f.is_file())
-        return {"local": [(str(f.relative_to(p)), f.stat().st_size, int(f.stat().st_mtime)) for f in files]}
+    check = check or model_check(path)
+    if check:
+        return {"local": check["content"]}
     return {"hub": path, "revision": revision or "main"}
+
+
+def model_checks(stage: dict, cache_dir: str | os.PathLike | None = None, memo: dict | None = None) -> dict:
+    """The local model folders a stage loads that no earlier stage of the run wrote: path key -> model_check."""
+    memo = {} if memo is None else memo
+    out = {}
+    for link, key in LINKS:
+        path = stage.get(key)
+        if not path or stage.get(link) is not None:  # a link to an earlier stage: its fingerprint identifies it
+            continue
+        if path not in memo:
+            memo[path] = model_check(path, cache_dir)
+        if memo[path]:
+            out[key] = memo[path]
+    return out
+
+
+def check_models_unchanged(spec: dict) -> None:
+    """Called by a stage before it loads its models: the local model folders must still be those fingerprinted at
+    the start of the run; else the stage stops before training."""
+    for key, recorded in (spec.get("model_check") or {}).items():
+        folder = Path(recorded["folder"])
+        files = _model_files(folder) if folder.is_dir() else []
+        if not files_unchanged(recorded, files, spec.get("cache_dir"), folder):
+            raise ModelChanged(f"stage {spec['name']}: the model folder {folder} ({key.removesuffix('_path')}) "
+                              "changed on disk since this run started and fingerprinted it; nothing was trained. "
+                              "Keep model folders unchanged while a run uses them, and re-run.")
+
+
+def unpinned_notes(model: dict, stages: list[dict]) -> list[str]:
+    """One note for the base model and for each Hub data set that is not pinned to a revision."""
+    from alignctl.data import looks_local
+
+    why = "so an upstream change cannot change what trains under this fingerprint"
+    notes = []
+    name = str(model.get("name_or_path") or "")
+    if name and not model.get("revision") and not models.is_tiny(name) and not name.startswith(models.PKG_PREFIX) \
+            and not looks_local(name):
+        notes.append(f"model.name_or_path: {name} is unpinned: pin model.revision=<commit> {why}")
+    seen = set()
+    for s in stages:
+        d = s.get("data") or {}
+        label = d.get("label") or d.get("path")
+        if d.get("path") and not d.get("local") and not d.get("stage") and not d.get("revision") and label not in seen:
+            seen.add(label)
+            notes.append(f"{label}: {d['path']} is unpinned: pin {label}.revision=<commit> {why}")
+    return notes
 
 
 def _version(pkg: str) -> str | None:
@@ -181,13 +331,24 @@ def source_hash() -> str:
     return tree_hash(Path(__file__).resolve().parent)
 
 
+# TRL / Trainer optimizers that run on bitsandbytes kernels (8-bit, paged): its version then changes the weights
+BNB_OPTIMIZERS = re.compile(r"8bit|paged|bnb", re.IGNORECASE)
+
+
 def environment(stage: dict) -> dict[str, str | None]:
     """Library versions that change a stage's weights, and alignctl's source hash."""
-    pkgs = ["torch", "transformers", "trl", "peft", "accelerate", "datasets"]
-    if (stage.get("peft") or {}).get("method") == "qlora":
+    pkgs = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers"]
+    args = stage.get("args") or {}
+    if (stage.get("peft") or {}).get("method") == "qlora" or BNB_OPTIMIZERS.search(str(args.get("optim") or "")):
         pkgs.append("bitsandbytes")
     if str(stage.get("distributed", "")).startswith("deepspeed"):
         pkgs.append("deepspeed")
+    if args.get("use_liger_kernel"):
+        pkgs.append("liger-kernel")
+    if args.get("use_vllm"):
+        pkgs.append("vllm")
+    if str((stage.get("model") or {}).get("attn_implementation") or "").startswith("flash_attention"):
+        pkgs.append("flash-attn")
     return {**{p: _version(p) for p in pkgs}, "alignctl": _version("alignctl"), "alignctl_source": source_hash()}
 
 
@@ -237,6 +398,21 @@ def resolve_numerics(stages: list[dict]) -> list[dict]:
     return out
 
 
+def _non_weight_args(stage: dict) -> set[str]:
+    """The stage's TRL fields left out of its fingerprint: NON_WEIGHT_ARGS, less the evaluation cadence when it picks
+    the final weights (load_best_model_at_end) or when the trainer samples at it (the RNG stream then depends on
+    when evaluation runs: StageKind.samples_during_eval)."""
+    from alignctl.stages import STAGES
+
+    skip = set(NON_WEIGHT_ARGS)
+    if (stage.get("args") or {}).get("load_best_model_at_end"):
+        skip -= BEST_MODEL_CADENCE
+    kind = STAGES.get(stage.get("trainer"))
+    if kind is not None and kind.samples_during_eval:
+        skip -= SAMPLING_EVAL_CADENCE
+    return skip
+
+
 def fingerprints(stages: list[dict], launcher: dict | None = None, env: dict | None = None) -> dict[str, str]:
     """Fingerprint of every stage, in order (upstream fingerprints feed downstream ones). ``env`` overrides
     :func:`environment` (tests); ``launcher`` is the run's resolved launcher."""
@@ -246,8 +422,7 @@ def fingerprints(stages: list[dict], launcher: dict | None = None, env: dict | N
         link_keys = {k for pair in LINKS for k in pair}
         ident: dict[str, Any] = {k: v for k, v in s.items() if k not in PLACE_KEYS and k not in link_keys}
         args = s.get("args", {})
-        skip = NON_WEIGHT_ARGS - (BEST_MODEL_CADENCE if args.get("load_best_model_at_end") else set())
-        ident["args"] = {k: v for k, v in args.items() if k not in skip}
+        ident["args"] = {k: v for k, v in args.items() if k not in _non_weight_args(s)}
         ident["data"] = data_identity(s.get("data"), s.get("data_check"))
         if (s.get("data") or {}).get("stage") in fps:  # generated by an earlier stage: that stage's fingerprint
             ident["data"] = {**ident["data"], "path": None, "stage": fps[s["data"]["stage"]]}
@@ -257,7 +432,8 @@ def fingerprints(stages: list[dict], launcher: dict | None = None, env: dict | N
             if target is not None and target in fps:
                 ident[link] = fps[target]
             elif s.get(path_key):
-                ident[link] = model_identity(s[path_key], model.get("revision"))
+                ident[link] = model_identity(s[path_key], model.get("revision"),
+                                             (s.get("model_check") or {}).get(path_key))
         if launch_ident:
             ident["launcher"] = launch_ident
         ident["environment"] = env if env is not None else environment(s)

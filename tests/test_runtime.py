@@ -166,6 +166,11 @@ def _fake_launcher(tmp_path: Path, kind: str, script: str, *args: str) -> dict:
     return resolved
 
 
+def _work(name: str, tmp_path) -> dict:
+    """The least of a stage spec the launcher reads (the fake ranks read nothing)."""
+    return {"name": name, "attempt": "a1", "args": {}, "precision": "fp32", "output_dir": str(tmp_path / name)}
+
+
 def test_the_launchers_exit_ends_the_stage_even_if_a_descendant_holds_its_output(tmp_path, alignctl_log):
     pid_file = tmp_path / "orphan.pid"
     node = _fake_launcher(tmp_path, "torchrun", FAKE_LAUNCHER, str(pid_file))
@@ -173,7 +178,7 @@ def test_the_launchers_exit_ends_the_stage_even_if_a_descendant_holds_its_output
     spec.parent.mkdir()
     t0 = time.monotonic()
     try:
-        result = launch.run_stage({"name": "sft", "attempt": "a1"}, spec, node)
+        result = launch.run_stage(_work("sft", tmp_path), spec, node)
         elapsed = time.monotonic() - t0
     finally:
         if pid_file.is_file():
@@ -258,7 +263,7 @@ def _port_run(tmp_path: Path, fail_times: int, message: str) -> tuple[dict | Exc
     spec = tmp_path / "dpo" / "spec.json"
     spec.parent.mkdir(exist_ok=True)
     try:
-        result: dict | Exception = launch.run_stage({"name": "dpo", "attempt": "a1"}, spec, node)
+        result: dict | Exception = launch.run_stage(_work("dpo", tmp_path), spec, node)
     except launch.StageFailed as e:
         result = e
     ports = calls.read_text().split()

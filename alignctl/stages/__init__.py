@@ -28,6 +28,9 @@ class StageKind:
     headline: str = "eval_loss"  # the held-out metric shown before -> after in summaries
     needs_reward: bool = False  # must have a reward source: the `reward` link (or an entry of a `reward_funcs` option)
     options: tuple[str, ...] = ()  # alignctl keys the stage takes besides TRL fields and links, e.g. reward_funcs
+    # it samples completions when it evaluates during training (online RL): the evaluation cadence then moves its RNG
+    # stream, so the cadence fields are part of its fingerprint (alignctl.store)
+    samples_during_eval: bool = False
 
 
 def _load() -> dict[str, StageKind]:

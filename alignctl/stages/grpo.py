@@ -21,7 +21,7 @@ from alignctl.stages import StageKind
 KIND = StageKind(
     name="grpo", config_class="trl.GRPOConfig", data_kind="prompt",
     summary="group-relative policy optimisation scored by a reward model and/or TRL reward functions",
-    links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward",
+    links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward", samples_during_eval=True,
     key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "num_generations", "beta",
                 "max_completion_length", "temperature"),
 )

@@ -11,7 +11,7 @@ from alignctl.stages.grpo import check, reward_functions  # noqa: F401  (check: 
 KIND = StageKind(
     name="rloo", config_class="trl.RLOOConfig", data_kind="prompt",
     summary="REINFORCE leave-one-out scored by a reward model and/or TRL reward functions",
-    links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward",
+    links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward", samples_during_eval=True,
     key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "num_generations", "beta",
                 "max_completion_length", "temperature"),
 )
