@@ -241,3 +241,210 @@ def test_a_judge_must_be_a_language_model(capsys, tmp_path):
     rc, text = plan(capsys, tmp_path, "recipe=rlaif-dpo", f"stages.gen.judge={rm}")
     assert rc == 2 and f"stages.gen.judge: {rm} is a classifier (LlamaForSequenceClassification), not a language " \
                        "model" in text, text
+
+
+# -- alignctl eval <run dir> (N9) ------------------------------------------------------------------------------------
+CANARY = """import pathlib
+
+pathlib.Path({marker!r}).write_text("ran")
+from transformers import LlamaForCausalLM
+
+
+class CanaryForCausalLM(LlamaForCausalLM):
+    pass
+"""
+
+
+def finished_run(tmp_path: Path, cache_root: Path, edit=None) -> tuple[Path, Path]:
+    """A run directory as `alignctl run` leaves it, made by hand (nothing trained): one completed sft stage whose
+    final/ ships code (config.json auto_map -> modeling_canary.py, which writes a marker file when imported) and whose
+    spec.json was edited to `"trust_remote_code": true` (plus ``edit``). Returns (run dir, marker)."""
+    from alignctl import evaluate, models, pipeline, spec
+    from alignctl.cli import compose
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nstages:\n  sft: {trainer: sft, data: sft, max_steps: 1}\n")
+    run_dir, marker = tmp_path / "run", tmp_path / "remote-code-ran"
+    resolved = spec.resolve(compose([f"recipe={recipe}", f"output_root={cache_root}", "eval.max_prompts=2",
+                                     "eval.max_new_tokens=2"]), run_dir)
+    (s,) = pipeline.stage_specs(resolved)
+    s.update(precision="fp32", eval=evaluate.stage_settings(resolved["eval"], s, [s], 42))
+    s["model"]["trust_remote_code"] = True  # the edit: nothing on the command line asked for remote code
+    if edit:
+        edit(s)
+    final = run_dir / "sft" / "final"
+    shutil.copytree(models.materialize("tiny:llama", cache_root), final)
+    config = json.loads((final / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_canary.CanaryForCausalLM"}
+    (final / "config.json").write_text(json.dumps(config))
+    (final / "modeling_canary.py").write_text(CANARY.format(marker=str(marker)))
+    (run_dir / "sft" / "spec.json").write_text(json.dumps(s))
+    (run_dir / "manifest.json").write_text(json.dumps({"stages": [{"name": "sft", "trainer": "sft",
+                                                                   "status": "completed"}]}))
+    return run_dir, marker
+
+
+def test_eval_of_a_run_dir_runs_no_remote_code_unless_asked_on_the_command_line(tmp_path, cache_root, monkeypatch):
+    import sys
+
+    import transformers.dynamic_module_utils as dynamic
+
+    run_dir, marker = finished_run(tmp_path, cache_root)
+    assert main(["eval", str(run_dir), "--out", str(tmp_path / "eval")]) == 0
+    assert not marker.exists(), "alignctl eval ran the code shipped with final/ because spec.json said so"
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["stages"]["sft"]["after"]
+    # the canary works: --trust-remote-code runs it (transformers copies it to a modules cache: a private one here)
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert main(["eval", str(run_dir), "--out", str(tmp_path / "eval2"), "--trust-remote-code"]) == 0
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("init_path", "{pickle}", "has no *.safetensors weights"),
+    ("ref_path", "someorg/not-cached", "'someorg/not-cached' is not in the Hugging Face cache"),
+], ids=["pickle-folder", "uncached-hub-id"])
+def test_eval_checks_what_spec_json_names_like_plan(key, value, needle, tmp_path, cache_root, capsys):
+    pickle = tmp_path / "pickled"
+    pickle.mkdir()
+    for f in ("config.json", "tokenizer.json", "pytorch_model.bin"):
+        (pickle / f).write_text("{}")
+    run_dir, _ = finished_run(tmp_path, cache_root, lambda s: s.update({key: value.format(pickle=pickle)}))
+    rc = main(["eval", str(run_dir), "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"eval: sft/spec.json: {key}:" in err and needle in err and "Traceback" not in err, err
+
+
+# -- preference accuracy (F17) ---------------------------------------------------------------------------------------
+def previous_token_logps(model, tokenizer, prompt_ids, completion_ids, batch_size):
+    """evaluate.token_logps at 4bece53: full-vocabulary fp32 log_softmax of the whole batch (the reference)."""
+    import torch
+
+    pad = tokenizer.pad_token_id
+    out = []
+    model.eval()
+    for i in range(0, len(prompt_ids), batch_size):
+        seqs = [p + c for p, c in zip(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size])]
+        starts = [len(p) for p in prompt_ids[i:i + batch_size]]
+        width = max(len(x) for x in seqs)
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        for row, (x, start) in enumerate(zip(seqs, starts)):
+            out.append((float(logp[row, start - 1:len(x) - 1].sum()), len(x) - start))
+    return out
+
+
+def tiny(cache_root: Path, arch: str = "llama"):
+    from alignctl import models
+
+    path = models.materialize(f"tiny:{arch}", cache_root)
+    tok = models.load_tokenizer(path, {"name_or_path": path})
+    return models.load_causal_lm(path, {"name_or_path": path}, "fp32", tok), tok
+
+
+def pairs(n: int) -> dict:
+    words = "warm kind river stone cold bright".split()
+    prompt = lambda i: [{"role": "user", "content": " ".join(words[j % 6] for j in range(i, 2 * i + 3))}]  # noqa
+    answer = lambda i, k: [{"role": "assistant", "content": " ".join(words[(j + k) % 6] for j in range(i % 5 + 1))}]  # noqa
+    return {"prompt": [prompt(i) for i in range(n)], "chosen": [answer(i, 0) for i in range(n)],
+            "rejected": [answer(i, 3) for i in range(n)]}  # never equal: no ties, which float noise could decide
+
+
+def test_preference_accuracy_equals_the_previous_implementation(cache_root):
+    from alignctl import evaluate
+
+    model, tok = tiny(cache_root)
+    data = pairs(11)
+    p_ids, c_ids = [], []
+    for p, c in zip(data["prompt"], data["chosen"]):
+        p_text, full = evaluate._texts(tok, p, c)
+        fi = tok(full, add_special_tokens=False)["input_ids"]
+        n = len(tok(p_text, add_special_tokens=False)["input_ids"])
+        p_ids.append(fi[:n])
+        c_ids.append(fi[n:])
+    old = previous_token_logps(model, tok, p_ids, c_ids, 4)
+    new = evaluate.token_logps(model, tok, p_ids, c_ids, 3)
+    assert [n for _, n in new] == [n for _, n in old]
+    assert [s for s, _ in new] == pytest.approx([s for s, _ in old], rel=1e-5, abs=1e-5)
+    stats = evaluate.completion_stats(model, tok, data["prompt"], data["chosen"], 5, max_length=None)
+    assert [s for s, _ in stats] == pytest.approx([s for s, _ in old], rel=1e-5, abs=1e-5)
+    acc = evaluate.preference_accuracy(model, tok, data, batch_size=2)
+    rej = evaluate.completion_stats(model, tok, data["prompt"], data["rejected"], 7)
+    summed = [a[0] - b[0] for a, b in zip(stats, rej)]
+    assert acc["eval_pref_margin"] == pytest.approx(sum(summed) / len(summed), rel=1e-5)
+    assert acc["eval_pref_accuracy"] == evaluate.win_rate([a[0] for a in stats], [b[0] for b in rej])["rate"]
+
+
+def test_a_pair_longer_than_the_model_positions_does_not_crash(cache_root):
+    """tiny:gpt2 has 256 learnt positions: a longer pair raised IndexError in the embedding (and would on a real
+    model past max_position_embeddings). It is cut the way the stage's trainer cuts it instead."""
+    from alignctl import evaluate
+
+    model, tok = tiny(cache_root, "gpt2")
+    data = {"prompt": ["river stone " * 25], "chosen": [" warm kind" * 100], "rejected": [" cold" * 150]}
+    ids = tok(data["prompt"][0] + data["chosen"][0])["input_ids"]
+    assert len(ids) > evaluate.max_positions(model) == 256
+    for mode in ("keep_start", "keep_end"):
+        acc = evaluate.preference_accuracy(model, tok, data, batch_size=2, truncation_mode=mode)
+        assert set(acc) >= {"eval_pref_accuracy", "eval_pref_accuracy_norm"}, mode
+    (s, n), = evaluate.completion_stats(model, tok, data["prompt"], data["chosen"], 2, max_length=200)
+    assert n == 200 - len(tok(data["prompt"][0])["input_ids"])  # keep_start: the answer's end goes
+    # a prompt that alone fills max_length leaves nothing to score: the pair is left out (TRL drops it)
+    assert evaluate.completion_stats(model, tok, data["prompt"], data["chosen"], 2, max_length=100) == [None]
+    assert evaluate.preference_accuracy(model, tok, data, max_length=100) == {}
+
+
+def test_the_batch_size_and_max_length_come_from_the_stage(cache_root):
+    """runner.StageContext.evaluate hands the trainer's config to preference_accuracy: per_device_eval_batch_size 3
+    over 7 pairs is 3 forward passes per side (it was always 32: one), none longer than max_length 40."""
+    from alignctl.runner import StageContext
+
+    model, tok = tiny(cache_root)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    trainer = SimpleNamespace(model=model, evaluate=lambda: {"eval_loss": 1.0},
+                              args=SimpleNamespace(per_device_eval_batch_size=3, max_length=40))
+    try:
+        metrics = StageContext.evaluate(SimpleNamespace(eval=pairs(7), tokenizer=tok), trainer, True)
+    finally:
+        hook.remove()
+    assert [b for b, _ in widths] == [3, 3, 1, 3, 3, 1] and max(w for _, w in widths) <= 40
+    assert "eval_pref_accuracy_norm" in metrics and metrics["eval_loss"] == 1.0
+
+
+def _rank(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from alignctl import evaluate, models
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    tok = models.load_tokenizer(model_dir, {"name_or_path": model_dir})
+    model = models.load_causal_lm(model_dir, {"name_or_path": model_dir}, "fp32", tok)
+    rows = []
+    model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    metrics = evaluate.preference_accuracy(model, tok, pairs(5), batch_size=2)
+    Path(out, f"{rank}.json").write_text(json.dumps({"metrics": metrics, "rows": rows}))
+    dist.destroy_process_group()
+
+
+def test_several_processes_share_the_pairs_and_all_get_every_result(tmp_path, cache_root):
+    """Under torch.distributed (2 processes, gloo) each rank scores every other pair (5 pairs: 3 and 2 + a filler,
+    so both run as many forward passes, which ZeRO-3 needs), and both get the single-process result."""
+    import torch.multiprocessing as mp
+
+    from alignctl import evaluate, models
+
+    model, tok = tiny(cache_root)
+    alone = evaluate.preference_accuracy(model, tok, pairs(5), batch_size=2)
+    mp.start_processes(_rank, args=(2, f"file://{tmp_path / 'rdzv'}", models.materialize("tiny:llama", cache_root),
+                                    str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got["rows"] == [2, 1, 2, 1]  # 3 pairs each (rank 1: 2 and a filler), chosen then rejected
+        assert got["metrics"] == pytest.approx(alone, rel=1e-5)
