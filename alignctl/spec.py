@@ -486,8 +486,8 @@ def _external_model_problems(link: link_table.Link, path: str, load: dict, where
     if link_table.needs_remote_code(config) and not load.get("trust_remote_code"):
         problems.append(f"{where}: {path} needs Python code shipped with it (config.json auto_map, model type "
                         f"{(config or {}).get('model_type')!r} unknown to transformers); "
-                        + (f"allow it with {how}" if how else "alignctl never runs remote code for it")
-                        + ", or use a model transformers loads by itself")
+                        + (f"allow it with {how}, or use a model transformers loads by itself" if how else
+                           "alignctl never runs remote code for it: use a model transformers loads by itself"))
     return problems
 
 
