@@ -233,8 +233,9 @@ def checked_spec(spec: dict, final: Path, where: str, trust: bool) -> dict:
     for key, path, rev in (("init_path", spec.get("init_path"), model.get("revision")),
                            ("ref_path", spec.get("ref_path"), model.get("revision")), ("final", str(final), None),
                            ("eval.reward_path", ev.get("reward_path"), (ev.get("reward_load") or {}).get("revision"))):
+        gguf = model.get("gguf_file") if path == model.get("name_or_path") else None  # de-quantised at load
         if path:
-            problems += links.model_problems(str(path), rev, f"eval: {where}: {key}", True, notes)
+            problems += links.model_problems(str(path), rev, f"eval: {where}: {key}", True, notes, gguf)
     problems += filter(None, [checks.writable_problem(Path(str(spec.get("cache_dir") or ".")), f"eval: {where}: "
                                                                                               "cache_dir")])
     if problems:

@@ -138,10 +138,11 @@ def folder_kind_problems(link: Link, shown: str, config: dict | None, where: str
             "(a language-model stage of this recipe, or a *ForCausalLM model)"]
 
 
-def model_problems(path: str, rev: str | None, where: str, run: bool, notes: list[str]) -> list[str]:
+def model_problems(path: str, rev: str | None, where: str, run: bool, notes: list[str],
+                   gguf_file: str | None = None) -> list[str]:
     """A model location as plan checks it: a built-in tiny model, an installed ``pkg:`` folder, a local folder
-    (config.json, tokenizer, safetensors) or a Hub id at ``rev`` (cached or reachable; offline: a note for plan,
-    an error for ``run``)."""
+    (config.json, tokenizer, safetensors; or ``gguf_file``, the base model's) or a Hub id at ``rev`` (cached or
+    reachable; offline: a note for plan, an error for ``run``)."""
     from alignctl import checks
     from alignctl.tiny import TINY_ARCHS, TINY_PREFIX, is_tiny, tiny_arch
 
@@ -155,11 +156,11 @@ def model_problems(path: str, rev: str | None, where: str, run: bool, notes: lis
         folder = pkg_dir(path)
         if folder is None:
             return [f"{where}: the package of {path} is not installed"] if run else []
-        return checks.local_model_problems(folder, where)
+        return checks.local_model_problems(folder, where, gguf_file)
     from alignctl.data import looks_local
 
     if Path(path).is_absolute() or looks_local(path):
-        return checks.local_model_problems(Path(path).expanduser(), where)
+        return checks.local_model_problems(Path(path).expanduser(), where, gguf_file)
     problems, hub_notes = checks.hub_model_problems(path, rev, where, run)
     notes += hub_notes
     return problems

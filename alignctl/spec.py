@@ -508,11 +508,9 @@ def _model_link(value, link: link_table.Link, where: str, name: str, earlier: di
     value = str(value)
     if value in earlier:
         output = STAGES[earlier[value]].output
-        if output == link.points_at:
-            pass
-        elif output == link_table.CAUSAL_LM and link.causal_lm_note:
+        if output == link_table.CAUSAL_LM and output != link.points_at and link.causal_lm_note:
             notes.append(f"{where}.{key}: stage '{value}' {link.causal_lm_note}")
-        else:
+        elif output != link.points_at:
             fit = [n for n, t in earlier.items() if STAGES[t].output == link.points_at]
             if link.points_at == link_table.CLASSIFIER:
                 problems.append(f"{where}.{key}: '{value}' is a {earlier[value]} stage, not a reward stage; name a "
