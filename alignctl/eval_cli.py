@@ -5,6 +5,8 @@ batch size and settings as in the run, unless overridden): the stage's initial w
 its ``final/`` the "after" answers, so the after-metrics reproduce the run's. ``alignctl eval <model folder>
 --reference R --prompts DATA`` evaluates any model against a reference (the reference's answers are "before").
 Results: ``eval.json``, ``<stage>.samples.jsonl`` and reward histograms in ``<run dir>/eval/`` (``--out``).
+A run directory's ``spec.json`` is read like any input (:func:`checked_spec`): the models it names are checked as
+``plan`` checks them, and no remote code runs unless ``--trust-remote-code`` is given on the command line.
 
 ``alignctl generate <run dir | model folder> --prompt "..." (or --prompts-file F, one prompt per line)`` prints
 answers of the run's final model (or the folder's model).

@@ -11,6 +11,11 @@ Ties count half. Two versions:
 * ``eval_pref_accuracy_norm``: mean log-probability per completion token (length-normalised), which
   does not reward short answers for being short.
 
+Both at the stage's eval batch size, with prompt + completion cut to its ``max_length`` as its TRL trainer cuts
+them (:func:`truncate`) and never past the model's position embeddings; log-probabilities come from chunked
+logsumexps, never a full-vocabulary fp32 log-softmax of a batch (:func:`token_logps`); under torch.distributed each
+process scores its share of the pairs.
+
 Generation-based evaluation of a policy stage (:class:`PolicyEval`), before and after training, on at
 most ``eval.max_prompts`` held-out prompts: one completion per prompt sampled with a fixed seed (at most
 ``eval.max_new_tokens`` tokens, cut after the first EOS), then
