@@ -104,7 +104,22 @@ def test_every_module_reads_the_same_table():
     assert store.LINKS == tuple((link.name, link.path_key) for link in links.LINKS)
     for kind in STAGES.values():
         assert set(kind.links) <= set(links.NAMES), kind.name
-    assert "judge" in links.UPSTREAM and "judge" in links.CONSENT  # the two places it was missing
+
+
+def test_a_judge_stage_trained_again_changes_the_upstream_digest(tmp_path):
+    """A generate stage's pairs depend on its judge: checkpoints written on top of another judge's verdicts must not
+    be resumed (`judge` was missing from pipeline.upstream_digest)."""
+    from alignctl import pipeline, store
+
+    entry = store.Entry(tmp_path, "sft", "f" * 64)
+    entry.dir.mkdir(parents=True)
+    manifest = SimpleNamespace(data={"store_dir": str(tmp_path),
+                                     "stages": [{"name": "j", "trainer": "sft", "fingerprint": "f" * 64}]})
+    digests = []
+    for files in ([["final/model.safetensors", 1, "aa"]], [["final/model.safetensors", 1, "bb"]]):
+        (entry.dir / "COMPLETE").write_text(json.dumps({"files": files}))
+        digests.append(pipeline.upstream_digest({"name": "gen", "judge": "j"}, manifest))
+    assert digests[0] != digests[1]
 
 
 # -- remote code (N7) ------------------------------------------------------------------------------------------------
