@@ -5,6 +5,8 @@ batch size and settings as in the run, unless overridden): the stage's initial w
 its ``final/`` the "after" answers, so the after-metrics reproduce the run's. ``alignctl eval <model folder>
 --reference R --prompts DATA`` evaluates any model against a reference (the reference's answers are "before").
 Results: ``eval.json``, ``<stage>.samples.jsonl`` and reward histograms in ``<run dir>/eval/`` (``--out``).
+A run directory's ``spec.json`` is read like any input (:func:`checked_spec`): the models it names are checked as
+``plan`` checks them, and no remote code runs unless ``--trust-remote-code`` is given on the command line.
 
 ``alignctl generate <run dir | model folder> --prompt "..." (or --prompts-file F, one prompt per line)`` prints
 answers of the run's final model (or the folder's model).
@@ -23,24 +25,29 @@ from alignctl.errors import ConfigError
 
 EVAL_USAGE = """\
 usage: alignctl eval <run dir | model folder> [--reference PATH] [--reward PATH] [--prompts DATA] [--out DIR]
-                     [eval.max_prompts=N eval.max_new_tokens=N eval.temperature=T eval.seed=S]
+                     [--trust-remote-code] [eval.max_prompts=N eval.max_new_tokens=N eval.temperature=T eval.seed=S]
   a run dir: every policy stage, before (its initial weights) vs after (its final/), as in the run
   a model folder: against --reference (its answers are "before"); --prompts is a data set name of the default
-  configuration (e.g. prompts, prefs) or a data file; --reward a reward model folder (win rate, reward histogram)"""
+  configuration (e.g. prompts, prefs) or a data file; --reward a reward model folder (win rate, reward histogram)
+  --trust-remote-code: let models run Python code shipped with them, where the run allowed it (its spec.json) or
+  for a model folder; without it no remote code runs, whatever a run directory's spec.json says"""
 GENERATE_USAGE = """\
 usage: alignctl generate <run dir | model folder> (--prompt TEXT ... | --prompts-file FILE)
                          [--max-new-tokens N] [--temperature T] [--seed S]"""
 
 
-def _parse(args: list[str], flags: set[str], usage: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
-    """(positional, {flag: [values]}, key=value overrides)."""
+def _parse(args: list[str], flags: set[str], usage: str, switches: frozenset[str] = frozenset()
+           ) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """(positional, {flag: [values]}, key=value overrides); a switch (a flag without value) maps to ["1"]."""
     pos, opts, overrides, it = [], {}, [], iter(args)
     for a in it:
         if a in ("-h", "--help"):
             print(usage)
             raise SystemExit(0)
         key, eq, value = a.partition("=")
-        if key in flags:
+        if a in switches:
+            opts[a] = ["1"]
+        elif key in flags:
             value = value if eq else next(it, None)
             if value is None:
                 raise ConfigError([f"{key}: needs a value\n{usage}"])
@@ -119,7 +126,8 @@ def _quiet() -> None:
 
 
 def cmd_eval(args: list[str]) -> int:
-    pos, opts, overrides = _parse(args, {"--reference", "--reward", "--prompts", "--out"}, EVAL_USAGE)
+    pos, opts, overrides = _parse(args, {"--reference", "--reward", "--prompts", "--out"}, EVAL_USAGE,
+                                  frozenset({"--trust-remote-code"}))
     _quiet()
     if len(pos) != 1:
         raise ConfigError([f"eval: name one run directory or model folder\n{EVAL_USAGE}"])
@@ -195,11 +203,13 @@ def eval_run(run_dir: Path, opts: dict, overrides: list[str]) -> tuple[dict, Pat
         settings = _settings(overrides, {**base, "enabled": True})
         if opts.get("--reward"):
             settings["reward"], settings["reward_path"] = "--reward", _reward_path(opts["--reward"])
+            settings["reward_load"] = {"revision": None, "trust_remote_code": False}  # a folder of its own
         if opts.get("--prompts"):
             settings["prompts_data"] = _data_spec(opts["--prompts"])
         spec = {**spec, "eval": settings}
         if opts.get("--reference"):
             spec["ref_path"] = str(Path(opts["--reference"]).expanduser().absolute())
+        spec = checked_spec(spec, final, f"{st['name']}/spec.json", bool(opts.get("--trust-remote-code")))
         try:
             ctx = StageContext(spec)
         except store.DataChanged:  # the held-out rows would not be the ones the run was evaluated on
@@ -214,6 +224,41 @@ def eval_run(run_dir: Path, opts: dict, overrides: list[str]) -> tuple[dict, Pat
     out = Path(opts.get("--out") or run_dir / "eval")
     _write(result, out, pes)
     return result, out
+
+
+def checked_spec(spec: dict, final: Path, where: str, trust: bool) -> dict:
+    """A stage's spec.json as ``alignctl eval`` uses it, read like any input: the models it loads (initial weights,
+    reference, final/, the evaluation's reward model) are checked as ``plan`` checks them, and remote code stays off
+    unless ``--trust-remote-code`` is given (``trust``), whatever the file says: a run directory may come from
+    elsewhere, and its final/ may ship code."""
+    from alignctl import checks, links
+
+    problems: list[str] = []
+    notes: list[str] = []
+    model = dict(spec.get("model") or {})
+    ev = dict(spec.get("eval") or {})
+    for key, path, rev in (("init_path", spec.get("init_path"), model.get("revision")),
+                           ("ref_path", spec.get("ref_path"), model.get("revision")), ("final", str(final), None),
+                           ("eval.reward_path", ev.get("reward_path"), (ev.get("reward_load") or {}).get("revision"))):
+        gguf = model.get("gguf_file") if path == model.get("name_or_path") else None  # de-quantised at load
+        if path:
+            problems += links.model_problems(str(path), rev, f"eval: {where}: {key}", True, notes, gguf)
+    problems += filter(None, [checks.writable_problem(Path(str(spec.get("cache_dir") or ".")), f"eval: {where}: "
+                                                                                              "cache_dir")])
+    if problems:
+        raise ConfigError(problems)
+    if trust:
+        return spec
+    loads = {**(spec.get(links.LOAD_KEY) or {}), "eval.reward": ev.get("reward_load") or {}}
+    if model.get("trust_remote_code") is True or any(v.get("trust_remote_code") for v in loads.values()):
+        import logging
+
+        logging.getLogger("alignctl").warning("eval: %s asks for remote code; it stays off (pass --trust-remote-code "
+                                              "to run code shipped with its models)", where)
+    off = lambda load: {**load, "trust_remote_code": False} if load else load  # noqa: E731
+    ev["reward_load"] = off(ev.get("reward_load"))
+    return {**spec, "model": {**model, "trust_remote_code": False}, "eval": ev,
+            links.LOAD_KEY: {k: off(v) for k, v in (spec.get(links.LOAD_KEY) or {}).items()}}
 
 
 def _overlap(stage: dict, metrics: dict) -> dict:
@@ -239,8 +284,12 @@ def _eval_stage(ctx, final: Path):
     model = load(str(final))
     generated = ctx.finish_policy_eval(pe, model, samples_to=None)  # the store entry is never written to
     after = generated["after"]
-    if ctx.kind.data_kind == "preference" and ctx.eval is not None:
-        after.update(evaluate.preference_accuracy(model, ctx.tokenizer, ctx.eval, pe.batch_size))
+    if ctx.kind.data_kind == "preference" and ctx.eval is not None:  # as in the run: the stage's batch and length
+        from alignctl import trl_fields
+
+        defaults = {k: f.get("default") for k, f in trl_fields.fields(ctx.kind.config_class).items()}
+        after.update(evaluate.preference_accuracy(model, ctx.tokenizer, ctx.eval,
+                                                  **evaluate.pref_settings({**defaults, **ctx.spec["args"]})))
     return generated, pe
 
 
@@ -255,11 +304,13 @@ def eval_model(path: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path
     dspec = _data_spec(opts["--prompts"])
     train, held = data.load(dspec, "prompt", "--prompts")
     prompts = evaluate.held_out_prompts(held if held is not None else train, settings["max_prompts"])
-    model_spec = {"name_or_path": str(path)}
+    # remote code of the model and its reference only with --trust-remote-code; the reward model never runs any
+    model_spec = {"name_or_path": str(path), "trust_remote_code": bool(opts.get("--trust-remote-code"))}
     precision = models.precision_for("auto")
+    ref_path = opts.get("--reference")
+    _folders_checked([("eval", path), ("--reference", ref_path), ("--reward", opts.get("--reward"))])
     tok = models.load_tokenizer(str(path), model_spec)
     pe = evaluate.PolicyEval(settings, tok, prompts, 8, ref_is_initial=True)
-    ref_path = opts.get("--reference")
     if ref_path:
         ref = models.load_causal_lm(str(Path(ref_path).expanduser()), model_spec, precision, tok)
         pe.before(ref)
@@ -291,6 +342,15 @@ def eval_model(path: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path
     out = Path(opts.get("--out") or f"eval-{name}")
     _write(result, out, {name: pe})
     return result, out
+
+
+def _folders_checked(folders: list[tuple[str, Any]]) -> None:
+    """Model folders given on the command line hold what alignctl loads (config.json, tokenizer, safetensors)."""
+    from alignctl import checks
+
+    problems = [p for where, f in folders if f for p in checks.local_model_problems(Path(f).expanduser(), where)]
+    if problems:
+        raise ConfigError(problems)
 
 
 def cmd_generate(args: list[str]) -> int:

@@ -11,6 +11,11 @@ Ties count half. Two versions:
 * ``eval_pref_accuracy_norm``: mean log-probability per completion token (length-normalised), which
   does not reward short answers for being short.
 
+Both at the stage's eval batch size, with prompt + completion cut to its ``max_length`` as its TRL trainer cuts
+them (:func:`truncate`) and never past the model's position embeddings; log-probabilities come from chunked
+logsumexps, never a full-vocabulary fp32 log-softmax of a batch (:func:`token_logps`); under torch.distributed each
+process scores its share of the pairs.
+
 Generation-based evaluation of a policy stage (:class:`PolicyEval`), before and after training, on at
 most ``eval.max_prompts`` held-out prompts: one completion per prompt sampled with a fixed seed (at most
 ``eval.max_new_tokens`` tokens, cut after the first EOS), then
@@ -88,21 +93,24 @@ def stage_settings(ev: dict, stage: dict, stages: list[dict], run_seed: int) -> 
         return out
     names = [s["name"] for s in stages]
     earlier = stages[:names.index(stage["name"])]
-    reward, reward_path = None, None
+    reward, reward_path, load = None, None, None
     wanted = ev.get("reward")
     if wanted:
         if wanted in names:
             if any(s["name"] == wanted for s in earlier):
                 reward, reward_path = wanted, str(Path(stage["run_dir"]) / wanted / "final")
-        else:
-            reward, reward_path = wanted, wanted
+        else:  # a model outside the recipe: its own revision, never remote code (alignctl.spec._eval_reward)
+            reward, reward_path, load = wanted, wanted, ev.get("reward_load") or {"trust_remote_code": False}
     elif stage.get("reward_path"):
-        reward, reward_path = stage.get("reward"), stage["reward_path"]
+        from alignctl.links import load_settings
+
+        reward, reward_path, load = stage.get("reward"), stage["reward_path"], load_settings(stage, "reward")
     else:
         rms = [s for s in earlier if STAGES[s["trainer"]].name == "reward"]
         if rms:
             reward, reward_path = rms[-1]["name"], str(Path(stage["run_dir"]) / rms[-1]["name"] / "final")
     out["reward"], out["reward_path"] = reward or (Path(reward_path).name if reward_path else None), reward_path
+    out["reward_load"] = load  # None: a stage of the recipe (loaded with the base model's settings)
     return out
 
 
@@ -218,26 +226,61 @@ def _eval_mode(model):
 
 def token_logps(model, tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                 batch_size: int) -> list[tuple[float, int]]:
-    """(sum of log-probabilities of the completion's tokens given the prompt, number of completion tokens) for
-    each prompt/completion pair of token ids; right-padded batches."""
+    """(sum of log-probabilities of the completion's tokens given the prompt, number of completion tokens scored)
+    for each prompt/completion pair of token ids; right-padded batches. A first token without any prompt before it
+    has no prediction and is not scored.
+
+    Memory: the logits of a batch are asked for only from the position predicting its first completion token on
+    (transformers' ``logits_to_keep``), in the model's dtype; each row's log-probabilities are its target logits
+    minus a logsumexp computed :data:`LSE_ELEMENTS` logits at a time, upcast to fp32 per chunk, so no
+    full-vocabulary fp32 copy or log-softmax of the batch is ever made."""
     import torch
 
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
     out: list[tuple[float, int]] = []
-    with _eval_mode(model):
+    with _eval_mode(model), torch.no_grad():
         for i in range(0, len(prompt_ids), batch_size):
             seqs = [p + c for p, c in zip(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size])]
-            starts = [len(p) for p in prompt_ids[i:i + batch_size]]
+            starts = [max(len(p), 1) for p in prompt_ids[i:i + batch_size]]  # the first scored position of each row
             width = max(len(x) for x in seqs)
+            lo = min(starts) - 1  # logits before this position predict no completion token
             input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs], device=device)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=device)
-            with torch.no_grad():
-                logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            logits = _logits(model, input_ids, mask, width - lo)  # position lo + j at index j
             for row, (x, start) in enumerate(zip(seqs, starts)):
-                out.append((float(logp[row, start - 1:len(x) - 1].sum()), len(x) - start))
+                n = max(0, len(x) - start)
+                rows = logits[row, start - 1 - lo:start - 1 - lo + n]
+                out.append((_sum_logps(rows, input_ids[row, start:start + n]), n))
+            del logits
     return out
+
+
+LSE_ELEMENTS = 1 << 22  # logits upcast to fp32 at a time for the log-softmax normaliser (16 MiB)
+
+
+def _sum_logps(rows, targets) -> float:
+    """Sum over positions of log softmax(rows)[target]: target logit minus logsumexp, a chunk of positions at a time."""
+    import torch
+
+    step = max(1, LSE_ELEMENTS // max(1, rows.shape[-1]))
+    total = 0.0
+    for k in range(0, rows.shape[0], step):
+        part = rows[k:k + step].float()
+        picked = part.gather(-1, targets[k:k + step, None]).squeeze(-1)
+        total += float((picked - torch.logsumexp(part, dim=-1)).sum(dtype=torch.float64))
+    return total
+
+
+def _logits(model, input_ids, mask, keep: int):
+    """The logits of the last ``keep`` positions; only those are computed where the model takes ``logits_to_keep``
+    (transformers' causal LMs; a PEFT model passes it on to its base model)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
+        return model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
+    return model(input_ids=input_ids, attention_mask=mask).logits[:, -keep:]
 
 
 # -- preference accuracy --------------------------------------------------------------------------------------------
@@ -260,36 +303,132 @@ def _texts(tokenizer, prompt: Any, completion: Any) -> tuple[str, str]:
     return prompt or "", (prompt or "") + (completion or "")
 
 
-def completion_stats(model, tokenizer, prompts: list, completions: list, batch_size: int = 32
-                     ) -> list[tuple[float, int]]:
-    """(summed log-probability, token count) of each completion given its prompt (texts or conversations)."""
-    p_ids, c_ids = [], []
+def max_positions(model) -> int | None:
+    """The longest sequence the model's position embeddings cover (max_position_embeddings, GPT-2's n_positions)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def truncate(prompt: list[int], completion: list[int], limit: int | None, truncation_mode: str = "keep_start"
+             ) -> tuple[list[int], list[int]] | None:
+    """Prompt and completion ids cut to ``limit`` tokens together as TRL 1.16's preference trainers do: the
+    completion's end goes (``keep_start``, every kind's default), or with DPO's ``truncation_mode: keep_end`` the
+    sequence's start (the prompt first). None: nothing of the completion is left (``keep_start`` with a prompt that
+    fills ``limit``; TRL drops such a pair)."""
+    over = len(prompt) + len(completion) - (limit or 0)
+    if limit is None or over <= 0:
+        return prompt, completion
+    if truncation_mode == "keep_end":
+        from_prompt = min(over, len(prompt))
+        kept = completion[over - from_prompt:]
+        return (prompt[from_prompt:], kept) if kept else None
+    if len(prompt) >= limit:
+        return None
+    return prompt, completion[:limit - len(prompt)]
+
+
+def completion_stats(model, tokenizer, prompts: list, completions: list, batch_size: int = 8,
+                     max_length: int | None = None, truncation_mode: str = "keep_start"
+                     ) -> list[tuple[float, int] | None]:
+    """(summed log-probability, token count) of each completion given its prompt (texts or conversations), prompt
+    and completion cut to ``max_length`` and never beyond the model's position embeddings (:func:`truncate`); None
+    for a pair that truncation leaves without completion tokens."""
+    limits = [v for v in (max_length, max_positions(model)) if v]
+    limit = min(limits) if limits else None
+    p_ids, c_ids, kept = [], [], []
     for p, c in zip(prompts, completions):
         p_text, full = _texts(tokenizer, p, c)
         pi = tokenizer(p_text, add_special_tokens=False)["input_ids"]
         fi = tokenizer(full, add_special_tokens=False)["input_ids"]
-        p_ids.append(fi[:len(pi)])
-        c_ids.append(fi[len(pi):])
-    return token_logps(model, tokenizer, p_ids, c_ids, batch_size)
+        cut = truncate(fi[:len(pi)], fi[len(pi):], limit, truncation_mode)
+        kept.append(cut is not None)
+        # a pair without completion left is still run (cut to the limit), so that every rank runs as many forward
+        # passes (sharded weights gather in them); its result is dropped
+        p_ids.append(cut[0] if cut else fi[:limit])
+        c_ids.append(cut[1] if cut else [])
+    stats = token_logps(model, tokenizer, p_ids, c_ids, batch_size)
+    return [s if k else None for s, k in zip(stats, kept)]
 
 
-def completion_logps(model, tokenizer, prompts: list, completions: list, batch_size: int = 32) -> list[float]:
-    """Sum of log-probabilities of each completion's tokens given its prompt."""
-    return [s for s, _ in completion_stats(model, tokenizer, prompts, completions, batch_size)]
+def completion_logps(model, tokenizer, prompts: list, completions: list, batch_size: int = 8) -> list[float]:
+    """Sum of log-probabilities of each completion's tokens given its prompt (NaN for one cut away entirely)."""
+    return [s[0] if s else float("nan") for s in completion_stats(model, tokenizer, prompts, completions, batch_size)]
 
 
-def preference_accuracy(model, tokenizer, dataset, batch_size: int = 32) -> dict[str, float]:
+def pref_settings(args: Any) -> dict[str, Any]:
+    """preference_accuracy's batch size and truncation, from a stage's TRL config (an object, or a mapping of its
+    fields): ``per_device_eval_batch_size``, ``max_length`` and ``truncation_mode`` (DPO's; the others keep the
+    start)."""
+    get = args.get if isinstance(args, dict) else (lambda key, default=None: getattr(args, key, default))
+    batch = get("per_device_eval_batch_size", None)
+    return {"batch_size": batch if isinstance(batch, int) and batch > 0 else 8, "max_length": get("max_length", None),
+            "truncation_mode": get("truncation_mode", None) or "keep_start"}
+
+
+def preference_accuracy(model, tokenizer, dataset, batch_size: int = 8, max_length: int | None = None,
+                        truncation_mode: str = "keep_start") -> dict[str, float]:
     """``eval_pref_accuracy`` / ``eval_pref_margin`` (summed log-probabilities) and ``eval_pref_accuracy_norm`` /
-    ``eval_pref_margin_norm`` (mean log-probability per token) on a prompt/chosen/rejected dataset."""
-    prompts = list(dataset["prompt"])
-    chosen = completion_stats(model, tokenizer, prompts, list(dataset["chosen"]), batch_size)
-    rejected = completion_stats(model, tokenizer, prompts, list(dataset["rejected"]), batch_size)
+    ``eval_pref_margin_norm`` (mean log-probability per token) on a prompt/chosen/rejected dataset, batched at the
+    stage's eval batch size and cut to its ``max_length`` (:func:`pref_settings`). Pairs that truncation leaves
+    without completion tokens are left out. Under torch.distributed each process scores its share of the pairs and
+    all of them get every result (all_gather_object)."""
+    prompts, chosen, rejected = list(dataset["prompt"]), list(dataset["chosen"]), list(dataset["rejected"])
+    mine = _my_share(len(prompts))
+    pick = lambda xs: [xs[max(i, 0)] for i in mine]  # noqa: E731  (-1: a filler, see _my_share)
+    kw = dict(batch_size=max(1, int(batch_size)), max_length=max_length, truncation_mode=truncation_mode)
+    c = completion_stats(model, tokenizer, pick(prompts), pick(chosen), **kw)
+    r = completion_stats(model, tokenizer, pick(prompts), pick(rejected), **kw)
+    rows = sorted(_gather([(i, a, b) for i, a, b in zip(mine, c, r) if i >= 0]))
+    pairs = [(a, b) for _, a, b in rows if a is not None and b is not None]
+    if len(pairs) < len(prompts):
+        import logging
+
+        logging.getLogger("alignctl").info("preference accuracy: %d of %d held-out pairs left out (the prompt alone "
+                                           "fills max_length=%s)", len(prompts) - len(pairs), len(prompts),
+                                           max_length)
+    if not pairs:
+        return {}
     out = {}
     for suffix, f in (("", lambda s, n: s), ("_norm", lambda s, n: s / max(n, 1))):
-        c, r = [f(*x) for x in chosen], [f(*x) for x in rejected]
-        out[f"eval_pref_accuracy{suffix}"] = win_rate(c, r)["rate"]
-        out[f"eval_pref_margin{suffix}"] = _mean([a - b for a, b in zip(c, r)])
+        cs, rs = [f(*a) for a, _ in pairs], [f(*b) for _, b in pairs]
+        out[f"eval_pref_accuracy{suffix}"] = win_rate(cs, rs)["rate"]
+        out[f"eval_pref_margin{suffix}"] = _mean([a - b for a, b in zip(cs, rs)])
     return out
+
+
+def _distributed():
+    """torch.distributed when a process group with several processes is initialised, else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def _my_share(n: int) -> list[int]:
+    """The indices of ``n`` items this process scores: every item on one process; under several processes every
+    world-th one, padded with -1 (a filler that runs item 0 and is dropped) so that every rank runs as many forward
+    passes (under ZeRO-3 / FSDP every rank must take part in each)."""
+    dist = _distributed()
+    if dist is None:
+        return list(range(n))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(range(rank, n, world))
+    return mine + [-1] * (-(-n // world) - len(mine))
+
+
+def _gather(rows: list) -> list:
+    """Every process's ``rows``, concatenated (just ``rows`` on one process)."""
+    dist = _distributed()
+    if dist is None:
+        return rows
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]
 
 
 # -- reward-model scores --------------------------------------------------------------------------------------------

@@ -377,7 +377,9 @@ def run_stage(work: dict, spec_path: str | os.PathLike, launcher: dict | None) -
             return {"metrics": run_here(work), "world_size": 1}
     from alignctl import models
 
-    for key in ("init_path", "ref_path", "reward_path", "value_path"):  # build a built-in tiny model once, not per rank
+    from alignctl.links import LINKS
+
+    for key in (link.path_key for link in LINKS):  # build a built-in tiny model once, not per rank
         if work.get(key):
             models.materialize(work[key], work["cache_dir"], work["model"])
     out = Path(spec_path).parent / "launch"

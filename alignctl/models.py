@@ -209,11 +209,26 @@ def training_environment(spec: dict[str, Any], note: bool = True):
                 os.environ.pop(k, None)
 
 
+def link_model_spec(base: dict[str, Any], load: dict[str, Any] | None, path: str) -> dict[str, Any]:
+    """The model spec a link's model loads with (alignctl.links). ``load`` None: a stage of the recipe or the base
+    model, which loads with the base model's settings (its stages were trained with ``model.chat_template``, and a
+    stage's final/ is a local folder, so the revision does not apply). Otherwise a model outside the recipe, with
+    the settings recorded at plan time: its own revision, remote code only with the stage's consent, its own
+    tokenizer's chat template (``model.chat_template`` is not applied) and the attention transformers picks for it
+    (the base model's kernel may not support its architecture)."""
+    if load is None:
+        return base
+    return {"name_or_path": str(path), "revision": load.get("revision"),
+            "trust_remote_code": load.get("trust_remote_code") is True}
+
+
 def load_tokenizer(path: str, model_spec: dict[str, Any]):
     """Load a tokenizer and make it usable for chat training.
 
-    A tokenizer without a chat template gets ``model.chat_template`` or the default
-    one; a tokenizer without a pad token gets its unk token, else its eos token.
+    A tokenizer without a chat template gets ``model.chat_template`` or the default one (``model_spec`` is the
+    base model's, or a link's own from :func:`link_model_spec`, which sets no chat template: an outside reward or
+    judge model keeps its tokenizer's template); a tokenizer without a pad token gets its unk token, else its eos
+    token.
     """
     from transformers import AutoTokenizer
 

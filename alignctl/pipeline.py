@@ -276,7 +276,9 @@ def upstream_digest(s: dict, manifest: Manifest) -> str:
     from alignctl import store
 
     h = hashlib.sha256()
-    for link in ("from", "ref", "reward", "value"):
+    from alignctl.links import UPSTREAM
+
+    for link in UPSTREAM:  # from, ref, reward, value, judge (alignctl.links)
         name = s.get(link)
         up = next((st for st in manifest.data["stages"] if st["name"] == name), None) if name else None
         if up and up.get("fingerprint"):

@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from alignctl import checks, launch
+from alignctl import checks, launch, links
+from alignctl.links import LINKS
 from alignctl.stages import STAGES
 
 
@@ -74,11 +75,12 @@ def show(spec: dict, console: Console | None = None, overrides=None) -> None:
         console.print(f"\n[bold cyan]\\[{i}] {e(s['name'])}[/bold cyan]  trainer: {s['trainer']} ({e(kind.summary)})")
         start = "policy" if kind.output in ("causal_lm", "data") else "init"
         rows = [(start, f"← {s['from'] or 'base model ' + str(model['name_or_path'])}")]
-        if "ref" in kind.links:
-            rows.append(("reference", f"← {s.get('ref') or 'base model'}"))
-        for link in ("reward", "value", "judge"):
-            if link in kind.links and (s.get(link) or s.get(f"{link}_path")):
-                rows.append((link, f"← {s.get(link) or s.get(f'{link}_path')}"))
+        for link in LINKS:  # ref, reward, value, judge (alignctl.links); `from` is the row above
+            if link.name == "from":
+                continue
+            target = links.shown(s, link) if link.external else s.get(link.name)
+            if link.name in kind.links and (target or not link.external):
+                rows.append((link.label, f"← {target or 'base model'}"))
         if s.get("reward_funcs"):
             rows.append(("reward fns", ", ".join(f if isinstance(f, str) else next(iter(f)) for f in s["reward_funcs"])))
         rows += [("data", _data_label(s["data"])), ("output", f"<run dir>/{s['name']}/final")]

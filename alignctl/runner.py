@@ -58,24 +58,39 @@ class StageContext:
             return None
         return models.load_causal_lm(ref, self.model_spec, self.precision, self.tokenizer, peft=self.peft)
 
-    def load_classifier(self, path: str | None = None):
+    def load_classifier(self, path: str | None = None, model_spec: dict[str, Any] | None = None):
         """A one-output sequence classifier from ``path`` (default: the stage's initial weights), e.g. a reward model.
         The stage's own classifier (no ``path``) follows the stage's peft setting; linked reward/value models load
-        in the compute dtype."""
+        in the compute dtype, with ``model_spec`` (a link's own, :meth:`link_model`; default the base model's)."""
         if path is None:
             model = models.load_sequence_classifier(self.init_path, self.model_spec, self.precision, self.tokenizer,
                                                     peft=self.peft)
             return models.prepare_for_training(model, self.peft, *self._checkpointing())
-        path = models.materialize(path, self.spec["cache_dir"])
-        return models.load_sequence_classifier(path, self.model_spec, self.precision, self.tokenizer)
+        spec = model_spec or self.model_spec
+        path = models.materialize(path, self.spec["cache_dir"], spec)
+        return models.load_sequence_classifier(path, spec, self.precision, self.tokenizer)
+
+    def link_model(self, name: str) -> tuple[str, dict[str, Any]]:
+        """(loadable path, model spec) of the model of link ``name`` (reward, value, judge; alignctl.links): a stage
+        of the recipe loads with the base model's settings, a model outside it with its own (revision, remote code
+        only with the stage's consent, its own chat template)."""
+        from alignctl import links
+
+        path = self.spec[links.BY_NAME[name].path_key]
+        spec = models.link_model_spec(self.model_spec, links.load_settings(self.spec, name), path)
+        return models.materialize(path, self.spec["cache_dir"], spec), spec
+
+    def link_tokenizer(self, name: str):
+        """The tokenizer of link ``name``'s model (with its own chat template when it is outside the recipe)."""
+        return models.load_tokenizer(*self.link_model(name))
 
     def load_reward_model(self):
-        """The model of the stage's `reward` link (a reward stage's final/ or a model path)."""
-        return self.load_classifier(self.spec["reward_path"])
+        """The model of the stage's `reward` link (a reward stage's final/ or a model outside the recipe)."""
+        return self.load_classifier(*self.link_model("reward"))
 
     def load_value_model(self):
         """The value model of the stage's `value` link; by default initialised from the reward model."""
-        return self.load_classifier(self.spec.get("value_path") or self.spec["reward_path"])
+        return self.load_classifier(*self.link_model("value" if self.spec.get("value_path") else "reward"))
 
     def peft_config(self):
         """The peft.LoraConfig for the trainer's ``peft_config`` (None under full fine-tuning). A classifier stage
@@ -108,10 +123,10 @@ class StageContext:
         if self.eval is None:
             return {}
         metrics = {k: v for k, v in trainer.evaluate().items() if _is_number(v)}
-        if preference_eval:
-            from alignctl.evaluate import preference_accuracy
+        if preference_eval:  # at the stage's eval batch size and max_length, each process scoring its share
+            from alignctl.evaluate import pref_settings, preference_accuracy
 
-            metrics.update(preference_accuracy(trainer.model, self.tokenizer, self.eval))
+            metrics.update(preference_accuracy(trainer.model, self.tokenizer, self.eval, **pref_settings(trainer.args)))
         return metrics
 
     # -- generation-based evaluation of a policy (alignctl.evaluate.PolicyEval) -------------------------------------
@@ -189,9 +204,11 @@ class StageContext:
             if reward_model is not None:
                 yield reward_model, self.tokenizer
                 return
-            path = models.materialize(self.spec["eval"]["reward_path"], self.spec["cache_dir"])
-            rtok = models.load_tokenizer(path, self.model_spec)
-            rm = _to_device(self.load_classifier(path), like)
+            settings = self.spec["eval"]  # eval.reward outside the recipe: its own settings, never remote code
+            spec = models.link_model_spec(self.model_spec, settings.get("reward_load"), settings["reward_path"])
+            path = models.materialize(settings["reward_path"], self.spec["cache_dir"], spec)
+            rtok = models.load_tokenizer(path, spec)
+            rm = _to_device(self.load_classifier(path, spec), like)
             try:
                 yield rm, rtok
             finally:
@@ -278,9 +295,9 @@ class StageContext:
                 if self.metrics is None:  # the first evaluation of train() is the one at step 0
                     self.metrics = {k: v for k, v in (metrics or {}).items() if _is_number(v)}
                     if preference_eval:
-                        from alignctl.evaluate import preference_accuracy
+                        from alignctl.evaluate import pref_settings, preference_accuracy
 
-                        self.metrics.update(preference_accuracy(model, ctx.tokenizer, ctx.eval))
+                        self.metrics.update(preference_accuracy(model, ctx.tokenizer, ctx.eval, **pref_settings(args)))
 
         callback = BeforeEval()
         trainer.add_callback(callback)

@@ -121,6 +121,16 @@ PLAN_CASES = [
      ["stages.ppo.trust_remote_code_links: must be a list of this stage's model links"]),
     ("links-consent-without-flag", ["recipe=rlhf-ppo", "+stages.ppo.trust_remote_code_links=[reward]"],
      ["stages.ppo.trust_remote_code_links", "also needs model.trust_remote_code=true"]),
+    ("judge-consent-without-flag", ["recipe=rlaif-dpo", "+stages.gen.trust_remote_code_links=[judge]"],
+     ["stages.gen.trust_remote_code_links", "also needs model.trust_remote_code=true"]),
+    ("judge-remote-code-without-consent", ["recipe=rlaif-dpo", "model.trust_remote_code=true",
+                                           "stages.gen.judge=someorg/judge"],
+     ["stages.gen.judge: model.trust_remote_code is on and would also run code shipped with 'someorg/judge'"]),
+    ("hub-link-empty-revision", ["recipe=rlhf-ppo", "stages.ppo.reward=org/rm@"],
+     ["stages.ppo.reward: 'org/rm@' is not a Hub id (org/repo, or org/repo@<revision> to pin one)"]),
+    ("eval-reward-empty-revision", ["eval.reward=org/rm@"], ["eval.reward: 'org/rm@' is neither a reward stage"]),
+    ("judge-is-a-reward-stage", ["recipe=iterative-dpo", "+stages.round.gen.judge=rm"],
+     ["stages.gen1.judge: 'rm' is a reward stage, not a language model"]),
     # launchers
     ("torchrun-nproc-zero", ["launcher=torchrun", "launcher.nproc_per_node=0"],
      ["launcher.nproc_per_node: must be a positive integer"]),
@@ -202,6 +212,28 @@ def test_remote_code_is_not_extended_to_a_reward_model_path(capsys, tmp_path):
     assert main(["plan", f"output_root={tmp_path / 'out'}", "recipe=rlhf-ppo", "model.trust_remote_code=true",
                  f"stages.ppo.reward={rm}", "+stages.ppo.trust_remote_code_links=[reward]"]) == 0
     assert "trust_remote_code: on" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("link,config,needle", [
+    ("stages.ppo.reward", {"architectures": ["LlamaForCausalLM"]}, "is a language model (LlamaForCausalLM), not a "
+                                                                   "reward model"),
+    ("eval.reward", {"architectures": ["GPT2LMHeadModel"]}, "is a language model (GPT2LMHeadModel), not a reward"),
+    ("stages.gen.judge", {"architectures": ["LlamaForSequenceClassification"]}, "is a classifier"),
+    ("stages.ppo.reward", {"model_type": "custom", "auto_map": {"AutoModel": "m.M"}}, "needs Python code shipped"),
+    ("eval.reward", {"model_type": "custom", "auto_map": {"AutoModel": "m.M"}}, "needs Python code shipped with it "
+                                                                             "(config.json auto_map, model type "
+                                                                             "'custom' unknown to transformers); "
+                                                                             "alignctl never runs remote code for it"),
+], ids=["reward-is-causal-lm", "eval-reward-is-causal-lm", "judge-is-classifier", "reward-ships-code",
+        "eval-reward-ships-code"])
+def test_linked_model_folder_of_the_wrong_kind(link, config, needle, capsys, tmp_path):
+    """The kind of model a linked folder holds, read from its config.json (a causal LM loaded as a reward model got a
+    freshly initialised score head, and PPO optimised noise)."""
+    folder = model_folder(tmp_path / "m")
+    (folder / "config.json").write_text(json.dumps(config))
+    recipe = {"stages.ppo": "recipe=rlhf-ppo", "stages.gen": "recipe=rlaif-dpo"}.get(link.rpartition(".")[0])
+    err = plan_fails(capsys, tmp_path, *filter(None, [recipe]), f"{link}={folder}")
+    assert f"{link}: {folder} {needle}" in " ".join(err.split()), err
 
 
 def test_reward_model_path_without_config(capsys, tmp_path):

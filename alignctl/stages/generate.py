@@ -208,9 +208,7 @@ def run(ctx):
     scores = [[0.0] * cfg.k for _ in prompts]
     info: dict = {"prompts": len(prompts), "k": cfg.k, "scorers": []}
     if ctx.spec.get("reward_path"):
-        rm = ctx.load_reward_model()
-        rpath = models.materialize(ctx.spec["reward_path"], ctx.spec["cache_dir"])
-        rtok = models.load_tokenizer(rpath, ctx.model_spec)
+        rm, rtok = ctx.load_reward_model(), ctx.link_tokenizer("reward")  # an outside model: its own settings
         flat = evaluate.reward_scores(rm, rtok, tok, [p for p in prompt_ids for _ in range(cfg.k)],
                                       [answers[j][i] for i in range(len(prompts)) for j in range(cfg.k)],
                                       cfg.batch_size)
@@ -221,9 +219,9 @@ def run(ctx):
         del rm
         _release_memory()
     if ctx.spec.get("judge_path"):
-        jpath = models.materialize(ctx.spec["judge_path"], ctx.spec["cache_dir"], ctx.model_spec)
-        jtok = models.load_tokenizer(jpath, ctx.model_spec)
-        jmodel = models.load_causal_lm(jpath, ctx.model_spec, ctx.precision, jtok)
+        jpath, jspec = ctx.link_model("judge")  # an outside judge: its own revision, template and consent
+        jtok = models.load_tokenizer(jpath, jspec)
+        jmodel = models.load_causal_lm(jpath, jspec, ctx.precision, jtok)
         ask = judge.LMJudge(jmodel, jtok, ctx.spec.get("constitution"), cfg.judge_template, cfg.batch_size)
         wins, stats = judge.round_robin(ask, [judge.prompt_text(p) for p in prompts], texts)
         for i in range(len(prompts)):

@@ -94,15 +94,12 @@ def reward_functions(ctx) -> tuple[list, list]:
     """(reward_funcs, reward_processing_classes) for TRL: the linked reward model first, then built-in functions."""
     import trl.rewards
 
-    from alignctl import models
-
     funcs, classes = [], []
     if ctx.spec.get("reward_path"):
         rm = ctx.load_reward_model()
         rm.config._name_or_path = ctx.spec.get("reward") or ctx.spec["reward_path"]  # TRL names its metrics by it
-        path = models.materialize(ctx.spec["reward_path"], ctx.spec["cache_dir"])
         funcs.append(rm)
-        classes.append(models.load_tokenizer(path, ctx.model_spec))
+        classes.append(ctx.link_tokenizer("reward"))  # an outside reward model formats with its own chat template
     for name, kwargs in _entries(ctx.spec.get("reward_funcs")):
         fn = getattr(trl.rewards, name)
         funcs.append(fn(**kwargs) if BUILTIN_REWARDS[name] else fn)

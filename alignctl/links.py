@@ -1,0 +1,177 @@
+"""The links of a stage to other models: one table that every module handling links reads (no torch, no TRL).
+
+A stage names the models it uses with links: ``from`` (its initial weights), ``ref`` (the reference), ``reward``,
+``value`` and ``judge``. :data:`LINKS` says of each what it must point at, whether it may name a model outside the
+recipe (a folder, a Hub id ``org/repo[@revision]`` or a built-in tiny model), whether such a model runs remote code
+only with the stage's ``trust_remote_code_links`` consent, whether it counts in the upstream digest
+(alignctl.pipeline), its row label in ``alignctl plan`` and the stage spec key of its resolved path.
+spec.py, store.py, pipeline.py, plan.py, launch.py and the runner iterate this table instead of listing names
+(tests/test_links.py checks that no other module lists them).
+
+An external link (not a stage of the recipe) loads with its own settings, recorded at plan time under the stage
+spec's ``link_load`` ({link: {revision, trust_remote_code}}; alignctl.models.link_model_spec): its own revision
+(``org/repo@<revision>``; a local path never splits on ``@``), remote code only with consent, and its own
+tokenizer's chat template (``model.chat_template`` is the base model's and the recipe's stages'). ``eval.reward``
+is not a stage link; it loads the same way, and never with remote code (:data:`EVAL_REWARD`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+CAUSAL_LM, CLASSIFIER = "causal_lm", "classifier"
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str  # the stage key: from, ref, reward, value, judge
+    path_key: str  # the stage spec key holding the resolved model path
+    points_at: str  # what it must be: a language model (causal_lm) or a one-output classifier (classifier)
+    external: bool  # may name a model folder, a Hub id or a built-in tiny model, not only an earlier stage
+    consent: bool  # as an external model, runs remote code only when trust_remote_code_links lists it
+    upstream: bool  # the linked stage's completed files count in the stage's upstream digest
+    label: str  # its row in `alignctl plan`
+    # a classifier link that also accepts a language model (its head then starts fresh): the plan note saying so
+    causal_lm_note: str | None = None
+
+
+LINKS: tuple[Link, ...] = (
+    Link("from", "init_path", CAUSAL_LM, external=False, consent=False, upstream=True, label="policy"),
+    Link("ref", "ref_path", CAUSAL_LM, external=False, consent=False, upstream=True, label="reference"),
+    Link("reward", "reward_path", CLASSIFIER, external=True, consent=True, upstream=True, label="reward"),
+    Link("value", "value_path", CLASSIFIER, external=True, consent=True, upstream=True, label="value",
+         causal_lm_note="is a language model: the value model starts from its weights with a freshly initialised "
+                        "value head (as expected for PPO)"),
+    Link("judge", "judge_path", CAUSAL_LM, external=True, consent=True, upstream=True, label="judge"),
+)
+# `eval.reward`: the evaluation's reward model (alignctl.evaluate), loaded like an external reward link but never
+# with remote code: evaluation settings are outside the fingerprint and have no consent key of their own.
+EVAL_REWARD = Link("eval.reward", "reward_path", CLASSIFIER, external=True, consent=False, upstream=False,
+                   label="eval reward")
+BY_NAME: dict[str, Link] = {link.name: link for link in LINKS}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+EXTERNAL: tuple[Link, ...] = tuple(link for link in LINKS if link.external)
+CONSENT: tuple[str, ...] = tuple(link.name for link in LINKS if link.consent)
+UPSTREAM: tuple[str, ...] = tuple(link.name for link in LINKS if link.upstream)
+LOAD_KEY = "link_load"  # stage spec key: {link: {"revision": ..., "trust_remote_code": ...}} of external links
+
+
+def hub_ref(value: str) -> tuple[str, str | None]:
+    """``org/repo@revision`` -> (``org/repo``, ``revision``); without ``@`` the revision is None (the default
+    branch). Only for Hub ids: a local path is never split."""
+    repo, at, revision = str(value).partition("@")
+    return (repo, revision) if at else (str(value), None)
+
+
+def load_settings(stage: dict, name: str) -> dict | None:
+    """The recorded load settings of an external link, or None for a stage of the recipe (or the base model)."""
+    return (stage.get(LOAD_KEY) or {}).get(name)
+
+
+def revision(stage: dict, name: str) -> str | None:
+    """The revision a link's model is loaded at: an external link's own, else the base model's (a link to the base
+    model, e.g. ``from``/``ref`` without an earlier stage)."""
+    own = load_settings(stage, name)
+    if own is not None:
+        return own.get("revision")
+    return (stage.get("model") or {}).get("revision")
+
+
+# -- what a local model folder holds (its config.json) ------------------------------------------------------------
+def folder_config(path: str | Path) -> dict | None:
+    """A model folder's config.json, or None when it has none (or it is not JSON)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def output_of(config: dict | None) -> str | None:
+    """causal_lm / classifier from a config's ``architectures`` (e.g. LlamaForCausalLM, GPT2LMHeadModel,
+    LlamaForSequenceClassification), None when it does not say."""
+    archs = [a for a in (config or {}).get("architectures") or [] if isinstance(a, str)]
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return CLASSIFIER
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return CAUSAL_LM
+    return None
+
+
+def needs_remote_code(config: dict | None) -> bool:
+    """A config whose model transformers cannot build from its own code: an ``auto_map`` (code shipped with the
+    model) for a model type transformers does not know. With a known type, transformers ignores the shipped code
+    unless remote code is allowed."""
+    cfg = config or {}
+    if not cfg.get("auto_map"):
+        return False
+    return not _native_model_type(str(cfg.get("model_type") or ""))
+
+
+def _native_model_type(model_type: str) -> bool:
+    """Whether transformers has the model family (its models/<type> folder), found without importing it."""
+    from importlib.util import find_spec
+
+    spec = find_spec("transformers")
+    if not model_type or spec is None or not spec.submodule_search_locations:
+        return False
+    return (Path(list(spec.submodule_search_locations)[0]) / "models" / model_type.replace("-", "_")).is_dir()
+
+
+def folder_kind_problems(link: Link, shown: str, config: dict | None, where: str, notes: list[str]) -> list[str]:
+    """A local folder named by ``link`` holds the right kind of model (from config.json's ``architectures``): a
+    reward model needs a trained score head, so a causal LM is refused; a value link accepts one with a note; a
+    judge must be a language model."""
+    found = output_of(config)
+    if found is None or found == link.points_at:
+        return []
+    arch = ", ".join((config or {}).get("architectures") or [])
+    if found == CAUSAL_LM and link.causal_lm_note:
+        notes.append(f"{where}: {shown} {link.causal_lm_note}")
+        return []
+    if link.points_at == CLASSIFIER:
+        return [f"{where}: {shown} is a language model ({arch}), not a reward model: a reward model needs a trained "
+                "score head; train a reward stage (trainer: reward) and name it, or point at a "
+                "*ForSequenceClassification model"]
+    return [f"{where}: {shown} is a classifier ({arch}), not a language model; a {link.name} must be a causal LM "
+            "(a language-model stage of this recipe, or a *ForCausalLM model)"]
+
+
+def model_problems(path: str, rev: str | None, where: str, run: bool, notes: list[str],
+                   gguf_file: str | None = None) -> list[str]:
+    """A model location as plan checks it: a built-in tiny model, an installed ``pkg:`` folder, a local folder
+    (config.json, tokenizer, safetensors; or ``gguf_file``, the base model's) or a Hub id at ``rev`` (cached or
+    reachable; offline: a note for plan, an error for ``run``)."""
+    from alignctl import checks
+    from alignctl.tiny import TINY_ARCHS, TINY_PREFIX, is_tiny, tiny_arch
+
+    if is_tiny(path):
+        ok = tiny_arch(path) in TINY_ARCHS
+        return [] if ok else [f"{where}: unknown built-in tiny model '{path}'; choose from "
+                              f"{', '.join(TINY_PREFIX + a for a in TINY_ARCHS)}"]
+    if str(path).startswith("pkg:"):
+        from alignctl.models import pkg_dir
+
+        folder = pkg_dir(path)
+        if folder is None:
+            return [f"{where}: the package of {path} is not installed"] if run else []
+        return checks.local_model_problems(folder, where, gguf_file)
+    from alignctl.data import looks_local
+
+    if Path(path).is_absolute() or looks_local(path):
+        return checks.local_model_problems(Path(path).expanduser(), where, gguf_file)
+    problems, hub_notes = checks.hub_model_problems(path, rev, where, run)
+    notes += hub_notes
+    return problems
+
+
+def shown(stage: dict, link: Link) -> str | None:
+    """What plan shows for a link: the stage it names, else its model (with ``@revision`` when it has one)."""
+    if stage.get(link.name):
+        return str(stage[link.name])
+    path = stage.get(link.path_key)
+    if not path:
+        return None
+    own = load_settings(stage, link.name) or {}
+    return f"{path}@{own['revision']}" if own.get("revision") else str(path)
