@@ -71,7 +71,8 @@ def _build_once(out: Path, build) -> str:
     import tempfile
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp{os.getpid()}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp{os.getpid()}.", dir=out.parent))  # new, never a link
+    tmp.chmod(0o755)  # as a folder made by mkdir (mkdtemp makes it 0700)
     try:
         build(tmp)
         _seal_build(tmp, out.name)

@@ -76,9 +76,11 @@ def key() -> bytes:
         if not path.exists():
             _create(path)
         deadline = time.monotonic() + 5
-        while True:  # a racing creator may not have written its key yet
-            raw = _parse(path.read_text())
-            if raw is not None or time.monotonic() > deadline:
+        while True:  # a racing creator may not have written its key yet: an empty file (or a part of the key)
+            text = path.read_text().strip()
+            raw = _parse(text)
+            writing = len(text) < 2 * KEY_BYTES and all(c in "0123456789abcdef" for c in text)
+            if raw is not None or not writing or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
     except OSError as e:
