@@ -21,6 +21,11 @@ in ``COMPLETE`` (written last), and its Trainer checkpoints are deleted unless t
 the entry cheaply first (sizes, mtimes, a sampled hash of every file; a full hash of a file whose mtime moved) and
 retrains a damaged entry. Run folders get the entry's files reflinked, hard-linked (read-only, when not root) or
 copied, so nothing written into a run's ``final/`` reaches the store.
+
+``COMPLETE`` and an entry's ``upstream.json`` (written when training starts) are sealed with the user's key
+(:mod:`alignctl.trust`); :meth:`Entry.seal` says whether what a run would take from an entry (a complete entry, or
+checkpoints to resume) was sealed by this user. The rule built on it (the default store takes only the user's
+entries, a named store any) is :func:`alignctl.pipeline._check_trust`.
 """
 
 from __future__ import annotations
