@@ -283,7 +283,7 @@ def _check_upstream(s: dict, entry, manifest: Manifest) -> str:
         entry.drop_checkpoints()
         checkpoints = False
     entry.dir.mkdir(parents=True, exist_ok=True)
-    seal = entry.seal()
+    seal = entry.trust_state()
     if not (checkpoints and before == digest and seal and not seal[1]):
         entry.write_marker(digest)
     return digest
@@ -293,7 +293,7 @@ def _untrusted(entry) -> str | None:
     """Why this user cannot take an entry's content as theirs (None: nothing in it, or sealed with their key)."""
     from alignctl import trust
 
-    seal = entry.seal()
+    seal = entry.trust_state()
     if seal is None or seal[1]:
         return None
     return (f"store entry {entry.dir} was not written by you ({_seal_phrase(seal)}): alignctl reuses or resumes "
@@ -336,7 +336,7 @@ def _check_seal(s: dict, entry, manifest: Manifest, trusted_store: bool) -> None
         manifest.update(s["name"], status="failed")
         raise ConfigError([why])
     log.info("stage %s: store entry %s was not written by you (%s); trusted because the store was named on the "
-             "command line (store=%s)", s["name"], entry.dir, _seal_phrase(entry.seal()), entry.dir.parent)
+             "command line (store=%s)", s["name"], entry.dir, _seal_phrase(entry.trust_state()), entry.dir.parent)
 
 
 def _not_reusable(s: dict, entry, manifest: Manifest) -> str | None:

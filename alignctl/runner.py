@@ -434,9 +434,8 @@ def log_to_run_log(trainer, stage: str) -> None:
 
 def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one stage; returns its metrics. The stage's final/ exists only if this returns."""
-    from alignctl.stages import module
-
     from alignctl.launch import rank_env
+    from alignctl.stages import module
 
     ctx = StageContext(spec)
     try:

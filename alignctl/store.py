@@ -23,9 +23,9 @@ retrains a damaged entry. Run folders get the entry's files reflinked, hard-link
 copied, so nothing written into a run's ``final/`` reaches the store.
 
 ``COMPLETE`` and an entry's ``upstream.json`` (written when training starts) are sealed with the user's key
-(:mod:`alignctl.trust`); :meth:`Entry.seal` says whether what a run would take from an entry (a complete entry, or
-checkpoints to resume) was sealed by this user. The rule built on it (the default store takes only the user's
-entries, a named store any) is :func:`alignctl.pipeline._check_trust`.
+(:mod:`alignctl.trust`); :meth:`Entry.trust_state` says whether what a run would take from an entry (a complete
+entry, or checkpoints to resume) was sealed by this user. The rule built on it (the default store takes only the
+user's entries, a named store any) is :func:`alignctl.pipeline._check_trust`.
 """
 
 from __future__ import annotations
@@ -455,7 +455,7 @@ class Entry:
         fsutil.write_json(self.dir / UPSTREAM, trust.sealed({"fingerprint": self.fingerprint, "digest": digest}),
                           mode=0o644)
 
-    def seal(self) -> tuple[str, bool, str] | None:
+    def trust_state(self) -> tuple[str, bool, str] | None:
         """What a run would take from this folder and whether this user sealed it: ``(what, verifies, who)`` with
         what = ``COMPLETE`` (a complete entry is reused) or ``upstream.json`` (any other content: checkpoints are
         resumed from, leftover files would be kept); None when the folder is missing or holds only dot files

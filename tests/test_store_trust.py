@@ -194,7 +194,7 @@ def test_the_seal_is_checked_again_under_the_lock_just_before_use(tmp_path):
     assert manifest.stage("sft")["status"] == "failed"
     pipeline._check_seal(spec_["stages"][0], e, manifest, trusted_store=True)
     assert any("trusted because the store was named" in line for line in LOG)
-    assert store.Entry(tmp_path / "store", "sft", "d" * 64).seal() is None  # nothing there: nothing to trust
+    assert store.Entry(tmp_path / "store", "sft", "d" * 64).trust_state() is None  # nothing there: nothing to trust
 
 
 # -- N8: the model cache under output_root ---------------------------------------------------------------------------
@@ -250,7 +250,6 @@ def test_removing_the_upstream_entry_retrains_the_downstream_stage(tmp_path, cap
 
 # -- N10: merged weights are checked on disk --------------------------------------------------------------------------
 def test_a_merged_final_with_a_nan_tensor_fails_the_stage(tmp_path, monkeypatch):
-    import torch
     from safetensors.torch import load_file, save_file
 
     from alignctl.launch import StageFailed
