@@ -52,17 +52,84 @@ def materialize(name_or_path: str, cache_root: str | os.PathLike, model_spec: di
     return _build_once(out, lambda tmp: dequantize_gguf(path, gguf_file, tmp, model_spec))
 
 
+BUILT = ".alignctl-built.json"  # in a cached build: its files (sizes, hashes), sealed with the user's key
+
+
 def _build_once(out: Path, build) -> str:
-    if (out / "config.json").exists():
+    """A cached build (built-in tiny model, de-quantised GGUF) under ``<output_root>/.cache``, which a recipe may
+    choose: a folder is used only when its marker, sealed with this user's key (alignctl.trust), verifies and its
+    files match the marker (names, sizes, sampled hashes; a full hash where a time moved); otherwise it is built
+    again into a fresh temporary folder and swapped in. Ranks started by alignctl's launcher take the folder the
+    orchestrator has just checked (their node may hold another key, or none)."""
+    from alignctl.launch import ATTEMPT_ENV
+
+    if os.environ.get(ATTEMPT_ENV) and (out / BUILT).is_file():
         return str(out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
+    why = _build_problem(out)
+    if why is None:
+        return str(out)
+    if why != "missing":
+        log.warning("cached model %s cannot be used (%s); building it again", out, why)
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp{os.getpid()}.", dir=out.parent))  # new, never a link
+    tmp.chmod(0o755)  # as a folder made by mkdir (mkdtemp makes it 0700)
     try:
-        tmp.rename(out)
-    except OSError:  # another process built it first
+        build(tmp)
+        _seal_build(tmp, out.name)
+        _swap_in(tmp, out)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
+
+
+def _build_problem(out: Path) -> str | None:
+    """Why a cached build cannot be used (None: it can)."""
+    from alignctl import fsutil, store, trust
+
+    if out.is_symlink() or not out.is_dir():
+        return "missing" if not out.is_symlink() else "a symbolic link"
+    try:
+        marker = json.loads((out / BUILT).read_text())
+    except (OSError, ValueError):
+        return "no build marker"
+    ok, who = trust.check(marker)
+    if not ok or marker.get("name") != out.name or not isinstance(marker.get("files"), dict):
+        return f"build marker not sealed with your key ({who})"
+    present = {str(f.relative_to(out)) for f in fsutil.tree_files(out)} - {BUILT}
+    if present != set(marker["files"]):
+        return "other files than when built"
+    problems = store.check_files(out, marker["files"])
+    return problems[0] if problems else None
+
+
+def _seal_build(tmp: Path, name: str) -> None:
+    from alignctl import fsutil, store, trust
+
+    files = store.record_files(tmp)
+    fsutil.write_json(tmp / BUILT, trust.sealed({"name": name, "files": files}))
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the fresh build ``tmp`` at ``out``: a rename when there is nothing there; else, unless another process
+    has meanwhile put a good build there, the old folder is renamed away first and deleted after."""
+    try:
+        tmp.rename(out)
+        return
+    except OSError:  # out exists: another process built it first, or it is the build that failed the check
+        pass
+    if _build_problem(out) is None:
+        return
+    old = out.with_name(f"{out.name}.old{os.getpid()}.{os.urandom(4).hex()}")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    finally:
+        if old.is_symlink() or not old.is_dir():
+            old.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def pkg_dir(name_or_path: str) -> Path | None:

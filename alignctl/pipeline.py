@@ -182,15 +182,16 @@ def run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -
 
 
 def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
-    from alignctl import evaluate, store
+    from alignctl import evaluate, store, trust
 
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if config_yaml is not None:
         _write_private(run_dir / "config.yaml", config_yaml)
     stages = stage_specs(spec)
-    try:  # before anything trains: what this machine lacks for the launcher (cheap, first), then every stage's
-        _launch_preflight(spec.get("launcher"), None)  # TRL config, data and models
+    try:  # before anything trains: the key that seals what this run writes (alignctl.trust), what this machine
+        trust.key()  # lacks for the launcher (cheap, first), then every stage's TRL config, data and models
+        _launch_preflight(spec.get("launcher"), None)
         stages = preflight(stages, spec.get("launcher"))  # prepared: precision resolved, data/models by content
     except Exception as e:  # recorded: the run failed, every stage still pending
         Manifest(spec, list(overrides)).update(status="failed", error=str(e).splitlines()[0][:500] if str(e) else
@@ -200,12 +201,14 @@ def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) 
     for s in stages:  # evaluation settings change no weights: added after fingerprinting (alignctl.evaluate)
         s["eval"] = evaluate.stage_settings(spec.get("eval") or {}, s, stages, spec.get("seed", 42))
     manifest = Manifest(spec, list(overrides))
+    named = bool(spec.get("store_named"))  # store= given: its entries are trusted whoever sealed them
     try:
         with _stop_on_sigterm():
             _launch_preflight(spec.get("launcher"), manifest)
+            _check_trust(spec, stages, fps)  # before anything trains
             for s in stages:
                 _run_one(s, store.Entry(spec["store_dir"], s["trainer"], fps[s["name"]]), manifest,
-                         spec.get("launcher"))
+                         spec.get("launcher"), trusted_store=named)
     except BaseException as e:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         manifest.update(status=status, error=str(e).splitlines()[0][:500] if str(e) else type(e).__name__,
@@ -289,20 +292,85 @@ def upstream_digest(s: dict, manifest: Manifest) -> str:
 
 def _check_upstream(s: dict, entry, manifest: Manifest) -> str:
     """Checkpoints written on top of other upstream weights than the ones at hand are dropped (a resume would mix
-    them); the upstream digest is recorded in the entry, then in COMPLETE."""
+    them); the upstream digest is recorded in the entry (``upstream.json``, sealed with the user's key: the entry
+    is theirs while it trains), then in COMPLETE. Checkpoints someone else wrote in a named store keep that
+    writer's seal when they are resumed from."""
     digest = upstream_digest(s, manifest)
-    marker = entry.dir / "upstream.json"
-    try:
-        before = json.loads(marker.read_text()).get("digest")
-    except (OSError, ValueError, AttributeError):
-        before = None
-    if before and before != digest and (entry.dir / "checkpoints").exists():
+    before = (entry.marker() or {}).get("digest")
+    checkpoints = (entry.dir / "checkpoints").exists()
+    if before and before != digest and checkpoints:
         log.warning("stage %s: the stages it starts from were trained again since its checkpoints were written; "
                     "dropping them and training from the start", s["name"])
         entry.drop_checkpoints()
+        checkpoints = False
     entry.dir.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"digest": digest})
+    seal = entry.trust_state()
+    if not (checkpoints and before == digest and seal and not seal[1]):
+        entry.write_marker(digest)
     return digest
+
+
+def _untrusted(entry) -> str | None:
+    """Why this user cannot take an entry's content as theirs (None: nothing in it, or sealed with their key)."""
+    from alignctl import trust
+
+    seal = entry.trust_state()
+    if seal is None or seal[1]:
+        return None
+    return (f"store entry {entry.dir} was not written by you ({_seal_phrase(seal)}): alignctl reuses or resumes "
+            f"only entries sealed with your key ({trust.KEY_ENV}) from the default store <output_root>/.store: name "
+            "the store on the command line (store=DIR) to trust entries others wrote, or use another output_root")
+
+
+def _seal_phrase(seal: tuple[str, bool, str]) -> str:
+    from alignctl import trust
+
+    what, _, who = seal
+    if who == "not sealed":
+        return f"{what} not sealed"
+    mine = who.endswith(f" key {trust.key_id()}")  # this user's key id, but the record changed after sealing
+    return f"{what} sealed by {who}" + (", changed since: its seal does not verify" if mine else "")
+
+
+def _check_trust(spec: dict, stages: list[dict], fps: dict[str, str]) -> None:
+    """Before anything trains: in the default store (chosen by output_root, which a recipe may set), every entry
+    this run would reuse or resume must be sealed with this user's key; one line per other entry."""
+    from alignctl import store
+    from alignctl.errors import ConfigError
+
+    if spec.get("store_named"):
+        return
+    problems = [p for s in stages if (p := _untrusted(store.Entry(spec["store_dir"], s["trainer"], fps[s["name"]])))]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_seal(s: dict, entry, manifest: Manifest, trusted_store: bool) -> None:
+    """The same rule as :func:`_check_trust`, under the entry's lock, just before the entry is used (its content
+    may have changed since the run started): refused in the default store, logged in a named one."""
+    from alignctl.errors import ConfigError
+
+    why = _untrusted(entry)
+    if why is None:
+        return
+    if not trusted_store:
+        manifest.update(s["name"], status="failed")
+        raise ConfigError([why])
+    log.info("stage %s: store entry %s was not written by you (%s); trusted because the store was named on the "
+             "command line (store=%s)", s["name"], entry.dir, _seal_phrase(entry.trust_state()), entry.dir.parent)
+
+
+def _not_reusable(s: dict, entry, manifest: Manifest) -> str | None:
+    """Why a complete entry must be trained again: its files are damaged, or it was trained on top of other
+    upstream weights than this run's (an upstream entry removed or trained again since: N11)."""
+    problems = entry.verify()
+    if problems:
+        return "is damaged (" + "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else
+                                                          "") + ")"
+    recorded = (entry.record() or {}).get("upstream")
+    if recorded is not None and recorded != upstream_digest(s, manifest):
+        return "was trained from other weights of the stages it links to than this run's (they were trained again)"
+    return None
 
 
 def _resume_point(s: dict, entry) -> str | None:
@@ -326,10 +394,12 @@ def _resume_point(s: dict, entry) -> str | None:
     return ckpt
 
 
-def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -> None:
-    """Reuse a completed store entry (after checking its files) or train it (resuming from its newest valid
-    checkpoint) under the entry's lock; then place final/ (and adapter/, log_history.json, samples.jsonl) into the
-    run. The stage runs through ``launcher`` (alignctl.launch: in this process, or torchrun / accelerate ranks)."""
+def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None, trusted_store: bool = False) -> None:
+    """Reuse a completed store entry (after checking its seal, its files and its upstream digest) or train it
+    (resuming from its newest valid checkpoint) under the entry's lock; then place final/ (and adapter/,
+    log_history.json, samples.jsonl) into the run. The stage runs through ``launcher`` (alignctl.launch: in this
+    process, or torchrun / accelerate ranks). ``trusted_store``: the store was named (store=), so entries sealed by
+    others are used too."""
     import uuid
 
     from alignctl import launch, store
@@ -344,12 +414,13 @@ def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None) -
     stop = _StopWhenLost(launcher)
     with _entry_lock(s, entry, manifest, stop) as lock:
         work["lock_token"] = lock.token  # rank 0 checks it before it replaces final/ (alignctl.runner, worker)
+        _check_seal(s, entry, manifest, trusted_store)
         reused = None
         if entry.complete():
-            problems = entry.verify()
-            if problems:
-                log.warning("stage %s: store entry %s is damaged (%s); training it again", s["name"], entry.dir,
-                            "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else ""))
+            why = _not_reusable(s, entry, manifest)
+            if why:
+                log.warning("stage %s: store entry %s %s; training it again", s["name"], entry.dir, why)
+                manifest.update(s["name"], retrained=why)
                 entry.invalidate()
             else:
                 log.info("stage %s: reusing completed stage %s (same fingerprint, files checked)", s["name"],

@@ -181,15 +181,21 @@ def write_run_report(manifest: dict) -> Path:
     for s in manifest["stages"]:
         m = s.get("metrics") or {}
         head = headline(s)
+        mark = " (resumed)" if m.get("before_resumed") else ""  # measured on resumed weights (runner.before_resumed)
         lines.append(f"| {s['name']} | {s['trainer']} | {s['status']} | {'yes' if s.get('reused_from') else 'no'} | "
-                     f"{head} | {_fmt(m.get('before', {}).get(head))} | {_fmt(m.get('after', {}).get(head))} | "
+                     f"{head} | {_fmt(m.get('before', {}).get(head))}{mark} | {_fmt(m.get('after', {}).get(head))} | "
                      f"{_fmt(m.get('train', {}).get('train_loss'))} |")
         hist = run_dir / s["name"] / "log_history.json"
         if hist.is_file() and plot_curves(json.loads(hist.read_text()), run_dir / s["name"] / "curves.png",
                                           f"{s['name']} ({s['trainer']})"):
             plots.append(f"![{s['name']}]({s['name']}/curves.png)")
+    notes = [f"- {s['name']}: \"before\" was measured on the weights resumed from a checkpoint (ZeRO-3/FSDP "
+             "evaluate inside training), not on the stage's initial weights" for s in manifest["stages"]
+             if (s.get("metrics") or {}).get("before_resumed")]
+    notes += [f"- {s['name']}: trained again: its store entry {s['retrained']}" for s in manifest["stages"]
+              if s.get("retrained")]
     final = f"`{manifest['final_model']}`" if manifest["status"] == "completed" else "none (the run did not complete)"
-    lines += ["", *_outcome(manifest), f"Final model: {final}", ""]
+    lines += ["", *_outcome(manifest), *notes, *([""] if notes else []), f"Final model: {final}", ""]
     st = manifest.get("store") or {}
     if st.get("dir"):
         from alignctl.fsutil import human

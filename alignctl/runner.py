@@ -237,6 +237,7 @@ class StageContext:
         train.update({k: v for k, v in result.metrics.items() if _is_number(v)})
         check_healthy(self.spec["name"], {"train": train, "after": after})  # before anything is sampled or saved
         gathered = save is None and _weights_sharded(trainer)  # ZeRO-3 / FSDP (issue 6): every rank saves
+        self.saved_unchecked = gathered  # its saved files are checked instead (check_saved_finite)
         if not gathered:  # a diverged model fails here, not inside the sampling of the held-out evaluation
             check_weights_finite(getattr(trainer.model, "module", trainer.model), self.spec["name"])
         generated = self.finish_policy_eval(pe, trainer.model, getattr(trainer, "ref_model", None))
@@ -248,7 +249,7 @@ class StageContext:
                 (save or self.save)(trainer)
         metrics = {"train": train}
         if self.eval is not None:
-            metrics.update(before=before, after=after)
+            metrics.update(before=before, after=after, **before_resumed(at_start is not None, resume))
         return merge_eval(metrics, generated)
 
     def write_history(self, history: list[dict]) -> None:
@@ -277,6 +278,7 @@ class StageContext:
                                   guard=self.guard)
 
     pending_merge: dict[str, Any] | None = None
+    saved_unchecked = False  # weights saved without the in-memory NaN/inf check (gathered from shards)
 
     # -- sharded weights (DeepSpeed ZeRO-3, FSDP; issue 6) ----------------------------------------------------------
     def _evaluate_at_start(self, trainer, preference_eval: bool):
@@ -348,6 +350,12 @@ def owner_guard(spec: dict[str, Any]):
     return lambda: fsutil.check_owner(path, token, f"stage {spec.get('name')}")
 
 
+def before_resumed(sharded_before: bool, resume: str | None) -> dict[str, bool]:
+    """Under ZeRO-3 / FSDP the "before" evaluation runs inside train(), after a resume has loaded the checkpoint's
+    weights: then it measured those, not the initial weights, and the metrics say so (the report shows it)."""
+    return {"before_resumed": True} if sharded_before and resume else {}
+
+
 def merge_eval(metrics: dict[str, Any], generated: dict[str, Any]) -> dict[str, Any]:
     """Stage metrics with the policy evaluation's before/after metrics added (and its settings under ``eval``)."""
     for key in ("before", "after"):
@@ -404,6 +412,26 @@ def check_healthy(stage: str, metrics: dict) -> None:
         raise _diverged(stage, bad)
 
 
+def check_saved_finite(folder: str | Path, stage: str) -> None:
+    """Fail the stage when a saved weight in ``folder``'s safetensors files is NaN/inf: for weights that never went
+    through :func:`check_weights_finite` (an adapter merged into the base, weights gathered from ZeRO-3/FSDP shards).
+    Streams one tensor at a time (memory-mapped), in chunks."""
+    import torch
+    from safetensors import safe_open
+
+    bad = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                t = h.get_tensor(name)
+                if t.is_floating_point() and t.numel() and \
+                        not all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(1 << 24)):
+                    bad.append(name)
+                del t
+    if bad:
+        raise _diverged(stage, [f"saved weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"])
+
+
 def check_weights_finite(model, stage: str) -> None:
     """Fail the stage when a weight is NaN/inf (the Trainer's logging_nan_inf_filter can hide a NaN loss)."""
     import torch
@@ -442,13 +470,14 @@ def log_to_run_log(trainer, stage: str) -> None:
 
 def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one stage; returns its metrics. The stage's final/ exists only if this returns."""
+    from alignctl.launch import rank_env
     from alignctl.stages import module
 
     ctx = _checked_context(spec)
     try:
         metrics = module(spec["trainer"]).run(ctx)
         check_healthy(spec["name"], metrics)
-        merge = ctx.pending_merge
+        merge, unchecked = ctx.pending_merge, ctx.saved_unchecked
     finally:
         del ctx
         _release_memory()
@@ -456,6 +485,8 @@ def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
         log.info("stage %s: merging the adapter into %s -> final/", spec["name"], merge["base_path"])
         models.merge_adapter(**merge)
         _release_memory()
+    if (merge or unchecked) and rank_env()[0] == 0:  # a merge can overflow (fp16); gathered shards were unchecked
+        check_saved_finite(Path(spec["output_dir"]) / "final", spec["name"])
     return metrics
 
 

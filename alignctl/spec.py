@@ -321,7 +321,8 @@ def resolve(cfg, run_dir: str | os.PathLike, check_data: bool = True, run: bool 
         "recipe": recipe, "description": c.get("description", ""),
         "model": model, "precision": precision, "seed": seed,
         "output_root": str(output_root), "cache_dir": str(output_root / ".cache"),
-        "store_dir": str(store_dir), "run_dir": str(run_dir), "stages": stages, "launcher": launcher,
+        "store_dir": str(store_dir), "store_named": bool(paths["store"]),  # named: trusted (alignctl.trust)
+        "run_dir": str(run_dir), "stages": stages, "launcher": launcher,
         "notes": notes,
     }
 

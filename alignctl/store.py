@@ -28,6 +28,11 @@ in ``COMPLETE`` (written last), and its Trainer checkpoints are deleted unless t
 the entry cheaply first (sizes, mtimes, a sampled hash of every file; a full hash of a file whose mtime moved) and
 retrains a damaged entry. Run folders get the entry's files reflinked, hard-linked (read-only, when not root) or
 copied, so nothing written into a run's ``final/`` reaches the store.
+
+``COMPLETE`` and an entry's ``upstream.json`` (written when training starts) are sealed with the user's key
+(:mod:`alignctl.trust`); :meth:`Entry.trust_state` says whether what a run would take from an entry (a complete
+entry, or checkpoints to resume) was sealed by this user. The rule built on it (the default store takes only the
+user's entries, a named store any) is :func:`alignctl.pipeline._check_trust`.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from alignctl import fsutil, models
+from alignctl import fsutil, models, trust
 from alignctl import links as link_table
 
 log = logging.getLogger("alignctl")
@@ -84,6 +89,7 @@ NON_NUMERIC_ENV = re.compile(r"TOKEN|KEY|SECRET|PASSW|WANDB|MLFLOW|COMET|NEPTUNE
 FORMAT = 2
 SAMPLE_BLOCKS, SAMPLE_BYTES = 8, 1 << 12  # the cheap check hashes 8 blocks of 4 KiB spread over each file
 KEPT = ("final", "adapter", "log_history.json", "samples.jsonl", "metrics.json")  # what a complete entry holds
+UPSTREAM = "upstream.json"  # an entry being trained: the upstream digest, sealed by the user who started it
 
 
 # -- fingerprints ----------------------------------------------------------------------------------------------------
@@ -474,6 +480,34 @@ def _record(path: Path, full: bool = True) -> dict:
     return rec
 
 
+def check_files(root: Path, recorded: dict[str, dict], full: bool = False) -> list[str]:
+    """Problems of the files under ``root`` against their records (see :func:`_record`): cheap by default (size,
+    mtime, sampled hash; a file whose mtime moved is hashed in full); ``full``: every file's SHA-256."""
+    problems = []
+    for rel, want in recorded.items():
+        f = root / rel
+        try:
+            st = f.lstat()
+        except OSError:
+            problems.append(f"{rel}: missing")
+            continue
+        if not os.path.isfile(f) or f.is_symlink():
+            problems.append(f"{rel}: not a regular file")
+        elif st.st_size != want.get("size"):
+            problems.append(f"{rel}: {st.st_size} bytes, {want.get('size')} when recorded")
+        elif full or st.st_mtime_ns != want.get("mtime_ns"):
+            if full_hash(f) != want.get("sha256"):
+                problems.append(f"{rel}: content changed (SHA-256 differs)")
+        elif sampled_hash(f, st.st_size) != want.get("sample"):
+            problems.append(f"{rel}: content changed (sampled hash differs)")
+    return problems
+
+
+def record_files(root: Path) -> dict[str, dict]:
+    """Size, mtime, sampled and full SHA-256 of every regular file under ``root``, by relative path."""
+    return {str(f.relative_to(root)): _record(f) for f in fsutil.tree_files(root)}
+
+
 # -- checkpoints (resume) --------------------------------------------------------------------------------------------
 def _safetensors_truncated(path: Path) -> bool:
     """A safetensors file whose header promises more bytes than the file has (a truncated write)."""
@@ -563,7 +597,8 @@ class Entry:
 
     def mark_complete(self, metrics: dict, keep_checkpoints: bool = False, extra: dict | None = None) -> dict:
         """Seal a trained entry: metrics.json, every kept file fsync'd, made read-only and recorded (size, mtime,
-        sampled and full SHA-256) in COMPLETE, written last; then drop the Trainer checkpoints unless kept."""
+        sampled and full SHA-256) in COMPLETE, written last and sealed with the user's key (alignctl.trust); then
+        drop the Trainer checkpoints unless kept."""
         if not self.final.is_dir():
             raise RuntimeError(f"store entry {self.dir}: the stage reported success but wrote no final/")
         fsutil.write_json(self.dir / "metrics.json", metrics)
@@ -577,11 +612,44 @@ class Entry:
         rec = {"fingerprint": self.fingerprint, "format": FORMAT, "completed": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "host": socket.gethostname(), "keep_checkpoints": bool(keep_checkpoints),
                "bytes": sum(r["size"] for r in files.values()), "files": files, **(extra or {})}
+        rec = trust.sealed(rec)  # who trained it: only entries sealed with the user's key count as theirs
         fsutil.write_json(self.dir / "COMPLETE", rec, mode=0o444)
         self.touch()
         if not keep_checkpoints:
             self.drop_checkpoints()
         return rec
+
+    # -- who wrote it (alignctl.trust) --------------------------------------------------------------------------
+    def marker(self) -> dict | None:
+        """``upstream.json``: written (sealed) when a run starts training the entry; the upstream digest its
+        checkpoints were written on top of."""
+        try:
+            rec = json.loads((self.dir / UPSTREAM).read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def write_marker(self, digest: str) -> None:
+        fsutil.write_json(self.dir / UPSTREAM, trust.sealed({"fingerprint": self.fingerprint, "digest": digest}),
+                          mode=0o644)
+
+    def trust_state(self) -> tuple[str, bool, str] | None:
+        """What a run would take from this folder and whether this user sealed it: ``(what, verifies, who)`` with
+        what = ``COMPLETE`` (a complete entry is reused) or ``upstream.json`` (any other content: checkpoints are
+        resumed from, leftover files would be kept); None when the folder is missing or holds only dot files
+        (lock, last use). A seal binds the fingerprint: one copied from another entry does not verify."""
+        try:
+            names = [p.name for p in self.dir.iterdir() if not p.name.startswith(".")]
+        except OSError:
+            return None
+        if not names:
+            return None
+        if self.complete():
+            ok, who = trust.check(self.record())
+            return "COMPLETE", ok, who
+        rec = self.marker()
+        ok, who = trust.check(rec)
+        return UPSTREAM, ok and rec.get("fingerprint") == self.fingerprint, who
 
     def drop_checkpoints(self) -> int:
         """Delete the Trainer checkpoints (optimizer state included); returns the bytes freed."""
@@ -615,22 +683,8 @@ class Entry:
         rec = self.record()
         if not rec or "files" not in rec:
             return ["COMPLETE is missing or unreadable"]
-        problems = []
         recorded = rec["files"]
-        for rel, want in recorded.items():
-            f = self.dir / rel
-            try:
-                st = f.stat()
-            except OSError:
-                problems.append(f"{rel}: missing")
-                continue
-            if st.st_size != want["size"]:
-                problems.append(f"{rel}: {st.st_size} bytes, {want['size']} when completed")
-            elif full or st.st_mtime_ns != want.get("mtime_ns"):
-                if full_hash(f) != want["sha256"]:
-                    problems.append(f"{rel}: content changed (SHA-256 differs)")
-            elif sampled_hash(f, st.st_size) != want["sample"]:
-                problems.append(f"{rel}: content changed (sampled hash differs)")
+        problems = check_files(self.dir, recorded, full)
         extra = [str(f.relative_to(self.dir)) for f in self._kept_files()
                  if str(f.relative_to(self.dir)) not in recorded]
         problems += [f"{rel}: not part of the completed entry" for rel in extra]

@@ -39,6 +39,19 @@ def one_thread_collecting_log(lines: list[str]):
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_key(tmp_path_factory):
+    """One key for the whole test session (alignctl.trust), never ~/.config's; spawned CLIs inherit it."""
+    path = tmp_path_factory.mktemp("alignctl-key") / "key"
+    before = os.environ.get("ALIGNCTL_KEY_FILE")
+    os.environ["ALIGNCTL_KEY_FILE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("ALIGNCTL_KEY_FILE", None)
+    else:
+        os.environ["ALIGNCTL_KEY_FILE"] = before
+
+
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory) -> Path:
     """One output root per test session, so the built-in tiny models are built once."""

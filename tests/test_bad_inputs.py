@@ -401,6 +401,27 @@ def test_launcher_this_machine_cannot_run_fails_before_anything_loads(args, need
     assert_nothing_ran(tmp_path / "run")
 
 
+@pytest.mark.parametrize("content,needle", [(None, "cannot create or read the key file"),
+                                             ("not a key\n", "does not hold a key")], ids=["under-a-file", "garbage"])
+def test_a_key_file_that_cannot_be_made_or_read_fails_before_anything_loads(content, needle, run_recipe, tmp_path,
+                                                                             monkeypatch):
+    """ALIGNCTL_KEY_FILE (alignctl.trust): the key that seals what a run writes."""
+    from alignctl.errors import ConfigError
+
+    key = tmp_path / "key"
+    if content is None:
+        (tmp_path / "a-file").write_text("")
+        key = tmp_path / "a-file" / "key"
+    else:
+        key.write_text(content)
+    monkeypatch.setenv("ALIGNCTL_KEY_FILE", str(key))
+    with pytest.raises(ConfigError) as e:
+        run_recipe([], tmp_path / "run")
+    (line,) = e.value.problems
+    assert line.startswith("ALIGNCTL_KEY_FILE: ") and needle in line and str(key) in line
+    assert_nothing_ran(tmp_path / "run")
+
+
 # -- sweeps: every point checked before any job starts ----------------------------------------------------------------
 SWEEP_CASES = [
     ("value-list", ["stages.dpo.beta=0.1,abc"], ["sweep point 2 of 2 (stages.dpo.beta=abc)",

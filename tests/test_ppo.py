@@ -121,9 +121,11 @@ def test_ppo_resumes_from_its_newest_checkpoint_after_a_kill(cache_root, tmp_pat
     overrides = (*ADAPTIVE, "stages.ppo.total_episodes=320", "stages.ppo.save_strategy=steps",
                  "stages.ppo.save_steps=4")
     save = PPOTrainer.save_checkpoint
+    saved: list[set[str]] = []
 
     def save_then_die(self):
         out = save(self)
+        saved.append({p.name for p in out.iterdir()})
         if self.step == 8:
             raise RuntimeError("killed after the checkpoint of update 8")
         return out
@@ -133,6 +135,9 @@ def test_ppo_resumes_from_its_newest_checkpoint_after_a_kill(cache_root, tmp_pat
     with pytest.raises(Exception, match="killed after the checkpoint"):
         _run(cache_root, tmp_path / "first", *overrides)
     assert sum(line.startswith("[ppo] step ") for line in LOG) == 8
+    # F25: weights as safetensors, no pickled custom objects (accelerate loads those with weights_only=False)
+    assert "model.safetensors" in saved[-1] and "lr_scheduler.pt" in saved[-1], saved[-1]
+    assert not any(n.startswith("custom_checkpoint") or n == "pytorch_model.bin" for n in saved[-1]), saved[-1]
     monkeypatch.setattr(PPOTrainer, "save_checkpoint", save)
 
     LOG.clear()

@@ -410,7 +410,8 @@ def test_damaged_entry_is_trained_again(trained, tmp_path, cache_root, caplog):
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     m = run_in_process(cache_root, root, tmp_path / "run")
     assert "is damaged (final/model.safetensors: content changed" in caplog.text
-    assert m["status"] == "completed" and not m["stages"][0]["reused_from"] and m["stages"][1]["reused_from"]
+    assert m["status"] == "completed" and not m["stages"][0]["reused_from"]
+    assert not m["stages"][1]["reused_from"] and "trained again" in m["stages"][1]["retrained"]  # N11: new SFT
     assert sft.complete() and sft.verify(full=True) == []
 
 
@@ -429,7 +430,9 @@ def test_corrupted_newest_checkpoint_is_skipped_on_resume(trained, tmp_path, cac
     assert not (sft.dir / "checkpoints").exists(), "completion drops the checkpoints (keep_checkpoints unset)"
     size = strict(tmp_path / "run" / "manifest.json")["store"]  # the size line: manifest and report.md
     assert size["entries"] == 2 and size["bytes"] == sum(e.size() for e in store.entries(root))
-    assert size["added_bytes"] == m["stages"][0]["bytes"] > 0 and "Store: 2 entries" in (
+    # DPO is trained again on top of the resumed SFT (N11), so both entries are new
+    assert m["stages"][1]["retrained"] and not m["stages"][1]["reused_from"]
+    assert size["added_bytes"] == m["stages"][0]["bytes"] + m["stages"][1]["bytes"] > 0 and "Store: 2 entries" in (
         tmp_path / "run" / "report.md").read_text()
 
 

@@ -22,6 +22,7 @@ from alignctl.rl import kl as klmod
 from alignctl.rl import ppo_core as core
 
 log = logging.getLogger("alignctl")
+SCHEDULER_FILE = "lr_scheduler.pt"  # the learning-rate schedule's state (plain numbers; loaded with weights_only)
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -71,9 +72,9 @@ class PPOTrainer:
         scheduler = get_scheduler(c.lr_scheduler_type, optimizer, num_warmup_steps=c.get_warmup_steps(self.updates),
                                   num_training_steps=self.updates, scheduler_specific_kwargs=c.lr_scheduler_kwargs)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        # stepped once per update on every process (accelerate's prepared scheduler would step once per process)
+        # stepped once per update on every process (accelerate's prepared scheduler would step once per process);
+        # saved by save_checkpoint itself: accelerate loads registered objects with weights_only=False (a pickle)
         self.scheduler = scheduler
-        self.acc.register_for_checkpointing(scheduler)
         dev = self.acc.device
         self.reward_model = reward_model.to(dev).eval()
         self.ref = None if ref_policy is None else ref_policy.to(dev).eval()
@@ -227,8 +228,12 @@ class PPOTrainer:
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp), safe_serialization=False)
+        # weights as safetensors; accelerate writes optimizer and RNG state with torch.save and reads them back with
+        # weights_only=True (accelerate.utils.other.load)
+        with _quiet("accelerate.utils.other"):  # "Removed shared tensor" of tied embeddings, at every checkpoint
+            self.acc.save_state(str(tmp), safe_serialization=True)
         if self.acc.is_main_process:
+            torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
             state = {"global_step": self.step, "log_history": self.log_history, "kl": self.kl.state(),
                      "updates": self.updates}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -241,9 +246,21 @@ class PPOTrainer:
     def _load(self, ckpt: Path) -> None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         self.acc.load_state(str(ckpt))
+        self.scheduler.load_state_dict(torch.load(ckpt / SCHEDULER_FILE, map_location="cpu", weights_only=True))
         self.step, self.log_history = int(state["global_step"]), list(state.get("log_history", []))
         self.kl.load(state.get("kl", {}))
         log.info("[%s] resumed at update %d of %d (kl_coef %.4g)", self.stage, self.step, self.updates, self.kl.value)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    lg = logging.getLogger(logger)
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
 
 
 def _save_every(c, updates: int) -> int:
