@@ -3,8 +3,8 @@
     python benchmarks/preflight.py [--repeat 3] [--no-run]
 
 Measured in fresh processes (HF_HUB_OFFLINE=1):
-  * checks (plan level): compose + resolve for `run` (alignctl.config.compose.check_point: every key, range, choice, name,
-    path, model and recipe-file check; for a sweep, once per point);
+  * checks (plan level): compose + resolve for `run` (alignctl.config.compose.check_point: every key, range, choice,
+    name, path, model and recipe-file check; for a sweep, once per point);
   * checks (run level): alignctl.pipeline.preflight: every stage's TRL config built, every stage's data loaded and
     column-checked, device checks; plus the launcher's machine checks. The stages' TRL config modules and datasets
     are imported first and timed on their own: with the local launcher the first stage imports them anyway to

@@ -19,7 +19,7 @@ import pytest
 
 from alignctl import fsutil, pipeline, spec, store
 from alignctl.cli import store as store_cli
-from alignctl.cli import compose
+from alignctl.config.compose import compose
 from conftest import REPO, read_manifest
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from alignctl import models, pipeline, runner, spec, store, trust
 from alignctl.cli import store as store_cli
-from alignctl.cli import compose
+from alignctl.config.compose import compose
 from alignctl.errors import ConfigError
 from conftest import REPO, one_thread_collecting_log, read_manifest
 
