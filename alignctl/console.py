@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+from alignctl.metrics import fmt as _fmt  # the one number format of tables and reports
+
 log = logging.getLogger("alignctl")
 
 VERBOSE_ENV = "ALIGNCTL_VERBOSE"
@@ -110,10 +112,6 @@ def setup(show_all: bool | None = None) -> None:
         disable_progress_bars()
     except ImportError:  # pragma: no cover
         pass
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def progress_callback(trainer, stage: str):

@@ -1,4 +1,10 @@
-"""Bad user input: the error every check raises, close-match suggestions, and the one way errors are shown.
+"""alignctl's error types, close-match suggestions, and the one way errors are shown.
+
+The types: :class:`ConfigError` (bad user input, problems collected), :class:`UsageError` (a bad command-line
+argument of a subcommand), :class:`StageFailed` (a rank of a distributed stage failed), :class:`DataChanged` /
+:class:`ModelChanged` (inputs changed on disk after they were fingerprinted), :class:`LockTimeout` /
+:class:`LockLost` (the store's locks). They live here, below every other module, so that raising or catching one
+never imports the module that happens to raise it.
 
 Every failure a user can cause ends in :func:`report`: ``alignctl: configuration error:`` and one line per problem
 (what, where — the key, file or column — and what to do), then "Nothing was trained.", exit code 2, no traceback.
@@ -22,6 +28,46 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class UsageError(Exception):
+    """A bad argument of a subcommand that parses its own options (``alignctl store``): one line, exit code 2."""
+
+
+class StageFailed(RuntimeError):
+    """A distributed stage failed: where (which rank), its error (one line) and the rank's traceback."""
+
+    def __init__(self, stage: str, where: str, error: str, traceback: str = "", output_log: str | None = None):
+        self.stage, self.where, self.error, self.traceback, self.output_log = stage, where, error, traceback, output_log
+        super().__init__(f"stage {stage} failed {where}: {error}")
+
+    def report(self) -> str:
+        """What the CLI prints: the failing rank's error once (its traceback), and where every rank's output is."""
+        head = f"alignctl: stage {self.stage} failed {self.where}"
+        lines = [head + ":", self.traceback.rstrip()] if self.traceback else [f"{head}: {self.error}"]
+        if self.output_log:
+            lines.append(f"output of every rank: {self.output_log}")
+        return "\n".join(lines)
+
+
+class DataChanged(RuntimeError):
+    """A stage's local data files are not the ones the run fingerprinted (it stops before training)."""
+
+
+class ModelChanged(DataChanged):
+    """A stage's local model folder is not the one the run fingerprinted."""
+
+
+class LockTimeout(RuntimeError):
+    """Waited longer than the lock timeout for another process's lock; ``holder``: what its lock file said."""
+
+    def __init__(self, message: str, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder
+
+
+class LockLost(RuntimeError):
+    """This process no longer holds a lock it took: another process took it over (or its file is gone)."""
 
 
 def suggest(key: str, candidates) -> str:

@@ -61,20 +61,7 @@ ATTEMPT_ENV = "ALIGNCTL_ATTEMPT"  # the attempt id of the spec the ranks must re
 _WORKER_LINE = re.compile(r"^alignctl\[rank(\d+)\]: (.*)$")
 
 
-class StageFailed(RuntimeError):
-    """A distributed stage failed: where (which rank), its error (one line) and the rank's traceback."""
-
-    def __init__(self, stage: str, where: str, error: str, traceback: str = "", output_log: str | None = None):
-        self.stage, self.where, self.error, self.traceback, self.output_log = stage, where, error, traceback, output_log
-        super().__init__(f"stage {stage} failed {where}: {error}")
-
-    def report(self) -> str:
-        """What the CLI prints: the failing rank's error once (its traceback), and where every rank's output is."""
-        head = f"alignctl: stage {self.stage} failed {self.where}"
-        lines = [head + ":", self.traceback.rstrip()] if self.traceback else [f"{head}: {self.error}"]
-        if self.output_log:
-            lines.append(f"output of every rank: {self.output_log}")
-        return "\n".join(lines)
+from alignctl.errors import StageFailed  # noqa: E402  moved: alignctl.errors
 
 
 # -- resolving the launcher node (plan time, no torch) ------------------------------------------------------------

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignctl.plan import headline
+from alignctl.metrics import fmt as _fmt  # the one number format of tables and reports
+from alignctl.metrics import headline
 
 # Besides each stage's headline, the sweep table shows these metrics after training (when measured).
 SWEEP_EXTRA = ("eval_win_rate", "eval_kl", "eval_reward_mean", "eval_pref_accuracy_norm")
@@ -49,10 +50,6 @@ def plot_curves(history: list[dict], out: Path, title: str) -> bool:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return True
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
 def read_samples(path: Path) -> list[dict]:

@@ -191,12 +191,7 @@ def data_identity(d: dict | None, check: dict | None = None) -> Any:
     return out
 
 
-class DataChanged(RuntimeError):
-    """A stage's local data files are not the ones the run fingerprinted (it stops before training)."""
-
-
-class ModelChanged(DataChanged):
-    """A stage's local model folder is not the one the run fingerprinted."""
+from alignctl.errors import DataChanged, ModelChanged  # noqa: E402  moved: alignctl.errors
 
 
 def files_unchanged(recorded: dict, files: list[Path], cache_dir=None, root: Path | None = None) -> bool:

@@ -3,8 +3,8 @@
     python benchmarks/preflight.py [--repeat 3] [--no-run]
 
 Measured in fresh processes (HF_HUB_OFFLINE=1):
-  * checks (plan level): compose + resolve for `run` (alignctl.cli.check_point: every key, range, choice, name,
-    path, model and recipe-file check; for a sweep, once per point);
+  * checks (plan level): compose + resolve for `run` (alignctl.config.compose.check_point: every key, range, choice,
+    name, path, model and recipe-file check; for a sweep, once per point);
   * checks (run level): alignctl.pipeline.preflight: every stage's TRL config built, every stage's data loaded and
     column-checked, device checks; plus the launcher's machine checks. The stages' TRL config modules and datasets
     are imported first and timed on their own: with the local launcher the first stage imports them anyway to
@@ -25,11 +25,12 @@ import time
 
 PROBE = r"""
 import importlib, json, sys, time, tempfile
-from alignctl import cli, launch, pipeline
+from alignctl import launch, pipeline
+from alignctl.config.compose import check_point
 from alignctl.stages import STAGES
 out = tempfile.mkdtemp()
 t0 = time.perf_counter()
-spec = cli.check_point([f"output_root={out}", f"hydra.run.dir={out}/run"], run=True)
+spec = check_point([f"output_root={out}", f"hydra.run.dir={out}/run"], run=True)
 t_plan = time.perf_counter() - t0
 t0 = time.perf_counter()
 import datasets  # what the first stage imports anyway to train: datasets and its TRL config/trainer modules

@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to build the store (default: a temporary folder)")
     args = ap.parse_args()
 
-    from alignctl import pipeline, store, store_cli
+    from alignctl import pipeline, store
+    from alignctl.cli import store as store_cli
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
@@ -71,7 +72,7 @@ def main() -> None:
                     f.unlink()
             results[mode] = (placed, statistics.median(reuse), statistics.median(check))
         t0 = time.perf_counter()
-        assert store_cli.main(["verify", "--store", str(tmp / "store")]) == 0
+        assert store_cli.run(["verify", "--store", str(tmp / "store")]) == 0
         full = time.perf_counter() - t0
 
     print(f"final/ of {args.size_gb:g} GB, medians of {args.repeats} reuses each, uid {os.geteuid()}")

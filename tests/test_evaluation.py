@@ -78,7 +78,7 @@ def test_dpo_is_scored_by_the_recipes_reward_model(rm_dpo):
 
 
 def test_report_shows_histograms_kl_win_rate_and_answers(rm_dpo):
-    from alignctl.plan import headline, objective
+    from alignctl.metrics import headline, objective
 
     run_dir, m = rm_dpo
     text = (run_dir / "report.md").read_text()

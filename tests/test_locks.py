@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import fsutil, store, store_cli
+from alignctl import fsutil, store
+from alignctl.cli import store as store_cli
 from conftest import REPO
 
 DEAD_PID = 4_000_000  # above the kernel's pid_max: no process has it
@@ -65,7 +66,7 @@ def complete_entry(root: Path, name: str = "sft", days_unused: float = 10) -> st
 
 
 def run_store(capsys, *args) -> tuple[int, str]:
-    rc = store_cli.main(list(args))
+    rc = store_cli.run(list(args))
     out = capsys.readouterr()
     return rc, out.out + out.err
 

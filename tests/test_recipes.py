@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from alignctl import spec
-from alignctl.cli import available_recipes, compose, main
+from alignctl.cli import main
+from alignctl.config.compose import available_recipes, compose
 from conftest import REPO, read_manifest, run_cli
 
 # The command documented in the README for trying the Zephyr recipe on a CPU (plus small-batch settings for speed).

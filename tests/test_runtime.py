@@ -70,17 +70,17 @@ def test_a_failed_sweep_point_is_recorded_and_the_next_point_runs(tmp_path):
 
 
 def test_sweep_exit_code_is_2_only_when_every_failure_was_a_configuration_error(capsys):
-    from alignctl import app
+    from alignctl.cli import run as cli_run
 
     def point(job, code):
         return {"job": job, "overrides": ["recipe=r", f"++x={job}"], "code": code, "reason": f"why {job}",
                 "run_dir": f"/s/{job}"}
 
-    assert app._sweep_summary([point(0, 0), point(1, 0)]) == 0 and capsys.readouterr().err == ""
-    assert app._sweep_summary([point(0, 2), point(1, 0), point(2, 2)]) == 2
+    assert cli_run._sweep_summary([point(0, 0), point(1, 0)]) == 0 and capsys.readouterr().err == ""
+    assert cli_run._sweep_summary([point(0, 2), point(1, 0), point(2, 2)]) == 2
     assert capsys.readouterr().err.splitlines() == ["alignctl: 2 of 3 sweep points failed:",
                                                    "  #0 x=0: why 0 (/s/0)", "  #2 x=2: why 2 (/s/2)"]
-    assert app._sweep_summary([point(0, 2), point(1, 1)]) == 1
+    assert cli_run._sweep_summary([point(0, 2), point(1, 1)]) == 1
 
 
 def _manifest(run_dir: Path, status: str) -> None:

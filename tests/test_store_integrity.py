@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import fsutil, pipeline, spec, store, store_cli
-from alignctl.cli import compose
+from alignctl import fsutil, pipeline, spec, store
+from alignctl.cli import store as store_cli
+from alignctl.config.compose import compose
 from conftest import REPO, read_manifest
 
 
@@ -219,7 +220,7 @@ def test_reuse_check_finds_damage_and_full_verify_finds_the_rest(tmp_path):
 
 # -- 4. lifecycle: alignctl store ... --------------------------------------------------------------------------------
 def run_store(capsys, *args) -> tuple[int, str]:
-    rc = store_cli.main(list(args))
+    rc = store_cli.run(list(args))
     out = capsys.readouterr()
     return rc, out.out + out.err
 
@@ -290,8 +291,8 @@ def test_store_rm_by_fingerprint_and_by_run_dir(tmp_path, capsys):
 
 
 def test_store_cli_does_not_import_torch():
-    code = "import sys; from alignctl import store_cli; assert 'torch' not in sys.modules; " \
-           "sys.exit(store_cli.main(['ls', '--help']))"
+    code = "import sys; from alignctl.cli import store as store_cli; assert 'torch' not in sys.modules; " \
+           "sys.exit(store_cli.run(['ls', '--help']))"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True).returncode == 0
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import models, pipeline, runner, spec, store, store_cli, trust
-from alignctl.cli import compose
+from alignctl import models, pipeline, runner, spec, store, trust
+from alignctl.cli import store as store_cli
+from alignctl.config.compose import compose
 from alignctl.errors import ConfigError
 from conftest import REPO, one_thread_collecting_log, read_manifest
 
@@ -237,7 +238,7 @@ def test_removing_the_upstream_entry_retrains_the_downstream_stage(tmp_path, cap
     first = run(ov, tmp_path / "run1")
     assert [s["reused_from"] for s in first["stages"]] == [None, None]
     sft = next(s for s in first["stages"] if s["name"] == "sft")
-    assert store_cli.main(["rm", "--store", first["store_dir"], sft["fingerprint"][:12]]) == 0
+    assert store_cli.run(["rm", "--store", first["store_dir"], sft["fingerprint"][:12]]) == 0
     second = run(ov, tmp_path / "run2")
     dpo = next(s for s in second["stages"] if s["name"] == "dpo")
     assert [s["reused_from"] for s in second["stages"]] == [None, None], "DPO reused on top of the old SFT"

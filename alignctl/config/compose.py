@@ -1,49 +1,29 @@
-"""alignctl's command line: ``run`` (the Hydra application), ``plan``, ``recipes``.
+"""Hydra composition, as ``run`` does it: recipe files, override rewriting, sweep points, up-front checks (no torch).
 
-``run`` hands its arguments to Hydra unchanged except for two conveniences:
-a dotted override of a key the recipe does not set (``stages.dpo.loss_type=ipo``)
-is passed as ``++key=value`` so any TRL field can be set without Hydra's ``+``
-(alignctl's own validation then rejects unknown keys, with suggestions), and
-``recipe=path/to/file.yaml`` runs a recipe file kept anywhere.
+``run`` hands its arguments to Hydra unchanged except for two conveniences (:func:`prepare_overrides`): a dotted
+override of a key the recipe does not set (``stages.dpo.loss_type=ipo``) is passed as ``++key=value`` so any TRL
+field can be set without Hydra's ``+`` (alignctl's own validation then rejects unknown keys, with suggestions), and
+``recipe=path/to/file.yaml`` runs a recipe file kept anywhere. Every recipe file is checked as data before Hydra sees
+it (:func:`load_recipe`). :func:`check_point` composes and resolves one configuration; :func:`precheck_run` does so
+for every point of a sweep before any job starts.
 
-Nothing here imports torch: ``--help``, ``plan`` and ``recipes`` stay fast.
+Plan time: hydra, omegaconf and yaml are imported inside the functions that need them; torch never.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alignctl import errors
+from alignctl import checks, errors, spec
 from alignctl.errors import ConfigError, suggest
-from alignctl.spec import CONFIGS_DIR, RECIPES_DIR, TOP_KEYS  # noqa: F401  (re-exported)
+from alignctl.spec import CONFIGS_DIR, RECIPES_DIR, TOP_KEYS
+
+if TYPE_CHECKING:
+    from alignctl.config.types import RunSpec
 
 HYDRA_VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun"}
-
-USAGE = """\
-usage: alignctl [--debug] <command> [overrides...]
-
-commands:
-  run [overrides...]    run a recipe (Hydra app: -m/--multirun, --cfg job, --config-dir, hydra.run.dir=... work)
-  plan [overrides...]   resolve and validate the configuration, print the stage graph; trains nothing
-  recipes               list the recipes
-  report <multirun dir> summarise a sweep: swept values vs held-out metrics (report.md + sweep.png)
-  store ls|du|gc|rm|verify  inspect and clean the stage store (alignctl store --help)
-  eval <run dir|model>  held-out answers, KL, reward and win rate of a finished run's stages (or of a model folder
-                        against --reference): eval.json + plots (alignctl eval --help)
-  generate <run dir|model> --prompt TEXT   print answers of the run's final model (or a model folder)
-
-examples:
-  alignctl run                                   # the embedded default recipe: tiny SFT -> DPO on CPU
-  alignctl plan recipe=zephyr-dpo
-  alignctl run recipe=zephyr-dpo stages.dpo.beta=0.05
-  alignctl run -m stages.dpo.beta=0.05,0.5       # a sweep
-  alignctl run recipe=./my-recipe.yaml           # a recipe file kept anywhere
-
---debug (or HYDRA_FULL_ERROR=1) shows tracebacks instead of one-line errors.
-"""
 
 
 def config_groups() -> list[str]:
@@ -68,8 +48,6 @@ def load_recipe(path: Path, config_dir: str | None = None):
     import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from alignctl import checks
 
     try:
         text = Path(path).read_text()
@@ -100,7 +78,7 @@ def load_recipe(path: Path, config_dir: str | None = None):
     return node
 
 
-def _register_recipes(extra: dict[str, Path], config_dir: str | None = None) -> None:
+def register_recipes(extra: dict[str, Path], config_dir: str | None = None) -> None:
     """Put every recipe file into Hydra's ``recipe`` group (package _global_: a recipe sets top-level keys and
     chooses config groups). Each file is checked first (load_recipe), so it can set alignctl's keys only."""
     from hydra.core.config_store import ConfigStore
@@ -169,16 +147,13 @@ def _not_an_option(value: str) -> bool:
         return False
 
 
-_error = errors.report
-
-
 def compose(overrides: list[str], return_hydra_config: bool = False, config_dir: str | None = None):
     """Compose the configuration the way ``run`` would (used by ``plan``, ``run``'s up-front checks and tests)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     overrides, extra = prepare_overrides(overrides, config_dir)
-    _register_recipes(extra, config_dir)
+    register_recipes(extra, config_dir)
     if config_dir:  # --config-dir: searched before alignctl's own configs, as Hydra does for `run`
         overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).expanduser().absolute()}]"]
     with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):
@@ -198,11 +173,9 @@ def library_error(e: BaseException) -> ConfigError | None:
     return None
 
 
-def check_point(args: list[str], run: bool = False, config_dir: str | None = None) -> dict:
+def check_point(args: list[str], run: bool = False, config_dir: str | None = None) -> RunSpec:
     """Compose and resolve one configuration (one sweep point): the run spec, or ConfigError."""
     from omegaconf import OmegaConf, open_dict
-
-    from alignctl import spec
 
     try:
         cfg = compose(args, return_hydra_config=True, config_dir=config_dir)
@@ -216,20 +189,25 @@ def check_point(args: list[str], run: bool = False, config_dir: str | None = Non
     except ConfigError:
         raise
     except Exception as e:  # Hydra's own override/composition errors, interpolation errors, YAML errors
-        err = library_error(e)
-        if err is None:
-            raise
-        raise err from None
+        _raise_as_config_error(e)
 
 
-def _override_key(arg: str) -> str:
+def _raise_as_config_error(e: Exception):
+    """Re-raise ``e`` as the ConfigError it stands for (library_error), or as it is (a bug)."""
+    err = library_error(e)
+    if err is None:
+        raise e
+    raise err from None
+
+
+def override_key(arg: str) -> str:
     return arg.split("=", 1)[0].lstrip("+~")
 
 
 def _callbacks_problem(callbacks, args: list[str], config_dir: str | None) -> str | None:
     """Hydra instantiates ``hydra.callbacks`` (any Python call) before alignctl's job starts: they may come from the
     command line or a --config-dir the user passed, never from a file alignctl composed on a recipe's behalf."""
-    if not callbacks or config_dir or any(_override_key(a).startswith("hydra.callbacks") for a in args):
+    if not callbacks or config_dir or any(override_key(a).startswith("hydra.callbacks") for a in args):
         return None
     return (f"hydra.callbacks: set by a config file ({', '.join(map(str, callbacks))}); Hydra callbacks run code, "
             "so they come only from the command line (hydra.callbacks.<name>=...) or a --config-dir you pass")
@@ -253,30 +231,11 @@ def split_config_dir(args: list[str]) -> tuple[str | None, list[str]]:
     return config_dir, rest
 
 
-def cmd_plan(args: list[str]) -> int:
-    from alignctl import plan
-
-    config_dir, args = split_config_dir(args)  # `plan --config-dir DIR ...` composes as `run` would
-    resolved = check_point(args, config_dir=config_dir)
-    plan.show(resolved, overrides=args)
-    return 0
-
-
-def cmd_recipes(_: list[str]) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table("recipe", "description", box=None, show_header=True)
-    for name, path in available_recipes().items():
-        table.add_row(escape(name), escape(recipe_description(path)))
-    Console().print(table)
-    return 0
-
-
 # Hydra flags after which `run` only prints (config, help, info): nothing to check up front.
 _PRINT_ONLY = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
                "--resolve", "--package", "-p"}
+# Hydra flags that compose another primary config or rerun a saved one: not what check_point composes.
+_OTHER_CONFIG = {"--config-name", "-cn", "--config-path", "-cp", "--experimental-rerun"}
 MAX_POINTS = 64
 
 
@@ -316,10 +275,7 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
 def precheck_run(args: list[str]) -> None:
     """``run``'s up-front checks, before Hydra starts any job: every point of a sweep (or the one run) composed and
     resolved as for ``run``. Any bad point stops everything, naming the point."""
-    if any(a.split("=")[0] in _PRINT_ONLY for a in args) or any(a.split("=")[0] in ("--config-name", "-cn",
-                                                                                   "--config-path", "-cp",
-                                                                                   "--experimental-rerun")
-                                                                for a in args):
+    if any(a.split("=")[0] in _PRINT_ONLY | _OTHER_CONFIG for a in args):
         return
     config_dir, others = split_config_dir(args)
     multirun = any(a in ("-m", "--multirun") for a in others)
@@ -329,11 +285,8 @@ def precheck_run(args: list[str]) -> None:
         return
     try:
         points = sweep_points(rest)
-    except Exception as e:
-        err = library_error(e)
-        if err is None:
-            raise
-        raise err from None
+    except Exception as e:  # a sweep override Hydra cannot parse
+        _raise_as_config_error(e)
     for i, point in enumerate(points, 1):
         swept = [p for p in point if p not in rest]
         try:
@@ -347,143 +300,3 @@ def precheck_run(args: list[str]) -> None:
 # Loggers of Hydra's launchers that print each job's overrides: their lines are redacted like saved files.
 LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core",
                     "hydra_plugins.hydra_submitit_launcher.submitit_launcher")
-
-
-def cmd_run(args: list[str]) -> int:
-    import logging
-
-    from alignctl.checks import RedactingFilter
-
-    if any(a in ("-v", "--verbose") for a in args):  # per-step metrics and library warnings on the console too
-        os.environ["ALIGNCTL_VERBOSE"] = "1"
-        args = [a for a in args if a not in ("-v", "--verbose")]
-    overrides, extra = prepare_overrides(args)
-    if any(a in ("-m", "--multirun") for a in args):
-        _warn_secret_overrides(args)
-    precheck_run(args)
-    _register_recipes(extra, user_config_dir(args))
-    for name in LAUNCHER_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
-            logger.addFilter(RedactingFilter())
-    from alignctl import app
-
-    sys.argv = ["alignctl"] + overrides
-    return app.main()  # non-zero after a sweep with failed points
-
-
-def _warn_secret_overrides(args: list[str]) -> None:
-    """A sweep's overrides reach disk through Hydra's launchers (multirun.yaml, submitit's pickled job files) before
-    any alignctl code can redact them: say so, once, for overrides that look secret."""
-    from alignctl.checks import redact
-
-    keys = [_override_key(a) for a in args if "=" in a and not a.startswith("-") and redact([a]) != [a]]
-    if keys:
-        print(f"alignctl: warning: {', '.join(keys)} looks like a secret; Hydra's launcher writes a sweep's overrides "
-              "to disk before alignctl can redact them: export it as an environment variable instead (the ranks "
-              "inherit it), e.g. export HF_TOKEN=...", file=sys.stderr)
-
-
-def cmd_report(args: list[str]) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from alignctl import report
-
-    if len(args) != 1:
-        print("usage: alignctl report <multirun dir>", file=sys.stderr)
-        return 2
-    folder = Path(args[0]).expanduser()
-    if (folder / "manifest.json").is_file():
-        return _error(ConfigError([f"report: {folder} is one run, not a sweep (its report: {folder / 'report.md'}); "
-                                   "name a multirun directory, e.g. outputs/<recipe>/multirun/<timestamp>"]))
-    if not folder.is_dir():
-        return _error(ConfigError([f"report: {folder} is not a folder; name a multirun directory, e.g. "
-                                   "outputs/<recipe>/multirun/<timestamp>"]))
-    try:
-        out, plot, rows = report.sweep_report(args[0])
-    except FileNotFoundError as e:
-        return _error(ConfigError([f"report: {e}"]))
-    table = Table(*rows[0].keys(), title=f"sweep {args[0]}")
-    for r in rows:
-        table.add_row(*(report._fmt(v) for v in r.values()))
-    Console(width=max(Console().width, 120)).print(table)
-    print(f"report: {out}" + (f"\nplot: {plot}" if plot else ""))
-    return 0
-
-
-def cmd_store(args: list[str]) -> int:
-    from alignctl import store_cli
-
-    return store_cli.main(args)
-
-
-def cmd_eval(args: list[str]) -> int:
-    from alignctl import eval_cli
-
-    return eval_cli.cmd_eval(args)
-
-
-def cmd_generate(args: list[str]) -> int:
-    from alignctl import eval_cli
-
-    return eval_cli.cmd_generate(args)
-
-
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "recipes": cmd_recipes, "report": cmd_report, "store": cmd_store,
-            "eval": cmd_eval, "generate": cmd_generate}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The command line. A user's mistake: one short message, exit code 2 (errors.report); a bug in alignctl:
-    "internal error", exit code 1, the traceback in a file (errors.internal_error). ``--debug`` (or
-    HYDRA_FULL_ERROR=1) lets tracebacks through instead."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" not in argv[:1]:
-        return _main(argv)
-    saved = {k: os.environ.get(k) for k in ("ALIGNCTL_DEBUG", "HYDRA_FULL_ERROR")}
-    os.environ.update(ALIGNCTL_DEBUG="1", HYDRA_FULL_ERROR="1")
-    try:
-        return _main(argv[1:])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0 if argv else 1
-    cmd, rest = argv[0], argv[1:]
-    if cmd not in COMMANDS:
-        print(f"alignctl: unknown command '{cmd}'{suggest(cmd, COMMANDS)}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    if cmd not in ("run", "store", "eval", "generate") and rest and rest[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    try:
-        return COMMANDS[cmd](rest)
-    except ConfigError as e:
-        if errors.debug():
-            raise
-        return errors.report(e)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as e:
-        if errors.debug():
-            raise
-        err = library_error(e)
-        if err is not None:
-            return errors.report(err)
-        return errors.internal_error(e)
-
-
-def entry() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    entry()

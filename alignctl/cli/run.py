@@ -1,4 +1,7 @@
-"""The Hydra application behind ``alignctl run``: resolve once, then run the pipeline.
+"""``alignctl run``: the Hydra application behind it: check every point up front, resolve once, run the pipeline.
+
+Before Hydra starts, :func:`run` checks the configuration (every point of a sweep: alignctl.config.compose.precheck_run)
+and rewrites the overrides as ``plan`` composes them; Hydra then runs :func:`hydra_main` once per point.
 
 Errors end the way every alignctl error does (alignctl.errors): a user's mistake is one short message and exit
 code 2; a bug is "internal error" with the traceback kept in the run log (<run dir>/alignctl.log). A failed or
@@ -8,17 +11,21 @@ and the next point runs; the last lines name the failed points and the exit code
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from alignctl import errors
-from alignctl.errors import ConfigError
-from alignctl.launch import StageFailed
+from alignctl import checks, console, errors, pipeline, report, spec, views
+from alignctl.config import compose
+from alignctl.errors import ConfigError, StageFailed
+from alignctl.metrics import objective
 from alignctl.spec import CONFIGS_DIR
 
 log = logging.getLogger("alignctl")
@@ -32,6 +39,35 @@ _MAIN_PID: list[int] = []  # the pid of the process that called main(): jobs the
 class SweepPointFailed(Exception):
     """A sweep point run in another process (joblib, SLURM) failed: raised as a plain Exception, which Hydra records
     for that job (the other points still run) and which makes the sweep's exit code non-zero."""
+
+
+def run(args: list[str]) -> int:
+    """The ``run`` command: check up front, then hand the (rewritten) overrides to Hydra; the exit code of
+    :func:`main`. ``-v``/``--verbose``: per-step metrics and library warnings on the console too."""
+    if any(a in ("-v", "--verbose") for a in args):
+        os.environ["ALIGNCTL_VERBOSE"] = "1"
+        args = [a for a in args if a not in ("-v", "--verbose")]
+    overrides, extra = compose.prepare_overrides(args)
+    if any(a in ("-m", "--multirun") for a in args):
+        _warn_secret_overrides(args)
+    compose.precheck_run(args)
+    compose.register_recipes(extra, compose.user_config_dir(args))
+    for name in compose.LAUNCHER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, checks.RedactingFilter) for f in logger.filters):
+            logger.addFilter(checks.RedactingFilter())
+    sys.argv = ["alignctl"] + overrides
+    return main()  # non-zero after a sweep with failed points
+
+
+def _warn_secret_overrides(args: list[str]) -> None:
+    """A sweep's overrides reach disk through Hydra's launchers (multirun.yaml, submitit's pickled job files) before
+    any alignctl code can redact them: say so, once, for overrides that look secret."""
+    keys = [compose.override_key(a) for a in args if "=" in a and not a.startswith("-") and checks.redact([a]) != [a]]
+    if keys:
+        print(f"alignctl: warning: {', '.join(keys)} looks like a secret; Hydra's launcher writes a sweep's overrides "
+              "to disk before alignctl can redact them: export it as an environment variable instead (the ranks "
+              "inherit it), e.g. export HF_TOKEN=...", file=sys.stderr)
 
 
 class _Failed(Exception):
@@ -57,18 +93,13 @@ def hydra_main(cfg: DictConfig):
     """One run, or one point of a sweep. A run that fails exits (code 2: configuration, 130: interrupted, 1: other);
     a failed sweep point is recorded (manifest, report.md) and the sweep goes on: the point returns NaN (a failed
     trial for a sweeper such as Optuna). An interrupted point stops the sweep."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from alignctl import console, plan
-
     console.setup()  # per-step metrics, library warnings and progress bars off the console (kept in alignctl.log)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun:  # Hydra saved the sweep's config with every override as given: redact it
         _redact_file(Path(hc.sweep.dir) / "multirun.yaml")
     try:
-        manifest, objective = _run(cfg, hc)
+        manifest, value = _resolve_and_run(cfg, hc)
     except _Failed as f:
         _report_failed_run(Path(hc.runtime.output_dir))
         if not multirun or f.code == 130:
@@ -76,15 +107,14 @@ def hydra_main(cfg: DictConfig):
         return _failed_point(hc, f)
     if multirun:
         POINTS.append(_point(hc, 0, ""))
-    plan.summary(manifest)
-    return objective
+    views.summary(manifest)
+    return value
 
 
-def _run(cfg: DictConfig, hc) -> tuple[dict, float | None]:
+def _resolve_and_run(cfg: DictConfig, hc) -> tuple[dict, float | None]:
     """Resolve and run; a failure is printed the alignctl way (one line, or the failing rank's error) and raised as
-    :class:`_Failed` with its exit code. ``--debug`` lets the original exception through."""
-    from alignctl import checks, pipeline, plan, spec
-
+    :class:`_Failed` with its exit code. ``--debug`` lets the original exception through. Returns the manifest and
+    the sweep objective."""
     try:
         resolved = spec.resolve(cfg, hc.runtime.output_dir, run=True)
         for note in resolved.get("notes", []):
@@ -110,7 +140,7 @@ def _run(cfg: DictConfig, hc) -> tuple[dict, float | None]:
         code = errors.internal_error(e, Path(hc.runtime.output_dir) / f"{hc.job.name}.log")
         raise _Failed(code, f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
                       ) from None
-    return manifest, plan.objective(manifest, (resolved.get("sweep") or {}).get("objective"))
+    return manifest, objective(manifest, (resolved.get("sweep") or {}).get("objective"))
 
 
 def _say(text: str) -> None:
@@ -121,8 +151,6 @@ def _say(text: str) -> None:
 
 
 def _point(hc, code: int, reason: str) -> dict:
-    from alignctl import checks
-
     return {"job": hc.job.num, "overrides": checks.redact(list(hc.overrides.task)), "code": code, "reason": reason,
             "run_dir": str(hc.runtime.output_dir)}
 
@@ -152,16 +180,12 @@ def _sweep_summary(points: list[dict]) -> int:
 
 def _report_failed_run(run_dir: Path) -> None:
     """report.md for a run that failed or was interrupted (its manifest says which stage, and why)."""
-    import json
-
     path = run_dir / "manifest.json"
     if not path.is_file():  # it failed before the run started (e.g. a configuration error)
         return
     try:
         manifest = json.loads(path.read_text())
         if manifest.get("status") in ("failed", "interrupted"):  # not another live run's manifest ("running")
-            from alignctl import report
-
             report.write_run_report(manifest)
     except Exception as e:  # noqa: BLE001 - a report must never hide the run's own error
         log.warning("could not write report.md: %s", e)
@@ -169,8 +193,6 @@ def _report_failed_run(run_dir: Path) -> None:
 
 def _redact_file(path: Path) -> None:
     """Rewrite a YAML file Hydra wrote (multirun.yaml) with secrets redacted, readable by the user only."""
-    from alignctl import checks
-
     try:
         text = OmegaConf.to_yaml(OmegaConf.create(checks.redact(OmegaConf.to_container(OmegaConf.load(path)))))
     except (OSError, ValueError) as e:

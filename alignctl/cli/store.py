@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from alignctl import fsutil, store
+from alignctl.errors import LockTimeout, UsageError
 
 DEFAULT_STORE = Path("outputs") / ".store"
 LEFTOVER_SUFFIXES = (".partial", ".tmp", ".break")
@@ -53,10 +54,6 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", parents=[common], help="re-hash every file of complete entries")
     verify.add_argument("targets", nargs="*", metavar="fingerprint|entry|run-dir")
     return p
-
-
-class UsageError(Exception):
-    pass
 
 
 def _age(t: float) -> str:
@@ -149,7 +146,7 @@ def _held(e: store.Entry):
     lock = e.lock(timeout=0, decide_now=True)
     try:
         return lock.acquire()
-    except fsutil.LockTimeout as err:
+    except LockTimeout as err:
         print(f"  skip {e.dir.name}: locked by {fsutil.describe_holder(err.holder)}")
         return None
 
@@ -290,7 +287,8 @@ def cmd_verify(root: Path | None, targets: list[str]) -> int:
     return 1 if damaged else 0
 
 
-def main(args: list[str]) -> int:
+def run(args: list[str]) -> int:
+    """``alignctl store <command>``: its exit code (2 for a usage error, one line on stderr)."""
     parser = _parser()
     try:
         ns = parser.parse_args(args)
@@ -323,4 +321,4 @@ def main(args: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run(sys.argv[1:]))

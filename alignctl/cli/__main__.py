@@ -1,0 +1,5 @@
+"""``python -m alignctl.cli``: the ``alignctl`` command."""
+
+from alignctl.cli import entry
+
+entry()
