@@ -17,8 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignctl import errors
-from alignctl.errors import ConfigError
-from alignctl.launch import StageFailed
+from alignctl.errors import ConfigError, StageFailed, SweepPointFailed  # SweepPointFailed moved: alignctl.errors
 from alignctl.spec import CONFIGS_DIR
 
 log = logging.getLogger("alignctl")
@@ -27,11 +26,6 @@ log = logging.getLogger("alignctl")
 # The sweep points run in this process (Hydra's basic launcher): what `alignctl run -m` reports at the end.
 POINTS: list[dict] = []
 _MAIN_PID: list[int] = []  # the pid of the process that called main(): jobs there are "in this process"
-
-
-class SweepPointFailed(Exception):
-    """A sweep point run in another process (joblib, SLURM) failed: raised as a plain Exception, which Hydra records
-    for that job (the other points still run) and which makes the sweep's exit code non-zero."""
 
 
 class _Failed(Exception):

@@ -612,7 +612,7 @@ def _convert(ds, spec: dict, data_kind: str, label: str, stage: str, split: str)
 def load(spec: dict, data_kind: str, stage: str):
     """Return ``(train, eval_or_None)`` in TRL's formats; raises ConfigError on any data problem. A local data set
     is read through a cache keyed by its content (:func:`_local_cache`); when the spec carries the run's
-    ``data_check``, files that differ from it raise :class:`alignctl.store.DataChanged`, as do files that change
+    ``data_check``, files that differ from it raise :class:`alignctl.errors.DataChanged`, as do files that change
     while they are read."""
     spec = {"format": "auto", "system_turns": "keep", **spec}  # specs written before these keys existed
     label = spec.get("label", spec["path"])

@@ -1,4 +1,10 @@
-"""Bad user input: the error every check raises, close-match suggestions, and the one way errors are shown.
+"""alignctl's error types, close-match suggestions, and the one way errors are shown.
+
+Every error type lives here (so that no module imports another for its exceptions): :class:`ConfigError` (bad
+user input), :class:`StageFailed` (a stage failed: a rank, divergence, its data or lock), :class:`DataChanged` and
+:class:`ModelChanged` (a stage's local files changed since the run fingerprinted them), :class:`LockTimeout` and
+:class:`LockLost` (alignctl.fsutil's lock), :class:`UsageError` (``alignctl store``'s arguments) and
+:class:`SweepPointFailed` (a sweep point run in another process).
 
 Every failure a user can cause ends in :func:`report`: ``alignctl: configuration error:`` and one line per problem
 (what, where — the key, file or column — and what to do), then "Nothing was trained.", exit code 2, no traceback.
@@ -22,6 +28,52 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class StageFailed(RuntimeError):
+    """A stage failed: where (which rank, or why: diverged, its data changed, its store lock), its error (one line)
+    and the failing rank's traceback."""
+
+    def __init__(self, stage: str, where: str, error: str, traceback: str = "", output_log: str | None = None):
+        self.stage, self.where, self.error, self.traceback, self.output_log = stage, where, error, traceback, output_log
+        super().__init__(f"stage {stage} failed {where}: {error}")
+
+    def report(self) -> str:
+        """What the CLI prints: the failing rank's error once (its traceback), and where every rank's output is."""
+        head = f"alignctl: stage {self.stage} failed {self.where}"
+        lines = [head + ":", self.traceback.rstrip()] if self.traceback else [f"{head}: {self.error}"]
+        if self.output_log:
+            lines.append(f"output of every rank: {self.output_log}")
+        return "\n".join(lines)
+
+
+class DataChanged(RuntimeError):
+    """A stage's local data files are not the ones the run fingerprinted (it stops before training)."""
+
+
+class ModelChanged(DataChanged):
+    """A stage's local model folder is not the one the run fingerprinted."""
+
+
+class LockTimeout(RuntimeError):
+    """Waited longer than the lock timeout for another process's lock; ``holder``: what its lock file said."""
+
+    def __init__(self, message: str, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder
+
+
+class LockLost(RuntimeError):
+    """This process no longer holds a lock it took: another process took it over (or its file is gone)."""
+
+
+class UsageError(Exception):
+    """Bad arguments to ``alignctl store`` (one line, exit code 2)."""
+
+
+class SweepPointFailed(Exception):
+    """A sweep point run in another process (joblib, SLURM) failed: raised as a plain Exception, which Hydra records
+    for that job (the other points still run) and which makes the sweep's exit code non-zero."""
 
 
 def suggest(key: str, candidates) -> str:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from alignctl.errors import ConfigError
+from alignctl.errors import ConfigError, DataChanged
 
 EVAL_USAGE = """\
 usage: alignctl eval <run dir | model folder> [--reference PATH] [--reward PATH] [--prompts DATA] [--out DIR]
@@ -185,7 +185,7 @@ def _write(result: dict, out: Path, pes: dict[str, Any]) -> None:
 
 def eval_run(run_dir: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path]:
     """Every completed policy stage of a finished run, as evaluated in the run (spec.json), before vs final/."""
-    from alignctl import evaluate, store
+    from alignctl import evaluate
     from alignctl.runner import StageContext
     from alignctl.stages import STAGES
 
@@ -212,7 +212,7 @@ def eval_run(run_dir: Path, opts: dict, overrides: list[str]) -> tuple[dict, Pat
         spec = checked_spec(spec, final, f"{st['name']}/spec.json", bool(opts.get("--trust-remote-code")))
         try:
             ctx = StageContext(spec)
-        except store.DataChanged:  # the held-out rows would not be the ones the run was evaluated on
+        except DataChanged:  # the held-out rows would not be the ones the run was evaluated on
             raise ConfigError([f"eval: stage {st['name']}: its data ({spec['data'].get('label')}) changed on disk "
                                "since the run trained on it; restore it to evaluate this run"]) from None
         metrics, pe = _eval_stage(ctx, final)

@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from alignctl.errors import LockLost, LockTimeout  # moved: alignctl.errors (raised here)
+
 log = logging.getLogger("alignctl")
 _FROM_ENV: Any = object()
 
@@ -128,20 +130,6 @@ def human(n: float) -> str:
 
 
 # -- a lock that works on shared file systems ------------------------------------------------------------------------
-
-
-class LockTimeout(RuntimeError):
-    """Waited longer than the lock timeout for another process's lock; ``holder``: what its lock file said."""
-
-    def __init__(self, message: str, holder: dict | None = None):
-        super().__init__(message)
-        self.holder = holder
-
-
-class LockLost(RuntimeError):
-    """This process no longer holds a lock it took: another process took it over (or its file is gone)."""
-
-
 LOCK_ENV = {"timeout": "ALIGNCTL_LOCK_TIMEOUT", "stale": "ALIGNCTL_LOCK_STALE", "heartbeat": "ALIGNCTL_LOCK_HEARTBEAT"}
 DEFAULT_STALE = 600.0
 

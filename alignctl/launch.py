@@ -6,7 +6,7 @@ The orchestrator (the one process that ran Hydra) resolves the run once and writ
 reads the spec (never Hydra), rank 0 writes the final model and ``launch/result.json``, and the processes exit, so
 all GPU memory is released before the next stage. Everything the ranks print goes to ``launch/output.log``; rank 0's
 alignctl log lines are passed on to the run log. A rank that raises writes ``launch/rank<k>.error.json``; the
-orchestrator then raises :class:`StageFailed` with the first failing rank's error, shown once.
+orchestrator then raises :class:`alignctl.errors.StageFailed` with the first failing rank's error, shown once.
 
 :func:`resolve` (used by ``alignctl plan``) computes the world size and the distributed engine (DDP, DeepSpeed
 ZeRO-2/3, FSDP) without importing torch.
@@ -27,7 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from alignctl.errors import suggest
+from alignctl.errors import StageFailed, suggest
+from alignctl.ranks import ATTEMPT_ENV, rank_env  # noqa: F401  (moved: alignctl.ranks; re-exported for callers)
 
 log = logging.getLogger("alignctl")
 
@@ -57,24 +58,7 @@ ENGINE_NAMES = {"none": "a single process", "ddp": "DDP", "deepspeed-zero1": "De
 RAN_AS = {"none": ("NO", "MULTI_GPU", "MULTI_CPU"), "ddp": ("MULTI_GPU", "MULTI_CPU"), "deepspeed": ("DEEPSPEED",),
           "fsdp": ("FSDP",)}
 FAIL_HOOK = "ALIGNCTL_TEST_FAIL_RANK"  # tests only: see alignctl.worker
-ATTEMPT_ENV = "ALIGNCTL_ATTEMPT"  # the attempt id of the spec the ranks must read (see alignctl.worker)
 _WORKER_LINE = re.compile(r"^alignctl\[rank(\d+)\]: (.*)$")
-
-
-class StageFailed(RuntimeError):
-    """A distributed stage failed: where (which rank), its error (one line) and the rank's traceback."""
-
-    def __init__(self, stage: str, where: str, error: str, traceback: str = "", output_log: str | None = None):
-        self.stage, self.where, self.error, self.traceback, self.output_log = stage, where, error, traceback, output_log
-        super().__init__(f"stage {stage} failed {where}: {error}")
-
-    def report(self) -> str:
-        """What the CLI prints: the failing rank's error once (its traceback), and where every rank's output is."""
-        head = f"alignctl: stage {self.stage} failed {self.where}"
-        lines = [head + ":", self.traceback.rstrip()] if self.traceback else [f"{head}: {self.error}"]
-        if self.output_log:
-            lines.append(f"output of every rank: {self.output_log}")
-        return "\n".join(lines)
 
 
 # -- resolving the launcher node (plan time, no torch) ------------------------------------------------------------
@@ -572,9 +556,3 @@ def _collect(stage: str, out: Path, rc: int, launcher: dict) -> dict:
     tail = (out / "output.log").read_text(errors="replace").splitlines()[-15:]
     raise StageFailed(stage, f"({launcher['kind']} exited with code {rc} and no rank reported an error: killed, out "
                       "of memory?)", "last lines of the output:\n  " + "\n  ".join(tail), "", str(out / "output.log"))
-
-
-def rank_env() -> tuple[int, int, int]:
-    """(rank, local rank, world size) from the launcher's environment."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))

@@ -61,7 +61,7 @@ def _build_once(out: Path, build) -> str:
     files match the marker (names, sizes, sampled hashes; a full hash where a time moved); otherwise it is built
     again into a fresh temporary folder and swapped in. Ranks started by alignctl's launcher take the folder the
     orchestrator has just checked (their node may hold another key, or none)."""
-    from alignctl.launch import ATTEMPT_ENV
+    from alignctl.ranks import ATTEMPT_ENV
 
     if os.environ.get(ATTEMPT_ENV) and (out / BUILT).is_file():
         return str(out)

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from alignctl import fsutil, models, trust
+from alignctl.errors import DataChanged, ModelChanged  # moved: alignctl.errors (raised here)
 from alignctl import links as link_table
 
 log = logging.getLogger("alignctl")
@@ -189,14 +190,6 @@ def data_identity(d: dict | None, check: dict | None = None) -> Any:
         out["path"] = Path(d["path"]).name
         out["content"] = check["content"]
     return out
-
-
-class DataChanged(RuntimeError):
-    """A stage's local data files are not the ones the run fingerprinted (it stops before training)."""
-
-
-class ModelChanged(DataChanged):
-    """A stage's local model folder is not the one the run fingerprinted."""
 
 
 def files_unchanged(recorded: dict, files: list[Path], cache_dir=None, root: Path | None = None) -> bool:

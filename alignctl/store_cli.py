@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from alignctl import fsutil, store
+from alignctl.errors import LockTimeout, UsageError  # UsageError moved: alignctl.errors
 
 DEFAULT_STORE = Path("outputs") / ".store"
 LEFTOVER_SUFFIXES = (".partial", ".tmp", ".break")
@@ -53,10 +54,6 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", parents=[common], help="re-hash every file of complete entries")
     verify.add_argument("targets", nargs="*", metavar="fingerprint|entry|run-dir")
     return p
-
-
-class UsageError(Exception):
-    pass
 
 
 def _age(t: float) -> str:
@@ -149,7 +146,7 @@ def _held(e: store.Entry):
     lock = e.lock(timeout=0, decide_now=True)
     try:
         return lock.acquire()
-    except fsutil.LockTimeout as err:
+    except LockTimeout as err:
         print(f"  skip {e.dir.name}: locked by {fsutil.describe_holder(err.holder)}")
         return None
 

@@ -37,7 +37,8 @@ import time
 import traceback
 from pathlib import Path
 
-from alignctl.launch import ATTEMPT_ENV, FAIL_HOOK, rank_env
+from alignctl.launch import FAIL_HOOK
+from alignctl.ranks import ATTEMPT_ENV, rank_env
 
 PR_SET_PDEATHSIG = 1
 
