@@ -186,6 +186,7 @@ def _write(result: dict, out: Path, pes: dict[str, Any]) -> None:
 def eval_run(run_dir: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path]:
     """Every completed policy stage of a finished run, as evaluated in the run (spec.json), before vs final/."""
     from alignctl import evaluate
+    from alignctl.config.types import StageSpec
     from alignctl.runner import StageContext
     from alignctl.stages import STAGES
 
@@ -198,7 +199,7 @@ def eval_run(run_dir: Path, opts: dict, overrides: list[str]) -> tuple[dict, Pat
         if st.get("status") != "completed" or not spec_path.is_file() or not final.is_dir() or \
                 STAGES[st["trainer"]].output != "causal_lm":
             continue
-        spec = json.loads(spec_path.read_text())
+        spec = dict(StageSpec.from_json(spec_path.read_text()))  # the old keys (cli helper: typed reading)
         base = spec.get("eval") or evaluate.stage_settings({}, spec, [spec], spec["args"].get("seed", 42))
         settings = _settings(overrides, {**base, "enabled": True})
         if opts.get("--reward"):

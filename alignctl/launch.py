@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from alignctl import models
+from alignctl.config.types import StageSpec
 from alignctl.errors import StageFailed, suggest
 from alignctl.ranks import ATTEMPT_ENV, rank_env  # noqa: F401  (moved: alignctl.ranks; re-exported for callers)
 
@@ -348,36 +350,31 @@ def command(launcher: dict, spec_path: str | os.PathLike) -> list[str]:
     return [*launcher.get("prefix", []), *cmd, *launcher.get("extra_args", []), *worker]
 
 
-def run_stage(work: dict, spec_path: str | os.PathLike, launcher: dict | None) -> dict:
+def run_stage(work: StageSpec, spec_path: str | os.PathLike, launcher: dict | None) -> dict:
     """Train one stage with the launcher; returns ``{"metrics": ..., "world_size": ...}``.
 
-    ``work`` has already been written to ``spec_path`` (the worker reads it there)."""
+    ``work`` has already been written to ``spec_path`` (the worker reads it there: :meth:`StageSpec.from_json`)."""
     launcher = launcher or {"kind": "local"}
     if launcher["kind"] == "local":
-        from alignctl.models import training_environment
         from alignctl.runner import run_stage as run_here
 
-        with training_environment(work):  # no inherited variable changes how it trains (alignctl.models)
+        with models.training_environment(work):  # no inherited variable changes how it trains (alignctl.models)
             return {"metrics": run_here(work), "world_size": 1}
-    from alignctl import models
-
-    from alignctl.links import LINKS
-
-    for key in (link.path_key for link in LINKS):  # build a built-in tiny model once, not per rank
-        if work.get(key):
-            models.materialize(work[key], work["cache_dir"], work["model"])
+    for link in work.links.values():  # build a built-in tiny model once, not per rank
+        if link.path:
+            models.materialize(link.path, work.cache_dir, work.model)
     out = Path(spec_path).parent / "launch"
     env, dropped = models.training_env(work, dict(os.environ), launcher.get("env", {}))  # as in-process (local)
-    models.note_dropped_env(work["name"], dropped)
-    env.update({"PYTHONUNBUFFERED": "1", ATTEMPT_ENV: str(work.get("attempt", ""))})
+    models.note_dropped_env(work.name, dropped)
+    env.update({"PYTHONUNBUFFERED": "1", ATTEMPT_ENV: work.attempt or ""})
     for retry in range(PORT_RETRIES + 1):
-        rc = _launch_once(work["name"], spec_path, launcher, env, out)
+        rc = _launch_once(work.name, spec_path, launcher, env, out)
         if retry == PORT_RETRIES or not _port_was_taken(launcher, out, rc):
             break
         log.warning("stage %s: the port given to accelerate was taken by another process before it started "
-                    "(address already in use); launching again with a fresh port (retry %d of %d)", work["name"],
+                    "(address already in use); launching again with a fresh port (retry %d of %d)", work.name,
                     retry + 1, PORT_RETRIES)
-    return _collect(work["name"], out, rc, launcher)
+    return _collect(work.name, out, rc, launcher)
 
 
 PORT_RETRIES = 3  # launches again after the main process port was taken between _free_port() and accelerate's bind
