@@ -468,13 +468,13 @@ def _local_cache(spec: dict, stage: str) -> tuple[str, list]:
     full signatures (inode and ctime cannot be set back), so only the very files that were hashed can hit it."""
     import hashlib
 
-    from alignctl import store
+    from alignctl import digests
 
-    files = store._data_files(spec)
-    now = store.signatures(files)
+    files = digests.data_files(spec["path"], spec.get("local"))
+    now = digests.signatures(files)
     recorded = spec.get("data_check")
-    if recorded and now != recorded["files"] and not store.files_unchanged(recorded, files, spec.get("cache_dir")):
-        raise store.data_changed(stage, spec)
+    if recorded and now != recorded["files"] and not digests.files_unchanged(recorded, files, spec.get("cache_dir")):
+        raise digests.data_changed(stage, spec.get("label") or spec["path"])
     key = hashlib.sha256(json.dumps([(recorded or {}).get("content"), now]).encode()).hexdigest()[:20]
     if spec.get("cache_dir"):
         root = Path(spec["cache_dir"]) / "datasets"
@@ -489,11 +489,11 @@ def _check_read(spec: dict, stage: str, cache: str, before: list) -> None:
     """The files must not have changed while they were read (the rows would be a mix, or not the hashed bytes)."""
     import shutil
 
-    from alignctl import store
+    from alignctl import digests
 
-    if store.signatures(store._data_files(spec)) != before:
+    if digests.signatures(digests.data_files(spec["path"], spec.get("local"))) != before:
         shutil.rmtree(cache, ignore_errors=True)
-        raise store.data_changed(stage, spec, "while alignctl read it")
+        raise digests.data_changed(stage, spec.get("label") or spec["path"], "while alignctl read it")
 
 
 def _raw_split(spec: dict, split: str, label: str, key: str, cache_dir: str | None = None):
@@ -612,7 +612,7 @@ def _convert(ds, spec: dict, data_kind: str, label: str, stage: str, split: str)
 def load(spec: dict, data_kind: str, stage: str):
     """Return ``(train, eval_or_None)`` in TRL's formats; raises ConfigError on any data problem. A local data set
     is read through a cache keyed by its content (:func:`_local_cache`); when the spec carries the run's
-    ``data_check``, files that differ from it raise :class:`alignctl.store.DataChanged`, as do files that change
+    ``data_check``, files that differ from it raise :class:`alignctl.errors.DataChanged`, as do files that change
     while they are read."""
     spec = {"format": "auto", "system_turns": "keep", **spec}  # specs written before these keys existed
     label = spec.get("label", spec["path"])

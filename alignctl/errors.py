@@ -1,10 +1,10 @@
 """alignctl's error types, close-match suggestions, and the one way errors are shown.
 
-The types: :class:`ConfigError` (bad user input, problems collected), :class:`UsageError` (a bad command-line
-argument of a subcommand), :class:`StageFailed` (a rank of a distributed stage failed), :class:`DataChanged` /
-:class:`ModelChanged` (inputs changed on disk after they were fingerprinted), :class:`LockTimeout` /
-:class:`LockLost` (the store's locks). They live here, below every other module, so that raising or catching one
-never imports the module that happens to raise it.
+Every error type lives here (so that no module imports another for its exceptions): :class:`ConfigError` (bad
+user input), :class:`UsageError` (a bad command-line argument of a subcommand that parses its own options),
+:class:`StageFailed` (a stage failed: a rank, divergence, its data or lock), :class:`DataChanged` and
+:class:`ModelChanged` (a stage's local files changed since the run fingerprinted them), :class:`LockTimeout` and
+:class:`LockLost` (alignctl.fsutil's lock) and :class:`SweepPointFailed` (a sweep point run in another process).
 
 Every failure a user can cause ends in :func:`report`: ``alignctl: configuration error:`` and one line per problem
 (what, where — the key, file or column — and what to do), then "Nothing was trained.", exit code 2, no traceback.
@@ -35,7 +35,8 @@ class UsageError(Exception):
 
 
 class StageFailed(RuntimeError):
-    """A distributed stage failed: where (which rank), its error (one line) and the rank's traceback."""
+    """A stage failed: where (which rank, or why: diverged, its data changed, its store lock), its error (one line)
+    and the failing rank's traceback."""
 
     def __init__(self, stage: str, where: str, error: str, traceback: str = "", output_log: str | None = None):
         self.stage, self.where, self.error, self.traceback, self.output_log = stage, where, error, traceback, output_log
@@ -68,6 +69,11 @@ class LockTimeout(RuntimeError):
 
 class LockLost(RuntimeError):
     """This process no longer holds a lock it took: another process took it over (or its file is gone)."""
+
+
+class SweepPointFailed(Exception):
+    """A sweep point run in another process (joblib, SLURM) failed: raised as a plain Exception, which Hydra records
+    for that job (the other points still run) and which makes the sweep's exit code non-zero."""
 
 
 def suggest(key: str, candidates) -> str:

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from alignctl import checks, data, evaluate, links, models, report, trl_fields
 from alignctl.config.compose import compose
+from alignctl.config.types import StageSpec
 from alignctl.errors import ConfigError, DataChanged
 from alignctl.fsutil import write_json
 from alignctl.runner import StageContext, _release_memory
@@ -92,7 +93,7 @@ def eval_run(run_dir: Path, opts: dict, overrides: list[str]) -> tuple[dict, Pat
         if st.get("status") != "completed" or not spec_path.is_file() or not final.is_dir() or \
                 STAGES[st["trainer"]].output != "causal_lm":
             continue
-        spec = _stage_spec(json.loads(spec_path.read_text()), opts, overrides)
+        spec = _stage_spec(dict(StageSpec.from_json(spec_path.read_text())), opts, overrides)  # old keys
         spec = checked_spec(spec, final, f"{st['name']}/spec.json", bool(opts.get("--trust-remote-code")))
         try:
             ctx = StageContext(spec)

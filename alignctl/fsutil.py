@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from alignctl.errors import LockLost, LockTimeout  # moved: alignctl.errors (raised here)
+
 log = logging.getLogger("alignctl")
 _FROM_ENV: Any = object()
 
@@ -128,10 +130,6 @@ def human(n: float) -> str:
 
 
 # -- a lock that works on shared file systems ------------------------------------------------------------------------
-
-
-from alignctl.errors import LockLost, LockTimeout  # noqa: E402  moved: alignctl.errors
-
 LOCK_ENV = {"timeout": "ALIGNCTL_LOCK_TIMEOUT", "stale": "ALIGNCTL_LOCK_STALE", "heartbeat": "ALIGNCTL_LOCK_HEARTBEAT"}
 DEFAULT_STALE = 600.0
 

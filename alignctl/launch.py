@@ -6,7 +6,7 @@ The orchestrator (the one process that ran Hydra) resolves the run once and writ
 reads the spec (never Hydra), rank 0 writes the final model and ``launch/result.json``, and the processes exit, so
 all GPU memory is released before the next stage. Everything the ranks print goes to ``launch/output.log``; rank 0's
 alignctl log lines are passed on to the run log. A rank that raises writes ``launch/rank<k>.error.json``; the
-orchestrator then raises :class:`StageFailed` with the first failing rank's error, shown once.
+orchestrator then raises :class:`alignctl.errors.StageFailed` with the first failing rank's error, shown once.
 
 :func:`resolve` (used by ``alignctl plan``) computes the world size and the distributed engine (DDP, DeepSpeed
 ZeRO-2/3, FSDP) without importing torch.
@@ -27,7 +27,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from alignctl.errors import suggest
+from alignctl import models
+from alignctl.config.types import StageSpec
+from alignctl.errors import StageFailed, suggest
+from alignctl.ranks import ATTEMPT_ENV, rank_env  # noqa: F401  (moved: alignctl.ranks; re-exported for callers)
 
 log = logging.getLogger("alignctl")
 
@@ -57,11 +60,7 @@ ENGINE_NAMES = {"none": "a single process", "ddp": "DDP", "deepspeed-zero1": "De
 RAN_AS = {"none": ("NO", "MULTI_GPU", "MULTI_CPU"), "ddp": ("MULTI_GPU", "MULTI_CPU"), "deepspeed": ("DEEPSPEED",),
           "fsdp": ("FSDP",)}
 FAIL_HOOK = "ALIGNCTL_TEST_FAIL_RANK"  # tests only: see alignctl.worker
-ATTEMPT_ENV = "ALIGNCTL_ATTEMPT"  # the attempt id of the spec the ranks must read (see alignctl.worker)
 _WORKER_LINE = re.compile(r"^alignctl\[rank(\d+)\]: (.*)$")
-
-
-from alignctl.errors import StageFailed  # noqa: E402  moved: alignctl.errors
 
 
 # -- resolving the launcher node (plan time, no torch) ------------------------------------------------------------
@@ -351,36 +350,31 @@ def command(launcher: dict, spec_path: str | os.PathLike) -> list[str]:
     return [*launcher.get("prefix", []), *cmd, *launcher.get("extra_args", []), *worker]
 
 
-def run_stage(work: dict, spec_path: str | os.PathLike, launcher: dict | None) -> dict:
+def run_stage(work: StageSpec, spec_path: str | os.PathLike, launcher: dict | None) -> dict:
     """Train one stage with the launcher; returns ``{"metrics": ..., "world_size": ...}``.
 
-    ``work`` has already been written to ``spec_path`` (the worker reads it there)."""
+    ``work`` has already been written to ``spec_path`` (the worker reads it there: :meth:`StageSpec.from_json`)."""
     launcher = launcher or {"kind": "local"}
     if launcher["kind"] == "local":
-        from alignctl.models import training_environment
         from alignctl.runner import run_stage as run_here
 
-        with training_environment(work):  # no inherited variable changes how it trains (alignctl.models)
+        with models.training_environment(work):  # no inherited variable changes how it trains (alignctl.models)
             return {"metrics": run_here(work), "world_size": 1}
-    from alignctl import models
-
-    from alignctl.links import LINKS
-
-    for key in (link.path_key for link in LINKS):  # build a built-in tiny model once, not per rank
-        if work.get(key):
-            models.materialize(work[key], work["cache_dir"], work["model"])
+    for link in work.links.values():  # build a built-in tiny model once, not per rank
+        if link.path:
+            models.materialize(link.path, work.cache_dir, work.model)
     out = Path(spec_path).parent / "launch"
     env, dropped = models.training_env(work, dict(os.environ), launcher.get("env", {}))  # as in-process (local)
-    models.note_dropped_env(work["name"], dropped)
-    env.update({"PYTHONUNBUFFERED": "1", ATTEMPT_ENV: str(work.get("attempt", ""))})
+    models.note_dropped_env(work.name, dropped)
+    env.update({"PYTHONUNBUFFERED": "1", ATTEMPT_ENV: work.attempt or ""})
     for retry in range(PORT_RETRIES + 1):
-        rc = _launch_once(work["name"], spec_path, launcher, env, out)
+        rc = _launch_once(work.name, spec_path, launcher, env, out)
         if retry == PORT_RETRIES or not _port_was_taken(launcher, out, rc):
             break
         log.warning("stage %s: the port given to accelerate was taken by another process before it started "
-                    "(address already in use); launching again with a fresh port (retry %d of %d)", work["name"],
+                    "(address already in use); launching again with a fresh port (retry %d of %d)", work.name,
                     retry + 1, PORT_RETRIES)
-    return _collect(work["name"], out, rc, launcher)
+    return _collect(work.name, out, rc, launcher)
 
 
 PORT_RETRIES = 3  # launches again after the main process port was taken between _free_port() and accelerate's bind
@@ -559,9 +553,3 @@ def _collect(stage: str, out: Path, rc: int, launcher: dict) -> dict:
     tail = (out / "output.log").read_text(errors="replace").splitlines()[-15:]
     raise StageFailed(stage, f"({launcher['kind']} exited with code {rc} and no rank reported an error: killed, out "
                       "of memory?)", "last lines of the output:\n  " + "\n  ".join(tail), "", str(out / "output.log"))
-
-
-def rank_env() -> tuple[int, int, int]:
-    """(rank, local rank, world size) from the launcher's environment."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))

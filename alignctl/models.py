@@ -61,7 +61,7 @@ def _build_once(out: Path, build) -> str:
     files match the marker (names, sizes, sampled hashes; a full hash where a time moved); otherwise it is built
     again into a fresh temporary folder and swapped in. Ranks started by alignctl's launcher take the folder the
     orchestrator has just checked (their node may hold another key, or none)."""
-    from alignctl.launch import ATTEMPT_ENV
+    from alignctl.ranks import ATTEMPT_ENV
 
     if os.environ.get(ATTEMPT_ENV) and (out / BUILT).is_file():
         return str(out)
@@ -86,7 +86,7 @@ def _build_once(out: Path, build) -> str:
 
 def _build_problem(out: Path) -> str | None:
     """Why a cached build cannot be used (None: it can)."""
-    from alignctl import fsutil, store, trust
+    from alignctl import digests, fsutil, trust
 
     if out.is_symlink() or not out.is_dir():
         return "missing" if not out.is_symlink() else "a symbolic link"
@@ -100,14 +100,14 @@ def _build_problem(out: Path) -> str | None:
     present = {str(f.relative_to(out)) for f in fsutil.tree_files(out)} - {BUILT}
     if present != set(marker["files"]):
         return "other files than when built"
-    problems = store.check_files(out, marker["files"])
+    problems = digests.check_files(out, marker["files"])
     return problems[0] if problems else None
 
 
 def _seal_build(tmp: Path, name: str) -> None:
-    from alignctl import fsutil, store, trust
+    from alignctl import digests, fsutil, trust
 
-    files = store.record_files(tmp)
+    files = digests.record_files(tmp)
     fsutil.write_json(tmp / BUILT, trust.sealed({"name": name, "files": files}))
 
 
@@ -235,9 +235,8 @@ def training_env(spec: dict[str, Any], inherited: dict[str, str], explicit: dict
     """The environment a stage trains under, and the given variables it does not see: ``inherited`` without the
     variables of TRAINING_ENV, plus ``explicit`` (launcher.env), plus ``ACCELERATE_MIXED_PRECISION`` matching the
     stage's bf16/fp16 flags (``no`` for fp32: transformers reads the variable when neither flag is set)."""
-    from alignctl.runner import StageContext
-
-    flags = StageContext.args_for(spec)
+    args = spec["args"]  # the bf16/fp16 flags the stage's TRL config gets (as alignctl.runner.StageContext.args_for)
+    flags = args if "bf16" in args or "fp16" in args else mixed_precision_args(spec["precision"])
     env = {k: v for k, v in inherited.items() if not TRAINING_ENV.match(k) or k in PLACEMENT_ENV}
     env.update(explicit or {})
     env["ACCELERATE_MIXED_PRECISION"] = "fp16" if flags.get("fp16") else "bf16" if flags.get("bf16") else "no"

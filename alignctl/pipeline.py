@@ -1,4 +1,7 @@
-"""Run a resolved recipe: the stage graph, chaining, outputs and the manifest.
+"""Run a resolved recipe (a :class:`alignctl.config.types.RunSpec`): pre-flight, the stage loop and the manifest.
+
+Each stage goes through its store entry (:meth:`alignctl.store.Entry.reuse_or_train`: lock, seal, reuse or train,
+resume, COMPLETE, placement into the run folder); this module records what happens in the manifest.
 
 Layout of a run directory::
 
@@ -16,7 +19,6 @@ TRL config (constructed). Only then does the first stage train.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -26,9 +28,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from alignctl import fsutil
+from alignctl import data, evaluate, fsutil, launch, models, probe, store, trust
+from alignctl.config.types import EvalSettings, RunSpec, StageSpec
+from alignctl.errors import ConfigError, DataChanged, LockLost, LockTimeout
+from alignctl.stages import STAGES
 
 log = logging.getLogger("alignctl")
+
 
 def redact(obj: Any) -> Any:
     """Secrets out of what is saved (config.yaml, manifest overrides, launch/command.txt, multirun.yaml): by key
@@ -53,17 +59,15 @@ write_json = fsutil.write_json
 
 
 class Manifest:
-    def __init__(self, spec: dict, overrides: list[str]):
-        self.path = Path(spec["run_dir"]) / "manifest.json"
-        last = spec["stages"][-1]
+    def __init__(self, spec: RunSpec, overrides: list[str]):
+        self.path = Path(spec.run_dir) / "manifest.json"
         self.data: dict[str, Any] = {
-            "recipe": spec["recipe"], "status": "running", "run_dir": spec["run_dir"],
-            "store_dir": spec.get("store_dir"),
-            "final_model": str(Path(last["output_dir"]) / "final"),
+            "recipe": spec.recipe, "status": "running", "run_dir": spec.run_dir, "store_dir": spec.store_dir or None,
+            "final_model": str(Path(spec.stages[-1].stage_dir) / "final"),
             "versions": versions(), "overrides": redact(list(overrides)),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "error": None,
-            "stages": [{"name": s["name"], "trainer": s["trainer"], "status": "pending", "from": s["from"],
-                        "output": str(Path(s["output_dir"]) / "final"), "metrics": {}} for s in spec["stages"]],
+            "stages": [{"name": s.name, "trainer": s.kind, "status": "pending", "from": s.source.stage,
+                        "output": str(Path(s.stage_dir) / "final"), "metrics": {}} for s in spec.stages],
         }
         self.save()
 
@@ -77,14 +81,24 @@ class Manifest:
     def save(self) -> None:
         write_json(self.path, self.data, mode=0o600)  # overrides and paths: the owner's only
 
+    def entries(self) -> dict[str, store.Entry]:
+        """The store entries of the stages that have started, by stage name (the upstream of later stages)."""
+        return {s["name"]: store.Entry(self.data["store_dir"], s["trainer"], s["fingerprint"])
+                for s in self.data["stages"] if s.get("fingerprint")}
 
-def stage_specs(spec: dict) -> list[dict]:
+
+def as_run_spec(spec: RunSpec | dict) -> RunSpec:
+    """The typed run spec. Migration: the dict ``spec.resolve`` returns until it is typed becomes one here (the one
+    place: :meth:`RunSpec.from_legacy`)."""
+    return spec if isinstance(spec, RunSpec) else RunSpec.from_legacy(spec)
+
+
+def stage_specs(spec: RunSpec | dict) -> list[StageSpec]:
     """Each stage's spec, complete on its own (what a worker process needs, and nothing from Hydra)."""
-    shared = {k: spec[k] for k in ("model", "precision", "cache_dir", "run_dir", "recipe", "store_dir")}
-    return [{**shared, **s} for s in spec["stages"]]
+    return list(as_run_spec(spec).stages)
 
 
-def preflight(stages: list[dict], launcher: dict | None = None) -> list[dict]:
+def preflight(stages: list[StageSpec], launcher: dict | None = None) -> list[StageSpec]:
     """Everything checkable before anything trains, for every stage: its TRL config is built (TRL's own
     validation; all stages first, so a bad field of the last stage fails in seconds) and what this machine needs is
     checked (attention kernel, 4-bit) by :func:`check_configs`; then the stages are prepared (:func:`_prepare`:
@@ -96,46 +110,39 @@ def preflight(stages: list[dict], launcher: dict | None = None) -> list[dict]:
     return stages
 
 
-def _preflight_data(stages: list[dict]) -> None:
+def _preflight_data(stages: list[StageSpec]) -> None:
     """Each stage's data loaded (as the stage will load it) and column-checked; its chat template renders it."""
-    from alignctl import data, models, store
-    from alignctl.errors import ConfigError
-    from alignctl.stages import STAGES
-
     problems: list[str] = []
     tokenizer = None
     for s in stages:
-        kind = STAGES[s["trainer"]]
+        kind = STAGES[s.kind]
         try:  # data generated by an earlier stage does not exist yet (alignctl.stages.generate)
-            train, _ = (None, None) if s["data"].get("stage") else data.load(s["data"], kind.data_kind,
-                                                                             f"stages.{s['name']}")
+            train, _ = (None, None) if s.data.source == "generated" else data.load(s.data, kind.data_kind,
+                                                                                   f"stages.{s.name}")
         except ConfigError as e:
             problems += e.problems
             train = None
-        except store.DataChanged as e:
+        except DataChanged as e:
             problems.append(str(e))
             train = None
         conversations = _sample_conversations(train) if train is not None and kind.output == "causal_lm" else []
         if conversations:  # the chat template every stage applies (it travels with final/) renders this data
             if tokenizer is None:
-                base = models.materialize(s["model"]["name_or_path"], s["cache_dir"], s["model"])
-                tokenizer = models.load_tokenizer(base, s["model"])
-            found = models.template_problems(tokenizer, conversations, s["data"].get("label", f"stages.{s['name']}.data"),
-                                             model=str(s["model"]["name_or_path"]),
-                                             assistant_only_loss=bool(s["args"].get("assistant_only_loss")))
+                base = models.materialize(s.model.name_or_path, s.cache_dir, s.model)
+                tokenizer = models.load_tokenizer(base, s.model)
+            found = models.template_problems(tokenizer, conversations, s.data.label or f"stages.{s.name}.data",
+                                             model=str(s.model.name_or_path),
+                                             assistant_only_loss=bool(s.args.get("assistant_only_loss")))
             problems += [p for p in found if p not in problems]
     if problems:
         raise ConfigError(problems)
 
 
-def check_configs(stages: list[dict], launcher: dict | None) -> list[dict]:
+def check_configs(stages: list[StageSpec], launcher: dict | None) -> list[dict]:
     """Resolve the numerics (``precision: auto``), build every stage's TRL config and check this machine's devices
     (alignctl.probe): in this process for the local launcher, in a short-lived one under torchrun / accelerate, so
     that the orchestrator never initialises CUDA or accelerate's state on GPU 0. ConfigError for a bad setting;
     returns each stage's resolved numerics (for :func:`_prepare`)."""
-    from alignctl import probe
-    from alignctl.errors import ConfigError
-
     result = probe.run(stages, launcher)
     if result["problems"]:  # no data loading for a run that cannot start
         raise ConfigError(result["problems"])
@@ -174,56 +181,55 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
+def run(spec: RunSpec | dict, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
     """Train (or reuse from the store) every stage in order; returns the manifest. The run directory is locked for
-    the run's lifetime: a second run in the same directory stops with a configuration error."""
-    with _run_dir_lock(Path(spec["run_dir"])):
+    the run's lifetime: a second run in the same directory stops with a configuration error. ``spec``: the resolved
+    run (a dict from ``spec.resolve`` is typed here, :func:`as_run_spec`)."""
+    spec = as_run_spec(spec)
+    with _run_dir_lock(Path(spec.run_dir)):
         return _run(spec, overrides, config_yaml)
 
 
-def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
-    from alignctl import evaluate, store, trust
-
-    run_dir = Path(spec["run_dir"])
+def _run(spec: RunSpec, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
+    run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config_yaml is not None:
         _write_private(run_dir / "config.yaml", config_yaml)
-    stages = stage_specs(spec)
     try:  # before anything trains: the key that seals what this run writes (alignctl.trust), what this machine
         trust.key()  # lacks for the launcher (cheap, first), then every stage's TRL config, data and models
-        _launch_preflight(spec.get("launcher"), None)
-        stages = preflight(stages, spec.get("launcher"))  # prepared: precision resolved, data/models by content
+        _launch_preflight(spec.launcher, None)
+        stages = preflight(list(spec.stages), spec.launcher)  # prepared: precision resolved, data/models by content
     except Exception as e:  # recorded: the run failed, every stage still pending
-        Manifest(spec, list(overrides)).update(status="failed", error=str(e).splitlines()[0][:500] if str(e) else
-                                               type(e).__name__, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        Manifest(spec, list(overrides)).update(status="failed", error=_first_line(e),
+                                               finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
-    fps = store.fingerprints(stages, spec.get("launcher"))
-    for s in stages:  # evaluation settings change no weights: added after fingerprinting (alignctl.evaluate)
-        s["eval"] = evaluate.stage_settings(spec.get("eval") or {}, s, stages, spec.get("seed", 42))
+    fps = store.fingerprints(stages, spec.launcher)
+    # evaluation settings change no weights (outside the fingerprint's allowlist): alignctl.evaluate
+    stages = [s.replace(eval=EvalSettings.from_legacy(evaluate.stage_settings(spec.eval, s, stages, spec.seed)))
+              for s in stages]
+    entries = [store.Entry(spec.store_dir, s.kind, fps[s.name]) for s in stages]
     manifest = Manifest(spec, list(overrides))
-    named = bool(spec.get("store_named"))  # store= given: its entries are trusted whoever sealed them
     try:
         with _stop_on_sigterm():
-            _launch_preflight(spec.get("launcher"), manifest)
-            _check_trust(spec, stages, fps)  # before anything trains
-            for s in stages:
-                _run_one(s, store.Entry(spec["store_dir"], s["trainer"], fps[s["name"]]), manifest,
-                         spec.get("launcher"), trusted_store=named)
+            _launch_preflight(spec.launcher, manifest)
+            store.check_trust(entries, spec.store_named)  # before anything trains
+            for s, entry in zip(stages, entries):  # store= given: its entries are trusted whoever sealed them
+                _run_one(s, entry, manifest, spec.launcher, trusted_store=spec.store_named)
     except BaseException as e:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        manifest.update(status=status, error=str(e).splitlines()[0][:500] if str(e) else type(e).__name__,
-                        finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        manifest.update(status=status, error=_first_line(e), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
     manifest.update(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), store=_store_line(spec, manifest))
     _write_report(manifest.data)
     return manifest.data
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+
+
 def _launch_preflight(launcher: dict | None, manifest: Manifest | None) -> None:
     """What this machine lacks for the launcher (e.g. DeepSpeed); the launcher goes into the manifest."""
-    from alignctl import launch
-    from alignctl.spec import ConfigError
-
     problems = launch.runtime_problems(launcher)
     if problems:
         raise ConfigError(problems)
@@ -232,36 +238,32 @@ def _launch_preflight(launcher: dict | None, manifest: Manifest | None) -> None:
                                   "distributed": launcher["distributed"], "description": launch.describe(launcher)})
 
 
-def _prepare(stages: list[dict], numerics: list[dict] | None = None) -> list[dict]:
+def _prepare(stages: list[StageSpec], numerics: list[dict] | None = None) -> list[StageSpec]:
     """What the orchestrator fixes before fingerprinting: the precision actually used on this machine (``auto``
     resolved, QLoRA compute dtype too: ``numerics`` from :func:`check_configs`, else resolved here); each stage's
-    local data content + file signatures (``data_check``, also in its data spec: the load is keyed by it and compared
-    with it) and local model folders' (``model_check``, compared when the stage starts). Unchanged files are not read
-    again (the digest cache in ``cache_dir``)."""
-    from alignctl import store
-
-    stages = store.resolve_numerics(stages) if numerics is None else [{**s, **n} for s, n in zip(stages, numerics)]
+    local data content + file signatures (``data.check``: the load is keyed by it and compared with it) and local
+    model folders' (``model_check``, compared when the stage starts). Unchanged files are not read again (the digest
+    cache in ``cache_dir``)."""
+    stages = store.resolve_numerics(stages) if numerics is None else [s.replace(**n) for s, n in zip(stages, numerics)]
     memo: dict = {}
+    out = []
     for s in stages:
-        d = s.get("data")
-        # generated data (a generate stage's output) is written during the run: its producer's fingerprint covers it
-        s["data_check"] = None if (d or {}).get("stage") else store.data_check(d, s.get("cache_dir"))
-        if d:
-            s["data"] = {**d, "data_check": s["data_check"], "cache_dir": s.get("cache_dir")}
-        s["model_check"] = store.model_checks(s, s.get("cache_dir"), memo)
-    return stages
+        d = s.data
+        if d is not None:  # generated data (a generate stage's output) is written during the run: its producer's
+            check = None if d.source == "generated" else store.data_check(d, s.cache_dir)  # fingerprint covers it
+            s = s.replace(data=d.replace(check=check, cache_dir=s.cache_dir))
+        out.append(s.replace(model_check=store.model_checks(s, s.cache_dir, memo)))
+    return out
 
 
 @contextlib.contextmanager
 def _run_dir_lock(run_dir: Path):
-    from alignctl.errors import ConfigError
-
     run_dir.mkdir(parents=True, exist_ok=True)
     # a live run there: refused at once; a run killed on another node: taken over once its heartbeat is stale
     lock = fsutil.FileLock(run_dir / ".alignctl.lock", f"run directory {run_dir}", timeout=None, only_if_dead=True)
     try:
         lock.acquire()
-    except fsutil.LockTimeout:
+    except LockTimeout:
         raise ConfigError([f"hydra.run.dir: {run_dir} is in use by another alignctl run "
                            f"({fsutil.describe_holder(fsutil.read_lock(lock.path))}); choose another run directory"
                            ]) from None
@@ -271,227 +273,26 @@ def _run_dir_lock(run_dir: Path):
         lock.release()
 
 
-def upstream_digest(s: dict, manifest: Manifest) -> str:
-    """A digest of the linked stages' completed files (their COMPLETE records): an upstream stage trained again
-    under the same fingerprint (its entry removed, non-deterministic GPU kernels) gives other weights."""
-    import hashlib
-
-    from alignctl import store
-
-    h = hashlib.sha256()
-    from alignctl.links import UPSTREAM
-
-    for link in UPSTREAM:  # from, ref, reward, value, judge (alignctl.links)
-        name = s.get(link)
-        up = next((st for st in manifest.data["stages"] if st["name"] == name), None) if name else None
-        if up and up.get("fingerprint"):
-            rec = store.Entry(manifest.data["store_dir"], up["trainer"], up["fingerprint"]).record() or {}
-            h.update(json.dumps([link, rec.get("files")], sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def _check_upstream(s: dict, entry, manifest: Manifest) -> str:
-    """Checkpoints written on top of other upstream weights than the ones at hand are dropped (a resume would mix
-    them); the upstream digest is recorded in the entry (``upstream.json``, sealed with the user's key: the entry
-    is theirs while it trains), then in COMPLETE. Checkpoints someone else wrote in a named store keep that
-    writer's seal when they are resumed from."""
-    digest = upstream_digest(s, manifest)
-    before = (entry.marker() or {}).get("digest")
-    checkpoints = (entry.dir / "checkpoints").exists()
-    if before and before != digest and checkpoints:
-        log.warning("stage %s: the stages it starts from were trained again since its checkpoints were written; "
-                    "dropping them and training from the start", s["name"])
-        entry.drop_checkpoints()
-        checkpoints = False
-    entry.dir.mkdir(parents=True, exist_ok=True)
-    seal = entry.trust_state()
-    if not (checkpoints and before == digest and seal and not seal[1]):
-        entry.write_marker(digest)
-    return digest
-
-
-def _untrusted(entry) -> str | None:
-    """Why this user cannot take an entry's content as theirs (None: nothing in it, or sealed with their key)."""
-    from alignctl import trust
-
-    seal = entry.trust_state()
-    if seal is None or seal[1]:
-        return None
-    return (f"store entry {entry.dir} was not written by you ({_seal_phrase(seal)}): alignctl reuses or resumes "
-            f"only entries sealed with your key ({trust.KEY_ENV}) from the default store <output_root>/.store: name "
-            "the store on the command line (store=DIR) to trust entries others wrote, or use another output_root")
-
-
-def _seal_phrase(seal: tuple[str, bool, str]) -> str:
-    from alignctl import trust
-
-    what, _, who = seal
-    if who == "not sealed":
-        return f"{what} not sealed"
-    mine = who.endswith(f" key {trust.key_id()}")  # this user's key id, but the record changed after sealing
-    return f"{what} sealed by {who}" + (", changed since: its seal does not verify" if mine else "")
-
-
-def _check_trust(spec: dict, stages: list[dict], fps: dict[str, str]) -> None:
-    """Before anything trains: in the default store (chosen by output_root, which a recipe may set), every entry
-    this run would reuse or resume must be sealed with this user's key; one line per other entry."""
-    from alignctl import store
-    from alignctl.errors import ConfigError
-
-    if spec.get("store_named"):
-        return
-    problems = [p for s in stages if (p := _untrusted(store.Entry(spec["store_dir"], s["trainer"], fps[s["name"]])))]
-    if problems:
-        raise ConfigError(problems)
-
-
-def _check_seal(s: dict, entry, manifest: Manifest, trusted_store: bool) -> None:
-    """The same rule as :func:`_check_trust`, under the entry's lock, just before the entry is used (its content
-    may have changed since the run started): refused in the default store, logged in a named one."""
-    from alignctl.errors import ConfigError
-
-    why = _untrusted(entry)
-    if why is None:
-        return
-    if not trusted_store:
-        manifest.update(s["name"], status="failed")
-        raise ConfigError([why])
-    log.info("stage %s: store entry %s was not written by you (%s); trusted because the store was named on the "
-             "command line (store=%s)", s["name"], entry.dir, _seal_phrase(entry.trust_state()), entry.dir.parent)
-
-
-def _not_reusable(s: dict, entry, manifest: Manifest) -> str | None:
-    """Why a complete entry must be trained again: its files are damaged, or it was trained on top of other
-    upstream weights than this run's (an upstream entry removed or trained again since: N11)."""
-    problems = entry.verify()
-    if problems:
-        return "is damaged (" + "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else
-                                                          "") + ")"
-    recorded = (entry.record() or {}).get("upstream")
-    if recorded is not None and recorded != upstream_digest(s, manifest):
-        return "was trained from other weights of the stages it links to than this run's (they were trained again)"
-    return None
-
-
-def _resume_point(s: dict, entry) -> str | None:
-    """The checkpoint to resume the stage from: the newest valid one (older ones when newer are damaged); None for
-    stage kinds that cannot resume (their stale checkpoints are dropped)."""
-    from alignctl.stages import module
-
-    ckpt, skipped = entry.resume_checkpoint()
-    for name, why in skipped:
-        log.warning("stage %s: skipping checkpoint %s: %s", s["name"], name, why)
-    cannot = getattr(module(s["trainer"]), "NO_RESUME", None)
-    if cannot and (ckpt or skipped):
-        log.warning("stage %s: cannot resume: %s; it starts again from its initial weights", s["name"], cannot)
-        entry.drop_checkpoints()
-        return None
-    if ckpt:
-        step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
-        log.info("stage %s: resuming from %s (step %d)", s["name"], Path(ckpt).name, step)
-    elif skipped:
-        log.warning("stage %s: no valid checkpoint to resume from; training from the start", s["name"])
-    return ckpt
-
-
-def _run_one(s: dict, entry, manifest: Manifest, launcher: dict | None = None, trusted_store: bool = False) -> None:
-    """Reuse a completed store entry (after checking its seal, its files and its upstream digest) or train it
-    (resuming from its newest valid checkpoint) under the entry's lock; then place final/ (and adapter/,
-    log_history.json, samples.jsonl) into the run. The stage runs through ``launcher`` (alignctl.launch: in this
-    process, or torchrun / accelerate ranks). ``trusted_store``: the store was named (store=), so entries sealed by
-    others are used too."""
-    import uuid
-
-    from alignctl import launch, store
-
-    stage_dir = Path(s["output_dir"])
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    # attempt: the ranks refuse a spec.json with another attempt id (another run that wrote the same file)
-    work = {**s, "output_dir": str(entry.dir), "fingerprint": entry.fingerprint, "attempt": uuid.uuid4().hex[:12]}
+def _run_one(s: StageSpec, entry: store.Entry, manifest: Manifest, launcher: dict | None = None,
+             trusted_store: bool = False) -> None:
+    """One stage through its store entry (:meth:`alignctl.store.Entry.reuse_or_train`: reused, or trained through
+    ``launcher``, alignctl.launch: in this process, or torchrun / accelerate ranks), recorded in the manifest.
+    ``trusted_store``: the store was named (store=), so entries sealed by others are used too."""
     t0 = time.time()
-    world_size = s.get("world_size", 1)
-    manifest.update(s["name"], status="running", fingerprint=entry.fingerprint, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    stop = _StopWhenLost(launcher)
-    with _entry_lock(s, entry, manifest, stop) as lock:
-        work["lock_token"] = lock.token  # rank 0 checks it before it replaces final/ (alignctl.runner, worker)
-        _check_seal(s, entry, manifest, trusted_store)
-        reused = None
-        if entry.complete():
-            why = _not_reusable(s, entry, manifest)
-            if why:
-                log.warning("stage %s: store entry %s %s; training it again", s["name"], entry.dir, why)
-                manifest.update(s["name"], retrained=why)
-                entry.invalidate()
-            else:
-                log.info("stage %s: reusing completed stage %s (same fingerprint, files checked)", s["name"],
-                         entry.dir)
-                metrics, reused = entry.metrics(), str(entry.dir)
-                if not (entry.record() or {}).get("keep_checkpoints"):
-                    entry.drop_checkpoints()  # left by a run killed between COMPLETE and the clean-up
-                entry.touch()
-        if reused is None:
-            upstream = _check_upstream(s, entry, manifest)
-            work["resume_from"] = _resume_point(s, entry)
-            write_json(stage_dir / "spec.json", work, mode=0o600)
-            log.info("stage %s (%s): starting from %s", s["name"], s["trainer"], s["init_path"])
-            try:
-                with stop.armed(lock):  # a lost lock from here on stops the stage at once
-                    result = launch.run_stage(work, stage_dir / "spec.json", launcher)
-                metrics, world_size = result["metrics"], result.get("world_size", world_size)
-                if not lock.owned():  # checked again right before COMPLETE is written
-                    raise fsutil.LockLost(str(lock.path))
-            except BaseException as e:
-                if lock.lost or not lock.owned():  # stalled past the stale timeout, another process took it over
-                    _lost_lock(s, entry, manifest, t0)
-                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-                manifest.update(s["name"], status=status, seconds=round(time.time() - t0, 1))
-                raise
-            data = s.get("data_check") or {}
-            entry.mark_complete(metrics, keep_checkpoints=bool(s.get("keep_checkpoints")),
-                                extra={"stage": s["name"], "trainer": s["trainer"], "data_content": data.get("content"),
-                                       "upstream": upstream})
-        write_json(stage_dir / "spec.json", work, mode=0o600)
-        placed = store.link_tree(entry.final, stage_dir / "final")
-        if (entry.dir / "adapter").is_dir():  # lora/qlora: the trained adapter, kept beside the merged final/
-            store.link_tree(entry.dir / "adapter", stage_dir / "adapter")
-        for extra in ("log_history.json", "samples.jsonl"):
-            if (entry.dir / extra).is_file():
-                store.link_tree_file(entry.dir / extra, stage_dir / extra)
-        size = (entry.record() or {}).get("bytes")
-    if placed.get("copy"):
-        log.info("stage %s: final/ copied from the store (%s; %s)", s["name"], fsutil.human(placed["copy"]),
-                 "running as root, a hard link would let writes reach the store" if os.geteuid() == 0
-                 else "the store is on another file system")
-    manifest.update(s["name"], status="completed", metrics=metrics, reused_from=reused,
-                    seconds=round(time.time() - t0, 1), world_size=world_size,
-                    distributed=s.get("distributed", "none"), bytes=size, final_placed_by=sorted(placed))
-    log.info("stage %s: %s in %.1f s, final weights in %s", s["name"], "reused" if reused else "completed",
-             time.time() - t0, stage_dir / "final")
-
-
-@contextlib.contextmanager
-def _entry_lock(s: dict, entry, manifest: Manifest, stop: "_StopWhenLost"):
-    """The store entry's lock for a stage; waiting past ALIGNCTL_LOCK_TIMEOUT ends the stage with one line."""
-    from alignctl import launch
-
+    manifest.update(s.name, status="running", fingerprint=entry.fingerprint, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     try:
-        lock = entry.lock(on_lost=stop).acquire()
-    except fsutil.LockTimeout as e:
-        manifest.update(s["name"], status="failed")
-        raise launch.StageFailed(s["name"], "(waiting for its store entry)", str(e)) from None
-    try:
-        yield lock
-    finally:
-        lock.release()
-
-
-def _lost_lock(s: dict, entry, manifest: Manifest, t0: float) -> None:
-    from alignctl import launch
-
-    manifest.update(s["name"], status="failed", seconds=round(time.time() - t0, 1))
-    raise launch.StageFailed(s["name"], "(lost its store lock)", f"another process took over {entry.dir} while "
-                             "this one trained it; the stage was stopped and nothing was marked complete. Re-run: the "
-                             "stage is reused once the other process completes it") from None
+        done = entry.reuse_or_train(s, lambda work, spec_path: launch.run_stage(work, spec_path, launcher),
+                                    manifest.entries(), stop=_StopWhenLost(launcher), trusted_store=trusted_store,
+                                    note=lambda **fields: manifest.update(s.name, **fields))
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        manifest.update(s.name, status=status, seconds=round(time.time() - t0, 1))
+        raise
+    manifest.update(s.name, status="completed", metrics=done.metrics, reused_from=done.reused_from,
+                    seconds=round(time.time() - t0, 1), world_size=done.world_size, distributed=s.distributed,
+                    bytes=done.bytes, final_placed_by=sorted(done.placed))
+    log.info("stage %s: %s in %.1f s, final weights in %s", s.name, "reused" if done.reused_from else "completed",
+             time.time() - t0, Path(s.stage_dir) / "final")
 
 
 class _StopWhenLost:
@@ -508,8 +309,6 @@ class _StopWhenLost:
     def __call__(self) -> None:
         import _thread
 
-        from alignctl import launch
-
         with self.guard:
             if not self.running:
                 return
@@ -521,7 +320,7 @@ class _StopWhenLost:
     @contextlib.contextmanager
     def armed(self, lock: fsutil.FileLock):
         if lock.lost:
-            raise fsutil.LockLost(str(lock.path))
+            raise LockLost(str(lock.path))
         previous = self._handle_sigint(lock) if self.local else None
         with self.guard:
             self.running = True
@@ -552,20 +351,18 @@ class _StopWhenLost:
             return None
 
 
-def _store_line(spec: dict, manifest: Manifest) -> dict:
+def _store_line(spec: RunSpec, manifest: Manifest) -> dict:
     """Size of the store and what this run added to it (the run summary's size line)."""
-    from alignctl import store
-
     try:
-        entries = store.entries(spec["store_dir"])
+        entries = store.entries(spec.store_dir)
         total = sum(e.size() for e in entries)
         added = sum(s.get("bytes") or 0 for s in manifest.data["stages"] if not s.get("reused_from"))
     except OSError as e:  # a size line must never fail a finished run
         log.warning("could not measure the store: %s", e)
         return {}
     log.info("store %s: %d entries, %s; this run added %s (inspect: alignctl store ls; clean: alignctl store gc)",
-             spec["store_dir"], len(entries), fsutil.human(total), fsutil.human(added))
-    return {"dir": spec["store_dir"], "entries": len(entries), "bytes": total, "added_bytes": added}
+             spec.store_dir, len(entries), fsutil.human(total), fsutil.human(added))
+    return {"dir": spec.store_dir, "entries": len(entries), "bytes": total, "added_bytes": added}
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # SIGHUP: the terminal went away (an ssh connection dropped without tmux)

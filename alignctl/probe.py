@@ -8,7 +8,7 @@ holds a CUDA context on GPU 0 until it exits. With ``launcher=local`` the stages
 the checks run there. Under torchrun / accelerate the orchestrator only waits for its ranks, and a context kept
 there would take memory from rank 0 for the whole run (or, on GPUs in EXCLUSIVE_PROCESS mode, stop rank 0 from
 using its GPU at all), so the checks run in a short-lived process instead:
-``python -m alignctl.probe <stages.json> <result.json>``.
+``python -m alignctl.probe <stages.json> <result.json>`` (the stages as their spec.json hold them).
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from alignctl.config.types import StageSpec
+
 log = logging.getLogger("alignctl")
 
 NUMERIC_KEYS = ("precision", "precision_setting", "peft")  # what store.resolve_numerics fills in
 TIMEOUT_S = 900  # a check process that hangs this long (a stuck file system, a GPU driver) is an error
 
 
-def run(stages: list[dict], launcher: dict | None) -> dict:
+def run(stages: list[StageSpec], launcher: dict | None) -> dict:
     """``{"numerics": [per stage: precision, precision_setting, peft], "problems": [...]}``, computed in this process
     for the local launcher and in a separate process for torchrun / accelerate."""
     if (launcher or {}).get("kind", "local") == "local":
@@ -35,7 +37,7 @@ def run(stages: list[dict], launcher: dict | None) -> dict:
     return _in_subprocess(stages)
 
 
-def check(stages: list[dict]) -> dict:
+def check(stages: list[StageSpec]) -> dict:
     """The checks, in this process (it may initialise CUDA and accelerate's state: see the module docstring)."""
     import importlib
 
@@ -46,25 +48,25 @@ def check(stages: list[dict]) -> dict:
     resolved = store.resolve_numerics(stages)
     problems: list[str] = []
     for s in resolved:
-        kind = STAGES[s["trainer"]]
+        kind = STAGES[s.kind]
         module, _, cls = kind.config_class.rpartition(".")
         try:
             with models.training_environment(s, note=False):  # as the stage will see it (no inherited FSDP_* ...)
                 config = getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
-            problems += checks.report_to_problems(getattr(config, "report_to", None), f"stages.{s['name']}")
+            problems += checks.report_to_problems(getattr(config, "report_to", None), f"stages.{s.name}")
         except (ValueError, TypeError, NotImplementedError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            problems.append(f"stages.{s['name']}: {kind.config_class} rejects the settings: {first}")
+            problems.append(f"stages.{s.name}: {kind.config_class} rejects the settings: {first}")
     for s in stages:
         problems += [p for p in models.device_problems(s) if p not in problems]  # attention, 4-bit on this machine
-    return {"numerics": [{k: s[k] for k in NUMERIC_KEYS if k in s} for s in resolved], "problems": problems}
+    return {"numerics": [{k: getattr(s, k) for k in NUMERIC_KEYS} for s in resolved], "problems": problems}
 
 
-def _in_subprocess(stages: list[dict]) -> dict:
+def _in_subprocess(stages: list[StageSpec]) -> dict:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="alignctl-probe-") as tmp:
         given, result = Path(tmp) / "stages.json", Path(tmp) / "result.json"
-        given.write_text(json.dumps(stages))
+        given.write_text(json.dumps([s.to_json() for s in stages]))  # each stage as its spec.json holds it
         try:
             proc = subprocess.run([sys.executable, "-m", "alignctl.probe", str(given), str(result)],
                                   capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -83,7 +85,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m alignctl.probe <stages.json> <result.json>", file=sys.stderr)
         return 2
-    out = check(json.loads(Path(argv[0]).read_text()))
+    out = check([StageSpec.from_json(text) for text in json.loads(Path(argv[0]).read_text())])
     Path(argv[1]).write_text(json.dumps(out))
     return 0
 

@@ -135,7 +135,7 @@ class StageContext:
         language-model stage, no held-out prompts, or several processes (then ``alignctl eval <run dir>`` does it
         afterwards on one process; the reason is kept in the manifest under ``metrics.eval.skipped``)."""
         from alignctl import evaluate
-        from alignctl.launch import rank_env
+        from alignctl.ranks import rank_env
 
         settings = self.spec.get("eval")
         self.eval_skipped = None
@@ -339,7 +339,7 @@ class StageContext:
 
 def owner_guard(spec: dict[str, Any]):
     """What rank 0 (or the local process) calls right before it replaces the entry's final/ or adapter/: raises
-    :class:`alignctl.fsutil.LockLost` unless the entry's lock file still holds the orchestrator's token (the spec's
+    :class:`alignctl.errors.LockLost` unless the entry's lock file still holds the orchestrator's token (the spec's
     ``lock_token``); None for a spec without one (alignctl eval/generate, tests)."""
     from alignctl import fsutil
 
@@ -395,7 +395,7 @@ def _non_finite(metrics: Any, path: str = "") -> list[str]:
 
 
 def _diverged(stage: str, what: list[str]):
-    from alignctl.launch import StageFailed
+    from alignctl.errors import StageFailed
 
     shown = ", ".join(what[:4]) + (f" and {len(what) - 4} more" if len(what) > 4 else "")
     return StageFailed(stage, "(training diverged)", f"non-finite {shown}; nothing was stored as complete. Lower "
@@ -470,7 +470,7 @@ def log_to_run_log(trainer, stage: str) -> None:
 
 def run_stage(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one stage; returns its metrics. The stage's final/ exists only if this returns."""
-    from alignctl.launch import rank_env
+    from alignctl.ranks import rank_env
     from alignctl.stages import module
 
     ctx = _checked_context(spec)
@@ -495,7 +495,8 @@ def _checked_context(spec: dict[str, Any]) -> StageContext:
     folders are compared before anything loads them (rank 0), the data by its load (data.load) and again after it
     (rank 0); a difference stops the stage before it trains."""
     from alignctl import store
-    from alignctl.launch import StageFailed, rank_env
+    from alignctl.errors import DataChanged, ModelChanged, StageFailed
+    from alignctl.ranks import rank_env
 
     try:
         if rank_env()[0] == 0:
@@ -503,8 +504,8 @@ def _checked_context(spec: dict[str, Any]) -> StageContext:
         ctx = StageContext(spec)
         if rank_env()[0] == 0:
             store.check_data_unchanged(spec)
-    except store.DataChanged as e:
-        what = "(its model changed)" if isinstance(e, store.ModelChanged) else "(its data changed)"
+    except DataChanged as e:
+        what = "(its model changed)" if isinstance(e, ModelChanged) else "(its data changed)"
         raise StageFailed(spec["name"], what, str(e)) from None
     return ctx
 

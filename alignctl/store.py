@@ -1,42 +1,49 @@
-"""Stage fingerprints and the stage store shared by runs.
+"""Stage fingerprints, the stage store shared by runs, and the sequence a stage goes through in it.
 
-A stage's fingerprint hashes everything that determines its weights:
+A stage's fingerprint hashes :func:`identity`, built from an allowlist: the fields of the typed stage spec that
+determine weights (``WEIGHT_FIELDS`` and :meth:`StageSpec.identity`, alignctl.config.types) and nothing else of it,
+so a new bookkeeping field (a name, a folder, evaluation settings, the attempt id, the lock token) can never change a
+fingerprint. It covers:
 
-* its trainer and TRL fields, except those that cannot change the weights (logging, saving and evaluation cadence,
+* its kind and TRL fields, except those that cannot change the weights (logging, saving and evaluation cadence,
   output names; the cadence fields count when ``load_best_model_at_end`` picks the final weights by it, and the
   evaluation cadence when the trainer samples as it evaluates: ``StageKind.samples_during_eval``);
-* its data spec and the content of its local data files (checked again when the stage loads them: a file that
-  changed since the run started stops the stage), or the Hub id and revision;
+* its data spec (:data:`alignctl.config.types.DATA_FIELDS`) and the content of its local data files (checked again
+  when the stage loads them: a file that changed since the run started stops the stage), or the Hub id and
+  revision, or the fingerprint of the stage that generates it;
 * the model settings, local model folders by content (checked again when the stage starts), the precision actually
   used (``auto`` resolved on the machine: bf16 / fp16 / fp32) and the peft settings (the QLoRA compute dtype resolved
-  the same way), world size and distributed engine;
+  the same way), world size and distributed engine, the kind's options;
 * the launcher settings that change numerics: ``extra_args``, ``env`` (minus credentials, tracking, logging and
   cache variables) and the content of the accelerate / DeepSpeed config files (minus where-to-run keys);
 * the fingerprints of the stages it links to (alignctl.links), or the linked model's identity (a Hub link at its
   own revision);
 * the versions of torch, transformers, trl, peft, accelerate, datasets, tokenizers (bitsandbytes under qlora or a
-  bitsandbytes optimizer, deepspeed under DeepSpeed, ...) and a content hash of alignctl's own source files.
+  bitsandbytes optimizer, deepspeed under DeepSpeed, ...), a content hash of alignctl's own source files, and the
+  store :data:`FORMAT`: entries of another format are *stale* (``alignctl store ls``), never reused.
 
-A file's SHA-256 is computed once: the digest cache (``<cache>/digests/``) keeps it under the file's full stat
-signature (path, device, inode, size, mtime and ctime; inode and ctime cannot be set back by tar, ``cp -p``, rsync
-or touch), so unchanged files are not read again and a replaced one always is.
+Files are identified by content through alignctl.digests (SHA-256 computed once, cached under the file's full stat
+signature).
 
-The store (default ``<output_root>/.store``) has one entry per fingerprint, ``<trainer>-<fingerprint[:16]>/``. An
-entry is trained under :class:`alignctl.fsutil.FileLock`, an exclusive lock file with a heartbeat that works on
-shared file systems. Once trained, its files are fsync'd and made read-only, their sizes and SHA-256 are recorded
-in ``COMPLETE`` (written last), and its Trainer checkpoints are deleted unless the stage keeps them. Reuse checks
-the entry cheaply first (sizes, mtimes, a sampled hash of every file; a full hash of a file whose mtime moved) and
-retrains a damaged entry. Run folders get the entry's files reflinked, hard-linked (read-only, when not root) or
-copied, so nothing written into a run's ``final/`` reaches the store.
+The store (default ``<output_root>/.store``) has one entry per fingerprint, ``<trainer>-<fingerprint[:16]>/``. A run
+goes through :meth:`Entry.reuse_or_train` for each stage: under the entry's lock (:class:`alignctl.fsutil.FileLock`,
+an exclusive lock file with a heartbeat that works on shared file systems), it checks the entry's seal, reuses a
+complete entry whose files verify (sizes, mtimes, a sampled hash of every file; a full hash of a file whose mtime
+moved) and whose upstream weights are the run's, or trains it (resuming from its newest valid checkpoint). Once
+trained, its files are fsync'd and made read-only, their sizes and SHA-256 are recorded in ``COMPLETE`` (written
+last), and its Trainer checkpoints are deleted unless the stage keeps them. Run folders get the entry's files
+reflinked, hard-linked (read-only, when not root) or copied, so nothing written into a run's ``final/`` reaches the
+store.
 
 ``COMPLETE`` and an entry's ``upstream.json`` (written when training starts) are sealed with the user's key
 (:mod:`alignctl.trust`); :meth:`Entry.trust_state` says whether what a run would take from an entry (a complete
 entry, or checkpoints to resume) was sealed by this user. The rule built on it (the default store takes only the
-user's entries, a named store any) is :func:`alignctl.pipeline._check_trust`.
+user's entries, a named store any) is :func:`check_trust`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,13 +52,22 @@ import re
 import shutil
 import socket
 import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from alignctl import fsutil, models, trust
+from alignctl import digests, fsutil, models, trust
 from alignctl import links as link_table
+from alignctl.config.types import DataCheck, DataSpec, StageSpec
+from alignctl.digests import (check_files, content_digest, data_changed, data_files, files_unchanged, signatures,
+                              tree_hash)
+from alignctl.digests import DIGESTS, full_hash, record_files, sampled_hash  # noqa: F401  (moved: alignctl.digests)
+from alignctl.errors import ConfigError, LockLost, LockTimeout, ModelChanged, StageFailed
+from alignctl.errors import DataChanged  # noqa: F401  (moved: alignctl.errors)
 
 log = logging.getLogger("alignctl")
 
@@ -72,11 +88,6 @@ BEST_MODEL_CADENCE = {"eval_strategy", "eval_steps", "eval_delay", "eval_on_star
                       "per_device_eval_batch_size", "eval_accumulation_steps"}
 # Trainers that sample completions when they evaluate draw from the RNG at this cadence: then it counts.
 SAMPLING_EVAL_CADENCE = {"eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size"}
-# Spec keys that name places or bookkeeping, not weights; links are replaced by the linked stage's fingerprint.
-PLACE_KEYS = {"name", "output_dir", "run_dir", "recipe", "cache_dir", "store_dir", "label", "run_stage_dir",
-              "precision_setting", "data_check", "model_check", "keep_checkpoints", "attempt", "fingerprint",
-              "resume_from", "description"}
-LINKS = tuple((link.name, link.path_key) for link in link_table.LINKS)  # (link, spec key of its path): alignctl.links
 # accelerate config keys that say where/how many processes run (world size and engine are fingerprinted apart),
 # or that alignctl overrides (mixed precision comes from `precision`).
 ACCELERATE_PLACE_KEYS = {"compute_environment", "distributed_type", "mixed_precision", "num_machines", "machine_rank",
@@ -86,140 +97,32 @@ ACCELERATE_PLACE_KEYS = {"compute_environment", "distributed_type", "mixed_preci
 # launcher.env variables that cannot change the weights (credentials, tracking, logging, caches, proxies)
 NON_NUMERIC_ENV = re.compile(r"TOKEN|KEY|SECRET|PASSW|WANDB|MLFLOW|COMET|NEPTUNE|TRACKIO|LOG|DEBUG|PROXY|HOME|CACHE|"
                              r"TMPDIR|HF_HUB", re.IGNORECASE)
-FORMAT = 2
-SAMPLE_BLOCKS, SAMPLE_BYTES = 8, 1 << 12  # the cheap check hashes 8 blocks of 4 KiB spread over each file
+FORMAT = 3  # of COMPLETE and of the fingerprints: entries of another format are stale (never reused)
 KEPT = ("final", "adapter", "log_history.json", "samples.jsonl", "metrics.json")  # what a complete entry holds
 UPSTREAM = "upstream.json"  # an entry being trained: the upstream digest, sealed by the user who started it
 
 
-# -- fingerprints ----------------------------------------------------------------------------------------------------
-def _file_digest(path: Path, h) -> None:
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-
-
-def _data_files(d: dict) -> list[Path]:
-    p = Path(d["path"])
-    if not (d.get("local") and p.exists()):
-        return []
-    return sorted([p] if p.is_file() else [f for f in p.iterdir() if f.is_file()])
-
-
-def _signature(f: Path) -> list:
-    """What identifies one file on disk: a rewrite, a replacement (tar, cp -p, rsync -a) or a swapped symlink
-    changes its inode or ctime even when size and mtime are restored, and neither can be set back by user space."""
-    st = f.stat()
-    return [str(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def signatures(files: list[Path]) -> list[list]:
-    return [_signature(f) for f in files]
-
-
-DIGESTS = "digests"  # <cache>/digests/<key>.json: a file's SHA-256 under its exact stat signature
-
-
-def _digest_entry(sig: list, cache_dir: str | os.PathLike) -> Path:
-    return Path(cache_dir) / DIGESTS / f"{hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:32]}.json"
-
-
-def cached_digest(sig: list, cache_dir: str | os.PathLike | None) -> str | None:
-    """The SHA-256 the digest cache holds for a file with exactly this stat signature, or None."""
-    if not cache_dir:
-        return None
-    try:
-        rec = json.loads(_digest_entry(sig, cache_dir).read_text())
-        if rec.get("signature") == sig and isinstance(rec.get("sha256"), str):
-            return rec["sha256"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    return None
-
-
-def file_digest(f: Path, cache_dir: str | os.PathLike | None = None) -> str:
-    """SHA-256 of a file's content, read from the digest cache (``<cache_dir>/digests``) when the file's full stat
-    signature is the one recorded there, else hashed (and recorded when the file did not change while hashed)."""
-    sig = _signature(f)
-    digest = cached_digest(sig, cache_dir)
-    if digest is not None:
-        return digest
-    digest = full_hash(f)
-    if cache_dir and _signature(f) == sig:
-        entry = _digest_entry(sig, cache_dir)
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            fsutil.write_json(entry, {"signature": sig, "sha256": digest})
-        except OSError as e:  # a cache: a read-only or full disk costs a re-hash next time, nothing else
-            log.debug("digest cache %s not written: %s", entry, e)
-    return digest
-
-
-def _content(files: list[Path], cache_dir: str | os.PathLike | None = None, root: Path | None = None,
-             what: str | None = None) -> str:
-    """One digest of the files' names (relative to ``root``, else their own) and contents; ``what``: log a line
-    when at least 1 GB of it has to be read."""
-    if what:
-        sigs = signatures(files)
-        unread = sum(sig[3] for sig in sigs if cached_digest(sig, cache_dir) is None)
-        if unread >= 1 << 30:
-            log.info("fingerprinting %s by content: reading %s%s", what, fsutil.human(unread),
-                     " (once: unchanged files are not read again)" if cache_dir else "")
-    items = [[str(f.relative_to(root)) if root else f.name, file_digest(f, cache_dir)] for f in files]
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
-
-
-def data_check(d: dict | None, cache_dir: str | os.PathLike | None = None) -> dict | None:
+# -- what the orchestrator records of a stage's local files before fingerprinting -----------------------------------
+def data_check(d: DataSpec | None, cache_dir: str | os.PathLike | None = None) -> DataCheck | None:
     """Content digest of a data set's local files plus their stat signatures (what its load is keyed by and compared
     with). ``cache_dir``: the digest cache's folder (``<output_root>/.cache``)."""
-    files = _data_files(d) if d else []
+    files = data_files(d.path, d.local) if d is not None else []
     if not files:
         return None
     before = signatures(files)
-    return {"content": _content(files, cache_dir, what=f"data {d.get('label') or d['path']}"), "files": before}
+    content = content_digest(files, cache_dir, what=f"data {d.label or d.path}")
+    return DataCheck(content=content, files=tuple(tuple(sig) for sig in before))
 
 
-def data_identity(d: dict | None, check: dict | None = None) -> Any:
-    """Spec of a data set plus the content hash of its local files (or its Hub revision)."""
-    if not d:
-        return d
-    out = {k: v for k, v in d.items() if k not in PLACE_KEYS}
-    check = check or data_check(d)
-    if check:
-        out["path"] = Path(d["path"]).name
-        out["content"] = check["content"]
-    return out
-
-
-from alignctl.errors import DataChanged, ModelChanged  # noqa: E402  moved: alignctl.errors
-
-
-def files_unchanged(recorded: dict, files: list[Path], cache_dir=None, root: Path | None = None) -> bool:
-    """The files are those ``recorded`` (a data or model check): the same stat signatures, or else the same paths
-    and the same content (touched, or rewritten with the same bytes)."""
-    if signatures(files) == recorded["files"]:
-        return True
-    return [f[0] for f in recorded["files"]] == [str(f) for f in files] and \
-        _content(files, cache_dir, root) == recorded["content"]
-
-
-def check_data_unchanged(spec: dict) -> None:
+def check_data_unchanged(spec: StageSpec) -> None:
     """Called by the stage once its data is loaded: the local files must still be those fingerprinted at the start
     of the run (same stat signature, or else the same content); else the stage stops before training."""
-    recorded = spec.get("data_check")
-    if not recorded:
+    d = spec.data
+    if d is None or d.check is None:
         return
-    if files_unchanged(recorded, _data_files(spec["data"]), spec.get("cache_dir")):
+    if files_unchanged(d.check.to_dict(), data_files(d.path, d.local), spec.cache_dir):
         return
-    raise data_changed(f"stage {spec['name']}", spec["data"])
-
-
-def data_changed(who: str, d: dict, how: str = "since this run started and fingerprinted it") -> DataChanged:
-    return DataChanged(f"{who}: its data ({d.get('label') or d['path']}) changed on disk {how}; nothing was "
-                       "trained. Keep data files unchanged while a run uses them, and re-run.")
-
-
-MODEL_LINK_PATHS = tuple(link.path_key for link in link_table.LINKS)  # the models a stage loads
+    raise data_changed(f"stage {spec.name}", d.label or d.path)
 
 
 def _model_folder(path: str) -> Path | None:
@@ -248,7 +151,7 @@ def model_check(path: str, cache_dir: str | os.PathLike | None = None) -> dict |
         return None
     files = _model_files(folder)
     before = signatures(files)
-    return {"folder": str(folder), "content": _content(files, cache_dir, folder, what=f"model {path}"),
+    return {"folder": str(folder), "content": content_digest(files, cache_dir, folder, what=f"model {path}"),
             "files": before}
 
 
@@ -262,35 +165,54 @@ def model_identity(path: str, revision: str | None = None, check: dict | None = 
     return {"hub": path, "revision": revision or "main"}
 
 
-def model_checks(stage: dict, cache_dir: str | os.PathLike | None = None, memo: dict | None = None) -> dict:
+def _path_key(link: str) -> str:
+    """The key of a link's model in ``StageSpec.model_check`` (its old spec key: init_path, reward_path, ...)."""
+    return link_table.BY_NAME[link].path_key
+
+
+def model_checks(stage: StageSpec, cache_dir: str | os.PathLike | None = None, memo: dict | None = None) -> dict:
     """The local model folders a stage loads that no earlier stage of the run wrote: path key -> model_check."""
     memo = {} if memo is None else memo
     out = {}
-    for link, key in LINKS:
-        path = stage.get(key)
-        if not path or stage.get(link) is not None:  # a link to an earlier stage: its fingerprint identifies it
+    for name, link in stage.links.items():
+        if not link.path or link.stage is not None:  # a link to an earlier stage: its fingerprint identifies it
             continue
-        if path not in memo:
-            memo[path] = model_check(path, cache_dir)
-        if memo[path]:
-            out[key] = memo[path]
+        if link.path not in memo:
+            memo[link.path] = model_check(link.path, cache_dir)
+        if memo[link.path]:
+            out[_path_key(name)] = memo[link.path]
     return out
 
 
-def check_models_unchanged(spec: dict) -> None:
+def check_models_unchanged(spec: StageSpec) -> None:
     """Called by a stage before it loads its models: the local model folders must still be those fingerprinted at
     the start of the run; else the stage stops before training."""
-    for key, recorded in (spec.get("model_check") or {}).items():
+    for key, recorded in spec.model_check.items():
         folder = Path(recorded["folder"])
         files = _model_files(folder) if folder.is_dir() else []
-        if not files_unchanged(recorded, files, spec.get("cache_dir"), folder):
-            raise ModelChanged(f"stage {spec['name']}: the model folder {folder} ({key.removesuffix('_path')}) "
-                              "changed on disk since this run started and fingerprinted it; nothing was trained. "
-                              "Keep model folders unchanged while a run uses them, and re-run.")
+        if not files_unchanged(recorded, files, spec.cache_dir, folder):
+            raise ModelChanged(f"stage {spec.name}: the model folder {folder} ({key.removesuffix('_path')}) "
+                               "changed on disk since this run started and fingerprinted it; nothing was trained. "
+                               "Keep model folders unchanged while a run uses them, and re-run.")
+
+
+def resolve_numerics(stages: list[StageSpec]) -> list[StageSpec]:
+    """Resolve what depends on this machine (imports torch): ``precision: auto`` becomes bf16 / fp16 / fp32 and an
+    ``auto`` QLoRA compute dtype becomes that precision; the setting as written is kept as ``precision_setting``.
+    The workers train with the resolved values and check that they resolve ``auto`` the same way."""
+    out = []
+    for s in stages:
+        precision = models.precision_for(s.precision)
+        peft = dict(s.peft)
+        if peft.get("method") == "qlora" and peft.get("bnb_4bit_compute_dtype", "auto") in (None, "auto"):
+            peft["bnb_4bit_compute_dtype"] = precision
+        out.append(s.replace(precision_setting=s.precision, precision=precision, peft=peft))
+    return out
 
 
 def unpinned_notes(model: dict, stages: list[dict]) -> list[str]:
-    """One note for the base model and for each Hub data set that is not pinned to a revision."""
+    """One note for the base model and for each Hub data set that is not pinned to a revision (plan time: the specs
+    as resolved)."""
     from alignctl.data import looks_local
 
     why = "so an upstream change cannot change what trains under this fingerprint"
@@ -309,22 +231,12 @@ def unpinned_notes(model: dict, stages: list[dict]) -> list[str]:
     return notes
 
 
+# -- fingerprints ----------------------------------------------------------------------------------------------------
 def _version(pkg: str) -> str | None:
     try:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
         return None
-
-
-def tree_hash(root: Path) -> str:
-    """SHA-256 over the names and contents of the Python files under ``root``."""
-    h = hashlib.sha256()
-    for f in sorted(Path(root).rglob("*.py")):
-        if "__pycache__" in f.parts:
-            continue
-        h.update(str(f.relative_to(root)).encode())
-        _file_digest(f, h)
-    return h.hexdigest()
 
 
 @lru_cache(maxsize=1)
@@ -337,19 +249,19 @@ def source_hash() -> str:
 BNB_OPTIMIZERS = re.compile(r"8bit|paged|bnb", re.IGNORECASE)
 
 
-def environment(stage: dict) -> dict[str, str | None]:
+def environment(stage: StageSpec) -> dict[str, str | None]:
     """Library versions that change a stage's weights, and alignctl's source hash."""
     pkgs = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers"]
-    args = stage.get("args") or {}
-    if (stage.get("peft") or {}).get("method") == "qlora" or BNB_OPTIMIZERS.search(str(args.get("optim") or "")):
+    args = stage.args
+    if stage.peft.get("method") == "qlora" or BNB_OPTIMIZERS.search(str(args.get("optim") or "")):
         pkgs.append("bitsandbytes")
-    if str(stage.get("distributed", "")).startswith("deepspeed"):
+    if stage.distributed.startswith("deepspeed"):
         pkgs.append("deepspeed")
     if args.get("use_liger_kernel"):
         pkgs.append("liger-kernel")
     if args.get("use_vllm"):
         pkgs.append("vllm")
-    if str((stage.get("model") or {}).get("attn_implementation") or "").startswith("flash_attention"):
+    if str(stage.model.attn_implementation or "").startswith("flash_attention"):
         pkgs.append("flash-attn")
     return {**{p: _version(p) for p in pkgs}, "alignctl": _version("alignctl"), "alignctl_source": source_hash()}
 
@@ -383,124 +295,76 @@ def _strip(cfg: Any) -> Any:
     return cfg
 
 
-def resolve_numerics(stages: list[dict]) -> list[dict]:
-    """Resolve what depends on this machine (imports torch): ``precision: auto`` becomes bf16 / fp16 / fp32 and an
-    ``auto`` QLoRA compute dtype becomes that precision; the setting as written is kept as ``precision_setting``.
-    The workers train with the resolved values and check that they resolve ``auto`` the same way."""
-    out = []
-    for s in stages:
-        s = dict(s)
-        s["precision_setting"] = s.get("precision", "auto")
-        s["precision"] = models.precision_for(s["precision_setting"])
-        peft = dict(s.get("peft") or {})
-        if peft.get("method") == "qlora" and peft.get("bnb_4bit_compute_dtype", "auto") in (None, "auto"):
-            peft["bnb_4bit_compute_dtype"] = s["precision"]
-            s["peft"] = peft
-        out.append(s)
-    return out
-
-
-def _non_weight_args(stage: dict) -> set[str]:
+def _non_weight_args(stage: StageSpec) -> set[str]:
     """The stage's TRL fields left out of its fingerprint: NON_WEIGHT_ARGS, less the evaluation cadence when it picks
     the final weights (load_best_model_at_end) or when the trainer samples at it (the RNG stream then depends on
     when evaluation runs: StageKind.samples_during_eval)."""
     from alignctl.stages import STAGES
 
     skip = set(NON_WEIGHT_ARGS)
-    if (stage.get("args") or {}).get("load_best_model_at_end"):
+    if stage.args.get("load_best_model_at_end"):
         skip -= BEST_MODEL_CADENCE
-    kind = STAGES.get(stage.get("trainer"))
+    kind = STAGES.get(stage.kind)
     if kind is not None and kind.samples_during_eval:
         skip -= SAMPLING_EVAL_CADENCE
     return skip
 
 
-def fingerprints(stages: list[dict], launcher: dict | None = None, env: dict | None = None) -> dict[str, str]:
+def _linked(stage: StageSpec, fps: dict[str, str]) -> dict[str, Any]:
+    """Each link's identity: the fingerprint of the earlier stage it names, else its model's identity (an external
+    link at its own revision, with its remote-code consent; the base model at the base model's revision)."""
+    out: dict[str, Any] = {}
+    for name, link in stage.links.items():
+        if link.stage is not None and link.stage in fps:
+            out[name] = fps[link.stage]
+        elif link.path:
+            revision = link.revision if link.external else stage.model.revision
+            out[name] = model_identity(link.path, revision, stage.model_check.get(_path_key(name)))
+            if link.external and link.trust_remote_code:
+                out[name] = {**out[name], "trust_remote_code": True}
+    return out
+
+
+def _data_identity(d: DataSpec | None, fps: dict[str, str]) -> Any:
+    """A data set's identity (:meth:`DataSpec.identity`) with its local files' content in place of their folder, or
+    the producing stage's fingerprint for data an earlier stage generates."""
+    if d is None:
+        return None
+    out = d.identity()
+    if d.source == "generated":  # never its files: a folder left by an earlier run of the producer would count
+        out["path"], out["stage"] = None, fps.get(d.stage, d.stage)
+        return out
+    check = d.check or data_check(d)
+    if check is not None:
+        out["path"], out["content"] = Path(d.path).name, check.content
+    return out
+
+
+def identity(stage: StageSpec, fps: dict[str, str], launcher: dict, env: dict | None = None) -> dict[str, Any]:
+    """Exactly what a stage's fingerprint hashes: :meth:`StageSpec.identity` (the allowlist ``WEIGHT_FIELDS``) with
+    the TRL fields that cannot change weights left out and the data's content in, plus the launcher's numerics
+    (``launcher``: :func:`launcher_identity`), the library versions (``env`` overrides :func:`environment`) and the
+    store format. Nothing else of the spec can reach it."""
+    ident = stage.identity(_linked(stage, fps))
+    skip = _non_weight_args(stage)
+    ident["args"] = {k: v for k, v in ident["args"].items() if k not in skip}
+    ident["data"] = _data_identity(stage.data, fps)
+    if launcher:
+        ident["launcher"] = launcher
+    ident["environment"] = env if env is not None else environment(stage)
+    ident["format"] = FORMAT
+    return ident
+
+
+def fingerprints(stages: list[StageSpec], launcher: dict | None = None, env: dict | None = None) -> dict[str, str]:
     """Fingerprint of every stage, in order (upstream fingerprints feed downstream ones). ``env`` overrides
     :func:`environment` (tests); ``launcher`` is the run's resolved launcher."""
     fps: dict[str, str] = {}
-    launch_ident = launcher_identity(launcher)
+    numerics = launcher_identity(launcher)
     for s in stages:
-        link_keys = {k for pair in LINKS for k in pair}
-        ident: dict[str, Any] = {k: v for k, v in s.items() if k not in PLACE_KEYS and k not in link_keys}
-        args = s.get("args", {})
-        ident["args"] = {k: v for k, v in args.items() if k not in _non_weight_args(s)}
-        ident["data"] = data_identity(s.get("data"), s.get("data_check"))
-        if (s.get("data") or {}).get("stage") in fps:  # generated by an earlier stage: that stage's fingerprint
-            ident["data"] = {**ident["data"], "path": None, "stage": fps[s["data"]["stage"]]}
-        for link, path_key in LINKS:
-            target = s.get(link)
-            if target is not None and target in fps:
-                ident[link] = fps[target]
-            elif s.get(path_key):
-                ident[link] = model_identity(s[path_key], link_table.revision(s, link),  # an external link's own
-                                             (s.get("model_check") or {}).get(path_key))
-        if launch_ident:
-            ident["launcher"] = launch_ident
-        ident["environment"] = env if env is not None else environment(s)
-        ident["format"] = FORMAT
-        blob = json.dumps(ident, sort_keys=True, default=str)
-        fps[s["name"]] = hashlib.sha256(blob.encode()).hexdigest()
+        blob = json.dumps(identity(s, fps, numerics, env), sort_keys=True, default=str)
+        fps[s.name] = hashlib.sha256(blob.encode()).hexdigest()
     return fps
-
-
-# -- entry files: sizes and hashes -----------------------------------------------------------------------------------
-def sampled_hash(path: Path, size: int | None = None) -> str:
-    """SHA-256 of ``SAMPLE_BLOCKS`` blocks spread evenly over the file (all of it when small): cheap to check on
-    every reuse, and it catches truncation, zero-filled and rewritten files."""
-    size = path.stat().st_size if size is None else size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
-            h.update(f.read())
-        else:
-            step = (size - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1)
-            for i in range(SAMPLE_BLOCKS):
-                f.seek(i * step)
-                h.update(f.read(SAMPLE_BYTES))
-    return h.hexdigest()
-
-
-def full_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    _file_digest(path, h)
-    return h.hexdigest()
-
-
-def _record(path: Path, full: bool = True) -> dict:
-    st = path.stat()
-    rec = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample": sampled_hash(path, st.st_size)}
-    if full:
-        rec["sha256"] = full_hash(path)
-    return rec
-
-
-def check_files(root: Path, recorded: dict[str, dict], full: bool = False) -> list[str]:
-    """Problems of the files under ``root`` against their records (see :func:`_record`): cheap by default (size,
-    mtime, sampled hash; a file whose mtime moved is hashed in full); ``full``: every file's SHA-256."""
-    problems = []
-    for rel, want in recorded.items():
-        f = root / rel
-        try:
-            st = f.lstat()
-        except OSError:
-            problems.append(f"{rel}: missing")
-            continue
-        if not os.path.isfile(f) or f.is_symlink():
-            problems.append(f"{rel}: not a regular file")
-        elif st.st_size != want.get("size"):
-            problems.append(f"{rel}: {st.st_size} bytes, {want.get('size')} when recorded")
-        elif full or st.st_mtime_ns != want.get("mtime_ns"):
-            if full_hash(f) != want.get("sha256"):
-                problems.append(f"{rel}: content changed (SHA-256 differs)")
-        elif sampled_hash(f, st.st_size) != want.get("sample"):
-            problems.append(f"{rel}: content changed (sampled hash differs)")
-    return problems
-
-
-def record_files(root: Path) -> dict[str, dict]:
-    """Size, mtime, sampled and full SHA-256 of every regular file under ``root``, by relative path."""
-    return {str(f.relative_to(root)): _record(f) for f in fsutil.tree_files(root)}
 
 
 # -- checkpoints (resume) --------------------------------------------------------------------------------------------
@@ -575,6 +439,11 @@ class Entry:
         return bool(rec) and rec.get("fingerprint") == self.fingerprint and rec.get("format") == FORMAT \
             and self.final.is_dir()
 
+    def stale(self) -> bool:
+        """COMPLETE of another store format (an older alignctl): never reused, as every fingerprint changed since."""
+        rec = self.record()
+        return bool(rec) and rec.get("format") != FORMAT
+
     def metrics(self) -> dict:
         path = self.dir / "metrics.json"
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -601,7 +470,7 @@ class Entry:
         for f in self._kept_files():
             fsutil.fsync_file(f)
             f.chmod(f.stat().st_mode & 0o555)
-            files[str(f.relative_to(self.dir))] = _record(f)
+            files[str(f.relative_to(self.dir))] = digests.record(f)
         for d in {f.parent for f in self._kept_files()} | {self.dir}:
             fsutil.fsync_dir(d)
         rec = {"fingerprint": self.fingerprint, "format": FORMAT, "completed": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -712,6 +581,216 @@ class Entry:
 
     def size(self) -> int:
         return fsutil.tree_size(self.dir)
+
+    # -- the sequence a stage of a run goes through (alignctl.pipeline) ---------------------------------------------
+    def reuse_or_train(self, stage: StageSpec, train: Callable[[StageSpec, Path], dict],
+                       upstream: Mapping[str, "Entry"], stop: Any = None, trusted_store: bool = False,
+                       note: Callable[..., None] | None = None) -> Outcome:
+        """Reuse this entry for ``stage`` or train it, under the entry's lock, then place its files into the run.
+
+        Under the lock: the entry must be this user's (:meth:`check_seal`); a complete entry is reused when its files
+        verify and it was trained on the upstream weights at hand (``upstream``: the entries of the stages it links
+        to, by stage name), else it is trained again (``note(retrained=why)``); training resumes from the newest
+        valid checkpoint, runs ``train(work, spec path)`` (``{"metrics", "world_size"}``) and ends in COMPLETE. A
+        lost lock stops it (``stop``: the lock's ``on_lost`` with an ``armed(lock)`` context, alignctl.pipeline) and
+        nothing is marked complete. ``trusted_store``: the store was named (store=), entries others sealed are used."""
+        stage_dir = Path(stage.stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = stage_dir / "spec.json"
+        # attempt: the ranks refuse a spec.json with another attempt id (another run that wrote the same file)
+        work = stage.replace(entry_dir=str(self.dir), fingerprint=self.fingerprint, attempt=uuid.uuid4().hex[:12])
+        with self._stage_lock(stage, stop) as lock:
+            work = work.replace(lock_token=lock.token)  # rank 0 checks it before it replaces final/ (runner, worker)
+            self.check_seal(stage, trusted_store)
+            metrics, world_size = self._reused(stage, upstream, note or (lambda **fields: None)), stage.world_size
+            reused = str(self.dir) if metrics is not None else None
+            if metrics is None:
+                work, metrics, world_size = self._train(work, train, upstream, lock, stop, spec_path)
+            write_spec(spec_path, work)
+            placed = self.place(stage_dir)
+            size = (self.record() or {}).get("bytes")
+        if placed.get("copy"):
+            log.info("stage %s: final/ copied from the store (%s; %s)", stage.name, fsutil.human(placed["copy"]),
+                     "running as root, a hard link would let writes reach the store" if os.geteuid() == 0
+                     else "the store is on another file system")
+        return Outcome(metrics, reused, world_size, size, placed)
+
+    @contextlib.contextmanager
+    def _stage_lock(self, stage: StageSpec, stop: Any):
+        """The entry's lock for a stage; waiting past ALIGNCTL_LOCK_TIMEOUT ends the stage with one line."""
+        try:
+            lock = self.lock(on_lost=stop).acquire()
+        except LockTimeout as e:
+            raise StageFailed(stage.name, "(waiting for its store entry)", str(e)) from None
+        try:
+            yield lock
+        finally:
+            lock.release()
+
+    def check_seal(self, stage: StageSpec, trusted_store: bool) -> None:
+        """The rule of :func:`check_trust`, under the entry's lock, just before the entry is used (its content may
+        have changed since the run started): refused in the default store, logged in a named one."""
+        why = untrusted(self)
+        if why is None:
+            return
+        if not trusted_store:
+            raise ConfigError([why])
+        log.info("stage %s: store entry %s was not written by you (%s); trusted because the store was named on the "
+                 "command line (store=%s)", stage.name, self.dir, _seal_phrase(self.trust_state()), self.dir.parent)
+
+    def _reused(self, stage: StageSpec, upstream: Mapping[str, "Entry"], note: Callable[..., None]) -> dict | None:
+        """The metrics of this entry when it is complete, intact and trained on the upstream weights at hand; None
+        when the stage must be trained (a damaged or outdated entry is forgotten first)."""
+        if not self.complete():
+            return None
+        why = self.not_reusable(stage, upstream)
+        if why:
+            log.warning("stage %s: store entry %s %s; training it again", stage.name, self.dir, why)
+            note(retrained=why)
+            self.invalidate()
+            return None
+        log.info("stage %s: reusing completed stage %s (same fingerprint, files checked)", stage.name, self.dir)
+        metrics = self.metrics()
+        if not (self.record() or {}).get("keep_checkpoints"):
+            self.drop_checkpoints()  # left by a run killed between COMPLETE and the clean-up
+        self.touch()
+        return metrics
+
+    def not_reusable(self, stage: StageSpec, upstream: Mapping[str, "Entry"]) -> str | None:
+        """Why a complete entry must be trained again: its files are damaged, or it was trained on top of other
+        upstream weights than this run's (an upstream entry removed or trained again since: N11)."""
+        problems = self.verify()
+        if problems:
+            more = f"; {len(problems) - 3} more" if len(problems) > 3 else ""
+            return "is damaged (" + "; ".join(problems[:3]) + more + ")"
+        recorded = (self.record() or {}).get("upstream")
+        if recorded is not None and recorded != upstream_digest(stage, upstream):
+            return "was trained from other weights of the stages it links to than this run's (they were trained again)"
+        return None
+
+    def _train(self, work: StageSpec, train: Callable[[StageSpec, Path], dict], upstream: Mapping[str, "Entry"],
+               lock: fsutil.FileLock, stop: Any, spec_path: Path) -> tuple[StageSpec, dict, int]:
+        """Train the stage into this entry (resuming where it can) and mark it complete; returns the spec it trained
+        with, its metrics and the world size it ran at."""
+        digest = self.check_upstream(work, upstream)
+        work = work.replace(resume_from=self.resume_point(work))
+        write_spec(spec_path, work)
+        log.info("stage %s (%s): starting from %s", work.name, work.kind, work.source.path)
+        try:
+            with stop.armed(lock) if stop is not None else contextlib.nullcontext():  # a lost lock stops it at once
+                result = train(work, spec_path)
+            if not lock.owned():  # checked again right before COMPLETE is written
+                raise LockLost(str(lock.path))
+        except BaseException:
+            if lock.lost or not lock.owned():  # stalled past the stale timeout, another process took it over
+                raise StageFailed(work.name, "(lost its store lock)", f"another process took over {self.dir} while "
+                                  "this one trained it; the stage was stopped and nothing was marked complete. "
+                                  "Re-run: the stage is reused once the other process completes it") from None
+            raise
+        check = work.data.check if work.data is not None else None
+        self.mark_complete(result["metrics"], keep_checkpoints=work.keep_checkpoints,
+                           extra={"stage": work.name, "trainer": work.kind,
+                                  "data_content": check.content if check else None, "upstream": digest})
+        return work, result["metrics"], result.get("world_size", work.world_size)
+
+    def check_upstream(self, stage: StageSpec, upstream: Mapping[str, "Entry"]) -> str:
+        """Checkpoints written on top of other upstream weights than the ones at hand are dropped (a resume would
+        mix them); the upstream digest is recorded in the entry (``upstream.json``, sealed with the user's key: the
+        entry is theirs while it trains), then in COMPLETE. Checkpoints someone else wrote in a named store keep
+        that writer's seal when they are resumed from."""
+        digest = upstream_digest(stage, upstream)
+        before = (self.marker() or {}).get("digest")
+        checkpoints = (self.dir / "checkpoints").exists()
+        if before and before != digest and checkpoints:
+            log.warning("stage %s: the stages it starts from were trained again since its checkpoints were written; "
+                        "dropping them and training from the start", stage.name)
+            self.drop_checkpoints()
+            checkpoints = False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        seal = self.trust_state()
+        if not (checkpoints and before == digest and seal and not seal[1]):
+            self.write_marker(digest)
+        return digest
+
+    def resume_point(self, stage: StageSpec) -> str | None:
+        """The checkpoint to resume the stage from: the newest valid one (older ones when newer are damaged)."""
+        ckpt, skipped = self.resume_checkpoint()
+        for name, why in skipped:
+            log.warning("stage %s: skipping checkpoint %s: %s", stage.name, name, why)
+        if ckpt:
+            step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
+            log.info("stage %s: resuming from %s (step %d)", stage.name, Path(ckpt).name, step)
+        elif skipped:
+            log.warning("stage %s: no valid checkpoint to resume from; training from the start", stage.name)
+        return ckpt
+
+    def place(self, stage_dir: Path) -> dict[str, int]:
+        """The entry's final/ (and adapter/, log_history.json, samples.jsonl) into a run's stage folder
+        (:func:`link_tree`); returns the bytes placed by each method."""
+        placed = link_tree(self.final, stage_dir / "final")
+        if (self.dir / "adapter").is_dir():  # lora/qlora: the trained adapter, kept beside the merged final/
+            link_tree(self.dir / "adapter", stage_dir / "adapter")
+        for extra in ("log_history.json", "samples.jsonl"):
+            if (self.dir / extra).is_file():
+                link_tree_file(self.dir / extra, stage_dir / extra)
+        return placed
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What :meth:`Entry.reuse_or_train` did (the manifest records it)."""
+    metrics: dict
+    reused_from: str | None  # the entry, when it was reused
+    world_size: int
+    bytes: int | None  # of the complete entry
+    placed: dict[str, int]  # bytes placed into the run by method: reflink | link | copy
+
+
+def write_spec(path: Path, spec: StageSpec) -> None:
+    """A stage's spec.json (what its ranks read: :meth:`StageSpec.from_json`): the owner's only, replaced atomically."""
+    fsutil.write_text_atomic(path, spec.to_json() + "\n", mode=0o600)
+
+
+def upstream_digest(stage: StageSpec, upstream: Mapping[str, Entry]) -> str:
+    """A digest of the linked stages' completed files (their COMPLETE records; ``upstream``: the entries of the run's
+    stages by name): an upstream stage trained again under the same fingerprint (its entry removed,
+    non-deterministic GPU kernels) gives other weights."""
+    h = hashlib.sha256()
+    for name in link_table.UPSTREAM:  # from, ref, reward, value, judge (alignctl.links)
+        link = stage.links.get(name)
+        up = upstream.get(link.stage) if link is not None and link.stage else None
+        if up is not None:
+            h.update(json.dumps([name, (up.record() or {}).get("files")], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def untrusted(entry: Entry) -> str | None:
+    """Why this user cannot take an entry's content as theirs (None: nothing in it, or sealed with their key)."""
+    seal = entry.trust_state()
+    if seal is None or seal[1]:
+        return None
+    return (f"store entry {entry.dir} was not written by you ({_seal_phrase(seal)}): alignctl reuses or resumes "
+            f"only entries sealed with your key ({trust.KEY_ENV}) from the default store <output_root>/.store: name "
+            "the store on the command line (store=DIR) to trust entries others wrote, or use another output_root")
+
+
+def _seal_phrase(seal: tuple[str, bool, str]) -> str:
+    what, _, who = seal
+    if who == "not sealed":
+        return f"{what} not sealed"
+    mine = who.endswith(f" key {trust.key_id()}")  # this user's key id, but the record changed after sealing
+    return f"{what} sealed by {who}" + (", changed since: its seal does not verify" if mine else "")
+
+
+def check_trust(entries: list[Entry], named: bool) -> None:
+    """Before anything trains: in the default store (chosen by output_root, which a recipe may set), every entry a
+    run would reuse or resume must be sealed with this user's key; one line per other entry. ``named``: the store
+    was named on the command line (store=), its entries are trusted whoever sealed them."""
+    if named:
+        return
+    problems = [p for e in entries if (p := untrusted(e))]
+    if problems:
+        raise ConfigError(problems)
 
 
 # -- run folders get the entry's files without sharing writable inodes -----------------------------------------------

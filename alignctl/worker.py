@@ -1,8 +1,8 @@
 """One rank of a stage: ``python -m alignctl.worker <spec.json>``, started by torchrun or accelerate.
 
-Every rank reads the stage spec the orchestrator wrote (the run was resolved once, by the process that ran Hydra;
-nothing here imports Hydra) and runs :func:`alignctl.runner.run_stage`: the TRL trainer does the distributed work,
-rank 0 writes the final model. Each rank then reports into ``<spec dir>/launch/``:
+Every rank reads the stage spec the orchestrator wrote (``StageSpec.from_json``; the run was resolved once, by the
+process that ran Hydra; nothing here imports Hydra) and runs :func:`alignctl.runner.run_stage`: the TRL trainer does
+the distributed work, rank 0 writes the final model. Each rank then reports into ``<spec dir>/launch/``:
 
 * ``rank<k>.json``: world size, device, distributed backend, and whether Hydra was imported in this process;
 * ``result.json`` (rank 0): the stage's metrics and the world size, read by the orchestrator;
@@ -37,7 +37,9 @@ import time
 import traceback
 from pathlib import Path
 
-from alignctl.launch import ATTEMPT_ENV, FAIL_HOOK, rank_env
+from alignctl.config.types import StageSpec
+from alignctl.launch import FAIL_HOOK
+from alignctl.ranks import ATTEMPT_ENV, rank_env
 
 PR_SET_PDEATHSIG = 1
 
@@ -129,23 +131,23 @@ def guard(argv: list[str]) -> int:
     return 127  # pragma: no cover - execvp does not return
 
 
-def _check_spec(spec: dict) -> None:
+def _check_spec(spec: StageSpec) -> None:
     """The spec must be the one this attempt was started for, and ``precision: auto`` must resolve as it did in the
     orchestrator (it is part of the stage's fingerprint)."""
     want = os.environ.get(ATTEMPT_ENV)
-    if want and spec.get("attempt") != want:
-        raise RuntimeError(f"the stage spec was rewritten by another run (attempt {spec.get('attempt')}, expected "
+    if want and spec.attempt != want:
+        raise RuntimeError(f"the stage spec was rewritten by another run (attempt {spec.attempt}, expected "
                            f"{want}); nothing was trained. Give each run its own run directory")
-    if spec.get("lock_token"):  # the orchestrator lost the entry's lock before this rank started: do not train
+    if spec.lock_token:  # the orchestrator lost the entry's lock before this rank started: do not train
         from alignctl.fsutil import check_owner
 
-        check_owner(Path(spec["output_dir"]) / ".lock", spec["lock_token"], f"stage {spec.get('name')}")
-    if spec.get("precision_setting") == "auto":
+        check_owner(Path(spec.entry_dir) / ".lock", spec.lock_token, f"stage {spec.name}")
+    if spec.precision_setting == "auto":
         from alignctl.models import precision_for
 
         here = precision_for("auto")
-        if here != spec.get("precision"):
-            raise RuntimeError(f"precision auto is {here} on this machine but {spec.get('precision')} where alignctl "
+        if here != spec.precision:
+            raise RuntimeError(f"precision auto is {here} on this machine but {spec.precision} where alignctl "
                                "runs; set precision explicitly (bf16, fp16 or fp32)")
 
 
@@ -167,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from alignctl.runner import load_spec, run_stage
+        from alignctl.runner import run_stage
 
-        spec = load_spec(spec_path)
+        spec = StageSpec.from_json(spec_path.read_text())
         _check_spec(spec)
-        _test_hook(rank, spec.get("name", ""))
+        _test_hook(rank, spec.name)
         if world > 1 and not torch.cuda.is_available():
             # Without this, accelerate treats CPU ranks as separate single-process runs (no gradient averaging);
             # with it the Trainer runs DDP over gloo (what `accelerate launch --cpu` sets).

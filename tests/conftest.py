@@ -85,3 +85,31 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
 
 def read_manifest(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "manifest.json").read_text())
+
+
+def read_spec(path: Path):
+    """A stage's spec.json as its ranks read it (alignctl.config.types.StageSpec)."""
+    from alignctl.config.types import StageSpec
+
+    return StageSpec.from_json(Path(path).read_text())
+
+
+def stage_spec(name: str = "sft", kind: str = "sft", source: str | None = None, run_dir: Path | str = "run",
+               **fields):
+    """A small typed stage spec for tests of the store and the pipeline: no data, no TRL fields; ``source``: the
+    earlier stage it starts from (else the built-in tiny model)."""
+    from alignctl.config.types import LinkSpec, StageSpec
+
+    run_dir = Path(run_dir)
+    path = str(run_dir / source / "final") if source else "tiny:llama"
+    links = {"from": LinkSpec("from", path, stage=source), **fields.pop("links", {})}
+    return StageSpec(name=name, kind=kind, links=links, data=None, args={}, run_dir=str(run_dir),
+                     stage_dir=str(run_dir / name), **fields)
+
+
+def run_spec(run_dir: Path, store_dir: Path, *stages):
+    """A typed run spec of these stage specs (see :func:`stage_spec`)."""
+    from alignctl.config.types import ModelSpec, RunSpec
+
+    return RunSpec(recipe="r", stages=tuple(stages), model=ModelSpec("tiny:llama"), launcher={"kind": "local"},
+                   run_dir=str(run_dir), store_dir=str(store_dir))

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import data, models, pipeline, spec, store
+from alignctl import data, digests, errors, models, pipeline, spec, store
+from alignctl.config.types import DataSpec
 from alignctl.cli import compose
 
 MTIME = (1700000000, 1700000000)  # what tar/zip extraction, cp -p, rsync -a, touch -r restore
 
 
-def prepared(tmp_path, *overrides) -> list[dict]:
+def prepared(tmp_path, *overrides) -> list:
     resolved = spec.resolve(compose(["~stages.dpo", f"output_root={tmp_path / 'out'}", *overrides]), tmp_path / "run")
     return pipeline._prepare(pipeline.stage_specs(resolved))
 
@@ -41,15 +42,15 @@ def test_a_file_replaced_with_the_same_mtime_loads_its_new_rows(tmp_path):
     f = tmp_path / "d.jsonl"
     write_rows(f, "AAAA")
     first = prepared(tmp_path, f"data.sft.path={f}", "data.sft.eval_size=2")[0]
-    train, held = data.load(first["data"], "sft", "stages.sft")
+    train, held = data.load(first.data, "sft", "stages.sft")
     assert set(train["completion"]) | set(held["completion"]) == {"The word is AAAA."} and len(held) == 2
     write_rows(f, "BBBB")  # same path, size and mtime: the datasets library's own key is unchanged
     second = prepared(tmp_path, f"data.sft.path={f}", "data.sft.eval_size=2")[0]
-    assert second["data_check"]["content"] != first["data_check"]["content"]
-    train, held = data.load(second["data"], "sft", "stages.sft")
+    assert second.data.check.content != first.data.check.content
+    train, held = data.load(second.data, "sft", "stages.sft")
     assert set(train["completion"]) | set(held["completion"]) == {"The word is BBBB."} and len(held) == 2
-    with pytest.raises(store.DataChanged, match="changed on disk since this run started"):
-        data.load(first["data"], "sft", "stages.sft")  # the spec fingerprinted A: B is refused, not trained on
+    with pytest.raises(errors.DataChanged, match="changed on disk since this run started"):
+        data.load(first.data, "sft", "stages.sft")  # the spec fingerprinted A: B is refused, not trained on
 
 
 def test_a_stage_trains_on_the_rows_of_the_replaced_file(tmp_path, run_recipe):
@@ -80,18 +81,18 @@ def test_a_stage_trains_on_the_rows_of_the_replaced_file(tmp_path, run_recipe):
 def test_unchanged_files_are_not_hashed_again_and_replaced_ones_are(tmp_path, monkeypatch):
     f = tmp_path / "d.jsonl"
     write_rows(f, "AAAA")
-    d = {"path": str(f), "local": True}
+    d = DataSpec("local", str(f), "d")
     cache = tmp_path / "cache"
     reads = []
-    real = store.full_hash
-    monkeypatch.setattr(store, "full_hash", lambda p: reads.append(p) or real(p))
+    real = digests.full_hash
+    monkeypatch.setattr(digests, "full_hash", lambda p: reads.append(p) or real(p))
     first = store.data_check(d, cache)
     assert store.data_check(d, cache) == first and len(reads) == 1  # the second run reads nothing
     assert list((cache / store.DIGESTS).glob("*.json"))
     write_rows(f, "BBBB")  # same size and mtime, other bytes: inode or ctime moved
-    assert store.data_check(d, cache)["content"] != first["content"] and len(reads) == 2
+    assert store.data_check(d, cache).content != first.content and len(reads) == 2
     os.utime(f, None)  # touched: hashed again, same content
-    assert store.data_check(d, cache)["content"] != first["content"]
+    assert store.data_check(d, cache).content != first.content
     assert len(reads) == 3
 
 
@@ -120,12 +121,12 @@ def test_a_local_model_folder_is_identified_by_content(tmp_path, cache_root):
 
 
 def test_a_model_folder_changed_during_the_run_stops_the_stage(tmp_path, cache_root):
-    from alignctl.launch import StageFailed
+    from alignctl.errors import StageFailed
     from alignctl.runner import _checked_context
 
     folder = local_model(tmp_path, cache_root)
     s = prepared(tmp_path, f"model.name_or_path={folder}")[0]
-    assert s["model_check"]["init_path"]["folder"] == str(folder)
+    assert s.model_check["init_path"]["folder"] == str(folder)
     store.check_models_unchanged(s)
     os.utime(folder / "config.json", None)  # touched, same bytes: fine
     store.check_models_unchanged(s)
@@ -185,7 +186,7 @@ def test_torchrun_ranks_get_the_stage_precision_and_no_inherited_engine(tmp_path
     for k, v in INHERITED.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # where it runs: kept
-    work = {**prepared(tmp_path, f"output_root={cache_root}", "precision=fp32")[0], "attempt": "x"}
+    work = prepared(tmp_path, f"output_root={cache_root}", "precision=fp32")[0].replace(attempt="x")
     sent = {}
 
     def stream(cmd, env, output):
@@ -199,7 +200,7 @@ def test_torchrun_ranks_get_the_stage_precision_and_no_inherited_engine(tmp_path
     assert sent["ACCELERATE_MIXED_PRECISION"] == "no" and sent["ACCELERATE_USE_CPU"] == "true"
     assert "ACCELERATE_USE_FSDP" not in sent and "ACCELERATE_DYNAMO_BACKEND" not in sent
     assert sent["FSDP_X"] == "1"  # set in launcher.env on purpose (and fingerprinted)
-    bf16 = models.training_env({**work, "precision": "bf16"}, {}, {})[0]
+    bf16 = models.training_env(work.replace(precision="bf16"), {}, {})[0]
     assert bf16["ACCELERATE_MIXED_PRECISION"] == "bf16"
 
 
@@ -208,7 +209,7 @@ def test_tokenizers_and_8bit_optimizers_are_fingerprinted(tmp_path):
     env = store.environment(stage)
     assert env["tokenizers"]
     assert "bitsandbytes" not in env
-    eight = {**stage, "args": {**stage["args"], "optim": "paged_adamw_8bit"}}
+    eight = stage.replace(args={**stage.args, "optim": "paged_adamw_8bit"})
     assert "bitsandbytes" in store.environment(eight)
     base = store.fingerprints([stage], env=env)
     assert store.fingerprints([stage], env={**env, "tokenizers": "0.0.0-other"}) != base

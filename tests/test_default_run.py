@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
-from conftest import read_manifest, run_cli
+from conftest import read_manifest, read_spec, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +46,12 @@ def test_manifest_fields_and_outputs(default_run):
     assert all(m["versions"][k] for k in ("python", "torch", "transformers", "trl", "peft", "alignctl"))
     assert (run_dir / "config.yaml").is_file() and (run_dir / "alignctl.log").is_file()
     for stage in ("sft", "dpo"):
-        spec = json.loads((run_dir / stage / "spec.json").read_text())
+        spec = read_spec(run_dir / stage / "spec.json")
         # The stage trained in its store entry (named by its fingerprint); final/ is linked into the run dir.
-        assert spec["name"] == stage and "/.store/" in spec["output_dir"] and spec["fingerprint"][:16] in spec["output_dir"]
+        assert spec.name == stage and "/.store/" in spec.entry_dir and spec.fingerprint[:16] in spec.entry_dir
     # The DPO stage started from (and referenced) the SFT stage's final weights.
-    dpo_spec = json.loads((run_dir / "dpo" / "spec.json").read_text())
-    assert dpo_spec["init_path"] == dpo_spec["ref_path"] == str(run_dir.absolute() / "sft" / "final")
+    dpo_spec = read_spec(run_dir / "dpo" / "spec.json")
+    assert dpo_spec.links["from"].path == dpo_spec.links["ref"].path == str(run_dir.absolute() / "sft" / "final")
     # Per-step training metrics reach the run log.
     assert "[dpo] step" in (run_dir / "alignctl.log").read_text()
 

@@ -132,8 +132,10 @@ def test_iterative_dpo_raises_the_reward_model_score_round_by_round(iterative):
     # the generated data set loads like any data set and holds pairs the RM ranked
     from alignctl import data
 
-    spec = json.loads((root / "first/dpo2/spec.json").read_text())
-    train, held = data.load(spec["data"], "preference", "test")
+    from conftest import read_spec
+
+    spec = read_spec(root / "first/dpo2/spec.json")
+    train, held = data.load(spec.data, "preference", "test")
     assert len(train) == stage(first, "gen2")["metrics"]["data"]["pairs"] > 50 and held is not None
     rows = [json.loads(x) for x in (root / "first/gen2/final/train.jsonl").read_text().splitlines()]
     assert all(r["score_chosen"] > r["score_rejected"] for r in rows)

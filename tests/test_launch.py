@@ -13,7 +13,7 @@ import yaml
 
 from alignctl import launch
 from alignctl.cli import main
-from conftest import read_manifest, run_cli
+from conftest import read_manifest, read_spec, run_cli
 
 FAST = ["stages.sft.max_steps=4", "stages.dpo.max_steps=3"]  # the default recipe, a few optimizer steps per stage
 TORCHRUN_2 = ["launcher=torchrun", "launcher.nproc_per_node=2"]
@@ -53,8 +53,8 @@ def test_torchrun_two_processes_run_both_stages_as_ddp(torchrun_run):
     # DPO's global_batch_size 64 gave gradient_accumulation_steps 2 at world size 2, i.e. 64 rows per step.
     sft_hist = json.loads((run_dir / "sft" / "log_history.json").read_text())
     assert sft_hist[-1]["epoch"] == pytest.approx(4 * 32 / 576)
-    dpo_spec = json.loads((run_dir / "dpo" / "spec.json").read_text())
-    assert dpo_spec["args"]["gradient_accumulation_steps"] == 2 and dpo_spec["world_size"] == 2
+    dpo_spec = read_spec(run_dir / "dpo" / "spec.json")
+    assert dpo_spec.args["gradient_accumulation_steps"] == 2 and dpo_spec.world_size == 2
     dpo_hist = json.loads((run_dir / "dpo" / "log_history.json").read_text())
     assert dpo_hist[-1]["epoch"] == pytest.approx(3 * 64 / 576)
     # It learned: held-out SFT loss fell; rank 0's log lines reached the run log (once, not once per rank).

@@ -27,6 +27,7 @@ import pytest
 
 from alignctl import links
 from alignctl.cli import main
+from conftest import stage_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,24 +102,24 @@ def test_every_module_reads_the_same_table():
     from alignctl.stages import STAGES
 
     assert spec.LINK_KEYS | {"from"} == set(links.NAMES)
-    assert store.LINKS == tuple((link.name, link.path_key) for link in links.LINKS)
+    assert store.link_table is links  # the store iterates a spec's links; path keys and UPSTREAM from the table
     for kind in STAGES.values():
         assert set(kind.links) <= set(links.NAMES), kind.name
 
 
 def test_a_judge_stage_trained_again_changes_the_upstream_digest(tmp_path):
     """A generate stage's pairs depend on its judge: checkpoints written on top of another judge's verdicts must not
-    be resumed (`judge` was missing from pipeline.upstream_digest)."""
-    from alignctl import pipeline, store
+    be resumed (`judge` was missing from pipeline.upstream_digest, now alignctl.store.upstream_digest)."""
+    from alignctl import store
+    from alignctl.config.types import LinkSpec
 
     entry = store.Entry(tmp_path, "sft", "f" * 64)
     entry.dir.mkdir(parents=True)
-    manifest = SimpleNamespace(data={"store_dir": str(tmp_path),
-                                     "stages": [{"name": "j", "trainer": "sft", "fingerprint": "f" * 64}]})
+    gen = stage_spec("gen", "generate", links={"judge": LinkSpec("judge", "run/j/final", stage="j")})
     digests = []
     for files in ([["final/model.safetensors", 1, "aa"]], [["final/model.safetensors", 1, "bb"]]):
         (entry.dir / "COMPLETE").write_text(json.dumps({"files": files}))
-        digests.append(pipeline.upstream_digest({"name": "gen", "judge": "j"}, manifest))
+        digests.append(store.upstream_digest(gen, {"j": entry}))
     assert digests[0] != digests[1]
 
 
@@ -276,6 +277,7 @@ def finished_run(tmp_path: Path, cache_root: Path, edit=None) -> tuple[Path, Pat
     spec.json was edited to `"trust_remote_code": true` (plus ``edit``). Returns (run dir, marker)."""
     from alignctl import evaluate, models, pipeline, spec
     from alignctl.cli import compose
+    from alignctl.config.types import EvalSettings
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nstages:\n  sft: {trainer: sft, data: sft, max_steps: 1}\n")
@@ -283,17 +285,18 @@ def finished_run(tmp_path: Path, cache_root: Path, edit=None) -> tuple[Path, Pat
     resolved = spec.resolve(compose([f"recipe={recipe}", f"output_root={cache_root}", "eval.max_prompts=2",
                                      "eval.max_new_tokens=2"]), run_dir)
     (s,) = pipeline.stage_specs(resolved)
-    s.update(precision="fp32", eval=evaluate.stage_settings(resolved["eval"], s, [s], 42))
-    s["model"]["trust_remote_code"] = True  # the edit: nothing on the command line asked for remote code
+    ev = EvalSettings.from_legacy(evaluate.stage_settings(resolved["eval"], s, [s], 42))
+    # the edit: nothing on the command line asked for remote code
+    s = s.replace(precision="fp32", eval=ev, model=s.model.replace(trust_remote_code=True))
     if edit:
-        edit(s)
+        s = edit(s)
     final = run_dir / "sft" / "final"
     shutil.copytree(models.materialize("tiny:llama", cache_root), final)
     config = json.loads((final / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_canary.CanaryForCausalLM"}
     (final / "config.json").write_text(json.dumps(config))
     (final / "modeling_canary.py").write_text(CANARY.format(marker=str(marker)))
-    (run_dir / "sft" / "spec.json").write_text(json.dumps(s))
+    (run_dir / "sft" / "spec.json").write_text(s.to_json())
     (run_dir / "manifest.json").write_text(json.dumps({"stages": [{"name": "sft", "trainer": "sft",
                                                                    "status": "completed"}]}))
     return run_dir, marker
@@ -320,11 +323,15 @@ def test_eval_of_a_run_dir_runs_no_remote_code_unless_asked_on_the_command_line(
     ("ref_path", "someorg/not-cached", "'someorg/not-cached' is not in the Hugging Face cache"),
 ], ids=["pickle-folder", "uncached-hub-id"])
 def test_eval_checks_what_spec_json_names_like_plan(key, value, needle, tmp_path, cache_root, capsys):
+    from alignctl.config.types import LinkSpec
+
     pickle = tmp_path / "pickled"
     pickle.mkdir()
     for f in ("config.json", "tokenizer.json", "pytorch_model.bin"):
         (pickle / f).write_text("{}")
-    run_dir, _ = finished_run(tmp_path, cache_root, lambda s: s.update({key: value.format(pickle=pickle)}))
+    link = next(ln.name for ln in links.LINKS if ln.path_key == key)
+    edit = lambda s: s.replace(links={**s.links, link: LinkSpec(link, value.format(pickle=pickle))})  # noqa: E731
+    run_dir, _ = finished_run(tmp_path, cache_root, edit)
     rc = main(["eval", str(run_dir), "--out", str(tmp_path / "eval")])
     err = capsys.readouterr().err
     assert rc == 2 and f"eval: sft/spec.json: {key}:" in err and needle in err and "Traceback" not in err, err

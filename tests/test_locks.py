@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import fsutil, store
+from alignctl import errors, fsutil, store
 from alignctl.cli import store as store_cli
-from conftest import REPO
+from conftest import REPO, read_spec, run_spec, stage_spec
 
 DEAD_PID = 4_000_000  # above the kernel's pid_max: no process has it
 
@@ -81,7 +81,7 @@ def test_a_holder_of_another_pid_space_with_a_moving_heartbeat_is_never_taken_ov
         path.write_text(json.dumps({k: info[k] for k in ("host", "pid", "proc_start", "token")}))
     with Toucher(path):
         t0 = time.monotonic()
-        with pytest.raises(fsutil.LockTimeout, match="locked by .* judged by its heartbeat"):
+        with pytest.raises(errors.LockTimeout, match="locked by .* judged by its heartbeat"):
             fsutil.FileLock(path, "entry e", timeout=1.5).acquire()
         assert time.monotonic() - t0 >= 1.5
         assert fsutil.lock_is_live(fsutil.read_lock(path), 600)
@@ -137,7 +137,7 @@ def test_a_holder_in_a_real_other_pid_namespace_keeps_its_lock(tmp_path, capsys)
         assert proc.stdout.readline().strip() == "held"
         info = fsutil.read_lock(e.dir / ".lock")
         assert info["host"] == fsutil.identity()["host"] and info.get("pid_ns") != fsutil.identity()["pid_ns"]
-        with pytest.raises(fsutil.LockTimeout):
+        with pytest.raises(errors.LockTimeout):
             fsutil.FileLock(e.dir / ".lock", "entry e", timeout=1.5).acquire()
         assert store.holder(e) is not None
         rc, out = run_store(capsys, "gc", "--store", str(root), "--older-than", "0")
@@ -156,7 +156,7 @@ def test_a_dead_looking_pid_whose_heartbeat_moves_is_not_taken_over(tmp_path, ca
     with Toucher(path):
         dies.start()
         try:
-            with pytest.raises(fsutil.LockTimeout):  # watched it beat, then its pid died: still not taken over
+            with pytest.raises(errors.LockTimeout):  # watched it beat, then its pid died: still not taken over
                 fsutil.FileLock(path, "entry e", timeout=2.5, poll=0.05).acquire()
         finally:
             dies.join()
@@ -205,17 +205,18 @@ def test_a_holder_that_lost_its_lock_is_told_at_once_and_cannot_replace_final(tm
     path = entry / ".lock"
     lost = threading.Event()
     mine = fsutil.FileLock(path, "entry", heartbeat=0.05, on_lost=lost.set).acquire()
-    guard = runner.owner_guard({"name": "sft", "output_dir": str(entry), "lock_token": mine.token})
+    work = stage_spec("sft", entry_dir=str(entry), lock_token=mine.token)
+    guard = runner.owner_guard(work)
     models.save_final(FakeModel("mine"), FakeTokenizer(), entry / "final", guard)  # still ours: written
     path.unlink()  # forced takeover (e.g. this process was stopped for longer than `stale`)
     with fsutil.FileLock(path, "entry", timeout=1):
         (entry / "final" / "model.safetensors").write_text("the new holder's")
         t0 = time.monotonic()
         assert lost.wait(2) and time.monotonic() - t0 < 0.5 and mine.lost and not mine.owned()
-        with pytest.raises(fsutil.LockLost, match="lost its store lock"):
+        with pytest.raises(errors.LockLost, match="lost its store lock"):
             models.save_final(FakeModel("stale"), FakeTokenizer(), entry / "final", guard)
-        with pytest.raises(fsutil.LockLost):  # a rank started for the old holder trains nothing
-            worker._check_spec({"name": "sft", "output_dir": str(entry), "lock_token": mine.token})
+        with pytest.raises(errors.LockLost):  # a rank started for the old holder trains nothing
+            worker._check_spec(work)
         mine.release()
         assert path.exists()
     assert (entry / "final" / "model.safetensors").read_text() == "the new holder's"
@@ -255,7 +256,7 @@ def test_a_release_racing_a_takeover_never_removes_the_new_holders_lock(tmp_path
 def test_a_stage_whose_lock_is_taken_over_stops_and_writes_nothing(tmp_path, cache_root, monkeypatch):
     from alignctl import pipeline, spec
     from alignctl.cli import compose
-    from alignctl.launch import StageFailed
+    from alignctl.errors import StageFailed
 
     monkeypatch.setenv("ALIGNCTL_LOCK_HEARTBEAT", "0.1")
     recipe = tmp_path / "sft-only.yaml"
@@ -270,11 +271,11 @@ def test_a_stage_whose_lock_is_taken_over_stops_and_writes_nothing(tmp_path, cac
         while not spec_file.exists():
             time.sleep(0.05)
         time.sleep(1.0)
-        work = json.loads(spec_file.read_text())
-        final = Path(work["output_dir"]) / "final"
+        work = read_spec(spec_file)
+        final = Path(work.entry_dir) / "final"
         final.mkdir(parents=True, exist_ok=True)
         (final / "theirs.txt").write_text("the new holder's final/")
-        lock = Path(work["output_dir"]) / ".lock"
+        lock = Path(work.entry_dir) / ".lock"
         lock.unlink()
         write_lock(lock, token="new-holder", pid=os.getpid(), proc_start=fsutil._proc_start(os.getpid()))
         swapped.append(time.monotonic())
@@ -397,14 +398,13 @@ def test_good_lock_timeouts_are_accepted(monkeypatch, value):
 
 def test_a_lock_timeout_while_waiting_for_a_stage_is_one_line(tmp_path, monkeypatch):
     from alignctl import pipeline
-    from alignctl.launch import StageFailed
+    from alignctl.errors import StageFailed
 
     monkeypatch.setenv("ALIGNCTL_LOCK_TIMEOUT", "0.3")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    stage = {"name": "sft", "trainer": "sft", "from": None, "output_dir": str(run_dir / "sft")}
-    manifest = pipeline.Manifest({"run_dir": str(run_dir), "recipe": "r", "store_dir": str(tmp_path / "store"),
-                                  "stages": [stage]}, [])
+    stage = stage_spec("sft", run_dir=run_dir)
+    manifest = pipeline.Manifest(run_spec(run_dir, tmp_path / "store", stage), [])
     entry = store.Entry(tmp_path / "store", "sft", "ab" * 32)
     with entry.lock(timeout=0):  # another run trains it
         with pytest.raises(StageFailed, match=r"waiting for its store entry.*locked by .* gave up after") as e:

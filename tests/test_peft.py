@@ -11,7 +11,7 @@ import pytest
 
 from alignctl import models, peft_config
 from alignctl.cli import main
-from conftest import REPO
+from conftest import REPO, read_spec
 
 
 def _final_is_plain(final: Path, classifier: bool = False):
@@ -206,9 +206,9 @@ def test_default_recipe_with_adapters_chains_merged_plain_models(which, request)
         assert model.config.model_type == ("qwen2" if method == "qlora" else "llama")
         assert next(model.parameters()).dtype == torch.float32  # CPU: fp32, de-quantised under qlora
         assert _adapter(run_dir / stage)["target_modules"]  # the adapter is kept beside final/
-    spec = json.loads((run_dir / "dpo" / "spec.json").read_text())
-    assert spec["peft"]["method"] == method
-    assert spec["init_path"] == spec["ref_path"] == str(run_dir.absolute() / "sft" / "final")
+    spec = read_spec(run_dir / "dpo" / "spec.json")
+    assert spec.peft["method"] == method
+    assert spec.links["from"].path == spec.links["ref"].path == str(run_dir.absolute() / "sft" / "final")
     # The DPO adapter was trained on top of the merged SFT model, and was merged into it.
     assert _adapter(run_dir / "dpo")["base_model_name_or_path"] == str(run_dir.absolute() / "sft" / "final")
     sft_w = load_file(str(run_dir / "sft" / "final" / "model.safetensors"))
@@ -233,9 +233,9 @@ def test_dpo_reference_after_lora_sft_is_the_merged_sft_model(lora_run, tmp_path
     from alignctl.runner import StageContext
 
     run_dir, _ = lora_run
-    spec = json.loads((run_dir / "dpo" / "spec.json").read_text())
-    spec.update(output_dir=str(tmp_path / "dpo"), resume_from=None)
-    spec["args"] = {**spec["args"], "max_steps": 4, "learning_rate": 2e-2, "logging_steps": 1}
+    spec = read_spec(run_dir / "dpo" / "spec.json")
+    spec = spec.replace(entry_dir=str(tmp_path / "dpo"), resume_from=None,
+                        args={**spec.args, "max_steps": 4, "learning_rate": 2e-2, "logging_steps": 1})
     ctx = StageContext(spec)
     trainer = DPOTrainer(model=ctx.load_policy(), ref_model=ctx.load_reference(), args=ctx.trl_config(DPOConfig),
                          processing_class=ctx.tokenizer, train_dataset=ctx.train, eval_dataset=ctx.eval,
@@ -279,6 +279,6 @@ def test_rlhf_ppo_with_adapters(method, arch, run_recipe, tmp_path):
     assert torch.equal(rm.score.weight.detach().to(head.dtype), head)
     metrics = m["stages"][1]["metrics"]
     assert metrics["after"]["eval_accuracy"] > metrics["before"]["eval_accuracy"]
-    ppo = json.loads((run_dir / "ppo" / "spec.json").read_text())
-    assert ppo["peft"]["method"] == method and _adapter(run_dir / "ppo")["base_model_name_or_path"] == \
+    ppo = read_spec(run_dir / "ppo" / "spec.json")
+    assert ppo.peft["method"] == method and _adapter(run_dir / "ppo")["base_model_name_or_path"] == \
         str(run_dir.absolute() / "sft" / "final")

@@ -10,7 +10,7 @@ import pytest
 
 from alignctl import pipeline, spec
 from alignctl.cli import compose
-from conftest import one_thread_collecting_log
+from conftest import one_thread_collecting_log, read_spec
 
 LOG: list[str] = []
 RUNS: dict[str, tuple] = {}
@@ -163,7 +163,7 @@ def test_ppo_under_torchrun_two_processes(run, tmp_path):
 
     base_dir, _ = run(*FIXED)
     recipe = tmp_path / "ppo-only.yaml"
-    stage = json.loads((base_dir / "ppo" / "spec.json").read_text())["args"]
+    stage = dict(read_spec(base_dir / "ppo" / "spec.json").args)
     stage = {k: v for k, v in stage.items() if k not in ("output_dir", "disable_tqdm", "seed", "bf16", "fp16")}
     stage.update(trainer="ppo", reward=str(base_dir / "rm" / "final"), data="prompts", total_episodes=64,
                  per_device_train_batch_size=8)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import read_manifest, run_cli
+from conftest import read_manifest, run_cli, run_spec, stage_spec
 
 FAST = ["stages.sft.num_train_epochs=4", "stages.dpo.num_train_epochs=4"]
 
@@ -119,7 +119,7 @@ def make_checkpoint(root: Path, step: int, state: str | None = None, optimizer: 
 
 
 def test_resume_picks_the_newest_valid_checkpoint_and_says_which_it_skipped(tmp_path, caplog):
-    from alignctl import pipeline, store
+    from alignctl import store
 
     caplog.set_level("INFO", logger="alignctl")
     e = store.Entry(tmp_path, "sft", "f" * 64)
@@ -136,7 +136,7 @@ def test_resume_picks_the_newest_valid_checkpoint_and_says_which_it_skipped(tmp_
                        ("checkpoint-25", "truncated model.safetensors"),
                        ("checkpoint-20", "no optimizer state (saved with save_only_model?)"),
                        ("checkpoint-15", "empty file(s): optimizer.pt")]
-    assert pipeline._resume_point({"name": "sft", "trainer": "sft"}, e) == ckpt
+    assert e.resume_point(stage_spec("sft")) == ckpt
     assert "stage sft: skipping checkpoint checkpoint-30: trainer_state.json is not valid JSON" in caplog.text
     assert "stage sft: resuming from checkpoint-10 (step 10)" in caplog.text
 
@@ -149,20 +149,19 @@ def test_checkpoints_on_top_of_an_upstream_trained_again_are_dropped(tmp_path, c
     sft.final.mkdir(parents=True)
     (sft.final / "model.safetensors").write_bytes(b"1" * 100)
     sft.mark_complete({})
-    spec = {"run_dir": str(tmp_path / "run"), "recipe": "r", "store_dir": str(root),
-            "stages": [{"name": "sft", "trainer": "sft", "from": None, "output_dir": str(tmp_path / "run/sft")},
-                       {"name": "dpo", "trainer": "dpo", "from": "sft", "output_dir": str(tmp_path / "run/dpo")}]}
-    (tmp_path / "run").mkdir()
+    run_dir = tmp_path / "run"
+    spec = run_spec(run_dir, root, stage_spec("sft", run_dir=run_dir), stage_spec("dpo", "dpo", "sft", run_dir))
+    run_dir.mkdir()
     manifest = pipeline.Manifest(spec, [])
     manifest.update("sft", fingerprint=sft.fingerprint)
     dpo = store.Entry(root, "dpo", "b" * 64)
-    s = spec["stages"][1]
-    first = pipeline._check_upstream(s, dpo, manifest)
+    s = spec.stages[1]
+    first = dpo.check_upstream(s, manifest.entries())
     make_checkpoint(dpo.dir, 5)
-    assert pipeline._check_upstream(s, dpo, manifest) == first and dpo.last_checkpoint()  # same SFT: resumable
+    assert dpo.check_upstream(s, manifest.entries()) == first and dpo.last_checkpoint()  # same SFT: resumable
     sft.invalidate()  # SFT removed and trained again under the same fingerprint: other weights
     sft.final.mkdir()
     (sft.final / "model.safetensors").write_bytes(b"2" * 100)
     sft.mark_complete({})
-    assert pipeline._check_upstream(s, dpo, manifest) != first
+    assert dpo.check_upstream(s, manifest.entries()) != first
     assert dpo.last_checkpoint() is None and "were trained again since its checkpoints" in caplog.text

@@ -10,7 +10,7 @@ import pytest
 
 from alignctl import pipeline, spec
 from alignctl.cli import compose
-from conftest import one_thread_collecting_log
+from conftest import one_thread_collecting_log, read_spec
 
 RUNS: dict[str, tuple] = {}
 LOG: list[str] = []
@@ -131,7 +131,7 @@ def test_simpo_raises_preference_accuracy_without_reference(run):
     assert simpo["trainer"] == "cpo"
     before, after = simpo["metrics"]["before"], simpo["metrics"]["after"]
     assert after["eval_pref_accuracy"] > before["eval_pref_accuracy"] and after["eval_pref_accuracy"] >= 0.9
-    args = json.loads((run_dir / "simpo" / "spec.json").read_text())["args"]
+    args = read_spec(run_dir / "simpo" / "spec.json").args
     assert args["loss_type"] == "simpo" and args["cpo_alpha"] == 0.0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from alignctl import launch, pipeline, report, worker
+from alignctl.errors import StageFailed
 from conftest import read_manifest, run_cli
 
 ONE_SFT = ("data:\n  chat: {path: builtin:sft.jsonl, eval_size: 16}\n"
@@ -166,9 +167,12 @@ def _fake_launcher(tmp_path: Path, kind: str, script: str, *args: str) -> dict:
     return resolved
 
 
-def _work(name: str, tmp_path) -> dict:
+def _work(name: str, tmp_path):
     """The least of a stage spec the launcher reads (the fake ranks read nothing)."""
-    return {"name": name, "attempt": "a1", "args": {}, "precision": "fp32", "output_dir": str(tmp_path / name)}
+    from conftest import stage_spec
+
+    return stage_spec(name, source="earlier", run_dir=tmp_path, attempt="a1", precision="fp32",  # no model to build
+                      entry_dir=str(tmp_path / name))
 
 
 def test_the_launchers_exit_ends_the_stage_even_if_a_descendant_holds_its_output(tmp_path, alignctl_log):
@@ -264,7 +268,7 @@ def _port_run(tmp_path: Path, fail_times: int, message: str) -> tuple[dict | Exc
     spec.parent.mkdir(exist_ok=True)
     try:
         result: dict | Exception = launch.run_stage(_work("dpo", tmp_path), spec, node)
-    except launch.StageFailed as e:
+    except StageFailed as e:
         result = e
     ports = calls.read_text().split()
     calls.unlink()
@@ -281,9 +285,9 @@ def test_accelerate_launch_retries_with_a_fresh_port_when_its_port_was_taken(tmp
     assert len(ports) == 2 and ports[0] != ports[1]
     assert sum("launching again with a fresh port (retry 1 of 3)" in line for line in alignctl_log) == 1
     result, ports = _port_run(tmp_path, 10, TAKEN)  # taken every time: at most 3 retries
-    assert isinstance(result, launch.StageFailed) and "EADDRINUSE" in str(result.error) and len(ports) == 4
+    assert isinstance(result, StageFailed) and "EADDRINUSE" in str(result.error) and len(ports) == 4
     result, ports = _port_run(tmp_path, 1, "RuntimeError: connection refused")  # another failure: not retried
-    assert isinstance(result, launch.StageFailed) and len(ports) == 1
+    assert isinstance(result, StageFailed) and len(ports) == 1
 
 
 def test_single_node_torchrun_picks_its_own_port():

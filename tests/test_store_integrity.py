@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import fsutil, pipeline, spec, store
+from alignctl import errors, fsutil, pipeline, spec, store
 from alignctl.cli import store as store_cli
 from alignctl.config.compose import compose
-from conftest import REPO, read_manifest
+from conftest import REPO, read_manifest, stage_spec
 
 
-def specs(tmp_path, *overrides) -> list[dict]:
+def specs(tmp_path, *overrides) -> list:
     return pipeline._prepare(pipeline.stage_specs(spec.resolve(compose(list(overrides)), tmp_path / "run")))
 
 
@@ -46,12 +46,12 @@ def test_precision_auto_is_resolved_on_this_machine(tmp_path):
 
     here = models.precision_for("auto")
     s = specs(tmp_path)[0]
-    assert s["precision"] == here and s["precision_setting"] == "auto"
+    assert s.precision == here and s.precision_setting == "auto"
     assert fps(tmp_path) == fps(tmp_path, f"precision={here}")  # auto is what it resolves to, not the word "auto"
     other = "bf16" if here != "bf16" else "fp16"
     assert fps(tmp_path, f"precision={other}")["sft"] != fps(tmp_path)["sft"]
     q = specs(tmp_path, "peft=qlora")[0]
-    assert q["peft"]["bnb_4bit_compute_dtype"] == here  # QLoRA's compute dtype resolved the same way
+    assert q.peft["bnb_4bit_compute_dtype"] == here  # QLoRA's compute dtype resolved the same way
     assert fps(tmp_path, "peft=qlora")["sft"] != fps(tmp_path, "peft=qlora", f"peft.bnb_4bit_compute_dtype={other}")[
         "sft"]
 
@@ -113,19 +113,19 @@ def test_data_is_checked_again_when_the_stage_loads_it(tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_bytes((REPO / "alignctl/assets/data/sft.jsonl").read_bytes())
     s = specs(tmp_path, f"data.sft.path={data}")[0]
-    assert s["data_check"]["content"]
+    assert s.data.check.content
     store.check_data_unchanged(s)  # unchanged: fine
     os.utime(data, (time.time() + 5, time.time() + 5))
     store.check_data_unchanged(s)  # touched, same bytes: fine
     data.write_text(data.read_text().replace("river", "brook"))
-    with pytest.raises(store.DataChanged, match="changed on disk since this run started"):
+    with pytest.raises(errors.DataChanged, match="changed on disk since this run started"):
         store.check_data_unchanged(s)
     assert fps(tmp_path, f"data.sft.path={data}")["sft"] != store.fingerprints([s])["sft"]
 
 
 # -- 2. only healthy stages complete; strict JSON --------------------------------------------------------------------
 def test_non_finite_losses_or_metrics_fail_the_stage():
-    from alignctl.launch import StageFailed
+    from alignctl.errors import StageFailed
     from alignctl.runner import check_healthy
 
     check_healthy("sft", {"train": {"train_loss": 1.0, "grad_norm": math.inf}, "after": {"eval_loss": 2.0},
@@ -303,7 +303,7 @@ def test_lock_waits_names_the_holder_and_times_out(tmp_path, caplog):
     with fsutil.FileLock(path, "entry e", heartbeat=0.1):
         t0 = time.monotonic()
         holder = rf"entry e is locked by .*@{socket.gethostname()} pid {os.getpid()}"
-        with pytest.raises(fsutil.LockTimeout, match=holder):
+        with pytest.raises(errors.LockTimeout, match=holder):
             fsutil.FileLock(path, "entry e", timeout=0.6, stale=0.3).acquire()  # heartbeats keep it live
         assert time.monotonic() - t0 >= 0.6
     assert "waiting for" in caplog.text and not path.exists()
@@ -376,9 +376,10 @@ FAST = ["stages.sft.max_steps=3", "stages.sft.save_strategy=steps", "stages.sft.
 
 def run_in_process(cache_root: Path, store_dir: Path, run_dir: Path, *overrides, keep_sft_checkpoints=False) -> dict:
     overrides = [f"output_root={cache_root}", f"store={store_dir}", *FAST, *overrides]
-    resolved = spec.resolve(compose(overrides), run_dir)
+    resolved = pipeline.as_run_spec(spec.resolve(compose(overrides), run_dir))
     if keep_sft_checkpoints:  # keep_checkpoints is a stage setting outside the fingerprint
-        resolved["stages"][0]["keep_checkpoints"] = True
+        sft, *rest = resolved.stages
+        resolved = resolved.replace(stages=(sft.replace(keep_checkpoints=True), *rest))
     return pipeline.run(resolved, overrides)
 
 
@@ -438,7 +439,7 @@ def test_corrupted_newest_checkpoint_is_skipped_on_resume(trained, tmp_path, cac
 
 
 def test_diverged_stage_fails_and_is_never_stored(tmp_path, cache_root):
-    from alignctl.launch import StageFailed
+    from alignctl.errors import StageFailed
 
     with pytest.raises(StageFailed, match="training diverged"):
         run_in_process(cache_root, tmp_path / "store", tmp_path / "run", "stages.sft.learning_rate=1e3")
@@ -517,17 +518,17 @@ def test_kill_9_of_the_orchestrator_leaves_no_rank_running(tmp_path, cache_root)
 
 
 def test_a_rank_refuses_a_spec_rewritten_by_another_run_or_resolved_elsewhere(monkeypatch):
-    from alignctl import launch, worker
+    from alignctl import ranks, worker
 
-    monkeypatch.setenv(launch.ATTEMPT_ENV, "abc123")
+    monkeypatch.setenv(ranks.ATTEMPT_ENV, "abc123")
     with pytest.raises(RuntimeError, match="rewritten by another run"):
-        worker._check_spec({"attempt": "other", "precision_setting": "fp32", "precision": "fp32"})
-    worker._check_spec({"attempt": "abc123", "precision_setting": "fp32", "precision": "fp32"})
+        worker._check_spec(stage_spec(attempt="other", precision_setting="fp32", precision="fp32"))
+    worker._check_spec(stage_spec(attempt="abc123", precision_setting="fp32", precision="fp32"))
     from alignctl.models import precision_for
 
     elsewhere = "bf16" if precision_for("auto") != "bf16" else "fp16"
     with pytest.raises(RuntimeError, match="set precision explicitly"):
-        worker._check_spec({"attempt": "abc123", "precision_setting": "auto", "precision": elsewhere})
+        worker._check_spec(stage_spec(attempt="abc123", precision_setting="auto", precision=elsewhere))
 
 
 def test_a_holder_whose_lock_was_taken_over_knows_it(tmp_path):
@@ -544,7 +545,7 @@ def test_a_holder_whose_lock_was_taken_over_knows_it(tmp_path):
 def test_nan_weights_fail_the_stage_even_when_the_logged_loss_looks_fine():
     import torch
 
-    from alignctl.launch import StageFailed
+    from alignctl.errors import StageFailed
     from alignctl.runner import check_weights_finite
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
@@ -566,7 +567,7 @@ def test_a_run_directory_left_by_a_killed_run_on_another_node_is_taken_over(tmp_
     toucher = subprocess.Popen([sys.executable, "-c", f"import os, time\nfor _ in range(40): os.utime({str(path)!r}); "
                                 "time.sleep(0.05)"])
     try:
-        with pytest.raises(fsutil.LockTimeout, match="node-7 pid 4242 .* which is alive"):
+        with pytest.raises(errors.LockTimeout, match="node-7 pid 4242 .* which is alive"):
             beating.acquire()  # its heartbeat moves: a live run elsewhere, refused without waiting for `stale`
     finally:
         toucher.wait()

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import models, pipeline, runner, spec, store, trust
+from alignctl import digests, models, pipeline, runner, spec, store, trust
 from alignctl.cli import store as store_cli
 from alignctl.config.compose import compose
 from alignctl.errors import ConfigError
-from conftest import REPO, one_thread_collecting_log, read_manifest
+from conftest import REPO, one_thread_collecting_log, read_manifest, run_spec, stage_spec
 
 LOG: list[str] = []
 
@@ -63,7 +63,7 @@ def entries_for(overrides: list[str], tmp_path: Path) -> dict[str, store.Entry]:
     resolved = resolve(overrides, tmp_path / "fp-run")
     stages = pipeline._prepare(pipeline.stage_specs(resolved))
     fps = store.fingerprints(stages, resolved["launcher"])
-    return {s["name"]: store.Entry(resolved["store_dir"], s["trainer"], fps[s["name"]]) for s in stages}
+    return {s.name: store.Entry(resolved["store_dir"], s.kind, fps[s.name]) for s in stages}
 
 
 def plant_complete(entry: store.Entry) -> bytes:
@@ -74,7 +74,7 @@ def plant_complete(entry: store.Entry) -> bytes:
     (entry.final / "config.json").write_text('{"model_type": "llama"}')
     (entry.final / "model.safetensors").write_bytes(weights)
     (entry.dir / "metrics.json").write_text('{"train": {"train_loss": 0.1}}')
-    files = {str(f.relative_to(entry.dir)): store._record(f) for f in entry._kept_files()}
+    files = {str(f.relative_to(entry.dir)): digests.record(f) for f in entry._kept_files()}
     rec = {"fingerprint": entry.fingerprint, "format": store.FORMAT, "completed": "2025-01-01T00:00:00",
            "host": "elsewhere", "keep_checkpoints": False, "bytes": sum(r["size"] for r in files.values()),
            "files": files, "stage": "sft", "trainer": "sft", "upstream": None}
@@ -186,14 +186,13 @@ def test_the_seal_is_checked_again_under_the_lock_just_before_use(tmp_path):
     reached; in a named store it is used with the log line."""
     e = store.Entry(tmp_path / "store", "sft", "c" * 64)
     plant_checkpoint(e, marker=False)
-    spec_ = {"run_dir": str(tmp_path / "run"), "recipe": "r", "store_dir": str(tmp_path / "store"),
-             "stages": [{"name": "sft", "trainer": "sft", "from": None, "output_dir": str(tmp_path / "run/sft")}]}
+    spec_ = run_spec(tmp_path / "run", tmp_path / "store", stage_spec("sft", run_dir=tmp_path / "run"))
     (tmp_path / "run").mkdir()
     manifest = pipeline.Manifest(spec_, [])
-    with pytest.raises(ConfigError, match="upstream.json not sealed"):
-        pipeline._check_seal(spec_["stages"][0], e, manifest, trusted_store=False)
+    with pytest.raises(ConfigError, match="upstream.json not sealed"):  # nothing trains: refused under the lock
+        pipeline._run_one(spec_.stages[0], e, manifest, trusted_store=False)
     assert manifest.stage("sft")["status"] == "failed"
-    pipeline._check_seal(spec_["stages"][0], e, manifest, trusted_store=True)
+    e.check_seal(spec_.stages[0], trusted_store=True)
     assert any("trusted because the store was named" in line for line in LOG)
     assert store.Entry(tmp_path / "store", "sft", "d" * 64).trust_state() is None  # nothing there: nothing to trust
 
@@ -253,7 +252,7 @@ def test_removing_the_upstream_entry_retrains_the_downstream_stage(tmp_path, cap
 def test_a_merged_final_with_a_nan_tensor_fails_the_stage(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    from alignctl.launch import StageFailed
+    from alignctl.errors import StageFailed
 
     merge = models.merge_adapter
 
@@ -280,7 +279,7 @@ def test_saved_weights_check_streams_every_tensor(tmp_path):
     save_file({"a": torch.ones(3, dtype=torch.bfloat16), "ids": torch.arange(3)}, str(tmp_path / "one.safetensors"))
     runner.check_saved_finite(tmp_path, "s")
     save_file({"b": torch.tensor([1.0, float("inf")], dtype=torch.float16)}, str(tmp_path / "two.safetensors"))
-    from alignctl.launch import StageFailed
+    from alignctl.errors import StageFailed
 
     with pytest.raises(StageFailed, match=r"saved weights \(b\)"):
         runner.check_saved_finite(tmp_path, "s")

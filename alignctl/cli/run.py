@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignctl import checks, console, errors, pipeline, report, spec, views
 from alignctl.config import compose
-from alignctl.errors import ConfigError, StageFailed
+from alignctl.errors import ConfigError, StageFailed, SweepPointFailed
 from alignctl.metrics import objective
 from alignctl.spec import CONFIGS_DIR
 
@@ -34,11 +34,6 @@ log = logging.getLogger("alignctl")
 # The sweep points run in this process (Hydra's basic launcher): what `alignctl run -m` reports at the end.
 POINTS: list[dict] = []
 _MAIN_PID: list[int] = []  # the pid of the process that called main(): jobs there are "in this process"
-
-
-class SweepPointFailed(Exception):
-    """A sweep point run in another process (joblib, SLURM) failed: raised as a plain Exception, which Hydra records
-    for that job (the other points still run) and which makes the sweep's exit code non-zero."""
 
 
 def run(args: list[str]) -> int:

@@ -7,7 +7,8 @@
     alignctl store verify  [--store DIR] [<fingerprint | entry | run dir>...]
 
 ``gc`` always removes leftovers (half-written ``*.partial`` folders, temporary files, the Trainer checkpoints of
-completed entries that did not ask to keep them); with ``--older-than DAYS`` it also removes every entry (complete or
+completed entries that did not ask to keep them) and *stale* entries (completed by an alignctl of another store
+format: no run of this one can reuse them, its fingerprints differ; ``ls`` shows them as stale); with ``--older-than DAYS`` it also removes every entry (complete or
 not) unused for that many days. ``rm`` removes the named entries; a run directory names the entries of its stages.
 Both work on an entry only while holding its lock, taken without waiting: an entry whose holder is alive (its pid
 in this pid space, else a recent heartbeat) is skipped with a line naming it; a removed entry is first renamed to
@@ -65,6 +66,8 @@ def _status(e: store.Entry) -> str:
     info = store.holder(e)
     if info:
         return f"locked by {info.get('host')}:{info.get('pid')}"
+    if e.stale():  # another store format (an older alignctl): never reused; `store gc` removes it
+        return f"stale (format {(e.record() or {}).get('format')})"
     return "complete" if e.complete() else "incomplete"
 
 
@@ -238,13 +241,13 @@ def cmd_gc(root: Path, older_than: float | None, dry: bool) -> int:
     cutoff = time.time() - older_than * 86400 if older_than is not None else None
     for e in store.entries(root):
         used = e.last_used()
-        if cutoff is not None and used < cutoff:
+        if (cutoff is not None and used < cutoff) or e.stale():
             got = _remove(e, dry)
             if got:
                 removed += 1
                 freed, linked = freed + got[0], linked + got[1]
-                print(f"  {'would remove' if dry else 'removed'} {e.dir.name} (unused for {_age(used)}, "
-                      f"{fsutil.human(got[0])})")
+                why = f"unused for {_age(used)}" if cutoff is not None and used < cutoff else "stale: an older format"
+                print(f"  {'would remove' if dry else 'removed'} {e.dir.name} ({why}, {fsutil.human(got[0])})")
             continue
         f, ln = _clean(e, root, dry)
         freed, linked = freed + f, linked + ln

@@ -161,6 +161,11 @@ class DataCheck(Spec, LegacyMapping):
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# The fields of DataSpec that decide which rows a stage trains on (not: label, check, cache_dir).
+DATA_FIELDS = ("source", "path", "split", "eval_split", "eval_size", "seed", "columns", "to_messages", "format",
+               "system_turns", "name", "revision", "stage")
+
+
 @dataclass(frozen=True)
 class DataSpec(Spec, LegacyMapping):
     """A data set: local files, a Hub data set, or the output of an earlier stage of the run (generated)."""
@@ -185,6 +190,11 @@ class DataSpec(Spec, LegacyMapping):
     def local(self) -> bool:
         return self.source != "hub"
 
+    def identity(self) -> dict[str, Any]:
+        """The fields of :data:`DATA_FIELDS` (what decides the rows a stage trains on); alignctl.store puts the
+        files' content in place of a local path and the producer's fingerprint in place of generated data's."""
+        return {f: _plain(getattr(self, f)) for f in DATA_FIELDS}
+
     LEGACY = {"local": lambda d: d.local, "data_check": lambda d: _legacy_check(d.check),
               "stage": lambda d: d.stage if d.stage is not None else _MISSING,
               "check": lambda d: _MISSING, "source": lambda d: _MISSING}
@@ -202,6 +212,7 @@ class EvalSettings(Spec, LegacyMapping):
     prompts_data: DataSpec | None = None
     reward: str | None = None
     reward_path: str | None = None
+    reward_load: dict[str, Any] | None = None  # an external reward model's own load settings (revision, remote code)
 
 
 # -- a stage ---------------------------------------------------------------------------------------------------------
@@ -251,9 +262,11 @@ class StageSpec(Spec, LegacyMapping):
 
     def identity(self, linked: dict[str, Any]) -> dict[str, Any]:
         """What the fingerprint hashes: the WEIGHT_FIELDS, with ``linked`` (link kind -> the linked stage's
-        fingerprint or the external model's identity) in place of the links. alignctl.store adds data content,
-        model identity, launcher numerics, library versions and the format."""
-        out = {f: _plain(getattr(self, f)) for f in WEIGHT_FIELDS if f != "links"}
+        fingerprint or the external model's identity) in place of the links and the data's own allowlist
+        (:meth:`DataSpec.identity`). alignctl.store drops the TRL fields that cannot change weights and adds data
+        content, launcher numerics, library versions and the format."""
+        out = {f: _plain(getattr(self, f)) for f in WEIGHT_FIELDS if f not in ("links", "data")}
+        out["data"] = self.data.identity() if self.data is not None else None
         out["links"] = linked
         return out
 

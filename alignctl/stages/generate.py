@@ -185,7 +185,7 @@ def run(ctx):
     from pathlib import Path
 
     from alignctl import evaluate, judge, models
-    from alignctl.launch import rank_env
+    from alignctl.ranks import rank_env
     from alignctl.runner import _release_memory
     from alignctl.stages import grpo
 
@@ -248,7 +248,7 @@ def run(ctx):
     for i, p in enumerate(prompts):
         (test if i in held else train).extend(_rows(p, texts[i], scores[i], cfg))
     if not train or (held and not test):
-        from alignctl.launch import StageFailed
+        from alignctl.errors import StageFailed
 
         raise StageFailed(ctx.spec["name"], "(no pairs)", f"no {'held-out ' if train else ''}pairs left ({len(prompts)} "
                          f"prompts, {cfg.k} answers each): the scorer ranked the answers alike (ties, or margins "
