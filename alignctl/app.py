@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignctl import errors
 from alignctl.errors import ConfigError
 from alignctl.launch import StageFailed
-from alignctl.spec import CONFIGS_DIR
+from alignctl.config.paths import CONFIGS_DIR
 
 log = logging.getLogger("alignctl")
 
@@ -83,13 +83,15 @@ def hydra_main(cfg: DictConfig):
 def _run(cfg: DictConfig, hc) -> tuple[dict, float | None]:
     """Resolve and run; a failure is printed the alignctl way (one line, or the failing rank's error) and raised as
     :class:`_Failed` with its exit code. ``--debug`` lets the original exception through."""
-    from alignctl import checks, pipeline, plan, spec
+    from alignctl import pipeline, plan
+    from alignctl.config.redact import redact
+    from alignctl.config.resolve import resolve
 
     try:
-        resolved = spec.resolve(cfg, hc.runtime.output_dir, run=True)
+        resolved = resolve(cfg, hc.runtime.output_dir, run=True)
         for note in resolved.get("notes", []):
             log.warning("%s", note)
-        config = checks.redact(OmegaConf.to_container(cfg, resolve=True))
+        config = redact(OmegaConf.to_container(cfg, resolve=True))
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(config))
         manifest = pipeline.run(resolved, list(hc.overrides.task), config_yaml)
     except ConfigError as e:
@@ -121,9 +123,9 @@ def _say(text: str) -> None:
 
 
 def _point(hc, code: int, reason: str) -> dict:
-    from alignctl import checks
+    from alignctl.config.redact import redact
 
-    return {"job": hc.job.num, "overrides": checks.redact(list(hc.overrides.task)), "code": code, "reason": reason,
+    return {"job": hc.job.num, "overrides": redact(list(hc.overrides.task)), "code": code, "reason": reason,
             "run_dir": str(hc.runtime.output_dir)}
 
 
@@ -169,10 +171,10 @@ def _report_failed_run(run_dir: Path) -> None:
 
 def _redact_file(path: Path) -> None:
     """Rewrite a YAML file Hydra wrote (multirun.yaml) with secrets redacted, readable by the user only."""
-    from alignctl import checks
+    from alignctl.config.redact import redact
 
     try:
-        text = OmegaConf.to_yaml(OmegaConf.create(checks.redact(OmegaConf.to_container(OmegaConf.load(path)))))
+        text = OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.load(path)))))
     except (OSError, ValueError) as e:
         log.warning("could not redact %s: %s", path, e)
         return

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from alignctl import errors
 from alignctl.errors import ConfigError, suggest
-from alignctl.spec import CONFIGS_DIR, RECIPES_DIR, TOP_KEYS  # noqa: F401  (re-exported)
+from alignctl.config.paths import CONFIGS_DIR, RECIPES_DIR  # noqa: F401  (re-exported)
+from alignctl.config.resolve import TOP_KEYS
 
 HYDRA_VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun"}
 
@@ -62,14 +63,14 @@ def recipe_description(path: Path) -> str:
 
 
 def load_recipe(path: Path, config_dir: str | None = None):
-    """A recipe file as an OmegaConf node, after checking it sets alignctl's keys only (checks.recipe_file_problems):
+    """A recipe file as an OmegaConf node, after checking it sets alignctl's keys only (recipe_files.recipe_file_problems):
     YAML errors, duplicate keys, Hydra settings, instantiation keys, environment resolvers, launch settings and
     `defaults` options that are not files of alignctl's groups (or of the user's ``config_dir``) are ConfigErrors."""
     import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from alignctl import checks
+    from alignctl.config import recipe_files
 
     try:
         text = Path(path).read_text()
@@ -93,7 +94,7 @@ def load_recipe(path: Path, config_dir: str | None = None):
         raise errors.from_library(e, f"recipe file {path}") from None
     container = OmegaConf.to_container(node, resolve=False) if node is not None else None
     dirs = [CONFIGS_DIR] + ([Path(config_dir).expanduser()] if config_dir else [])
-    problems = checks.recipe_file_problems(container, Path(path), TOP_KEYS,
+    problems = recipe_files.recipe_file_problems(container, Path(path), TOP_KEYS,
                                            set(config_groups()) - {"recipe", "hydra"}, dirs)
     if problems:
         raise ConfigError(problems)
@@ -202,7 +203,7 @@ def check_point(args: list[str], run: bool = False, config_dir: str | None = Non
     """Compose and resolve one configuration (one sweep point): the run spec, or ConfigError."""
     from omegaconf import OmegaConf, open_dict
 
-    from alignctl import spec
+    from alignctl.config.resolve import resolve
 
     try:
         cfg = compose(args, return_hydra_config=True, config_dir=config_dir)
@@ -212,7 +213,7 @@ def check_point(args: list[str], run: bool = False, config_dir: str | None = Non
         run_dir = OmegaConf.select(cfg, "hydra.run.dir")
         with open_dict(cfg):
             del cfg["hydra"]
-        return spec.resolve(cfg, run_dir, run=run)
+        return resolve(cfg, run_dir, run=run)
     except ConfigError:
         raise
     except Exception as e:  # Hydra's own override/composition errors, interpolation errors, YAML errors
@@ -352,7 +353,7 @@ LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugin
 def cmd_run(args: list[str]) -> int:
     import logging
 
-    from alignctl.checks import RedactingFilter
+    from alignctl.config.redact import RedactingFilter
 
     if any(a in ("-v", "--verbose") for a in args):  # per-step metrics and library warnings on the console too
         os.environ["ALIGNCTL_VERBOSE"] = "1"
@@ -375,7 +376,7 @@ def cmd_run(args: list[str]) -> int:
 def _warn_secret_overrides(args: list[str]) -> None:
     """A sweep's overrides reach disk through Hydra's launchers (multirun.yaml, submitit's pickled job files) before
     any alignctl code can redact them: say so, once, for overrides that look secret."""
-    from alignctl.checks import redact
+    from alignctl.config.redact import redact
 
     keys = [_override_key(a) for a in args if "=" in a and not a.startswith("-") and redact([a]) != [a]]
     if keys:

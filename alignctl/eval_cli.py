@@ -136,7 +136,7 @@ def cmd_eval(args: list[str]) -> int:
         raise ConfigError([f"eval: {target} does not exist"])
     one = {k: v[-1] for k, v in opts.items()}
     if one.get("--out"):  # checked before any model loads, not when the results are written
-        from alignctl import checks
+        from alignctl.config import checks
 
         bad = checks.writable_problem(Path(one["--out"]).expanduser().absolute(), "--out")
         if bad:
@@ -231,7 +231,7 @@ def checked_spec(spec: dict, final: Path, where: str, trust: bool) -> dict:
     reference, final/, the evaluation's reward model) are checked as ``plan`` checks them, and remote code stays off
     unless ``--trust-remote-code`` is given (``trust``), whatever the file says: a run directory may come from
     elsewhere, and its final/ may ship code."""
-    from alignctl import checks, links
+    from alignctl.config import checks, links
 
     problems: list[str] = []
     notes: list[str] = []
@@ -285,7 +285,7 @@ def _eval_stage(ctx, final: Path):
     generated = ctx.finish_policy_eval(pe, model, samples_to=None)  # the store entry is never written to
     after = generated["after"]
     if ctx.kind.data_kind == "preference" and ctx.eval is not None:  # as in the run: the stage's batch and length
-        from alignctl import trl_fields
+        from alignctl.config import trl_fields
 
         defaults = {k: f.get("default") for k, f in trl_fields.fields(ctx.kind.config_class).items()}
         after.update(evaluate.preference_accuracy(model, ctx.tokenizer, ctx.eval,
@@ -346,7 +346,7 @@ def eval_model(path: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path
 
 def _folders_checked(folders: list[tuple[str, Any]]) -> None:
     """Model folders given on the command line hold what alignctl loads (config.json, tokenizer, safetensors)."""
-    from alignctl import checks
+    from alignctl.config import checks
 
     problems = [p for where, f in folders if f for p in checks.local_model_problems(Path(f).expanduser(), where)]
     if problems:

@@ -32,8 +32,8 @@ log = logging.getLogger("alignctl")
 
 def redact(obj: Any) -> Any:
     """Secrets out of what is saved (config.yaml, manifest overrides, launch/command.txt, multirun.yaml): by key
-    name and by value pattern, tokenizer fields left intact (alignctl.checks.redact)."""
-    from alignctl.checks import redact as _redact
+    name and by value pattern, tokenizer fields left intact (alignctl.config.redact)."""
+    from alignctl.config.redact import redact as _redact
 
     return _redact(obj)
 
@@ -222,7 +222,7 @@ def _run(spec: dict, overrides: list[str] = (), config_yaml: str | None = None) 
 def _launch_preflight(launcher: dict | None, manifest: Manifest | None) -> None:
     """What this machine lacks for the launcher (e.g. DeepSpeed); the launcher goes into the manifest."""
     from alignctl import launch
-    from alignctl.spec import ConfigError
+    from alignctl.errors import ConfigError
 
     problems = launch.runtime_problems(launcher)
     if problems:
@@ -279,9 +279,9 @@ def upstream_digest(s: dict, manifest: Manifest) -> str:
     from alignctl import store
 
     h = hashlib.sha256()
-    from alignctl.links import UPSTREAM
+    from alignctl.config.links import UPSTREAM
 
-    for link in UPSTREAM:  # from, ref, reward, value, judge (alignctl.links)
+    for link in UPSTREAM:  # from, ref, reward, value, judge (alignctl.config.links)
         name = s.get(link)
         up = next((st for st in manifest.data["stages"] if st["name"] == name), None) if name else None
         if up and up.get("fingerprint"):

@@ -8,8 +8,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from alignctl import checks, launch, links
-from alignctl.links import LINKS
+from alignctl import launch
+from alignctl.config import links
+from alignctl.config.links import LINKS
+from alignctl.config.redact import redact_text
 from alignctl.stages import STAGES
 
 
@@ -46,7 +48,7 @@ def _launch_setting_rows(spec: dict, overrides) -> list[tuple[str, str]]:
     launcher = spec.get("launcher") or {}
     for key in ("prefix", "extra_args"):
         if launcher.get(key):
-            words = " ".join(checks.redact_text(str(w)) for w in launcher[key])
+            words = " ".join(redact_text(str(w)) for w in launcher[key])
             rows.append((key, f"{words} ({source('launcher.' + key, overrides)})"))
     if launcher.get("env"):
         rows.append(("env", f"{', '.join(sorted(launcher['env']))} (names; values not shown) "
@@ -75,7 +77,7 @@ def show(spec: dict, console: Console | None = None, overrides=None) -> None:
         console.print(f"\n[bold cyan]\\[{i}] {e(s['name'])}[/bold cyan]  trainer: {s['trainer']} ({e(kind.summary)})")
         start = "policy" if kind.output in ("causal_lm", "data") else "init"
         rows = [(start, f"← {s['from'] or 'base model ' + str(model['name_or_path'])}")]
-        for link in LINKS:  # ref, reward, value, judge (alignctl.links); `from` is the row above
+        for link in LINKS:  # ref, reward, value, judge (alignctl.config.links); `from` is the row above
             if link.name == "from":
                 continue
             target = links.shown(s, link) if link.external else s.get(link.name)
@@ -120,7 +122,7 @@ def _eval_rows(spec: dict, s: dict) -> list[tuple[str, str]]:
 
 def _peft_rows(s: dict, kind) -> list[tuple[str, str]]:
     """The stage's peft mode; with an adapter, where it is kept and how the reference is obtained."""
-    from alignctl.peft_config import describe_peft
+    from alignctl.config.peft import describe_peft
 
     peft = s.get("peft") or {"method": "none"}
     rows = [("peft", describe_peft(peft))]
@@ -133,7 +135,7 @@ def _peft_rows(s: dict, kind) -> list[tuple[str, str]]:
 
 def _launch_rows(s: dict, kind) -> list[tuple[str, str]]:
     """World size, engine and global batch = per-device batch × gradient accumulation × world size (issue 6)."""
-    from alignctl import trl_fields
+    from alignctl.config import trl_fields
 
     total, per_device, gas, ws = launch.global_batch(s, trl_fields.fields(kind.config_class))
     engine = launch.ENGINE_NAMES.get(s.get("distributed", "none"), s.get("distributed"))

@@ -12,7 +12,7 @@ A stage's fingerprint hashes everything that determines its weights:
   the same way), world size and distributed engine;
 * the launcher settings that change numerics: ``extra_args``, ``env`` (minus credentials, tracking, logging and
   cache variables) and the content of the accelerate / DeepSpeed config files (minus where-to-run keys);
-* the fingerprints of the stages it links to (alignctl.links), or the linked model's identity (a Hub link at its
+* the fingerprints of the stages it links to (alignctl.config.links), or the linked model's identity (a Hub link at its
   own revision);
 * the versions of torch, transformers, trl, peft, accelerate, datasets, tokenizers (bitsandbytes under qlora or a
   bitsandbytes optimizer, deepspeed under DeepSpeed, ...) and a content hash of alignctl's own source files.
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from alignctl import fsutil, models, trust
-from alignctl import links as link_table
+from alignctl.config import links as link_table
 
 log = logging.getLogger("alignctl")
 
@@ -76,7 +76,7 @@ SAMPLING_EVAL_CADENCE = {"eval_strategy", "eval_steps", "eval_delay", "eval_on_s
 PLACE_KEYS = {"name", "output_dir", "run_dir", "recipe", "cache_dir", "store_dir", "label", "run_stage_dir",
               "precision_setting", "data_check", "model_check", "keep_checkpoints", "attempt", "fingerprint",
               "resume_from", "description"}
-LINKS = tuple((link.name, link.path_key) for link in link_table.LINKS)  # (link, spec key of its path): alignctl.links
+LINKS = tuple((link.name, link.path_key) for link in link_table.LINKS)  # (link, spec key of its path): alignctl.config.links
 # accelerate config keys that say where/how many processes run (world size and engine are fingerprinted apart),
 # or that alignctl overrides (mixed precision comes from `precision`).
 ACCELERATE_PLACE_KEYS = {"compute_environment", "distributed_type", "mixed_precision", "num_machines", "machine_rank",
@@ -292,26 +292,6 @@ def check_models_unchanged(spec: dict) -> None:
             raise ModelChanged(f"stage {spec['name']}: the model folder {folder} ({key.removesuffix('_path')}) "
                               "changed on disk since this run started and fingerprinted it; nothing was trained. "
                               "Keep model folders unchanged while a run uses them, and re-run.")
-
-
-def unpinned_notes(model: dict, stages: list[dict]) -> list[str]:
-    """One note for the base model and for each Hub data set that is not pinned to a revision."""
-    from alignctl.data import looks_local
-
-    why = "so an upstream change cannot change what trains under this fingerprint"
-    notes = []
-    name = str(model.get("name_or_path") or "")
-    if name and not model.get("revision") and not models.is_tiny(name) and not name.startswith(models.PKG_PREFIX) \
-            and not looks_local(name):
-        notes.append(f"model.name_or_path: {name} is unpinned: pin model.revision=<commit> {why}")
-    seen = set()
-    for s in stages:
-        d = s.get("data") or {}
-        label = d.get("label") or d.get("path")
-        if d.get("path") and not d.get("local") and not d.get("stage") and not d.get("revision") and label not in seen:
-            seen.add(label)
-            notes.append(f"{label}: {d['path']} is unpinned: pin {label}.revision=<commit> {why}")
-    return notes
 
 
 def _version(pkg: str) -> str | None:

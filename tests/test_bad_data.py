@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from alignctl import data
+from alignctl.config import data_checks
 from alignctl.cli import main
 
 SYNTHETIC = Path(data.BUILTIN_DIR)
@@ -285,7 +286,7 @@ def test_run_preflight_stops_on_bad_data_before_any_model_loads(case, capsys, tm
 
 def test_large_json_array_is_peeked_not_read_whole(tmp_path, monkeypatch):
     """Plan reads a .json array's first record from the file's first bytes (PEEK_BYTES), not the whole file."""
-    monkeypatch.setattr(data, "PEEK_BYTES", 4096)
+    monkeypatch.setattr(data_checks, "PEEK_BYTES", 4096)
     rows = GOOD_SFT * 50  # ~200 KB
     path = write(tmp_path / "big.json", json.dumps(rows))
     reads = []

@@ -237,12 +237,13 @@ def test_launch_commands():
 
 
 def test_world_size_is_part_of_the_stage_fingerprint(tmp_path):
-    from alignctl import spec, store
+    from alignctl import store
+    from alignctl.config.resolve import resolve
     from alignctl.cli import compose
     from alignctl.pipeline import stage_specs
 
     def fps(*overrides):
-        return store.fingerprints(stage_specs(spec.resolve(compose(list(overrides)), tmp_path / "run")))
+        return store.fingerprints(stage_specs(resolve(compose(list(overrides)), tmp_path / "run")))
 
     local = fps()
     assert fps("launcher=torchrun", "launcher.nproc_per_node=1") == local  # one process either way: same weights
@@ -254,7 +255,7 @@ def test_world_size_is_part_of_the_stage_fingerprint(tmp_path):
 def test_run_refuses_an_engine_this_machine_lacks(run_recipe, tmp_path):
     from importlib.util import find_spec
 
-    from alignctl.spec import ConfigError
+    from alignctl.errors import ConfigError
 
     if find_spec("deepspeed") is not None and launch.gpu_count():
         pytest.skip("DeepSpeed and a GPU are available here")

@@ -1,4 +1,4 @@
-"""Links to other models (alignctl.links): one table, and each model outside the recipe loaded with its own settings.
+"""Links to other models (alignctl.config.links): one table, and each model outside the recipe loaded with its own settings.
 
 * the link table is the only list of link names in alignctl/ (they had drifted: `judge` was missing from the upstream
   digest and from the remote-code consent check);
@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from alignctl import links
+from alignctl.config import links
 from alignctl.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,10 +44,10 @@ def plan(capsys, tmp_path, *args: str) -> tuple[int, str]:
 
 
 def resolved(tmp_path, *args: str) -> dict:
-    from alignctl import spec
+    from alignctl.config.resolve import resolve
     from alignctl.cli import compose
 
-    return spec.resolve(compose([f"output_root={tmp_path / 'out'}", *args]), tmp_path / "run")
+    return resolve(compose([f"output_root={tmp_path / 'out'}", *args]), tmp_path / "run")
 
 
 def stage(spec: dict, name: str) -> dict:
@@ -97,10 +97,11 @@ def test_link_names_are_listed_only_in_the_link_table():
 
 
 def test_every_module_reads_the_same_table():
-    from alignctl import spec, store
+    from alignctl import store
+    from alignctl.config.resolve_stage import LINK_KEYS
     from alignctl.stages import STAGES
 
-    assert spec.LINK_KEYS | {"from"} == set(links.NAMES)
+    assert LINK_KEYS | {"from"} == set(links.NAMES)
     assert store.LINKS == tuple((link.name, link.path_key) for link in links.LINKS)
     for kind in STAGES.values():
         assert set(kind.links) <= set(links.NAMES), kind.name
@@ -184,7 +185,8 @@ def test_a_hub_reward_link_is_planned_fingerprinted_and_loaded_at_its_own_revisi
     """model.revision pins the base model only: `org/rm@abc` is checked at abc, fingerprinted at abc and loaded at
     abc (it was requested at the base model's commit and fingerprinted as "main"); the value model, which starts
     from the reward model, too."""
-    from alignctl import checks, pipeline, store
+    from alignctl import pipeline, store
+    from alignctl.config import checks
     from alignctl.runner import StageContext
 
     asked, identified = [], []
@@ -274,13 +276,14 @@ def finished_run(tmp_path: Path, cache_root: Path, edit=None) -> tuple[Path, Pat
     """A run directory as `alignctl run` leaves it, made by hand (nothing trained): one completed sft stage whose
     final/ ships code (config.json auto_map -> modeling_canary.py, which writes a marker file when imported) and whose
     spec.json was edited to `"trust_remote_code": true` (plus ``edit``). Returns (run dir, marker)."""
-    from alignctl import evaluate, models, pipeline, spec
+    from alignctl import evaluate, models, pipeline
+    from alignctl.config.resolve import resolve
     from alignctl.cli import compose
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nstages:\n  sft: {trainer: sft, data: sft, max_steps: 1}\n")
     run_dir, marker = tmp_path / "run", tmp_path / "remote-code-ran"
-    resolved = spec.resolve(compose([f"recipe={recipe}", f"output_root={cache_root}", "eval.max_prompts=2",
+    resolved = resolve(compose([f"recipe={recipe}", f"output_root={cache_root}", "eval.max_prompts=2",
                                      "eval.max_new_tokens=2"]), run_dir)
     (s,) = pipeline.stage_specs(resolved)
     s.update(precision="fp32", eval=evaluate.stage_settings(resolved["eval"], s, [s], 42))
