@@ -17,9 +17,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignctl import errors
+from alignctl.config.paths import CONFIGS_DIR
 from alignctl.errors import ConfigError
 from alignctl.launch import StageFailed
-from alignctl.config.paths import CONFIGS_DIR
 
 log = logging.getLogger("alignctl")
 

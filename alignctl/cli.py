@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from alignctl import errors
-from alignctl.errors import ConfigError, suggest
 from alignctl.config.paths import CONFIGS_DIR, RECIPES_DIR  # noqa: F401  (re-exported)
 from alignctl.config.resolve import TOP_KEYS
+from alignctl.errors import ConfigError, suggest
 
 HYDRA_VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun"}
 

@@ -24,9 +24,22 @@ import os
 from pathlib import Path
 
 from alignctl import formats
-from alignctl.config.data_checks import (BUILTIN_DIR, BUILTIN_PREFIX, DATA_KEYS, EXTENSIONS, HELP,  # noqa: F401  moved: alignctl.config.data_checks
-                                         REQUIRED, _files, _to_messages, _Unreadable, check, check_columns,
-                                         local_path, looks_local, normalize)
+from alignctl.config.data_checks import (  # noqa: F401  moved: alignctl.config.data_checks
+    BUILTIN_DIR,
+    BUILTIN_PREFIX,
+    DATA_KEYS,
+    EXTENSIONS,
+    HELP,
+    REQUIRED,
+    _files,
+    _to_messages,
+    _Unreadable,
+    check,
+    check_columns,
+    local_path,
+    looks_local,
+    normalize,
+)
 from alignctl.errors import ConfigError, suggest
 
 log = logging.getLogger("alignctl")

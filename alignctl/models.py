@@ -253,7 +253,7 @@ def training_environment(spec: dict[str, Any], note: bool = True):
 
 
 def link_model_spec(base: dict[str, Any], load: dict[str, Any] | None, path: str) -> dict[str, Any]:
-    """The model spec a link's model loads with (alignctl.config.links). ``load`` None: a stage of the recipe or the base
+    """The model spec a link's model loads with (config/links.py). ``load`` None: a stage of the recipe or the base
     model, which loads with the base model's settings (its stages were trained with ``model.chat_template``, and a
     stage's final/ is a local folder, so the revision does not apply). Otherwise a model outside the recipe, with
     the settings recorded at plan time: its own revision, remote code only with the stage's consent, its own

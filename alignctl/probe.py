@@ -74,7 +74,8 @@ def report_to_problems(report_to: Any, where: str) -> list[str]:
         if name in ("none", "all"):
             continue
         if name not in iu.INTEGRATION_TO_CALLBACK:
-            problems.append(f"{where}.report_to: unknown tracker {name!r}{suggest(str(name), iu.INTEGRATION_TO_CALLBACK)}"
+            close = suggest(str(name), iu.INTEGRATION_TO_CALLBACK)
+            problems.append(f"{where}.report_to: unknown tracker {name!r}{close}"
                             f"; choose from none, all, {', '.join(iu.INTEGRATION_TO_CALLBACK)}")
             continue
         available = getattr(iu, f"is_{ {'azure_ml': 'azureml', 'comet_ml': 'comet'}.get(name, name)}_available", None)

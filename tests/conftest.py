@@ -64,8 +64,8 @@ def run_recipe(cache_root):
 
     def _run(overrides: list[str], run_dir: Path) -> dict:
         from alignctl import pipeline
-        from alignctl.config.resolve import resolve
         from alignctl.cli import compose
+        from alignctl.config.resolve import resolve
 
         # 8 held-out prompts for the evaluation of every stage (default 32): tests that assert evaluation results
         # (test_evaluation.py, test_generate.py) run their own recipes; an override given here still wins.

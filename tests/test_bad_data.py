@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from alignctl import data
-from alignctl.config import data_checks
 from alignctl.cli import main
+from alignctl.config import data_checks
 
 SYNTHETIC = Path(data.BUILTIN_DIR)
 GOOD_SFT = [json.loads(line) for line in (SYNTHETIC / "sft.jsonl").read_text().splitlines()[:40]]
@@ -326,7 +326,7 @@ def test_csv_with_a_ragged_row_and_mixed_json_types_name_the_file(tmp_path):
             f.write(json.dumps({"prompt": "q" if i < 20 else [{"role": "user", "content": "q"}], "completion": "a"}))
             f.write("\n")
     s, _ = data.normalize({"path": str(tmp_path / "mixed.jsonl"), "eval_size": 0}, "data.mixed")
-    s["label"] = "data.mixed"  # as spec.resolve sets it
+    s["label"] = "data.mixed"  # as resolve sets it
     assert data.check(s, "sft", "data.mixed", "stages.sft") == []
     with pytest.raises(ConfigError) as e:
         data.load(s, "sft", "stages.sft")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from alignctl import data, models, pipeline, store
-from alignctl.config.resolve import resolve
 from alignctl.cli import compose
+from alignctl.config.resolve import resolve
 
 MTIME = (1700000000, 1700000000)  # what tar/zip extraction, cp -p, rsync -a, touch -r restore
 

@@ -31,8 +31,8 @@ stages:
 
 def _run(cache_root: Path, run_dir: Path, overrides: list[str]) -> dict:
     from alignctl import pipeline
-    from alignctl.config.resolve import resolve
     from alignctl.cli import compose
+    from alignctl.config.resolve import resolve
 
     overrides = [f"output_root={cache_root}", f"store={run_dir.parent / 'store'}", *overrides]
     return pipeline.run(resolve(compose(overrides), run_dir), overrides)

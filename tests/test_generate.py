@@ -88,8 +88,8 @@ def test_rounds_expand_into_named_stages_chained_by_policy():
 
 
 def test_plan_resolves_generated_data_by_name(tmp_path):
-    from alignctl.config.resolve import resolve
     from alignctl.cli import compose
+    from alignctl.config.resolve import resolve
 
     resolved = resolve(compose(["recipe=iterative-dpo", f"output_root={tmp_path}"]), tmp_path / "run")
     by = {s["name"]: s for s in resolved["stages"]}
@@ -108,8 +108,8 @@ def iterative(tmp_path_factory, cache_root):
     """One run of iterative-dpo (seed 1: its RM score rises in both rounds), a re-run, and a run with round 2's
     temperature changed; one store."""
     from alignctl import pipeline
-    from alignctl.config.resolve import resolve
     from alignctl.cli import compose
+    from alignctl.config.resolve import resolve
 
     logging.getLogger("alignctl").setLevel(logging.INFO)
     root = tmp_path_factory.mktemp("iterative")
@@ -154,8 +154,8 @@ def test_rerun_reuses_every_round_and_round2_temperature_regenerates_round2_only
 
 def test_rlaif_dpo_with_a_tiny_judge_runs_end_to_end(tmp_path, cache_root):
     from alignctl import pipeline
-    from alignctl.config.resolve import resolve
     from alignctl.cli import compose
+    from alignctl.config.resolve import resolve
 
     ov = ["recipe=rlaif-dpo", f"output_root={cache_root}", f"store={tmp_path / 'store'}"]
     m = pipeline.run(resolve(compose(ov), tmp_path / "run"), ov)

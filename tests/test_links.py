@@ -25,8 +25,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from alignctl.config import links
 from alignctl.cli import main
+from alignctl.config import links
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,8 +44,8 @@ def plan(capsys, tmp_path, *args: str) -> tuple[int, str]:
 
 
 def resolved(tmp_path, *args: str) -> dict:
-    from alignctl.config.resolve import resolve
     from alignctl.cli import compose
+    from alignctl.config.resolve import resolve
 
     return resolve(compose([f"output_root={tmp_path / 'out'}", *args]), tmp_path / "run")
 
@@ -93,7 +93,7 @@ def test_link_names_are_listed_only_in_the_link_table():
             if isinstance(node, ast.JoinedStr) and isinstance(node.values[-1], ast.Constant) and \
                     node.values[-1].value == "_path":
                 found.append(f"{f.relative_to(REPO)}:{node.lineno} builds a link's path key")
-    assert not found, "link names outside alignctl/links.py (iterate links.LINKS):\n" + "\n".join(found)
+    assert not found, "link names outside alignctl/config/links.py (iterate links.LINKS):\n" + "\n".join(found)
 
 
 def test_every_module_reads_the_same_table():
@@ -277,8 +277,8 @@ def finished_run(tmp_path: Path, cache_root: Path, edit=None) -> tuple[Path, Pat
     final/ ships code (config.json auto_map -> modeling_canary.py, which writes a marker file when imported) and whose
     spec.json was edited to `"trust_remote_code": true` (plus ``edit``). Returns (run dir, marker)."""
     from alignctl import evaluate, models, pipeline
-    from alignctl.config.resolve import resolve
     from alignctl.cli import compose
+    from alignctl.config.resolve import resolve
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nstages:\n  sft: {trainer: sft, data: sft, max_steps: 1}\n")

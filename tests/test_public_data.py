@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from alignctl import data, pipeline
-from alignctl.config.resolve import resolve
 from alignctl.cli import compose
+from alignctl.config.resolve import resolve
 from alignctl.errors import ConfigError
 
 PUBLIC = Path(__file__).resolve().parent / "fixtures" / "public"

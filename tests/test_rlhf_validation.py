@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from alignctl.config.resolve import resolve
 from alignctl.cli import compose, main
+from alignctl.config.resolve import resolve
 from alignctl.errors import ConfigError
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from alignctl import models, pipeline, runner, store, store_cli, trust
-from alignctl.config.resolve import resolve
 from alignctl.cli import compose
+from alignctl.config import resolve as config
 from alignctl.errors import ConfigError
 from conftest import REPO, one_thread_collecting_log, read_manifest
 
@@ -51,7 +51,7 @@ def recipe(tmp_path: Path, root: Path, extra: str = "") -> str:
 
 
 def resolve(overrides: list[str], run_dir: Path) -> dict:
-    return resolve(compose(overrides), run_dir)
+    return config.resolve(compose(overrides), run_dir)
 
 
 def run(overrides: list[str], run_dir: Path) -> dict:

@@ -269,8 +269,12 @@ def hub_model_status(repo: str, revision: str | None, timeout: float = 3.0) -> t
 
 def _hub_head(repo: str, revision: str | None, timeout: float) -> tuple[str, str | None]:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         get_hf_file_metadata(hf_hub_url(repo, "config.json", revision=revision), timeout=timeout)
