@@ -4,7 +4,9 @@ Each stage kind is one module in this package that defines ``KIND`` (a
 :class:`StageKind`: its TRL config class, the data it needs, the links it takes)
 and ``run(ctx)``. Importing a stage module is cheap (TRL and torch are imported
 inside ``run``), so ``alignctl plan`` can read the registry without loading torch.
-Adding a stage kind = one module + one name in ``_MODULES``.
+Adding a stage kind = one module + one name in ``_MODULES``. Everything kind-specific that plan checks or derives
+(its own field ranges and checks, rounds, the data it writes, whether it can run sharded) is declared in its
+``KIND`` (the "plan-time rules" fields): alignctl/config/ names no stage kind.
 """
 
 from __future__ import annotations
