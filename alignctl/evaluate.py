@@ -30,7 +30,7 @@ most ``eval.max_prompts`` held-out prompts: one completion per prompt sampled wi
   ``eval_win_rate_ref`` the same against the reference's answers;
 * ``<stage>/samples.jsonl``: one line per prompt, {prompt, before, after, scores, kl}.
 
-Nothing at module level imports torch: ``plan`` reads :data:`DEFAULTS` and :func:`settings_problems`.
+Nothing at module level imports torch. The ``eval`` group's settings are alignctl.config.eval_settings.
 """
 
 from __future__ import annotations
@@ -42,76 +42,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-# The `eval:` group of configs/config.yaml, with its defaults (also used for specs written before it existed).
-DEFAULTS: dict[str, Any] = {"enabled": True, "max_prompts": 32, "max_new_tokens": 64, "temperature": 1.0,
-                            "seed": None, "prompts": None, "reward": None}
-LIMITS = {"max_prompts": (1, 100_000), "max_new_tokens": (1, 32_768)}
-
-
-# -- configuration (no heavy imports) -----------------------------------------------------------------------------
-def settings_problems(value: Any, where: str = "eval") -> tuple[dict, list[str]]:
-    """The ``eval`` setting with defaults filled in, and the problems with it (unknown keys, types, ranges)."""
-    from alignctl.errors import suggest
-
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        return dict(DEFAULTS), [f"{where}: must be a mapping of {', '.join(DEFAULTS)}, got {value!r}"]
-    problems = [f"{where}: unknown key '{k}'{suggest(k, DEFAULTS)}; known: {', '.join(DEFAULTS)}"
-                for k in value if k not in DEFAULTS]
-    out = {**DEFAULTS, **{k: v for k, v in value.items() if k in DEFAULTS}}
-    if not isinstance(out["enabled"], bool):
-        problems.append(f"{where}.enabled: must be true or false, got {out['enabled']!r}")
-    for key, (lo, hi) in LIMITS.items():
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            problems.append(f"{where}.{key}: must be a whole number from {lo} to {hi}, got {v!r}")
-    t = out["temperature"]
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 100 or t != t:
-        problems.append(f"{where}.temperature: must be a number from 0 (greedy) to 100, got {t!r}")
-    s = out["seed"]
-    if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
-        problems.append(f"{where}.seed: must be a non-negative whole number or null (the run's seed), got {s!r}")
-    for key in ("prompts", "reward"):
-        if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
-            problems.append(f"{where}.{key}: must be a name (or path), got {out[key]!r}")
-    return out, problems
-
-
-def stage_settings(ev: dict, stage: dict, stages: list[dict], run_seed: int) -> dict:
-    """One stage's evaluation settings (written into its spec.json, outside its fingerprint): where its prompts,
-    reward model and reference come from. Reward model: ``eval.reward`` (a reward stage, scoring the stages after
-    it, or a path), else the stage's own ``reward`` link, else the nearest earlier reward stage of the recipe."""
-    from alignctl.stages import STAGES
-
-    kind = STAGES[stage["trainer"]]
-    out = {k: ev.get(k, DEFAULTS[k]) for k in ("enabled", "max_prompts", "max_new_tokens", "temperature")}
-    out["seed"] = ev.get("seed") if ev.get("seed") is not None else run_seed
-    out["prompts_data"] = ev.get("prompts_data")
-    if kind.output != "causal_lm":
-        out["enabled"] = False
-        return out
-    names = [s["name"] for s in stages]
-    earlier = stages[:names.index(stage["name"])]
-    reward, reward_path, load = None, None, None
-    wanted = ev.get("reward")
-    if wanted:
-        if wanted in names:
-            if any(s["name"] == wanted for s in earlier):
-                reward, reward_path = wanted, str(Path(stage["run_dir"]) / wanted / "final")
-        else:  # a model outside the recipe: its own revision, never remote code (alignctl.spec._eval_reward)
-            reward, reward_path, load = wanted, wanted, ev.get("reward_load") or {"trust_remote_code": False}
-    elif stage.get("reward_path"):
-        from alignctl.links import load_settings
-
-        reward, reward_path, load = stage.get("reward"), stage["reward_path"], load_settings(stage, "reward")
-    else:
-        rms = [s for s in earlier if STAGES[s["trainer"]].name == "reward"]
-        if rms:
-            reward, reward_path = rms[-1]["name"], str(Path(stage["run_dir"]) / rms[-1]["name"] / "final")
-    out["reward"], out["reward_path"] = reward or (Path(reward_path).name if reward_path else None), reward_path
-    out["reward_load"] = load  # None: a stage of the recipe (loaded with the base model's settings)
-    return out
+# The `eval` group's keys, defaults and checks, and each stage's settings (plan time): alignctl.config.eval_settings.
+from alignctl.config.eval_settings import DEFAULTS, LIMITS, settings_problems  # noqa: E402,F401  moved: alignctl.config.eval_settings
+from alignctl.config.eval_settings import legacy_stage_settings as stage_settings  # noqa: E402,F401  moved (dict form)
 
 
 # -- statistics -----------------------------------------------------------------------------------------------------

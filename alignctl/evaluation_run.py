@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from alignctl import checks, data, evaluate, links, models, report, trl_fields
+from alignctl import data, evaluate, models, report
+from alignctl.config import checks, links, trl_fields
 from alignctl.config.compose import compose
 from alignctl.config.types import StageSpec
 from alignctl.errors import ConfigError, DataChanged

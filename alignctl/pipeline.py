@@ -28,8 +28,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from alignctl import data, evaluate, fsutil, launch, models, probe, store, trust
-from alignctl.config.types import EvalSettings, RunSpec, StageSpec
+from alignctl import data, fsutil, launch, models, probe, store, trust
+from alignctl.config.types import RunSpec, StageSpec
 from alignctl.errors import ConfigError, DataChanged, LockLost, LockTimeout
 from alignctl.stages import STAGES
 
@@ -38,8 +38,8 @@ log = logging.getLogger("alignctl")
 
 def redact(obj: Any) -> Any:
     """Secrets out of what is saved (config.yaml, manifest overrides, launch/command.txt, multirun.yaml): by key
-    name and by value pattern, tokenizer fields left intact (alignctl.checks.redact)."""
-    from alignctl.checks import redact as _redact
+    name and by value pattern, tokenizer fields left intact (alignctl.config.redact)."""
+    from alignctl.config.redact import redact as _redact
 
     return _redact(obj)
 
@@ -87,15 +87,9 @@ class Manifest:
                 for s in self.data["stages"] if s.get("fingerprint")}
 
 
-def as_run_spec(spec: RunSpec | dict) -> RunSpec:
-    """The typed run spec. Migration: the dict ``spec.resolve`` returns until it is typed becomes one here (the one
-    place: :meth:`RunSpec.from_legacy`)."""
-    return spec if isinstance(spec, RunSpec) else RunSpec.from_legacy(spec)
-
-
-def stage_specs(spec: RunSpec | dict) -> list[StageSpec]:
+def stage_specs(spec: RunSpec) -> list[StageSpec]:
     """Each stage's spec, complete on its own (what a worker process needs, and nothing from Hydra)."""
-    return list(as_run_spec(spec).stages)
+    return list(spec.stages)
 
 
 def preflight(stages: list[StageSpec], launcher: dict | None = None) -> list[StageSpec]:
@@ -181,11 +175,9 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run(spec: RunSpec | dict, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
+def run(spec: RunSpec, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
     """Train (or reuse from the store) every stage in order; returns the manifest. The run directory is locked for
-    the run's lifetime: a second run in the same directory stops with a configuration error. ``spec``: the resolved
-    run (a dict from ``spec.resolve`` is typed here, :func:`as_run_spec`)."""
-    spec = as_run_spec(spec)
+    the run's lifetime: a second run in the same directory stops with a configuration error."""
     with _run_dir_lock(Path(spec.run_dir)):
         return _run(spec, overrides, config_yaml)
 
@@ -203,10 +195,7 @@ def _run(spec: RunSpec, overrides: list[str] = (), config_yaml: str | None = Non
         Manifest(spec, list(overrides)).update(status="failed", error=_first_line(e),
                                                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
-    fps = store.fingerprints(stages, spec.launcher)
-    # evaluation settings change no weights (outside the fingerprint's allowlist): alignctl.evaluate
-    stages = [s.replace(eval=EvalSettings.from_legacy(evaluate.stage_settings(spec.eval, s, stages, spec.seed)))
-              for s in stages]
+    fps = store.fingerprints(stages, spec.launcher)  # each stage's eval settings (resolved with it) are outside it
     entries = [store.Entry(spec.store_dir, s.kind, fps[s.name]) for s in stages]
     manifest = Manifest(spec, list(overrides))
     try:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from alignctl.config.types import StageSpec
 
@@ -41,7 +42,7 @@ def check(stages: list[StageSpec]) -> dict:
     """The checks, in this process (it may initialise CUDA and accelerate's state: see the module docstring)."""
     import importlib
 
-    from alignctl import checks, models, store
+    from alignctl import models, store
     from alignctl.runner import StageContext
     from alignctl.stages import STAGES
 
@@ -53,13 +54,37 @@ def check(stages: list[StageSpec]) -> dict:
         try:
             with models.training_environment(s, note=False):  # as the stage will see it (no inherited FSDP_* ...)
                 config = getattr(importlib.import_module(module), cls)(**StageContext.args_for(s))
-            problems += checks.report_to_problems(getattr(config, "report_to", None), f"stages.{s.name}")
+            problems += report_to_problems(getattr(config, "report_to", None), f"stages.{s.name}")
         except (ValueError, TypeError, NotImplementedError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             problems.append(f"stages.{s.name}: {kind.config_class} rejects the settings: {first}")
     for s in stages:
         problems += [p for p in models.device_problems(s) if p not in problems]  # attention, 4-bit on this machine
     return {"numerics": [{k: getattr(s, k) for k in NUMERIC_KEYS} for s in resolved], "problems": problems}
+
+
+def report_to_problems(report_to: Any, where: str) -> list[str]:
+    """``report_to`` of a built TRL config (a list of names) against transformers' trackers and what is installed:
+    the Trainer would refuse them only when the stage starts (imports transformers)."""
+    from transformers.integrations import integration_utils as iu
+
+    from alignctl.errors import suggest
+
+    names = [] if report_to in (None, "none") else ([report_to] if isinstance(report_to, str) else list(report_to))
+    problems = []
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in iu.INTEGRATION_TO_CALLBACK:
+            close = suggest(str(name), iu.INTEGRATION_TO_CALLBACK)
+            problems.append(f"{where}.report_to: unknown tracker {name!r}{close}"
+                            f"; choose from none, all, {', '.join(iu.INTEGRATION_TO_CALLBACK)}")
+            continue
+        available = getattr(iu, f"is_{ {'azure_ml': 'azureml', 'comet_ml': 'comet'}.get(name, name)}_available", None)
+        if available is not None and not available():
+            problems.append(f"{where}.report_to: {name} is not installed (pip install {name.replace('_', '-')}), "
+                            "or leave it out of report_to")
+    return problems
 
 
 def _in_subprocess(stages: list[StageSpec]) -> dict:

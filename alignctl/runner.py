@@ -71,10 +71,10 @@ class StageContext:
         return models.load_sequence_classifier(path, spec, self.precision, self.tokenizer)
 
     def link_model(self, name: str) -> tuple[str, dict[str, Any]]:
-        """(loadable path, model spec) of the model of link ``name`` (reward, value, judge; alignctl.links): a stage
+        """(loadable path, model spec) of the model of link ``name`` (reward, value, judge; alignctl.config.links): a stage
         of the recipe loads with the base model's settings, a model outside it with its own (revision, remote code
         only with the stage's consent, its own chat template)."""
-        from alignctl import links
+        from alignctl.config import links
 
         path = self.spec[links.BY_NAME[name].path_key]
         spec = models.link_model_spec(self.model_spec, links.load_settings(self.spec, name), path)

@@ -16,7 +16,7 @@ fingerprint. It covers:
   the same way), world size and distributed engine, the kind's options;
 * the launcher settings that change numerics: ``extra_args``, ``env`` (minus credentials, tracking, logging and
   cache variables) and the content of the accelerate / DeepSpeed config files (minus where-to-run keys);
-* the fingerprints of the stages it links to (alignctl.links), or the linked model's identity (a Hub link at its
+* the fingerprints of the stages it links to (alignctl.config.links), or the linked model's identity (a Hub link at its
   own revision);
 * the versions of torch, transformers, trl, peft, accelerate, datasets, tokenizers (bitsandbytes under qlora or a
   bitsandbytes optimizer, deepspeed under DeepSpeed, ...), a content hash of alignctl's own source files, and the
@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from alignctl import digests, fsutil, models, trust
-from alignctl import links as link_table
+from alignctl.config import links as link_table
 from alignctl.config.types import DataCheck, DataSpec, StageSpec
 from alignctl.digests import (check_files, content_digest, data_changed, data_files, files_unchanged, signatures,
                               tree_hash)
@@ -208,27 +208,6 @@ def resolve_numerics(stages: list[StageSpec]) -> list[StageSpec]:
             peft["bnb_4bit_compute_dtype"] = precision
         out.append(s.replace(precision_setting=s.precision, precision=precision, peft=peft))
     return out
-
-
-def unpinned_notes(model: dict, stages: list[dict]) -> list[str]:
-    """One note for the base model and for each Hub data set that is not pinned to a revision (plan time: the specs
-    as resolved)."""
-    from alignctl.data import looks_local
-
-    why = "so an upstream change cannot change what trains under this fingerprint"
-    notes = []
-    name = str(model.get("name_or_path") or "")
-    if name and not model.get("revision") and not models.is_tiny(name) and not name.startswith(models.PKG_PREFIX) \
-            and not looks_local(name):
-        notes.append(f"model.name_or_path: {name} is unpinned: pin model.revision=<commit> {why}")
-    seen = set()
-    for s in stages:
-        d = s.get("data") or {}
-        label = d.get("label") or d.get("path")
-        if d.get("path") and not d.get("local") and not d.get("stage") and not d.get("revision") and label not in seen:
-            seen.add(label)
-            notes.append(f"{label}: {d['path']} is unpinned: pin {label}.revision=<commit> {why}")
-    return notes
 
 
 # -- fingerprints ----------------------------------------------------------------------------------------------------
@@ -756,7 +735,7 @@ def upstream_digest(stage: StageSpec, upstream: Mapping[str, Entry]) -> str:
     stages by name): an upstream stage trained again under the same fingerprint (its entry removed,
     non-deterministic GPU kernels) gives other weights."""
     h = hashlib.sha256()
-    for name in link_table.UPSTREAM:  # from, ref, reward, value, judge (alignctl.links)
+    for name in link_table.UPSTREAM:  # from, ref, reward, value, judge (alignctl.config.links)
         link = stage.links.get(name)
         up = upstream.get(link.stage) if link is not None and link.stage else None
         if up is not None:

@@ -9,17 +9,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from alignctl import checks, evaluate, launch, links, trl_fields
+from alignctl.config import launcher as launch
+from alignctl.config import links, trl_fields
+from alignctl.config.links import LINKS
+from alignctl.config.peft import describe_peft
+from alignctl.config.redact import redact_text
 from alignctl.config.types import DataSpec, EvalSettings, RunSpec, StageSpec
-from alignctl.links import LINKS
 from alignctl.metrics import fmt, headline
-from alignctl.peft_config import describe_peft
 from alignctl.stages import STAGES, StageKind
-
-
-def _run_spec(spec) -> RunSpec:
-    # migration: plan hands the dict of spec.resolve until resolve returns a RunSpec (the lead deletes this)
-    return spec if isinstance(spec, RunSpec) else RunSpec.from_legacy(spec)
 
 
 def _data_label(d: DataSpec) -> str:
@@ -55,7 +52,7 @@ def _launch_setting_rows(spec: RunSpec, overrides) -> list[tuple[str, str]]:
     launcher = spec.launcher or {}
     for key in ("prefix", "extra_args"):
         if launcher.get(key):
-            words = " ".join(checks.redact_text(str(w)) for w in launcher[key])
+            words = " ".join(redact_text(str(w)) for w in launcher[key])
             rows.append((key, f"{words} ({source('launcher.' + key, overrides)})"))
     if launcher.get("env"):
         rows.append(("env", f"{', '.join(sorted(launcher['env']))} (names; values not shown) "
@@ -66,7 +63,6 @@ def _launch_setting_rows(spec: RunSpec, overrides) -> list[tuple[str, str]]:
 def show(spec: RunSpec, console: Console | None = None, overrides=None) -> None:
     """Print the stage graph: each stage's trainer, links, data, output and explicit settings. ``overrides``: the
     command line, to say where the folders and launch settings came from."""
-    spec = _run_spec(spec)
     console = console or Console(highlight=False, soft_wrap=True)  # a line is never wrapped mid-field
     e = _esc
     console.print(f"[bold]recipe[/bold] {e(spec.recipe)}: {e(spec.description)}")
@@ -96,7 +92,7 @@ def _stage_rows(spec: RunSpec, s: StageSpec, kind: StageKind) -> list[tuple[str,
     """One stage of the plan: (label, value) rows; the data row is rich markup already, the others plain text."""
     start = "policy" if kind.output in ("causal_lm", "data") else "init"
     rows = [(start, f"← {_linked_stage(s, 'from') or 'base model ' + str(spec.model.name_or_path)}")]
-    for link in LINKS:  # ref, reward, value, judge (alignctl.links); `from` is the row above
+    for link in LINKS:  # ref, reward, value, judge (alignctl.config.links); `from` is the row above
         if link.name == "from":
             continue
         target = links.shown(s, link) if link.external else _linked_stage(s, link.name)
@@ -121,12 +117,8 @@ def _stage_rows(spec: RunSpec, s: StageSpec, kind: StageKind) -> list[tuple[str,
 
 
 def _stage_eval(spec: RunSpec, s: StageSpec) -> EvalSettings:
-    """The stage's held-out evaluation settings: those of its spec, else (before the run fills them in) derived from
-    the run's ``eval`` as the run will (alignctl.evaluate.stage_settings)."""
-    if s.eval is not None:
-        return s.eval
-    ev = evaluate.stage_settings(spec.eval, s, list(spec.stages), spec.seed)
-    return ev if isinstance(ev, EvalSettings) else EvalSettings.from_legacy(ev)
+    """The stage's held-out evaluation settings (alignctl.config.eval_settings, resolved with the stage)."""
+    return s.eval if s.eval is not None else spec.eval
 
 
 def _eval_rows(spec: RunSpec, s: StageSpec, kind: StageKind) -> list[tuple[str, str]]:

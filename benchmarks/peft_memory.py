@@ -108,8 +108,9 @@ def child(args) -> None:
     """Run one stage of one mode and write its measurements as JSON."""
     import torch
 
-    from alignctl import pipeline, spec
-    from alignctl.cli import compose
+    from alignctl import pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
     from alignctl.stages import module
 
     cuda = torch.cuda.is_available()
@@ -120,7 +121,7 @@ def child(args) -> None:
                    f"stages.{stage}.per_device_train_batch_size={args.batch}", f"stages.{stage}.logging_steps=1",
                    f"stages.{stage}.activation_checkpointing={str(args.checkpointing).lower()}",
                    f"stages.{stage}.gradient_accumulation_steps=1"]
-    resolved = spec.resolve(compose(common), Path(args.work) / "run")
+    resolved = resolve(compose(common), Path(args.work) / "run")
     stage = next(s for s in pipeline.stage_specs(resolved) if s["name"] == args.stage)
     stage["output_dir"] = str(Path(args.work) / f"{args.mode}-{args.stage}")
     import bitsandbytes  # noqa: F401  (every mode pays the same imports before the baseline)

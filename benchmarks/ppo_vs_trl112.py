@@ -128,14 +128,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from alignctl import pipeline, spec
-    from alignctl.cli import compose
+    from alignctl import pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
     from alignctl.data import load
 
     work = Path(a.work)
     ov = ["recipe=rlhf-ppo", f"output_root={work / 'outputs'}", *[f"stages.ppo.{s}" for s in a.set]]
     run_dir = work / f"recipe-{int(time.time())}"
-    pipeline.run(spec.resolve(compose(ov), run_dir), ov)  # SFT, RM (and alignctl's PPO once, as a smoke test)
+    pipeline.run(resolve(compose(ov), run_dir), ov)  # SFT, RM (and alignctl's PPO once, as a smoke test)
     stage_spec = run_dir / "ppo" / "spec.json"
     s = json.loads(stage_spec.read_text())
     _, held = load(s["data"], "prompt", "stages.ppo")

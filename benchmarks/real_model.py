@@ -41,8 +41,9 @@ def answers(path: str, prompts: list[list[dict]], max_new_tokens: int = 32) -> l
 def main(argv: list[str]) -> int:
     import logging
 
-    from alignctl import data, models, pipeline, spec
-    from alignctl.cli import compose
+    from alignctl import data, models, pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # alignctl's run log, to stderr
 
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> int:
         return 2
     root = Path(tempfile.mkdtemp(prefix="alignctl-real-"))
     overrides = [f"recipe={RECIPE}", f"output_root={root}", *argv]
-    resolved = spec.resolve(compose(overrides), root / "run")
+    resolved = resolve(compose(overrides), root / "run")
     stage = pipeline.stage_specs(resolved)[0]
     _, held_out = data.load(stage["data"], "preference", "data.prefs")
     prompts = [held_out[i]["prompt"] for i in range(3)]

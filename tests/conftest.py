@@ -63,14 +63,15 @@ def run_recipe(cache_root):
     """Run a recipe in-process with overrides; returns the manifest dict."""
 
     def _run(overrides: list[str], run_dir: Path) -> dict:
-        from alignctl import pipeline, spec
-        from alignctl.cli import compose
+        from alignctl import pipeline
+        from alignctl.config.compose import compose
+        from alignctl.config.resolve import resolve
 
         # 8 held-out prompts for the evaluation of every stage (default 32): tests that assert evaluation results
         # (test_evaluation.py, test_generate.py) run their own recipes; an override given here still wins.
         overrides = [f"output_root={cache_root}", f"store={Path(run_dir).parent / 'store'}", "eval.max_prompts=8",
                      *overrides]
-        resolved = spec.resolve(compose(overrides), run_dir)
+        resolved = resolve(compose(overrides), run_dir)
         return pipeline.run(resolved, overrides)
 
     return _run

@@ -94,7 +94,7 @@ def test_qlora_merge_of_conv1d_layers_reproduces_the_trained_model(cache_root, t
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from alignctl.spec import _peft_preset
+    from alignctl.config.peft import preset as _peft_preset
 
     base = models.materialize("tiny:gpt2", cache_root / ".cache")
     tok = models.load_tokenizer(base, {})
@@ -164,7 +164,7 @@ def test_tokenizer_variants_of_the_families(cache_root):
 
 # -- attention ---------------------------------------------------------------------------------------------------
 def test_attention_defaults_to_transformers_choice_and_explicit_values_pass(cache_root):
-    from alignctl.cli import compose
+    from alignctl.config.compose import compose
 
     assert compose([]).model.attn_implementation is None  # configs/model: null
     assert models._load_kwargs({}, "fp32")["attn_implementation"] is None
@@ -196,7 +196,7 @@ def test_sdpa_refusal_read_without_importing_matches_transformers_classes():
 
 
 def test_sdpa_forced_on_gemma2_stops_before_loading_with_what_to_set(run_recipe, tmp_path):
-    from alignctl.spec import ConfigError
+    from alignctl.errors import ConfigError
 
     problems = models.base_model_problems({"name_or_path": "tiny:gemma2", "attn_implementation": "sdpa"})
     assert problems == ["model.attn_implementation: gemma2 models do not support sdpa in transformers; set "

@@ -14,6 +14,7 @@ import pytest
 
 from alignctl import data
 from alignctl.cli import main
+from alignctl.config import data_checks
 
 SYNTHETIC = Path(data.BUILTIN_DIR)
 GOOD_SFT = [json.loads(line) for line in (SYNTHETIC / "sft.jsonl").read_text().splitlines()[:40]]
@@ -285,7 +286,7 @@ def test_run_preflight_stops_on_bad_data_before_any_model_loads(case, capsys, tm
 
 def test_large_json_array_is_peeked_not_read_whole(tmp_path, monkeypatch):
     """Plan reads a .json array's first record from the file's first bytes (PEEK_BYTES), not the whole file."""
-    monkeypatch.setattr(data, "PEEK_BYTES", 4096)
+    monkeypatch.setattr(data_checks, "PEEK_BYTES", 4096)
     rows = GOOD_SFT * 50  # ~200 KB
     path = write(tmp_path / "big.json", json.dumps(rows))
     reads = []
@@ -325,7 +326,7 @@ def test_csv_with_a_ragged_row_and_mixed_json_types_name_the_file(tmp_path):
             f.write(json.dumps({"prompt": "q" if i < 20 else [{"role": "user", "content": "q"}], "completion": "a"}))
             f.write("\n")
     s, _ = data.normalize({"path": str(tmp_path / "mixed.jsonl"), "eval_size": 0}, "data.mixed")
-    s["label"] = "data.mixed"  # as spec.resolve sets it
+    s["label"] = "data.mixed"  # as resolve sets it
     assert data.check(s, "sft", "data.mixed", "stages.sft") == []
     with pytest.raises(ConfigError) as e:
         data.load(s, "sft", "stages.sft")

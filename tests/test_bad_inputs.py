@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import checks
+from alignctl import probe
 from alignctl.cli import main
+from alignctl.config import redact
 from conftest import read_manifest, run_cli
 
 
@@ -507,7 +508,7 @@ def test_report_to_a_tracker_that_is_not_installed():
     missing = next((n for n in ("wandb", "tensorboard", "mlflow") if importlib.util.find_spec(n) is None), None)
     if missing is None:
         pytest.skip("wandb, tensorboard and mlflow are all installed")
-    assert checks.report_to_problems(["none", missing], "stages.dpo") == [
+    assert probe.report_to_problems(["none", missing], "stages.dpo") == [
         f"stages.dpo.report_to: {missing} is not installed (pip install {missing}), or leave it out of report_to"]
 
 
@@ -555,7 +556,7 @@ def test_redaction_by_key_and_value_keeps_tokenizer_fields():
                                 "MLFLOW_TRACKING_URI": "https://user:pass@mlflow.example", "OMP_NUM_THREADS": "4"},
                         "prefix": ["srun", "--export=ALL,HF_TOKEN=hf_" + "c" * 30]},
            "description": "uses sk-" + "d" * 24}
-    out = checks.redact(cfg)
+    out = redact.redact(cfg)
     assert out["stages"]["ppo"]["stop_token"] == "eos" and out["stages"]["ppo"]["stop_token_id"] == 2
     assert out["stages"]["ppo"]["average_tokens_across_devices"] is True
     assert out["model"] == cfg["model"]
@@ -567,7 +568,7 @@ def test_redaction_by_key_and_value_keeps_tokenizer_fields():
     assert "hf_aaa" not in flat and "hf_ccc" not in flat and "sk-ddd" not in flat and "pw@" not in flat
     overrides = ["launcher.env={HF_TOKEN:abc,NCCL_DEBUG:WARN}", "+launcher.env.WANDB_API_KEY=xyz",
                  "stages.ppo.stop_token=eos", "+stages.sft.run_name=https\\://u\\:pw@h/x"]  # as a multirun job has it
-    assert checks.redact(overrides) == ["launcher.env={HF_TOKEN:***,NCCL_DEBUG:WARN}", "+launcher.env.WANDB_API_KEY=***",
+    assert redact.redact(overrides) == ["launcher.env={HF_TOKEN:***,NCCL_DEBUG:WARN}", "+launcher.env.WANDB_API_KEY=***",
                                         "stages.ppo.stop_token=eos", "+stages.sft.run_name=https\\://u:***@h/x"]
 
 
@@ -613,7 +614,7 @@ def test_no_module_outside_the_cli_package_imports_it():
                 continue
             found += [f"{f.relative_to(pkg)}:{node.lineno}" for n in names if (n + ".").startswith("alignctl.cli.")]
     assert found == []
-    code = ("import sys, alignctl.spec, alignctl.config.compose, alignctl.views, alignctl.metrics, alignctl.report; "
+    code = ("import sys, alignctl.config.resolve, alignctl.config.compose, alignctl.views, alignctl.metrics, alignctl.report; "
             "assert 'alignctl.cli' not in sys.modules, 'a module below the commands imports alignctl.cli'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

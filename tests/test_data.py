@@ -8,7 +8,7 @@ import json
 import pytest
 
 from alignctl import data
-from alignctl.spec import ConfigError
+from alignctl.errors import ConfigError
 
 
 def spec_for(path, **kw):

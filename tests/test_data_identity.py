@@ -12,20 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import data, digests, errors, models, pipeline, spec, store
+from alignctl import data, digests, errors, models, pipeline, store
+from alignctl.config.compose import compose
+from alignctl.config.resolve import resolve
 from alignctl.config.types import DataSpec
-from alignctl.cli import compose
 
 MTIME = (1700000000, 1700000000)  # what tar/zip extraction, cp -p, rsync -a, touch -r restore
 
 
 def prepared(tmp_path, *overrides) -> list:
-    resolved = spec.resolve(compose(["~stages.dpo", f"output_root={tmp_path / 'out'}", *overrides]), tmp_path / "run")
+    resolved = resolve(compose(["~stages.dpo", f"output_root={tmp_path / 'out'}", *overrides]), tmp_path / "run")
     return pipeline._prepare(pipeline.stage_specs(resolved))
 
 
 def fps(tmp_path, *overrides) -> dict[str, str]:
-    resolved = spec.resolve(compose([f"output_root={tmp_path / 'out'}", *overrides]), tmp_path / "run")
+    resolved = resolve(compose([f"output_root={tmp_path / 'out'}", *overrides]), tmp_path / "run")
     return store.fingerprints(pipeline._prepare(pipeline.stage_specs(resolved)), resolved["launcher"])
 
 
@@ -136,15 +137,15 @@ def test_a_model_folder_changed_during_the_run_stops_the_stage(tmp_path, cache_r
 
 
 def test_plan_notes_unpinned_hub_models_and_data_sets(tmp_path):
-    notes = spec.resolve(compose(["recipe=zephyr-dpo"]), tmp_path / "run")["notes"]
+    notes = resolve(compose(["recipe=zephyr-dpo"]), tmp_path / "run")["notes"]
     unpinned = [n for n in notes if "unpinned" in n]
     assert any(n.startswith("model.name_or_path: mistralai/") and "pin model.revision=<commit>" in n
                for n in unpinned), notes
     assert sum(n.startswith("data.") for n in unpinned) == 2, unpinned
-    pinned = spec.resolve(compose(["recipe=zephyr-dpo", "model.revision=abc", "++data.sft.revision=abc",
+    pinned = resolve(compose(["recipe=zephyr-dpo", "model.revision=abc", "++data.sft.revision=abc",
                                    "++data.prefs.revision=abc"]), tmp_path / "run")["notes"]
     assert not [n for n in pinned if "unpinned" in n], pinned
-    assert not [n for n in spec.resolve(compose([]), tmp_path / "run")["notes"] if "unpinned" in n]
+    assert not [n for n in resolve(compose([]), tmp_path / "run")["notes"] if "unpinned" in n]
 
 
 # -- F2: the environment that changes numerics ------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def test_run_rejects_typo_before_training(tmp_path):
 def test_value_rejected_by_trl_fails_before_any_model_loads(run_recipe, tmp_path):
     """A combination only TRL judges (DPOConfig: one weight per loss type) fails when `run` builds every stage's TRL
     config up front: before the manifest says anything ran, before any model loads, nothing trained."""
-    from alignctl.spec import ConfigError
+    from alignctl.errors import ConfigError
 
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError) as e:

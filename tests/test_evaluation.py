@@ -30,11 +30,12 @@ stages:
 
 
 def _run(cache_root: Path, run_dir: Path, overrides: list[str]) -> dict:
-    from alignctl import pipeline, spec
-    from alignctl.cli import compose
+    from alignctl import pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
 
     overrides = [f"output_root={cache_root}", f"store={run_dir.parent / 'store'}", *overrides]
-    return pipeline.run(spec.resolve(compose(overrides), run_dir), overrides)
+    return pipeline.run(resolve(compose(overrides), run_dir), overrides)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import pipeline, spec, store
+from alignctl import pipeline, store
 from alignctl.cli import store as store_cli
-from alignctl.cli import compose
+from alignctl.config.compose import compose
+from alignctl.config.resolve import resolve
 from alignctl.config.types import DATA_FIELDS, WEIGHT_FIELDS, DataCheck, EvalSettings, LinkSpec, StageSpec
 from conftest import REPO, read_spec, stage_spec
 
@@ -21,7 +22,7 @@ RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
 
 def stages(tmp_path: Path, *overrides: str, run_dir: str = "run") -> list[StageSpec]:
-    resolved = spec.resolve(compose([f"output_root={tmp_path / 'out'}", *overrides]), tmp_path / run_dir)
+    resolved = resolve(compose([f"output_root={tmp_path / 'out'}", *overrides]), tmp_path / run_dir)
     return pipeline.stage_specs(resolved)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 
 from alignctl import judge
+from alignctl.errors import ConfigError
 from alignctl.stages import generate
 
 
@@ -87,16 +87,16 @@ def test_rounds_expand_into_named_stages_chained_by_policy():
 
 
 def test_plan_resolves_generated_data_by_name(tmp_path):
-    from alignctl import spec
-    from alignctl.cli import compose
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
 
-    resolved = spec.resolve(compose(["recipe=iterative-dpo", f"output_root={tmp_path}"]), tmp_path / "run")
+    resolved = resolve(compose(["recipe=iterative-dpo", f"output_root={tmp_path}"]), tmp_path / "run")
     by = {s["name"]: s for s in resolved["stages"]}
     assert list(by) == ["sft", "rm", "gen1", "dpo1", "gen2", "dpo2"]
     assert by["dpo2"]["data"]["stage"] == "gen2" and by["dpo2"]["data"]["path"] == str(tmp_path / "run/gen2/final")
     assert by["gen2"]["init_path"] == str(tmp_path / "run/dpo1/final") and by["dpo2"]["ref"] == "sft"
-    with pytest.raises(spec.ConfigError) as e:  # KTO-style output named by a DPO stage
-        spec.resolve(compose(["recipe=iterative-dpo", f"output_root={tmp_path}", "stages.round.gen.pairs=kto"]),
+    with pytest.raises(ConfigError) as e:  # KTO-style output named by a DPO stage
+        resolve(compose(["recipe=iterative-dpo", f"output_root={tmp_path}", "stages.round.gen.pairs=kto"]),
                      tmp_path / "run")
     assert "stages.dpo1.data: 'gen1' writes unpaired data" in str(e.value)
 
@@ -106,15 +106,16 @@ def test_plan_resolves_generated_data_by_name(tmp_path):
 def iterative(tmp_path_factory, cache_root):
     """One run of iterative-dpo (seed 1: its RM score rises in both rounds), a re-run, and a run with round 2's
     temperature changed; one store."""
-    from alignctl import pipeline, spec
-    from alignctl.cli import compose
+    from alignctl import pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
 
     logging.getLogger("alignctl").setLevel(logging.INFO)
     root = tmp_path_factory.mktemp("iterative")
 
     def run(name, *overrides):
         ov = ["recipe=iterative-dpo", "seed=1", f"output_root={cache_root}", f"store={root / 'store'}", *overrides]
-        return pipeline.run(spec.resolve(compose(ov), root / name), ov)
+        return pipeline.run(resolve(compose(ov), root / name), ov)
 
     return root, run("first"), run("again"), run("hot", "+stages.round.round2.gen.temperature=0.8")
 
@@ -131,7 +132,6 @@ def test_iterative_dpo_raises_the_reward_model_score_round_by_round(iterative):
     assert stage(first, "dpo2")["metrics"]["before"]["eval_reward_mean"] == pytest.approx(r1)  # vs previous round
     # the generated data set loads like any data set and holds pairs the RM ranked
     from alignctl import data
-
     from conftest import read_spec
 
     spec = read_spec(root / "first/dpo2/spec.json")
@@ -153,17 +153,18 @@ def test_rerun_reuses_every_round_and_round2_temperature_regenerates_round2_only
 
 
 def test_rlaif_dpo_with_a_tiny_judge_runs_end_to_end(tmp_path, cache_root):
-    from alignctl import pipeline, spec
-    from alignctl.cli import compose
+    from alignctl import pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
 
     ov = ["recipe=rlaif-dpo", f"output_root={cache_root}", f"store={tmp_path / 'store'}"]
-    m = pipeline.run(spec.resolve(compose(ov), tmp_path / "run"), ov)
+    m = pipeline.run(resolve(compose(ov), tmp_path / "run"), ov)
     assert m["status"] == "completed"
     d = stage(m, "gen")["metrics"]["data"]
     assert d["judge"]["comparisons"] == d["prompts"] * 6  # k=4: 6 pairs per prompt, each asked in both orders
     assert 0 < d["judge"]["decisive"] <= d["judge"]["comparisons"] and d["pairs"] > 0
     assert (tmp_path / "run/gen/final/train.jsonl").is_file()
-    again = pipeline.run(spec.resolve(compose(ov), tmp_path / "run2"), ov)
+    again = pipeline.run(resolve(compose(ov), tmp_path / "run2"), ov)
     assert all(s["reused_from"] for s in again["stages"])
 
 

@@ -237,12 +237,13 @@ def test_launch_commands():
 
 
 def test_world_size_is_part_of_the_stage_fingerprint(tmp_path):
-    from alignctl import spec, store
-    from alignctl.cli import compose
+    from alignctl import store
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
     from alignctl.pipeline import stage_specs
 
     def fps(*overrides):
-        return store.fingerprints(stage_specs(spec.resolve(compose(list(overrides)), tmp_path / "run")))
+        return store.fingerprints(stage_specs(resolve(compose(list(overrides)), tmp_path / "run")))
 
     local = fps()
     assert fps("launcher=torchrun", "launcher.nproc_per_node=1") == local  # one process either way: same weights
@@ -254,7 +255,7 @@ def test_world_size_is_part_of_the_stage_fingerprint(tmp_path):
 def test_run_refuses_an_engine_this_machine_lacks(run_recipe, tmp_path):
     from importlib.util import find_spec
 
-    from alignctl.spec import ConfigError
+    from alignctl.errors import ConfigError
 
     if find_spec("deepspeed") is not None and launch.gpu_count():
         pytest.skip("DeepSpeed and a GPU are available here")
@@ -290,7 +291,7 @@ def test_sharded_weights_path_matches_the_plain_path(run_recipe, tmp_path, monke
 def test_slurm_sweep_example_composes_one_task_per_job():
     """configs/hydra/launcher/slurm_gpu_node.yaml: one SLURM job per sweep point, one task (alignctl) per job."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra")
-    from alignctl.cli import compose
+    from alignctl.config.compose import compose
 
     cfg = compose(["hydra/launcher=slurm_gpu_node", "launcher=torchrun"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")

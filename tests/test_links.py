@@ -1,4 +1,4 @@
-"""Links to other models (alignctl.links): one table, and each model outside the recipe loaded with its own settings.
+"""Links to other models (alignctl.config.links): one table, and each model outside the recipe loaded with its own settings.
 
 * the link table is the only list of link names in alignctl/ (they had drifted: `judge` was missing from the upstream
   digest and from the remote-code consent check);
@@ -25,8 +25,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from alignctl import links
 from alignctl.cli import main
+from alignctl.config import links
 from conftest import stage_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,10 +45,10 @@ def plan(capsys, tmp_path, *args: str) -> tuple[int, str]:
 
 
 def resolved(tmp_path, *args: str) -> dict:
-    from alignctl import spec
-    from alignctl.cli import compose
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
 
-    return spec.resolve(compose([f"output_root={tmp_path / 'out'}", *args]), tmp_path / "run")
+    return resolve(compose([f"output_root={tmp_path / 'out'}", *args]), tmp_path / "run")
 
 
 def stage(spec: dict, name: str) -> dict:
@@ -94,14 +94,15 @@ def test_link_names_are_listed_only_in_the_link_table():
             if isinstance(node, ast.JoinedStr) and isinstance(node.values[-1], ast.Constant) and \
                     node.values[-1].value == "_path":
                 found.append(f"{f.relative_to(REPO)}:{node.lineno} builds a link's path key")
-    assert not found, "link names outside alignctl/links.py (iterate links.LINKS):\n" + "\n".join(found)
+    assert not found, "link names outside alignctl/config/links.py (iterate links.LINKS):\n" + "\n".join(found)
 
 
 def test_every_module_reads_the_same_table():
-    from alignctl import spec, store
+    from alignctl import store
+    from alignctl.config.resolve_stage import LINK_KEYS
     from alignctl.stages import STAGES
 
-    assert spec.LINK_KEYS | {"from"} == set(links.NAMES)
+    assert LINK_KEYS | {"from"} == set(links.NAMES)
     assert store.link_table is links  # the store iterates a spec's links; path keys and UPSTREAM from the table
     for kind in STAGES.values():
         assert set(kind.links) <= set(links.NAMES), kind.name
@@ -185,7 +186,8 @@ def test_a_hub_reward_link_is_planned_fingerprinted_and_loaded_at_its_own_revisi
     """model.revision pins the base model only: `org/rm@abc` is checked at abc, fingerprinted at abc and loaded at
     abc (it was requested at the base model's commit and fingerprinted as "main"); the value model, which starts
     from the reward model, too."""
-    from alignctl import checks, pipeline, store
+    from alignctl import pipeline, store
+    from alignctl.config import checks
     from alignctl.runner import StageContext
 
     asked, identified = [], []
@@ -275,17 +277,17 @@ def finished_run(tmp_path: Path, cache_root: Path, edit=None) -> tuple[Path, Pat
     """A run directory as `alignctl run` leaves it, made by hand (nothing trained): one completed sft stage whose
     final/ ships code (config.json auto_map -> modeling_canary.py, which writes a marker file when imported) and whose
     spec.json was edited to `"trust_remote_code": true` (plus ``edit``). Returns (run dir, marker)."""
-    from alignctl import evaluate, models, pipeline, spec
-    from alignctl.cli import compose
-    from alignctl.config.types import EvalSettings
+    from alignctl import models, pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nstages:\n  sft: {trainer: sft, data: sft, max_steps: 1}\n")
     run_dir, marker = tmp_path / "run", tmp_path / "remote-code-ran"
-    resolved = spec.resolve(compose([f"recipe={recipe}", f"output_root={cache_root}", "eval.max_prompts=2",
+    resolved = resolve(compose([f"recipe={recipe}", f"output_root={cache_root}", "eval.max_prompts=2",
                                      "eval.max_new_tokens=2"]), run_dir)
     (s,) = pipeline.stage_specs(resolved)
-    ev = EvalSettings.from_legacy(evaluate.stage_settings(resolved["eval"], s, [s], 42))
+    ev = s.eval
     # the edit: nothing on the command line asked for remote code
     s = s.replace(precision="fp32", eval=ev, model=s.model.replace(trust_remote_code=True))
     if edit:

@@ -254,8 +254,9 @@ def test_a_release_racing_a_takeover_never_removes_the_new_holders_lock(tmp_path
 
 @pytest.mark.skipif(sys.platform != "linux", reason="interrupting the main thread as on Linux")
 def test_a_stage_whose_lock_is_taken_over_stops_and_writes_nothing(tmp_path, cache_root, monkeypatch):
-    from alignctl import pipeline, spec
-    from alignctl.cli import compose
+    from alignctl import pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
     from alignctl.errors import StageFailed
 
     monkeypatch.setenv("ALIGNCTL_LOCK_HEARTBEAT", "0.1")
@@ -263,7 +264,7 @@ def test_a_stage_whose_lock_is_taken_over_stops_and_writes_nothing(tmp_path, cac
     recipe.write_text("name: sft-only\nstages:\n  sft: {trainer: sft, data: sft, max_steps: 100000, "
                       "per_device_train_batch_size: 2, save_strategy: 'no', logging_steps: 1000}\n")
     overrides = [f"recipe={recipe}", f"output_root={cache_root}", f"store={tmp_path / 'store'}", "eval.enabled=false"]
-    resolved = spec.resolve(compose(overrides), tmp_path / "run")
+    resolved = resolve(compose(overrides), tmp_path / "run")
     spec_file = tmp_path / "run" / "sft" / "spec.json"
     swapped: list[float] = []
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import models, peft_config
+from alignctl import models
 from alignctl.cli import main
+from alignctl.config import peft as peft_config
 from conftest import REPO, read_spec
 
 
@@ -36,10 +37,10 @@ def _adapter(stage_dir: Path) -> dict:
 
 # -- plan time ---------------------------------------------------------------------------------------------------
 def _resolved(*overrides: str) -> dict:
-    from alignctl import spec
-    from alignctl.cli import compose
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
 
-    return spec.resolve(compose(list(overrides)), "/tmp/alignctl-plan")
+    return resolve(compose(list(overrides)), "/tmp/alignctl-plan")
 
 
 def test_presets_and_per_stage_overrides_resolve_into_each_stage():
@@ -119,7 +120,7 @@ def test_flash_attention_not_installed_or_not_possible_is_refused_before_loading
     assert any("flash_attention_2 needs a CUDA GPU" in p for p in problems)
     assert any("stages.dpo.peft.bnb_4bit_compute_dtype: fp16 4-bit kernels need a CUDA GPU" in p for p in problems)
     # At run time: refused before any model is loaded (no stage trained, no final/).
-    from alignctl.spec import ConfigError
+    from alignctl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 4-bit kernels need a CUDA GPU"):
         run_recipe(["peft=qlora", "peft.bnb_4bit_compute_dtype=fp16"], tmp_path / "run")
@@ -165,7 +166,7 @@ def test_qlora_merge_reproduces_the_trained_model_from_dequantised_weights(cache
 
 
 def _preset(name: str) -> dict:
-    from alignctl.spec import _peft_preset
+    from alignctl.config.peft import preset as _peft_preset
 
     return _peft_preset(name)
 
@@ -173,11 +174,12 @@ def _preset(name: str) -> dict:
 # -- end to end: the default recipe ------------------------------------------------------------------------------
 def _run(cache_root: Path, overrides: list[str], run_dir: Path) -> dict:
     """Run a recipe in-process (as conftest's run_recipe, usable from module-scoped fixtures)."""
-    from alignctl import pipeline, spec
-    from alignctl.cli import compose
+    from alignctl import pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
 
     overrides = [f"output_root={cache_root}", *overrides]
-    return pipeline.run(spec.resolve(compose(overrides), run_dir), overrides)
+    return pipeline.run(resolve(compose(overrides), run_dir), overrides)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from alignctl import pipeline, spec
-from alignctl.cli import compose
+from alignctl import pipeline
+from alignctl.config.compose import compose
+from alignctl.config.resolve import resolve
 from conftest import one_thread_collecting_log, read_spec
 
 LOG: list[str] = []
@@ -25,7 +26,7 @@ def single_thread_and_log():
 def _run(cache_root, run_dir, *overrides: str) -> dict:
     """rlhf-ppo in-process; SFT and the reward model come from the session's store (test_rlhf trains them too)."""
     ov = ["recipe=rlhf-ppo", f"output_root={cache_root}", *overrides]
-    return pipeline.run(spec.resolve(compose(ov), run_dir), ov)
+    return pipeline.run(resolve(compose(ov), run_dir), ov)
 
 
 @pytest.fixture(scope="module")

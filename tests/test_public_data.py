@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignctl import data, pipeline, spec
-from alignctl.cli import compose
+from alignctl import data, pipeline
+from alignctl.config.compose import compose
+from alignctl.config.resolve import resolve
 from alignctl.errors import ConfigError
 
 PUBLIC = Path(__file__).resolve().parent / "fixtures" / "public"
 sys.path.insert(0, str(PUBLIC))
 import make_fixtures  # noqa: E402
+
 from conftest import one_thread_collecting_log
 
 # The published schema of each fixture: columns (in order) and split names (sources: fixtures/public/README.md).
@@ -313,7 +315,7 @@ def run(tmp_path_factory, cache_root):
             path = folder / f"{name}.yaml"
             path.write_text(yaml.safe_dump({"description": f"public data: {name}", **recipe}, sort_keys=False))
             ov = [f"recipe={path}", f"output_root={cache_root}", f"store={folder / 'store'}"]
-            RUNS[name] = (folder / "run", pipeline.run(spec.resolve(compose(ov), folder / "run"), ov))
+            RUNS[name] = (folder / "run", pipeline.run(resolve(compose(ov), folder / "run"), ov))
         return RUNS[name]
 
     return _run
@@ -398,7 +400,7 @@ def test_hh_rlhf_data_group_serves_every_role_of_every_tiny_recipe(recipe, tmp_p
     """configs/data/hh-rlhf.yaml names Anthropic/hh-rlhf for sft, prefs, prompts and unpaired; pointed at files of its
     layout, every role of every recipe passes the plan checks (SFT on the chosen conversations, pairs, prompts)."""
     paths = [f"data.{role}.path={PUBLIC / 'hh_rlhf'}" for role in ("sft", "prefs", "prompts", "unpaired")]
-    resolved = spec.resolve(compose([f"recipe={recipe}", "data=hh-rlhf", *paths]), tmp_path)
+    resolved = resolve(compose([f"recipe={recipe}", "data=hh-rlhf", *paths]), tmp_path)
     assert all(s["data"]["path"] == str(PUBLIC / "hh_rlhf") for s in resolved["stages"])
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import checks, models
+from alignctl import models
 from alignctl.cli import main
+from alignctl.config import recipe_files, redact
 from conftest import run_cli
 
 BASE = "name: r\nmodel: {name_or_path: 'tiny:llama'}\nstages: {sft: {trainer: sft, data: sft, max_steps: 1}}\n"
@@ -209,7 +210,7 @@ def test_link_consent_in_a_recipe_is_refused_even_inside_a_rounds_block():
     node = {"stages": {"it": {"rounds": 2, "gen": {"trainer": "generate", "trust_remote_code_links": ["judge"]},
                               "dpo": {"trainer": "dpo"}},
                        "ppo": {"trainer": "ppo", "trust_remote_code_links": ["reward"]}}}
-    problems = checks.recipe_file_problems(node, Path("r.yaml"), {"stages"}, set())
+    problems = recipe_files.recipe_file_problems(node, Path("r.yaml"), {"stages"}, set())
     assert [p.split(": sets ")[1].split(",")[0] for p in problems] == ["stages.it.gen.trust_remote_code_links",
                                                                       "stages.ppo.trust_remote_code_links"]
 
@@ -244,7 +245,7 @@ def test_dotted_pkg_name_is_refused_and_never_imported(capsys, tmp_path, monkeyp
 def test_redaction_of_pass_tokens_and_connection_strings():
     conn = "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c2VjcmV0+a2V5==;EndpointSuffix=core.windows.net"
     sas = "BlobEndpoint=https://a.blob.core.windows.net/;SharedAccessSignature=sv=2022-11-02&ss=b&sig=AbC%2Fx"
-    out = checks.redact({"launcher": {"env": {"DB_PASS": "hunter2", "GH_TOKENS": "t1,t2", "OMP_NUM_THREADS": "4",
+    out = redact.redact({"launcher": {"env": {"DB_PASS": "hunter2", "GH_TOKENS": "t1,t2", "OMP_NUM_THREADS": "4",
                                               "AZURE_STORAGE_CONNECTION_STRING": conn}},
                          "model": {"additional_special_tokens": ["<a>"]},
                          "stages": {"sft": {"max_new_tokens": 8, "run_name": f"x {conn}"}}, "description": sas})
@@ -254,10 +255,10 @@ def test_redaction_of_pass_tokens_and_connection_strings():
     assert out["model"]["additional_special_tokens"] == ["<a>"] and out["stages"]["sft"]["max_new_tokens"] == 8
     assert out["stages"]["sft"]["run_name"] == "x " + conn.replace("c2VjcmV0+a2V5==", "***")
     assert "sig=" not in out["description"].replace("SharedAccessSignature=***", "") and "AbC" not in out["description"]
-    assert checks.redact(["launcher.env.DB_PASS=hunter2", "+launcher.env.API_TOKENS=abc"]) == [
+    assert redact.redact(["launcher.env.DB_PASS=hunter2", "+launcher.env.API_TOKENS=abc"]) == [
         "launcher.env.DB_PASS=***", "+launcher.env.API_TOKENS=***"]
-    assert checks.redact_text("AccountKey\\=abc\\=\\=;x") == "AccountKey\\=***;x"  # as Hydra escapes a job override
-    assert not checks.secret_key("max_new_tokens") and not checks.secret_key("bypass")
+    assert redact.redact_text("AccountKey\\=abc\\=\\=;x") == "AccountKey\\=***;x"  # as Hydra escapes a job override
+    assert not redact.secret_key("max_new_tokens") and not redact.secret_key("bypass")
 
 
 def test_sweep_with_a_secret_override_warns_once(capsys, tmp_path):

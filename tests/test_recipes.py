@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from alignctl import spec
 from alignctl.cli import main
 from alignctl.config.compose import available_recipes, compose
+from alignctl.config.resolve import resolve
 from conftest import REPO, read_manifest, run_cli
 
 # The command documented in the README for trying the Zephyr recipe on a CPU (plus small-batch settings for speed).
@@ -19,7 +19,7 @@ TINY = ["model=tiny", "data=synthetic", "precision=auto"]
 @pytest.mark.parametrize("recipe", sorted(available_recipes()))
 def test_every_recipe_composes_and_validates(recipe, tmp_path):
     cfg = compose([f"recipe={recipe}"])
-    resolved = spec.resolve(cfg, tmp_path)
+    resolved = resolve(cfg, tmp_path)
     assert resolved["recipe"] == recipe and resolved["stages"]
     assert cfg.description, f"recipe {recipe} needs a description for `alignctl recipes`"
 
@@ -42,7 +42,7 @@ def test_plan_does_not_import_torch():
 
 
 def test_zephyr_recipe_keeps_published_hyperparameters(tmp_path):
-    s = spec.resolve(compose(["recipe=zephyr-dpo"]), tmp_path)
+    s = resolve(compose(["recipe=zephyr-dpo"]), tmp_path)
     sft, dpo = s["stages"]
     assert s["model"]["name_or_path"] == "mistralai/Mistral-7B-v0.1" and s["precision"] == "bf16"
     assert sft["data"]["path"] == "HuggingFaceH4/ultrachat_200k" and sft["data"]["eval_split"] == "test_sft"
@@ -58,7 +58,7 @@ def test_zephyr_recipe_keeps_published_hyperparameters(tmp_path):
     # the published ones, 16 for SFT and 8 for DPO).
     for world, ov in ((1, []), (8, ["launcher=torchrun", "launcher.nproc_per_node=8"]), (4, ["launcher=torchrun",
                                                                                            "launcher.nproc_per_node=4"])):
-        stages = spec.resolve(compose(["recipe=zephyr-dpo", *ov]), tmp_path / str(world))["stages"]
+        stages = resolve(compose(["recipe=zephyr-dpo", *ov]), tmp_path / str(world))["stages"]
         for st, per_device in zip(stages, (16, 8)):
             args = st["args"]
             assert args["per_device_train_batch_size"] == per_device

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from alignctl import pipeline, spec
-from alignctl.cli import compose
+from alignctl import pipeline
+from alignctl.config.compose import compose
+from alignctl.config.resolve import resolve
 from conftest import one_thread_collecting_log, read_spec
 
 RUNS: dict[str, tuple] = {}
@@ -31,7 +32,7 @@ def run(tmp_path_factory, cache_root):
         if key not in RUNS:
             run_dir = tmp_path_factory.mktemp(recipe) / "run"
             ov = [f"recipe={recipe}", f"output_root={cache_root}", *overrides]
-            manifest = pipeline.run(spec.resolve(compose(ov), run_dir), ov)
+            manifest = pipeline.run(resolve(compose(ov), run_dir), ov)
             RUNS[key] = (run_dir, manifest)
         return RUNS[key]
 

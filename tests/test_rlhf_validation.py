@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from alignctl import spec
-from alignctl.cli import compose, main
-from alignctl.spec import ConfigError
+from alignctl.cli import main
+from alignctl.config.compose import compose
+from alignctl.config.resolve import resolve
+from alignctl.errors import ConfigError
 
 
 def problems(overrides: list[str], tmp_path) -> list[str]:
     with pytest.raises(ConfigError) as e:
-        spec.resolve(compose(overrides), tmp_path / "run")
+        resolve(compose(overrides), tmp_path / "run")
     return e.value.problems
 
 
@@ -82,7 +83,7 @@ def test_plan_shows_the_rlhf_links(capsys):
 
 
 def test_reward_and_value_links_resolve_to_stage_outputs_or_paths(tmp_path):
-    s = spec.resolve(compose(["recipe=rlhf-ppo"]), tmp_path / "run")
+    s = resolve(compose(["recipe=rlhf-ppo"]), tmp_path / "run")
     ppo = s["stages"][-1]
     rm_final = str((tmp_path / "run" / "rm" / "final").absolute())
     assert (ppo["reward"], ppo["reward_path"], ppo["value"], ppo["value_path"]) == ("rm", rm_final, "rm", rm_final)
@@ -92,7 +93,7 @@ def test_reward_and_value_links_resolve_to_stage_outputs_or_paths(tmp_path):
     elsewhere.mkdir()
     for name in ("config.json", "tokenizer.json", "model.safetensors"):  # what a model folder must hold to pass plan
         (elsewhere / name).write_text("{}")
-    ppo = spec.resolve(compose(["recipe=rlhf-ppo", f"stages.ppo.reward={elsewhere}"]), tmp_path / "run")["stages"][-1]
+    ppo = resolve(compose(["recipe=rlhf-ppo", f"stages.ppo.reward={elsewhere}"]), tmp_path / "run")["stages"][-1]
     assert ppo["reward"] is None and ppo["reward_path"] == ppo["value_path"] == str(elsewhere)
-    ppo = spec.resolve(compose(["recipe=rlhf-ppo", "stages.ppo.value=sft"]), tmp_path / "run")["stages"][-1]
+    ppo = resolve(compose(["recipe=rlhf-ppo", "stages.ppo.value=sft"]), tmp_path / "run")["stages"][-1]
     assert ppo["value"] == "sft" and ppo["value_path"] == str((tmp_path / "run" / "sft" / "final").absolute())

@@ -216,12 +216,12 @@ def test_preflight_under_torchrun_initialises_neither_cuda_nor_accelerate_here(c
     import torch
     from accelerate.state import PartialState
 
-    from alignctl import spec
-    from alignctl.cli import compose
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
     from alignctl.errors import ConfigError
 
     def stages(*extra):
-        resolved = spec.resolve(compose([f"output_root={cache_root}", "launcher=torchrun", "launcher.nproc_per_node=1",
+        resolved = resolve(compose([f"output_root={cache_root}", "launcher=torchrun", "launcher.nproc_per_node=1",
                                          *extra]), tmp_path / "run", run=True)
         return pipeline.stage_specs(resolved), resolved["launcher"]
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from alignctl import spec, store
-from alignctl.cli import compose, main
+from alignctl import store
+from alignctl.cli import main
+from alignctl.config.compose import compose
+from alignctl.config.resolve import resolve
 from alignctl.pipeline import stage_specs
 from conftest import read_manifest, run_cli
 
@@ -13,7 +15,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def fps(tmp_path, *overrides):
-    return store.fingerprints(stage_specs(spec.resolve(compose(list(overrides)), tmp_path / "run")))
+    return store.fingerprints(stage_specs(resolve(compose(list(overrides)), tmp_path / "run")))
 
 
 def test_weight_relevant_change_refingerprints_stage_and_everything_after(tmp_path):

@@ -17,18 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import errors, fsutil, pipeline, spec, store
+from alignctl import errors, fsutil, pipeline, store
 from alignctl.cli import store as store_cli
 from alignctl.config.compose import compose
+from alignctl.config.resolve import resolve
 from conftest import REPO, read_manifest, stage_spec
 
 
 def specs(tmp_path, *overrides) -> list:
-    return pipeline._prepare(pipeline.stage_specs(spec.resolve(compose(list(overrides)), tmp_path / "run")))
+    return pipeline._prepare(pipeline.stage_specs(resolve(compose(list(overrides)), tmp_path / "run")))
 
 
 def fps(tmp_path, *overrides, launcher=None, env=None) -> dict[str, str]:
-    resolved = spec.resolve(compose(list(overrides)), tmp_path / "run")
+    resolved = resolve(compose(list(overrides)), tmp_path / "run")
     stages = pipeline._prepare(pipeline.stage_specs(resolved))
     return store.fingerprints(stages, resolved["launcher"] if launcher is None else launcher, env)
 
@@ -376,7 +377,7 @@ FAST = ["stages.sft.max_steps=3", "stages.sft.save_strategy=steps", "stages.sft.
 
 def run_in_process(cache_root: Path, store_dir: Path, run_dir: Path, *overrides, keep_sft_checkpoints=False) -> dict:
     overrides = [f"output_root={cache_root}", f"store={store_dir}", *FAST, *overrides]
-    resolved = pipeline.as_run_spec(spec.resolve(compose(overrides), run_dir))
+    resolved = resolve(compose(overrides), run_dir)
     if keep_sft_checkpoints:  # keep_checkpoints is a stage setting outside the fingerprint
         sft, *rest = resolved.stages
         resolved = resolved.replace(stages=(sft.replace(keep_checkpoints=True), *rest))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import digests, models, pipeline, runner, spec, store, trust
+from alignctl import digests, models, pipeline, runner, store, trust
 from alignctl.cli import store as store_cli
+from alignctl.config import resolve as config
 from alignctl.config.compose import compose
 from alignctl.errors import ConfigError
 from conftest import REPO, one_thread_collecting_log, read_manifest, run_spec, stage_spec
@@ -51,7 +52,7 @@ def recipe(tmp_path: Path, root: Path, extra: str = "") -> str:
 
 
 def resolve(overrides: list[str], run_dir: Path) -> dict:
-    return spec.resolve(compose(overrides), run_dir)
+    return config.resolve(compose(overrides), run_dir)
 
 
 def run(overrides: list[str], run_dir: Path) -> dict:

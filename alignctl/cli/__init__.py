@@ -119,12 +119,3 @@ def _main(argv: list[str]) -> int:
 def entry() -> None:
     sys.exit(main())
 
-
-def __getattr__(name: str):
-    """``from alignctl.cli import compose``, as the tests and benchmarks still write it (moved:
-    alignctl.config.compose; the lead deletes this after the merge). Lazy, so ``--help`` does not compose."""
-    if name == "compose":
-        from alignctl.config.compose import compose
-
-        return compose
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from alignctl import checks
+from alignctl.config import checks
 from alignctl.cli.options import parse, quiet
 from alignctl.errors import ConfigError
 from alignctl.metrics import fmt

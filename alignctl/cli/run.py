@@ -22,11 +22,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from alignctl import checks, console, errors, pipeline, report, spec, views
+from alignctl import console, errors, pipeline, report, views
 from alignctl.config import compose
+from alignctl.config.paths import CONFIGS_DIR
+from alignctl.config.redact import RedactingFilter, redact
+from alignctl.config.resolve import resolve
 from alignctl.errors import ConfigError, StageFailed, SweepPointFailed
 from alignctl.metrics import objective
-from alignctl.spec import CONFIGS_DIR
 
 log = logging.getLogger("alignctl")
 
@@ -49,8 +51,8 @@ def run(args: list[str]) -> int:
     compose.register_recipes(extra, compose.user_config_dir(args))
     for name in compose.LAUNCHER_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, checks.RedactingFilter) for f in logger.filters):
-            logger.addFilter(checks.RedactingFilter())
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
     sys.argv = ["alignctl"] + overrides
     return main()  # non-zero after a sweep with failed points
 
@@ -58,7 +60,7 @@ def run(args: list[str]) -> int:
 def _warn_secret_overrides(args: list[str]) -> None:
     """A sweep's overrides reach disk through Hydra's launchers (multirun.yaml, submitit's pickled job files) before
     any alignctl code can redact them: say so, once, for overrides that look secret."""
-    keys = [compose.override_key(a) for a in args if "=" in a and not a.startswith("-") and checks.redact([a]) != [a]]
+    keys = [compose.override_key(a) for a in args if "=" in a and not a.startswith("-") and redact([a]) != [a]]
     if keys:
         print(f"alignctl: warning: {', '.join(keys)} looks like a secret; Hydra's launcher writes a sweep's overrides "
               "to disk before alignctl can redact them: export it as an environment variable instead (the ranks "
@@ -111,10 +113,10 @@ def _resolve_and_run(cfg: DictConfig, hc) -> tuple[dict, float | None]:
     :class:`_Failed` with its exit code. ``--debug`` lets the original exception through. Returns the manifest and
     the sweep objective."""
     try:
-        resolved = spec.resolve(cfg, hc.runtime.output_dir, run=True)
+        resolved = resolve(cfg, hc.runtime.output_dir, run=True)
         for note in resolved.get("notes", []):
             log.warning("%s", note)
-        config = checks.redact(OmegaConf.to_container(cfg, resolve=True))
+        config = redact(OmegaConf.to_container(cfg, resolve=True))
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(config))
         manifest = pipeline.run(resolved, list(hc.overrides.task), config_yaml)
     except ConfigError as e:
@@ -146,7 +148,7 @@ def _say(text: str) -> None:
 
 
 def _point(hc, code: int, reason: str) -> dict:
-    return {"job": hc.job.num, "overrides": checks.redact(list(hc.overrides.task)), "code": code, "reason": reason,
+    return {"job": hc.job.num, "overrides": redact(list(hc.overrides.task)), "code": code, "reason": reason,
             "run_dir": str(hc.runtime.output_dir)}
 
 
@@ -189,7 +191,7 @@ def _report_failed_run(run_dir: Path) -> None:
 def _redact_file(path: Path) -> None:
     """Rewrite a YAML file Hydra wrote (multirun.yaml) with secrets redacted, readable by the user only."""
     try:
-        text = OmegaConf.to_yaml(OmegaConf.create(checks.redact(OmegaConf.to_container(OmegaConf.load(path)))))
+        text = OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.load(path)))))
     except (OSError, ValueError) as e:
         log.warning("could not redact %s: %s", path, e)
         return

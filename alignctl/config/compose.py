@@ -16,9 +16,11 @@ import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignctl import checks, errors, spec
+from alignctl import errors
+from alignctl.config import recipe_files
+from alignctl.config.paths import CONFIGS_DIR, RECIPES_DIR  # noqa: F401  (re-exported)
+from alignctl.config.resolve import TOP_KEYS, resolve
 from alignctl.errors import ConfigError, suggest
-from alignctl.spec import CONFIGS_DIR, RECIPES_DIR, TOP_KEYS
 
 if TYPE_CHECKING:
     from alignctl.config.types import RunSpec
@@ -42,7 +44,7 @@ def recipe_description(path: Path) -> str:
 
 
 def load_recipe(path: Path, config_dir: str | None = None):
-    """A recipe file as an OmegaConf node, after checking it sets alignctl's keys only (checks.recipe_file_problems):
+    """A recipe file as an OmegaConf node, after checking it sets alignctl's keys only (recipe_files.recipe_file_problems):
     YAML errors, duplicate keys, Hydra settings, instantiation keys, environment resolvers, launch settings and
     `defaults` options that are not files of alignctl's groups (or of the user's ``config_dir``) are ConfigErrors."""
     import yaml
@@ -71,7 +73,7 @@ def load_recipe(path: Path, config_dir: str | None = None):
         raise errors.from_library(e, f"recipe file {path}") from None
     container = OmegaConf.to_container(node, resolve=False) if node is not None else None
     dirs = [CONFIGS_DIR] + ([Path(config_dir).expanduser()] if config_dir else [])
-    problems = checks.recipe_file_problems(container, Path(path), TOP_KEYS,
+    problems = recipe_files.recipe_file_problems(container, Path(path), TOP_KEYS,
                                            set(config_groups()) - {"recipe", "hydra"}, dirs)
     if problems:
         raise ConfigError(problems)
@@ -185,7 +187,7 @@ def check_point(args: list[str], run: bool = False, config_dir: str | None = Non
         run_dir = OmegaConf.select(cfg, "hydra.run.dir")
         with open_dict(cfg):
             del cfg["hydra"]
-        return spec.resolve(cfg, run_dir, run=run)
+        return resolve(cfg, run_dir, run=run)
     except ConfigError:
         raise
     except Exception as e:  # Hydra's own override/composition errors, interpolation errors, YAML errors

@@ -9,9 +9,8 @@ fields that determine a stage's weights). Every other field is bookkeeping (name
 attempt id, the lock token, the resume point), so a new bookkeeping field can never change a fingerprint.
 
 Migration shim: the specs still answer the old dict keys (``spec["init_path"]``, ``spec["data"]["path"]``,
-``{**spec}``) through :class:`LegacyMapping`, and :meth:`RunSpec.from_legacy` builds a RunSpec from the dict that
-``spec.resolve`` returned before it was typed. Both exist only while call sites move to attributes; they go when
-the last one has (a test checks that nothing uses them).
+``{**spec}``) through :class:`LegacyMapping`, nested specs as plain dicts of their old keys. It exists only while
+call sites move to attributes; it goes when the last one has (a test checks that nothing uses it).
 """
 
 from __future__ import annotations
@@ -111,9 +110,9 @@ class LegacyMapping(Mapping):
             value = self.LEGACY[key](self)
             if value is _MISSING:
                 raise KeyError(key)
-            return value
+            return _legacy(value)
         if isinstance(key, str) and key in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
-            return getattr(self, key)
+            return _legacy(getattr(self, key))
         raise KeyError(key)
 
     def __iter__(self):
@@ -126,6 +125,18 @@ class LegacyMapping(Mapping):
 
 
 _MISSING = object()
+
+
+def _legacy(v: Any) -> Any:
+    """A value as the old dict specs held it: nested specs as plain dicts of their old keys, tuples as lists (dicts
+    and lists are the spec's own objects, not copies)."""
+    if isinstance(v, LegacyMapping):
+        return {k: v[k] for k in v}
+    if isinstance(v, Spec):
+        return v.to_dict()
+    if isinstance(v, tuple):
+        return [_legacy(x) for x in v]
+    return v
 
 
 # -- the pieces ------------------------------------------------------------------------------------------------------
@@ -212,7 +223,8 @@ class EvalSettings(Spec, LegacyMapping):
     prompts_data: DataSpec | None = None
     reward: str | None = None
     reward_path: str | None = None
-    reward_load: dict[str, Any] | None = None  # an external reward model's own load settings (revision, remote code)
+    # an outside reward model's load settings {revision, trust_remote_code}; None: a reward stage of the recipe
+    reward_load: dict[str, Any] | None = None
 
 
 # -- a stage ---------------------------------------------------------------------------------------------------------
@@ -292,19 +304,6 @@ class RunSpec(Spec, LegacyMapping):
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
 
-    @classmethod
-    def from_legacy(cls, d: dict[str, Any]) -> "RunSpec":
-        """The typed form of the dict ``spec.resolve`` returned before it was typed (migration only)."""
-        shared = {k: d[k] for k in ("model", "precision", "cache_dir", "run_dir", "recipe", "store_dir") if k in d}
-        return cls(recipe=d["recipe"], stages=tuple(StageSpec.from_legacy({**shared, **s}) for s in d["stages"]),
-                   model=ModelSpec.from_legacy(d["model"]), launcher=dict(d.get("launcher") or {"kind": "local"}),
-                   description=d.get("description", ""), precision=d.get("precision", "auto"),
-                   seed=d.get("seed", 42), output_root=d.get("output_root", "outputs"),
-                   cache_dir=d.get("cache_dir", ""), store_dir=d.get("store_dir", ""),
-                   store_named=bool(d.get("store_named")), run_dir=d.get("run_dir", ""),
-                   eval=EvalSettings.from_legacy(d.get("eval") or {}), sweep=dict(d.get("sweep") or {}),
-                   notes=tuple(d.get("notes") or ()))
-
 
 # -- the migration shim: old keys of a stage spec (see the module docstring) -------------------------------------------
 LINK_PATH_KEYS = {"from": "init_path", "ref": "ref_path", "reward": "reward_path", "value": "value_path",
@@ -342,70 +341,8 @@ StageSpec.LEGACY = {
     "links": lambda s: _MISSING, "options": lambda s: _MISSING, "kind": lambda s: _MISSING,
     "stage_dir": lambda s: _MISSING, "entry_dir": lambda s: _MISSING,
     **{k: (lambda k: lambda s: getattr(s, k) if getattr(s, k) is not None else _MISSING)(k)
-       for k in ("eval", "fingerprint", "attempt", "lock_token", "resume_from")},
+       for k in ("fingerprint", "attempt", "lock_token", "resume_from")},
+    # the old specs got `eval` after fingerprinting (alignctl.pipeline still adds it so): the shim does not show it,
+    # so that a fingerprint over the old keys never sees it; StageSpec.eval holds it
+    "eval": lambda s: _MISSING,
 }
-
-
-def _data_from_legacy(d: dict[str, Any] | None, cache_dir: str | None) -> DataSpec | None:
-    if d is None:
-        return None
-    check = d.get("data_check")
-    source = "generated" if d.get("stage") else "local" if d.get("local", True) else "hub"
-    known = {f.name for f in dataclasses.fields(DataSpec)}
-    return DataSpec(**{k: v for k, v in d.items() if k in known and k not in ("source", "check", "cache_dir")},
-                    source=source, check=_check_from_legacy(check), cache_dir=d.get("cache_dir", cache_dir))
-
-
-def _check_from_legacy(check: dict | None) -> DataCheck | None:
-    if not check:
-        return None
-    return DataCheck(content=check["content"], files=tuple(tuple(f) for f in check.get("files", ())),
-                     extra={k: v for k, v in check.items() if k not in ("content", "files")})
-
-
-def _stage_from_legacy(cls, d: dict[str, Any]) -> StageSpec:
-    load = d.get("link_load") or {}
-    links = {}
-    for kind, key in LINK_PATH_KEYS.items():
-        if kind in d or key in d:
-            own = load.get(kind)
-            links[kind] = LinkSpec(kind, d.get(key), stage=d.get(kind), external=own is not None,
-                                   revision=(own or {}).get("revision"),
-                                   trust_remote_code=(own or {}).get("trust_remote_code") is True)
-    check = d.get("data_check")
-    data = _data_from_legacy(d.get("data"), d.get("cache_dir"))
-    if data is not None and check and data.check is None:
-        data = data.replace(check=_check_from_legacy(check))
-    ev = d.get("eval")
-    return cls(name=d["name"], kind=d["trainer"], links=links, data=data, args=dict(d.get("args") or {}),
-               options={k: d[k] for k in ("reward_funcs", "constitution") if k in d},
-               peft=dict(d.get("peft") or {"method": "none"}), world_size=d.get("world_size", 1),
-               distributed=d.get("distributed", "none"), model=ModelSpec.from_legacy(d.get("model") or {}),
-               precision=d.get("precision", "auto"), precision_setting=d.get("precision_setting",
-                                                                             d.get("precision", "auto")),
-               recipe=d.get("recipe", "recipe"), run_dir=d.get("run_dir", ""),
-               stage_dir=str(d.get("stage_dir") or d.get("output_dir") or ""), cache_dir=d.get("cache_dir", ""),
-               store_dir=d.get("store_dir", ""), description=d.get("description", ""),
-               keep_checkpoints=bool(d.get("keep_checkpoints")),
-               eval=EvalSettings.from_legacy(ev) if isinstance(ev, dict) else ev,
-               entry_dir=d.get("entry_dir"), fingerprint=d.get("fingerprint"), attempt=d.get("attempt"),
-               lock_token=d.get("lock_token"), resume_from=d.get("resume_from"),
-               model_check=dict(d.get("model_check") or {}))
-
-
-def _from_legacy_fields(cls, d: dict[str, Any] | None):
-    """A plain spec class from a dict that may hold extra (old) keys."""
-    d = d or {}
-    known = {f.name for f in dataclasses.fields(cls)}
-    out = {}
-    for k, v in d.items():
-        if k in known:
-            out[k] = v
-    if cls is EvalSettings and isinstance(out.get("prompts_data"), dict):
-        out["prompts_data"] = _data_from_legacy(out["prompts_data"], None)
-    return cls(**out)
-
-
-StageSpec.from_legacy = classmethod(_stage_from_legacy)  # type: ignore[attr-defined]
-ModelSpec.from_legacy = classmethod(_from_legacy_fields)  # type: ignore[attr-defined]
-EvalSettings.from_legacy = classmethod(_from_legacy_fields)  # type: ignore[attr-defined]

@@ -4,13 +4,31 @@ The reference model is the ``ref`` stage's final weights, by default the ``from`
 stage's, i.e. the weights this stage starts from.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from alignctl.config.checks import is_num
 from alignctl.stages import StageKind
+
+if TYPE_CHECKING:
+    from alignctl.config.types import StageSpec
+
+
+def check(stage: StageSpec, where: str) -> list[str]:
+    """Plan-time: robust DPO's ``label_smoothing`` is the probability that a label is flipped, below 0.5."""
+    loss, smoothing = stage.args.get("loss_type"), stage.args.get("label_smoothing")
+    if is_num(smoothing) and smoothing >= 0.5 and "robust" in (loss if isinstance(loss, list) else [loss]):
+        return [f"{where}.label_smoothing: robust DPO needs a flip probability in [0, 0.5), got {smoothing}"]
+    return []
+
 
 KIND = StageKind(
     name="dpo", config_class="trl.DPOConfig", data_kind="preference",
     summary="direct preference optimisation (any TRL loss_type)", links=("ref",),
     headline="eval_pref_accuracy",
     key_fields=("beta", "loss_type", "learning_rate", "num_train_epochs", "per_device_train_batch_size", "max_length"),
+    check=check,  # plan-time rules
 )
 
 

@@ -23,19 +23,14 @@ import copy
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from alignctl.stages import StageKind
 
-log = logging.getLogger("alignctl")
+if TYPE_CHECKING:
+    from alignctl.config.types import DataSpec, StageSpec
 
-KIND = StageKind(
-    name="generate", config_class="alignctl.stages.generate.GenerateConfig", data_kind="prompt",
-    summary="sample k answers per prompt from a policy, score them (reward model / judge / reward functions), "
-            "write preference pairs", links=("reward", "judge"), output="data", options=("reward_funcs",
-                                                                                          "constitution"),
-    key_fields=("k", "num_prompts", "temperature", "top_p", "max_new_tokens", "pairs", "margin"), headline="pairs",
-)
+log = logging.getLogger("alignctl")
 
 
 @dataclass
@@ -62,16 +57,22 @@ class GenerateConfig:
     report_to: str | None = None
 
 
-def check(stage: dict, where: str) -> list[str]:
+def _linked(stage: "StageSpec", link: str) -> str | None:
+    """The model path of one of the stage's links (None: not set)."""
+    found = stage.link(link)
+    return found.path if found is not None else None
+
+
+def check(stage: "StageSpec", where: str) -> list[str]:
     """Plan-time checks: a scorer is named, the reward functions are TRL's (grpo's check), values are in range."""
     from alignctl.stages import grpo
 
     problems = []
-    if not (stage.get("reward_path") or stage.get("judge_path") or stage.get("reward_funcs")):
+    if not (_linked(stage, "reward") or _linked(stage, "judge") or stage.options.get("reward_funcs")):
         problems.append(f"{where}: a generate stage needs a scorer: `reward: <reward stage or path>`, "
                         "`judge: <stage or causal LM path>` and/or `reward_funcs: [...]`")
-    problems += grpo.check({**stage, "args": {}}, where)
-    args = stage["args"]
+    problems += grpo.check(stage.replace(args={}), where)
+    args = stage.args
     if isinstance(args.get("k"), int) and args["k"] < 2:
         problems.append(f"{where}.k: must be at least 2 (answers to compare), got {args['k']}")
     t, p = args.get("temperature", 1.0), args.get("top_p", 1.0)
@@ -82,26 +83,29 @@ def check(stage: dict, where: str) -> list[str]:
     e = args.get("eval_size", 0.0)
     if isinstance(e, (int, float)) and not 0 <= e < 1:
         problems.append(f"{where}.eval_size: must be a fraction in [0, 1), got {e}")
-    c = stage.get("constitution")
+    c = stage.options.get("constitution")
     if c is not None and (not isinstance(c, list) or not all(isinstance(x, str) and x for x in c)):
         problems.append(f"{where}.constitution: must be a list of principles (strings), got {c!r}")
-    if c is not None and not stage.get("judge_path"):
+    if c is not None and not _linked(stage, "judge"):
         problems.append(f"{where}.constitution: is read by a judge only; set `judge:` too")
     return problems
 
 
-def data_spec(stage: dict, run_dir, normalize) -> dict:
+def data_source(stage: "StageSpec", run_dir: str) -> "DataSpec":
     """The data spec of a later stage's ``data: <this generate stage>``: its final/ folder, held-out split test."""
     from pathlib import Path
 
-    e = stage["args"].get("eval_size", 0.0)
-    spec, _ = normalize({"path": str(Path(run_dir) / stage["name"] / "final"), "split": "train",
-                         "eval_split": "test" if e else None, "eval_size": 0}, f"stages.{stage['name']}")
-    return {**spec, "stage": stage["name"], "label": f"stages.{stage['name']} (generated)"}
+    from alignctl.config.data_checks import normalize, to_spec
+
+    e = stage.args.get("eval_size", 0.0)
+    spec, _ = normalize({"path": str(Path(run_dir) / stage.name / "final"), "split": "train",
+                         "eval_split": "test" if e else None, "eval_size": 0}, f"stages.{stage.name}")
+    return to_spec({**spec, "label": f"stages.{stage.name} (generated)"}, stage=stage.name)
 
 
-def data_kind(stage: dict) -> str:
-    return "unpaired" if stage["args"].get("pairs") == "kto" else "preference"
+def produces(stage: "StageSpec") -> str:
+    """The data kind the stage writes: KTO-style labelled completions, or preference pairs."""
+    return "unpaired" if stage.args.get("pairs") == "kto" else "preference"
 
 
 # -- rounds: N ------------------------------------------------------------------------------------------------------
@@ -139,6 +143,17 @@ def expand_rounds(stages: dict, problems: list[str]) -> dict:
             out[f"{gen}{i}"], out[f"{train}{i}"] = g, t
             policy = f"{train}{i}"
     return out
+
+
+KIND = StageKind(
+    name="generate", config_class="alignctl.stages.generate.GenerateConfig", data_kind="prompt",
+    summary="sample k answers per prompt from a policy, score them (reward model / judge / reward functions), "
+            "write preference pairs", links=("reward", "judge"), output="data", options=("reward_funcs",
+                                                                                          "constitution"),
+    key_fields=("k", "num_prompts", "temperature", "top_p", "max_new_tokens", "pairs", "margin"), headline="pairs",
+    # plan-time rules
+    check=check, expand=expand_rounds, produces=produces, data_source=data_source,
+)
 
 
 # -- the stage -------------------------------------------------------------------------------------------------------

@@ -16,15 +16,13 @@ rewards of completions sampled for the held-out prompts), and per function
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from alignctl.config.checks import NONNEG
 from alignctl.stages import StageKind
 
-KIND = StageKind(
-    name="grpo", config_class="trl.GRPOConfig", data_kind="prompt",
-    summary="group-relative policy optimisation scored by a reward model and/or TRL reward functions",
-    links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward", samples_during_eval=True,
-    key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "num_generations", "beta",
-                "max_completion_length", "temperature"),
-)
+if TYPE_CHECKING:
+    from alignctl.config.types import StageSpec
 
 # TRL's built-in reward functions (trl.rewards): name -> whether it is a factory taking arguments.
 BUILTIN_REWARDS = {
@@ -54,11 +52,11 @@ def _entries(funcs) -> list[tuple[str, dict]]:
     return out
 
 
-def check(stage: dict, where: str) -> list[str]:
+def check(stage: StageSpec, where: str) -> list[str]:
     """Plan-time checks of ``reward_funcs`` and of ``reward_weights`` against the number of rewards."""
     from alignctl.errors import suggest
 
-    funcs = stage.get("reward_funcs")
+    funcs = stage.options.get("reward_funcs")
     if funcs is not None and not isinstance(funcs, list):
         return [f"{where}.reward_funcs: must be a list of TRL reward function names, got {funcs!r}"]
     try:
@@ -82,13 +80,24 @@ def check(stage: dict, where: str) -> list[str]:
             if missing:
                 problems.append(f"{where}.reward_funcs: {name} needs {', '.join(missing)}, e.g. "
                                 f"[{{{name}: {{{', '.join(f'{a}: ...' for a in missing)}}}}}]")
-    weights = stage["args"].get("reward_weights")
-    n = len(entries) + (1 if stage.get("reward_path") else 0)
+    weights = stage.args.get("reward_weights")
+    reward = stage.link("reward")
+    n = len(entries) + (1 if reward is not None and reward.path else 0)
     if isinstance(weights, list) and len(weights) != n:
         problems.append(f"{where}.reward_weights: {len(weights)} weights for {n} rewards "
                         "(the reward model first, then reward_funcs in order)")
     return problems
 
+
+KIND = StageKind(
+    name="grpo", config_class="trl.GRPOConfig", data_kind="prompt",
+    summary="group-relative policy optimisation scored by a reward model and/or TRL reward functions",
+    links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward", samples_during_eval=True,
+    key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "num_generations", "beta",
+                "max_completion_length", "temperature"),
+    # plan-time rules: beta is a KL coefficient where 0 means no reference model
+    ranges={"beta": NONNEG}, check=check,
+)
 
 def reward_functions(ctx) -> tuple[list, list]:
     """(reward_funcs, reward_processing_classes) for TRL: the linked reward model first, then built-in functions."""

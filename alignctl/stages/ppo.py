@@ -33,6 +33,9 @@ KIND = StageKind(
     links=("ref", "reward", "value"), needs_reward=True, headline="eval_rm_score",
     key_fields=("learning_rate", "total_episodes", "per_device_train_batch_size", "num_ppo_epochs",
                 "num_mini_batches", "kl_coef", "response_length", "temperature"),
+    # plan-time rules
+    sharded_unsupported="alignctl's PPO stage samples held-out completions from and saves the policy outside TRL's "
+                        "parameter gathering, which sharded weights need; use zero2 or ddp",
 )
 
 

@@ -5,8 +5,9 @@ reward of the others. Rewards, data, reference and held-out metric (TRL's ``eval
 are as for the ``grpo`` stage (see alignctl/stages/grpo.py).
 """
 
+from alignctl.config.checks import NONNEG
 from alignctl.stages import StageKind
-from alignctl.stages.grpo import check, reward_functions  # noqa: F401  (check: plan-time checks of reward_funcs)
+from alignctl.stages.grpo import check, reward_functions
 
 KIND = StageKind(
     name="rloo", config_class="trl.RLOOConfig", data_kind="prompt",
@@ -14,6 +15,8 @@ KIND = StageKind(
     links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward", samples_during_eval=True,
     key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "num_generations", "beta",
                 "max_completion_length", "temperature"),
+    # plan-time rules (as grpo's): beta is a KL coefficient where 0 means no reference model
+    ranges={"beta": NONNEG}, check=check,
 )
 
 

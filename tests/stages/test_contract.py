@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignctl import links, trl_fields
 from alignctl.cli import main
+from alignctl.config import links, trl_fields
 from alignctl.metrics import PREFERENCE_ACCURACY, headline
 from alignctl.stages import STAGES, StageKind
 from conftest import one_thread_collecting_log

@@ -2,8 +2,8 @@
 
 ``trl_fields.json`` maps each TRL config class used by a stage kind to its fields
 (name -> type string, default and, for fields with a fixed set of values, ``choices``).
-``python -m alignctl.trl_fields`` rewrites it from the installed TRL; a test fails when
-the snapshot and the installed TRL differ.
+``python -m alignctl.config.trl_fields`` rewrites it from the installed TRL (the only part of this
+module that imports TRL, by the config classes' names); a test fails when the snapshot and the installed TRL differ.
 
 Choices come from where TRL and transformers list them: an Enum in the field's type
 (``lr_scheduler_type``: SchedulerType, ``optim``: OptimizerNames, the ``*_strategy``

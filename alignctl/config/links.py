@@ -5,11 +5,12 @@ A stage names the models it uses with links: ``from`` (its initial weights), ``r
 recipe (a folder, a Hub id ``org/repo[@revision]`` or a built-in tiny model), whether such a model runs remote code
 only with the stage's ``trust_remote_code_links`` consent, whether it counts in the upstream digest
 (alignctl.pipeline), its row label in ``alignctl plan`` and the stage spec key of its resolved path.
-spec.py, store.py, pipeline.py, plan.py, launch.py and the runner iterate this table instead of listing names
-(tests/test_links.py checks that no other module lists them).
+The resolvers (alignctl.config.resolve_links), store.py, pipeline.py, plan.py, launch.py and the runner iterate this
+table instead of listing names (tests/test_links.py checks that no other module lists them).
 
 An external link (not a stage of the recipe) loads with its own settings, recorded at plan time under the stage
-spec's ``link_load`` ({link: {revision, trust_remote_code}}; alignctl.models.link_model_spec): its own revision
+spec's links (:class:`alignctl.config.types.LinkSpec`; the old spec key ``link_load``: {link: {revision,
+trust_remote_code}}, alignctl.models.link_model_spec): its own revision
 (``org/repo@<revision>``; a local path never splits on ``@``), remote code only with consent, and its own
 tokenizer's chat template (``model.chat_template`` is the base model's and the recipe's stages'). ``eval.reward``
 is not a stage link; it loads the same way, and never with remote code (:data:`EVAL_REWARD`).
@@ -20,6 +21,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from alignctl import tiny
+from alignctl.config import checks
+from alignctl.config.data_checks import looks_local
+from alignctl.config.model_checks import PKG_PREFIX, pkg_dir
+
 CAUSAL_LM, CLASSIFIER = "causal_lm", "classifier"
 
 
@@ -34,15 +41,19 @@ class Link:
     label: str  # its row in `alignctl plan`
     # a classifier link that also accepts a language model (its head then starts fresh): the plan note saying so
     causal_lm_note: str | None = None
+    # unset, the link takes the model of this other link (the reference: the `from` weights; the value model: the
+    # reward model, with its load settings)
+    defaults_to: str | None = None
 
 
 LINKS: tuple[Link, ...] = (
     Link("from", "init_path", CAUSAL_LM, external=False, consent=False, upstream=True, label="policy"),
-    Link("ref", "ref_path", CAUSAL_LM, external=False, consent=False, upstream=True, label="reference"),
+    Link("ref", "ref_path", CAUSAL_LM, external=False, consent=False, upstream=True, label="reference",
+         defaults_to="from"),
     Link("reward", "reward_path", CLASSIFIER, external=True, consent=True, upstream=True, label="reward"),
     Link("value", "value_path", CLASSIFIER, external=True, consent=True, upstream=True, label="value",
          causal_lm_note="is a language model: the value model starts from its weights with a freshly initialised "
-                        "value head (as expected for PPO)"),
+                        "value head (as expected for PPO)", defaults_to="reward"),
     Link("judge", "judge_path", CAUSAL_LM, external=True, consent=True, upstream=True, label="judge"),
 )
 # `eval.reward`: the evaluation's reward model (alignctl.evaluate), loaded like an external reward link but never
@@ -143,22 +154,15 @@ def model_problems(path: str, rev: str | None, where: str, run: bool, notes: lis
     """A model location as plan checks it: a built-in tiny model, an installed ``pkg:`` folder, a local folder
     (config.json, tokenizer, safetensors; or ``gguf_file``, the base model's) or a Hub id at ``rev`` (cached or
     reachable; offline: a note for plan, an error for ``run``)."""
-    from alignctl import checks
-    from alignctl.tiny import TINY_ARCHS, TINY_PREFIX, is_tiny, tiny_arch
-
-    if is_tiny(path):
-        ok = tiny_arch(path) in TINY_ARCHS
+    if tiny.is_tiny(path):
+        ok = tiny.tiny_arch(path) in tiny.TINY_ARCHS
         return [] if ok else [f"{where}: unknown built-in tiny model '{path}'; choose from "
-                              f"{', '.join(TINY_PREFIX + a for a in TINY_ARCHS)}"]
-    if str(path).startswith("pkg:"):
-        from alignctl.models import pkg_dir
-
+                              f"{', '.join(tiny.TINY_PREFIX + a for a in tiny.TINY_ARCHS)}"]
+    if str(path).startswith(PKG_PREFIX):
         folder = pkg_dir(path)
         if folder is None:
             return [f"{where}: the package of {path} is not installed"] if run else []
         return checks.local_model_problems(folder, where, gguf_file)
-    from alignctl.data import looks_local
-
     if Path(path).is_absolute() or looks_local(path):
         return checks.local_model_problems(Path(path).expanduser(), where, gguf_file)
     problems, hub_notes = checks.hub_model_problems(path, rev, where, run)

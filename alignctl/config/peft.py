@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from alignctl.config.paths import CONFIGS_DIR
 from alignctl.errors import suggest
 
 PEFT_METHODS = {
@@ -128,3 +129,10 @@ def describe_peft(peft: dict | None) -> str:
                 f"{' double-quant' if peft.get('bnb_4bit_use_double_quant') else ''}, " \
                 f"compute {peft.get('bnb_4bit_compute_dtype', 'auto')}"
     return text
+
+
+def preset(name: str) -> dict:
+    """The fields of configs/peft/<name>.yaml (what `peft=<name>` selects)."""
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(OmegaConf.load(CONFIGS_DIR / "peft" / f"{name}.yaml"), resolve=True))
