@@ -202,6 +202,7 @@ class EvalSettings(Spec, LegacyMapping):
     prompts_data: DataSpec | None = None
     reward: str | None = None
     reward_path: str | None = None
+    reward_load: dict[str, Any] | None = None  # an external reward model's own load settings (revision, remote code)
 
 
 # -- a stage ---------------------------------------------------------------------------------------------------------

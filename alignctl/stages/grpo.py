@@ -18,12 +18,24 @@ from __future__ import annotations
 
 from alignctl.stages import StageKind
 
+
+def build(ctx):
+    """TRL's GRPOTrainer with the stage's rewards (:func:`reward_functions`, below)."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    funcs, classes = reward_functions(ctx)
+    return GRPOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=ctx.trl_config(GRPOConfig),
+                       train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
+                       reward_processing_classes=classes, peft_config=ctx.peft_config())
+
+
 KIND = StageKind(
     name="grpo", config_class="trl.GRPOConfig", data_kind="prompt",
     summary="group-relative policy optimisation scored by a reward model and/or TRL reward functions",
     links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward", samples_during_eval=True,
     key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "num_generations", "beta",
                 "max_completion_length", "temperature"),
+    build=build,
 )
 
 # TRL's built-in reward functions (trl.rewards): name -> whether it is a factory taking arguments.
@@ -90,28 +102,26 @@ def check(stage: dict, where: str) -> list[str]:
     return problems
 
 
-def reward_functions(ctx) -> tuple[list, list]:
-    """(reward_funcs, reward_processing_classes) for TRL: the linked reward model first, then built-in functions."""
+def builtin_rewards(entries) -> list:
+    """TRL's built-in reward functions (trl.rewards) of a ``reward_funcs`` option, the factories called with their
+    arguments."""
     import trl.rewards
 
-    funcs, classes = [], []
-    if ctx.spec.get("reward_path"):
-        rm = ctx.load_reward_model()
-        rm.config._name_or_path = ctx.spec.get("reward") or ctx.spec["reward_path"]  # TRL names its metrics by it
-        funcs.append(rm)
-        classes.append(ctx.link_tokenizer("reward"))  # an outside reward model formats with its own chat template
-    for name, kwargs in _entries(ctx.spec.get("reward_funcs")):
+    funcs = []
+    for name, kwargs in _entries(entries):
         fn = getattr(trl.rewards, name)
         funcs.append(fn(**kwargs) if BUILTIN_REWARDS[name] else fn)
-        classes.append(None)
-    return funcs, classes
+    return funcs
 
 
-def run(ctx):
-    from trl import GRPOConfig, GRPOTrainer
-
-    funcs, classes = reward_functions(ctx)
-    trainer = GRPOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=ctx.trl_config(GRPOConfig),
-                          train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
-                          reward_processing_classes=classes, peft_config=ctx.peft_config())
-    return ctx.train_and_save(trainer)
+def reward_functions(ctx) -> tuple[list, list]:
+    """(reward_funcs, reward_processing_classes) for TRL: the linked reward model first, then built-in functions."""
+    funcs, classes = [], []
+    link = ctx.spec.link("reward")
+    if link is not None and link.path:
+        rm = ctx.load_reward_model()
+        rm.config._name_or_path = link.stage or link.path  # TRL names its metrics by it
+        funcs.append(rm)
+        classes.append(ctx.link_tokenizer("reward"))  # an outside reward model formats with its own chat template
+    builtin = builtin_rewards(ctx.spec.options.get("reward_funcs"))
+    return funcs + builtin, classes + [None] * len(builtin)

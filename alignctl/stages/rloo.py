@@ -8,20 +8,21 @@ are as for the ``grpo`` stage (see alignctl/stages/grpo.py).
 from alignctl.stages import StageKind
 from alignctl.stages.grpo import check, reward_functions  # noqa: F401  (check: plan-time checks of reward_funcs)
 
+
+def build(ctx):
+    from trl import RLOOConfig, RLOOTrainer
+
+    funcs, classes = reward_functions(ctx)
+    return RLOOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=ctx.trl_config(RLOOConfig),
+                       train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
+                       reward_processing_classes=classes, peft_config=ctx.peft_config())
+
+
 KIND = StageKind(
     name="rloo", config_class="trl.RLOOConfig", data_kind="prompt",
     summary="REINFORCE leave-one-out scored by a reward model and/or TRL reward functions",
     links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward", samples_during_eval=True,
     key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "num_generations", "beta",
                 "max_completion_length", "temperature"),
+    build=build,
 )
-
-
-def run(ctx):
-    from trl import RLOOConfig, RLOOTrainer
-
-    funcs, classes = reward_functions(ctx)
-    trainer = RLOOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=ctx.trl_config(RLOOConfig),
-                          train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
-                          reward_processing_classes=classes, peft_config=ctx.peft_config())
-    return ctx.train_and_save(trainer)
