@@ -112,7 +112,8 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (else 0)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
@@ -125,7 +126,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
-    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
+    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     sample = temperature > 0
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=eos, pad_token_id=pad,
                               use_cache=True,
@@ -133,7 +134,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     out: list[list[int]] = []
     # the global random state is restored afterwards: evaluating must not change what training samples
     forked = [device.index or 0] if device.type == "cuda" else []
-    with _eval_mode(model), torch.random.fork_rng(devices=forked):
+    with eval_mode(model), torch.random.fork_rng(devices=forked):
         for b, i in enumerate(range(0, len(prompt_ids), batch_size)):
             chunk = prompt_ids[i:i + batch_size]
             width = max(len(x) for x in chunk)
@@ -148,7 +149,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
 
 
 @contextlib.contextmanager
-def _eval_mode(model):
+def eval_mode(model):
+    """``model`` in eval mode (dropout off) for the block, then back in the mode it was in."""
     was = model.training
     model.eval()
     try:
@@ -170,9 +172,9 @@ def token_logps(model, tokenizer, prompt_ids: list[list[int]], completion_ids: l
     import torch
 
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     out: list[tuple[float, int]] = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for i in range(0, len(prompt_ids), batch_size):
             seqs = [p + c for p, c in zip(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size])]
             starts = [max(len(p), 1) for p in prompt_ids[i:i + batch_size]]  # the first scored position of each row
@@ -378,11 +380,11 @@ def reward_scores(reward_model, reward_tokenizer, tokenizer, prompt_ids: list[li
     else:
         seqs = [rtok(tokenizer.decode(p + c), add_special_tokens=False)["input_ids"]
                 for p, c in zip(prompt_ids, completion_ids)]
-    pad = _pad_id(rtok)
+    pad = pad_id(rtok)
     reward_model.config.pad_token_id = pad  # the classifier finds each row's last token by its padding
     device = next(reward_model.parameters()).device
     out: list[float] = []
-    with _eval_mode(reward_model):
+    with eval_mode(reward_model):
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i:i + batch_size]
             width = max(len(x) for x in chunk)
@@ -496,12 +498,10 @@ class PolicyEval:
         return out
 
     def write(self, path: Path) -> None:
-        from alignctl.fsutil import dumps
+        from alignctl.fsutil import dumps, write_text_atomic
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text("".join(dumps(r).replace("\n", " ") + "\n" for r in self.rows()))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(dumps(r).replace("\n", " ") + "\n" for r in self.rows()))
 
     def info(self) -> dict:
         s = self.settings

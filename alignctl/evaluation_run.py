@@ -26,7 +26,7 @@ from alignctl.config.compose import compose
 from alignctl.config.types import StageSpec
 from alignctl.errors import ConfigError, DataChanged
 from alignctl.fsutil import write_json
-from alignctl.runner import StageContext, _release_memory
+from alignctl.train.context import StageContext, release_memory
 from alignctl.stages import STAGES
 
 
@@ -175,7 +175,7 @@ def _eval_stage(ctx, final: Path):
     initial = load(ctx.spec["init_path"])
     pe.before(initial)
     del initial
-    _release_memory()
+    release_memory()
     model = load(str(final))
     generated = ctx.finish_policy_eval(pe, model, samples_to=None)  # the store entry is never written to
     after = generated["after"]
@@ -205,7 +205,7 @@ def eval_model(path: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path
         ref = models.load_causal_lm(str(Path(ref_path).expanduser()), model_spec, precision, tok)
         pe.before(ref)
         del ref
-        _release_memory()
+        release_memory()
     model = models.load_causal_lm(str(path), model_spec, precision, tok)
     reference = _loaded_reference(ref_path, model_spec, precision, tok) if ref_path else None
     reward = _loaded_reward(opts["--reward"], precision) if opts.get("--reward") else None

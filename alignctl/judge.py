@@ -42,12 +42,12 @@ class LMJudge:
     def __call__(self, items: list[tuple[str, str, str]]) -> list[float]:
         import torch
 
-        from alignctl.evaluate import _eval_mode, _pad_id
+        from alignctl.evaluate import eval_mode, pad_id
 
         texts = [self.template.format(principles=self.principles, prompt=p, a=a, b=b) for p, a, b in items]
         device = next(self.model.parameters()).device
-        pad, out = _pad_id(self.tok), []
-        with _eval_mode(self.model), torch.no_grad():
+        pad, out = pad_id(self.tok), []
+        with eval_mode(self.model), torch.no_grad():
             for i in range(0, len(texts), self.batch_size):
                 ids = [self.tok(t)["input_ids"] + self.prefix for t in texts[i:i + self.batch_size]]
                 width = max(len(x) for x in ids)

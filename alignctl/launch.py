@@ -79,7 +79,7 @@ def run_stage(work: StageSpec, spec_path: str | os.PathLike, launcher: dict | No
     ``work`` has already been written to ``spec_path`` (the worker reads it there: :meth:`StageSpec.from_json`)."""
     launcher = launcher or {"kind": "local"}
     if launcher["kind"] == "local":
-        from alignctl.runner import run_stage as run_here
+        from alignctl.train.lifecycle import run_stage as run_here
 
         with models.training_environment(work):  # no inherited variable changes how it trains (alignctl.models)
             return {"metrics": run_here(work), "world_size": 1}

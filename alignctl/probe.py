@@ -43,7 +43,7 @@ def check(stages: list[StageSpec]) -> dict:
     import importlib
 
     from alignctl import models, store
-    from alignctl.runner import StageContext
+    from alignctl.train.context import StageContext
     from alignctl.stages import STAGES
 
     resolved = store.resolve_numerics(stages)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignctl.metrics import fmt as _fmt  # the one number format of tables and reports
+from alignctl.metrics import fmt  # the one number format of tables and reports
 from alignctl.metrics import headline
 
 # Besides each stage's headline, the sweep table shows these metrics after training (when measured).
@@ -83,7 +83,7 @@ def plot_rewards(rows: list[dict], out: Path, title: str) -> bool:
     return True
 
 
-def _cell(text) -> str:
+def cell(text) -> str:
     """Text in one markdown table cell: one line, pipes escaped, at most 160 characters."""
     text = " ".join(str(text).split()).replace("|", "\\|")
     return text if len(text) <= 160 else text[:157] + "..."
@@ -110,7 +110,7 @@ def _evaluation_section(run_dir: Path, s: dict) -> list[str]:
                        ("eval_pref_accuracy_norm", "preference accuracy (per-token log-prob)"),
                        ("eval_rewards/accuracies", "TRL implicit-reward accuracy")):
         if key in after:
-            lines.append(f"| {label} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |")
+            lines.append(f"| {label} | {fmt(before.get(key))} | {fmt(after.get(key))} |")
     if "eval_win_rate" in after:
         lines.append(f"| win rate after vs before [95% Wilson CI, ties half] | | {after['eval_win_rate']:.3f} "
                      f"[{after['eval_win_rate_low']:.3f}, {after['eval_win_rate_high']:.3f}] |")
@@ -126,46 +126,24 @@ def _evaluation_section(run_dir: Path, s: dict) -> list[str]:
                   "| --- | --- | --- |" + (" --- |" if scored else "")]
         for r in rows[:3]:
             sc = r.get("scores") or {}
-            extra = f" {_fmt(sc.get('before'))} → {_fmt(sc.get('after'))} |" if scored else ""
-            lines.append(f"| {_cell(r['prompt'])} | {_cell(r.get('before', ''))} | {_cell(r['after'])} |{extra}")
+            extra = f" {fmt(sc.get('before'))} → {fmt(sc.get('after'))} |" if scored else ""
+            lines.append(f"| {cell(r['prompt'])} | {cell(r.get('before', ''))} | {cell(r['after'])} |{extra}")
         lines.append("")
     return lines
 
 
-def _generated_section(stages: list[dict]) -> list[str]:
-    """Generate stages (alignctl.stages.generate): the data each wrote, and how the stage after it (the round's
-    training) did against its starting policy, i.e. the previous round."""
+def _kind_sections(manifest: dict, run_dir: Path) -> list[str]:
+    """The sections stage kinds add to the report (their ``report_section``), one per kind, under its heading."""
+    from alignctl.stages import STAGES
+
     lines = []
-    for n, s in enumerate(stages):
-        d = (s.get("metrics") or {}).get("data")
-        if s["trainer"] != "generate" or not d:
+    for kind in STAGES.values():
+        if kind.report_section is None:
             continue
-        lines += [f"### {s['name']}: {int(d.get('pairs', 0))} pairs from {d.get('prompts')} prompts x {d.get('k')} "
-                  f"answers (scored by {', '.join(d.get('scorers') or [])}; {d.get('eval_pairs', 0)} held out)", ""]
-        if "margin_mean" in d:
-            lines.append(f"Score margin chosen - rejected: mean {_fmt(d['margin_mean'])}, min {_fmt(d['margin_min'])}, "
-                         f"max {_fmt(d['margin_max'])}; mean score of all answers {_fmt(d.get('score_mean'))}.")
-        j = d.get("judge")
-        if j:
-            lines.append(f"Judge: {j['comparisons']} comparisons asked in both orders, {j['decisive']} decisive, "
-                         f"{j['ties']} ties (identical answers, or a verdict that flipped with the order: no pair); position consistency "
-                         f"{_fmt(j['position_consistency'])}.")
-        nxt = stages[n + 1] if n + 1 < len(stages) else None
-        after = ((nxt or {}).get("metrics") or {}).get("after") or {}
-        if "eval_win_rate" in after:
-            lines.append(f"{nxt['name']} trained on it: held-out win rate vs its starting policy (the previous round) "
-                         f"{after['eval_win_rate']:.3f} [{after['eval_win_rate_low']:.3f}, "
-                         f"{after['eval_win_rate_high']:.3f}]" + (f", vs its reference {after['eval_win_rate_ref']:.3f}"
-                                                                  if "eval_win_rate_ref" in after else "")
-                         + (f"; reward {_fmt(after.get('eval_reward_mean'))}" if "eval_reward_mean" in after else "")
-                         + (f"; KL to reference {_fmt(after.get('eval_kl'))}/token" if "eval_kl" in after else "")
-                         + ".")
-        lines.append("")
-        if d.get("examples"):
-            lines += ["| prompt | chosen | rejected | margin |", "| --- | --- | --- | --- |"]
-            lines += [f"| {_cell(e['prompt'])} | {_cell(e['chosen'])} | {_cell(e['rejected'])} | {_fmt(e['margin'])} |"
-                      for e in d["examples"][:3]]
-            lines.append("")
+        body = [line for s in manifest["stages"] if s["trainer"] == kind.name
+                for line in kind.report_section(s, run_dir, manifest["stages"])]
+        if body:
+            lines += [f"## {kind.report_heading}", "", *body]
     return lines
 
 
@@ -178,10 +156,10 @@ def write_run_report(manifest: dict) -> Path:
     for s in manifest["stages"]:
         m = s.get("metrics") or {}
         head = headline(s)
-        mark = " (resumed)" if m.get("before_resumed") else ""  # measured on resumed weights (runner.before_resumed)
+        mark = " (resumed)" if m.get("before_resumed") else ""  # measured on resumed weights (alignctl.train.lifecycle.before_resumed)
         lines.append(f"| {s['name']} | {s['trainer']} | {s['status']} | {'yes' if s.get('reused_from') else 'no'} | "
-                     f"{head} | {_fmt(m.get('before', {}).get(head))}{mark} | {_fmt(m.get('after', {}).get(head))} | "
-                     f"{_fmt(m.get('train', {}).get('train_loss'))} |")
+                     f"{head} | {fmt(m.get('before', {}).get(head))}{mark} | {fmt(m.get('after', {}).get(head))} | "
+                     f"{fmt(m.get('train', {}).get('train_loss'))} |")
         hist = run_dir / s["name"] / "log_history.json"
         if hist.is_file() and plot_curves(json.loads(hist.read_text()), run_dir / s["name"] / "curves.png",
                                           f"{s['name']} ({s['trainer']})"):
@@ -200,9 +178,7 @@ def write_run_report(manifest: dict) -> Path:
         lines += [f"Store: {st['entries']} entries, {human(st['bytes'])}; this run added {human(st['added_bytes'])} "
                   f"(`alignctl store ls --store {st['dir']}`, `alignctl store gc`)", ""]
     lines += [*plots, ""]
-    generated = _generated_section(manifest["stages"])
-    if generated:
-        lines += ["## Generated data", "", *generated]
+    lines += _kind_sections(manifest, run_dir)
     evaluation = [line for s in manifest["stages"] for line in _evaluation_section(run_dir, s)]
     if evaluation:
         lines += ["## Held-out evaluation", "", *evaluation]
@@ -271,7 +247,7 @@ def sweep_report(sweep_dir: str | Path) -> tuple[Path, Path | None, list[dict]]:
     cols = ["job", *swept, "status", *metric_cols]
     lines = [f"# Sweep {sweep_dir}", "", f"Swept: {', '.join(swept) or 'nothing differs between jobs'}", "",
              "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     plot = None
     if swept and metric_cols:
         plot = _sweep_plot(rows, swept[0], metric_cols, sweep_dir / "sweep.png")

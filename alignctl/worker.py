@@ -1,7 +1,7 @@
 """One rank of a stage: ``python -m alignctl.worker <spec.json>``, started by torchrun or accelerate.
 
 Every rank reads the stage spec the orchestrator wrote (``StageSpec.from_json``; the run was resolved once, by the
-process that ran Hydra; nothing here imports Hydra) and runs :func:`alignctl.runner.run_stage`: the TRL trainer does
+process that ran Hydra; nothing here imports Hydra) and runs :func:`alignctl.train.lifecycle.run_stage`: the TRL trainer does
 the distributed work, rank 0 writes the final model. Each rank then reports into ``<spec dir>/launch/``:
 
 * ``rank<k>.json``: world size, device, distributed backend, and whether Hydra was imported in this process;
@@ -16,7 +16,7 @@ execs the command, so a killed orchestrator takes the launcher and its ranks wit
 whose ``attempt`` id is not the one the orchestrator started it for (another run rewrote that spec.json), a spec
 whose ``precision: auto`` resolves differently on this machine than on the orchestrator's, and a stage whose store
 entry's lock no longer holds the orchestrator's ``lock_token``; rank 0 checks that token again right before it
-replaces the entry's ``final/`` or ``adapter/`` (alignctl.runner.owner_guard).
+replaces the entry's ``final/`` or ``adapter/`` (alignctl.train.context.owner_guard).
 
 Testing hook: ``ALIGNCTL_TEST_FAIL_RANK=<rank>[:<stage>]`` makes that rank raise before loading anything (in that
 stage only, with ``:<stage>``). tests/test_launch.py uses it to check how a failing rank is reported. It is read in
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from alignctl.runner import run_stage
+        from alignctl.train.lifecycle import run_stage
 
         spec = StageSpec.from_json(spec_path.read_text())
         _check_spec(spec)

@@ -53,7 +53,7 @@ def _context_class():
     import torch
     from transformers import TrainerCallback
 
-    from alignctl.runner import StageContext
+    from alignctl.train.context import StageContext
 
     class Peak(TrainerCallback):
         def __init__(self, record: dict):

@@ -51,7 +51,7 @@ def worker(impl: str, spec_path: str, seed: int, out: str) -> None:
 
     torch.set_num_threads(1)
     from alignctl.evaluate import encode_prompt
-    from alignctl.runner import StageContext
+    from alignctl.train.context import StageContext
 
     spec = json.loads(Path(spec_path).read_text())
     spec = {**spec, "output_dir": out, "resume_from": None, "args": {**spec["args"], "seed": seed}}

@@ -123,7 +123,7 @@ def test_a_local_model_folder_is_identified_by_content(tmp_path, cache_root):
 
 def test_a_model_folder_changed_during_the_run_stops_the_stage(tmp_path, cache_root):
     from alignctl.errors import StageFailed
-    from alignctl.runner import _checked_context
+    from alignctl.train.context import checked_context
 
     folder = local_model(tmp_path, cache_root)
     s = prepared(tmp_path, f"model.name_or_path={folder}")[0]
@@ -133,7 +133,7 @@ def test_a_model_folder_changed_during_the_run_stops_the_stage(tmp_path, cache_r
     store.check_models_unchanged(s)
     rewrite_in_place(folder / "model.safetensors")
     with pytest.raises(StageFailed, match="model folder .* changed on disk"):
-        _checked_context(s)  # before any model or data is loaded
+        checked_context(s)  # before any model or data is loaded
 
 
 def test_plan_notes_unpinned_hub_models_and_data_sets(tmp_path):
@@ -158,7 +158,7 @@ def test_an_inherited_mixed_precision_does_not_change_an_fp32_stage(tmp_path, mo
     import trl
 
     from alignctl import launch
-    from alignctl.runner import StageContext
+    from alignctl.train.context import StageContext
 
     for k, v in INHERITED.items():
         monkeypatch.setenv(k, v)
@@ -171,7 +171,7 @@ def test_an_inherited_mixed_precision_does_not_change_an_fp32_stage(tmp_path, mo
         seen["env"] = {k: os.environ.get(k) for k in INHERITED}
         return {}
 
-    monkeypatch.setattr("alignctl.runner.run_stage", stage_here)
+    monkeypatch.setattr("alignctl.train.lifecycle.run_stage", stage_here)
     caplog.set_level("INFO", logger="alignctl")
     launch.run_stage(work, tmp_path / "spec.json", {"kind": "local"})
     assert seen["mixed"] == "no"

@@ -272,10 +272,10 @@ def test_sharded_weights_path_matches_the_plain_path(run_recipe, tmp_path, monke
     Trainer's gathering save_model. Forced here on one CPU process, it must give the numbers of the plain path."""
     from safetensors.torch import load_file
 
-    from alignctl import runner
+    from alignctl.train import lifecycle
 
     plain = run_recipe([*FAST, f"store={tmp_path}/store-plain"], tmp_path / "plain")
-    monkeypatch.setattr(runner, "_weights_sharded", lambda trainer: True)
+    monkeypatch.setattr(lifecycle, "weights_sharded", lambda trainer: True)
     sharded = run_recipe([*FAST, f"store={tmp_path}/store-sharded"], tmp_path / "sharded")
     for a, b in zip(plain["stages"], sharded["stages"]):
         head = "eval_pref_accuracy" if a["name"] == "dpo" else "eval_loss"

@@ -188,7 +188,8 @@ def test_a_hub_reward_link_is_planned_fingerprinted_and_loaded_at_its_own_revisi
     from the reward model, too."""
     from alignctl import pipeline, store
     from alignctl.config import checks
-    from alignctl.runner import StageContext
+    from alignctl.config.types import StageSpec
+    from alignctl.train.context import StageContext
 
     asked, identified = [], []
     status = checks.hub_model_status
@@ -209,8 +210,8 @@ def test_a_hub_reward_link_is_planned_fingerprinted_and_loaded_at_its_own_revisi
     other = store.fingerprints(pipeline.stage_specs(resolved(tmp_path, *args[:2], "stages.ppo.reward=org/rm@def")),
                                env={})
     assert other["ppo"] != fps["ppo"] and other["sft"] == fps["sft"]
-    ctx = SimpleNamespace(spec={**pipeline.stage_specs(spec)[2]}, model_spec=spec["model"])
-    ctx.spec["cache_dir"] = str(tmp_path / "cache")
+    ppo_spec = StageSpec.from_legacy({**pipeline.stage_specs(spec)[2], "cache_dir": str(tmp_path / "cache")})
+    ctx = SimpleNamespace(spec=ppo_spec, model_spec=spec["model"])
     for name in ("reward", "value"):
         path, load = StageContext.link_model(ctx, name)
         assert path == "org/rm" and load == {"name_or_path": "org/rm", "revision": "abc", "trust_remote_code": False}
@@ -225,7 +226,7 @@ def test_an_outside_reward_model_keeps_its_own_chat_template(tmp_path, cache_roo
     """model.chat_template is the base model's (and its stages'): the tokenizer of an outside reward model, which
     GRPO and generate stages format the reward model's input with, keeps its own template."""
     from alignctl import models, pipeline
-    from alignctl.runner import StageContext
+    from alignctl.train.context import StageContext
 
     template = "{% for m in messages %}[[{{ m['content'] }}]]{% endfor %}"
     spec = resolved(tmp_path, f"output_root={cache_root}", "recipe=rlhf-grpo", f"model.chat_template={template!r}",
@@ -422,9 +423,9 @@ def test_a_pair_longer_than_the_model_positions_does_not_crash(cache_root):
 
 
 def test_the_batch_size_and_max_length_come_from_the_stage(cache_root):
-    """runner.StageContext.evaluate hands the trainer's config to preference_accuracy: per_device_eval_batch_size 3
+    """alignctl.train.lifecycle.evaluate hands the trainer's config to preference_accuracy: per_device_eval_batch_size 3
     over 7 pairs is 3 forward passes per side (it was always 32: one), none longer than max_length 40."""
-    from alignctl.runner import StageContext
+    from alignctl.train import lifecycle
 
     model, tok = tiny(cache_root)
     widths = []
@@ -433,7 +434,7 @@ def test_the_batch_size_and_max_length_come_from_the_stage(cache_root):
     trainer = SimpleNamespace(model=model, evaluate=lambda: {"eval_loss": 1.0},
                               args=SimpleNamespace(per_device_eval_batch_size=3, max_length=40))
     try:
-        metrics = StageContext.evaluate(SimpleNamespace(eval=pairs(7), tokenizer=tok), trainer, True)
+        metrics = lifecycle.evaluate(SimpleNamespace(eval=pairs(7), tokenizer=tok), trainer, True)
     finally:
         hook.remove()
     assert [b for b, _ in widths] == [3, 3, 1, 3, 3, 1] and max(w for _, w in widths) <= 40

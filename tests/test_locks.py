@@ -199,14 +199,15 @@ class FakeTokenizer:
 
 
 def test_a_holder_that_lost_its_lock_is_told_at_once_and_cannot_replace_final(tmp_path):
-    from alignctl import models, runner, worker
+    from alignctl import models, worker
+    from alignctl.train.context import owner_guard
 
     entry = tmp_path / "entry"
     path = entry / ".lock"
     lost = threading.Event()
     mine = fsutil.FileLock(path, "entry", heartbeat=0.05, on_lost=lost.set).acquire()
     work = stage_spec("sft", entry_dir=str(entry), lock_token=mine.token)
-    guard = runner.owner_guard(work)
+    guard = owner_guard(work)
     models.save_final(FakeModel("mine"), FakeTokenizer(), entry / "final", guard)  # still ours: written
     path.unlink()  # forced takeover (e.g. this process was stopped for longer than `stale`)
     with fsutil.FileLock(path, "entry", timeout=1):

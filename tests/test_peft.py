@@ -232,7 +232,7 @@ def test_dpo_reference_after_lora_sft_is_the_merged_sft_model(lora_run, tmp_path
     from trl.trainer.utils import use_adapter
 
     from alignctl.evaluate import completion_logps
-    from alignctl.runner import StageContext
+    from alignctl.train.context import StageContext
 
     run_dir, _ = lora_run
     spec = read_spec(run_dir / "dpo" / "spec.json")

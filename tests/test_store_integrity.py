@@ -127,7 +127,7 @@ def test_data_is_checked_again_when_the_stage_loads_it(tmp_path):
 # -- 2. only healthy stages complete; strict JSON --------------------------------------------------------------------
 def test_non_finite_losses_or_metrics_fail_the_stage():
     from alignctl.errors import StageFailed
-    from alignctl.runner import check_healthy
+    from alignctl.train.health import check_healthy
 
     check_healthy("sft", {"train": {"train_loss": 1.0, "grad_norm": math.inf}, "after": {"eval_loss": 2.0},
                           "before": {"eval_loss": math.nan}})  # fp16 skipped step, a bad base: not divergence
@@ -547,7 +547,7 @@ def test_nan_weights_fail_the_stage_even_when_the_logged_loss_looks_fine():
     import torch
 
     from alignctl.errors import StageFailed
-    from alignctl.runner import check_weights_finite
+    from alignctl.train.health import check_weights_finite
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     check_weights_finite(model, "sft")

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import digests, models, pipeline, runner, store, trust
+from alignctl import digests, models, pipeline, store, trust
 from alignctl.cli import store as store_cli
 from alignctl.config import resolve as config
 from alignctl.config.compose import compose
 from alignctl.errors import ConfigError
+from alignctl.train import health
 from conftest import REPO, one_thread_collecting_log, read_manifest, run_spec, stage_spec
 
 LOG: list[str] = []
@@ -278,20 +279,21 @@ def test_saved_weights_check_streams_every_tensor(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"a": torch.ones(3, dtype=torch.bfloat16), "ids": torch.arange(3)}, str(tmp_path / "one.safetensors"))
-    runner.check_saved_finite(tmp_path, "s")
+    health.check_saved_finite(tmp_path, "s")
     save_file({"b": torch.tensor([1.0, float("inf")], dtype=torch.float16)}, str(tmp_path / "two.safetensors"))
     from alignctl.errors import StageFailed
 
     with pytest.raises(StageFailed, match=r"saved weights \(b\)"):
-        runner.check_saved_finite(tmp_path, "s")
+        health.check_saved_finite(tmp_path, "s")
 
 
 # -- F11: "before" measured on resumed weights -------------------------------------------------------------------------
 def test_a_sharded_before_measured_after_a_resume_is_marked_and_reported(tmp_path):
     from alignctl import report
+    from alignctl.train import lifecycle
 
-    assert runner.before_resumed(True, "/store/sft-x/checkpoints/checkpoint-20") == {"before_resumed": True}
-    assert runner.before_resumed(True, None) == {} and runner.before_resumed(False, "/c") == {}
+    assert lifecycle.before_resumed(True, "/store/sft-x/checkpoints/checkpoint-20") == {"before_resumed": True}
+    assert lifecycle.before_resumed(True, None) == {} and lifecycle.before_resumed(False, "/c") == {}
     m = {"recipe": "r", "status": "completed", "run_dir": str(tmp_path), "final_model": "x", "stages": [
         {"name": "sft", "trainer": "sft", "status": "completed",
          "metrics": {"before": {"eval_loss": 2.0}, "after": {"eval_loss": 1.0}, "before_resumed": True}}]}

@@ -45,14 +45,20 @@ def _no_dropout(model) -> None:
 
 
 class PPOTrainer:
+    """A trainer as alignctl.train.lifecycle drives one (TRL's trainers' interface): ``model`` is the policy (what
+    final/ holds, without the value model), ``args`` the config, ``state.log_history`` every logged update,
+    ``train(resume_from_checkpoint=...)``, ``evaluate()`` (no held-out metrics of its own: the lifecycle's policy
+    evaluation scores its answers with ``reward_model``, KL against ``ref_model``), ``save_model(dir)``."""
+
     def __init__(self, config, policy, value_model, reward_model, tokenizer, prompts: list[list[int]],
-                 ref_policy=None, stage: str = "ppo"):
+                 ref_policy=None, stage: str = "stage"):
         from accelerate import Accelerator
-        from transformers import get_scheduler
+        from transformers import TrainerState, get_scheduler
 
         mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
         self.acc = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=mixed)
         self.config, self.tokenizer, self.prompts, self.stage = config, tokenizer, prompts, stage
+        self.args = config
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = [config.stop_token_id] if config.stop_token_id is not None else \
             [tokenizer.eos_token_id] if config.stop_token == "eos" else []
@@ -71,7 +77,7 @@ class PPOTrainer:
                                       eps=c.adam_epsilon, weight_decay=c.weight_decay)
         scheduler = get_scheduler(c.lr_scheduler_type, optimizer, num_warmup_steps=c.get_warmup_steps(self.updates),
                                   num_training_steps=self.updates, scheduler_specific_kwargs=c.lr_scheduler_kwargs)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)  # policy + value, DDP-wrapped
         # stepped once per update on every process (accelerate's prepared scheduler would step once per process);
         # saved by save_checkpoint itself: accelerate loads registered objects with weights_only=False (a pickle)
         self.scheduler = scheduler
@@ -80,14 +86,34 @@ class PPOTrainer:
         self.ref = None if ref_policy is None else ref_policy.to(dev).eval()
         if self.ref is None and not self.is_peft:
             raise ValueError("PPO needs a reference model, or a policy with an adapter to disable")
-        self.step, self.log_history = 0, []
+        self.step, self.state = 0, TrainerState()
 
     @property
     def policy(self):
-        return self.acc.unwrap_model(self.model).policy
+        return self.acc.unwrap_model(self.wrapped).policy
+
+    model = policy  # the Trainable's model: the policy alone
+
+    @property
+    def ref_model(self):
+        """The reference policy; None when it is the policy with its adapter disabled."""
+        return self.ref
+
+    @property
+    def log_history(self) -> list[dict]:
+        return self.state.log_history
 
     def is_world_process_zero(self) -> bool:
         return self.acc.is_main_process
+
+    def evaluate(self) -> dict:
+        return {}  # held-out answers are scored by the lifecycle's policy evaluation
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """The policy alone (not the value model) and its tokenizer."""
+        out = output_dir or self.config.output_dir
+        self.policy.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
 
     # -- prompts of an update ------------------------------------------------------------------------------------
     def _prompt_indices(self, update: int) -> list[int]:
@@ -105,7 +131,7 @@ class PPOTrainer:
     @torch.no_grad()
     def rollout(self, rows: list[list[int]]) -> dict:
         c, dev, chunks = self.config, self.acc.device, []
-        model = self.acc.unwrap_model(self.model)
+        model = self.acc.unwrap_model(self.wrapped)
         model.eval()
         for i in range(0, len(rows), c.local_rollout_forward_batch_size):
             q, qm = core.left_pad(rows[i:i + c.local_rollout_forward_batch_size], self.pad, dev)
@@ -153,7 +179,7 @@ class PPOTrainer:
             for m in range(0, len(order), mini):
                 for k in range(m, min(m + mini, len(order)), c.per_device_train_batch_size):
                     part = [samples[i] for i in order[k:k + c.per_device_train_batch_size]]
-                    with self.acc.accumulate(self.model):
+                    with self.acc.accumulate(self.wrapped):
                         self._micro_step(part, stats)
         self.scheduler.step()
         self.kl.update(self._mean(torch.cat(seq_kl)), self.batch)
@@ -185,14 +211,14 @@ class PPOTrainer:
         lengths = torch.stack([ch["lengths"][j] for ch, j in part])
         ids, amask, pos = core.sequence_inputs(q, qm, resp, lengths)
         with self.acc.autocast():
-            logits, values = self.model(ids, amask, pos)
+            logits, values = self.wrapped(ids, amask, pos)
         logp, ent = core.answer_logprobs(logits, resp, q.shape[1], c.temperature)
         values = values.float()[:, q.shape[1] - 1:q.shape[1] - 1 + width]
         pg, clip, approxkl, ratio = core.policy_loss(logp, old_logp, adv, mask, c.cliprange)
         vf, vclip = core.value_loss(values, old_v, ret, mask, c.cliprange_value)
         self.acc.backward(pg + c.vf_coef * vf)
         if self.acc.sync_gradients and c.max_grad_norm:
-            self.acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+            self.acc.clip_grad_norm_(self.wrapped.parameters(), c.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
         for key, v in (("pg", pg), ("vf", vf), ("clip", clip), ("vclip", vclip), ("approxkl", approxkl),
@@ -203,13 +229,16 @@ class PPOTrainer:
         return self.acc.gather(x.detach().float().reshape(-1)).mean().item()
 
     # -- the loop, checkpoints, resume -----------------------------------------------------------------------------
-    def train(self, resume_from: str | None = None, on_log=None) -> None:
+    def train(self, resume_from_checkpoint: str | None = None) -> None:
+        """Every update (after those of ``resume_from_checkpoint``); each logged one goes to the run log too."""
         from transformers import set_seed
+
+        from alignctl.models import align_special_tokens
 
         c = self.config
         set_seed(c.seed + self.acc.process_index)  # each process samples its own answers; a resume restores the RNGs
-        if resume_from:
-            self._load(Path(resume_from))
+        if resume_from_checkpoint:
+            self._load(Path(resume_from_checkpoint))
         every = c.logging_steps if c.logging_steps >= 1 else max(1, math.ceil(c.logging_steps * self.updates))
         save_every = _save_every(c, self.updates)
         while self.step < self.updates:
@@ -217,10 +246,13 @@ class PPOTrainer:
             if self.step % int(every) == 0 or self.step == self.updates:
                 entry = {**{k: round(v, 6) for k, v in metrics.items()}, "step": self.step}
                 self.log_history.append(entry)
-                if on_log and self.acc.is_main_process:
-                    on_log(self.step, metrics)
+                if self.acc.is_main_process:  # the run log only (alignctl.console), unless -v
+                    log.info("[%s] step %d: %s", self.stage, self.step,
+                             " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), extra={"detail": True})
             if save_every and self.step % save_every == 0 and self.step < self.updates:
                 self.save_checkpoint()
+        self.state.global_step = self.step
+        align_special_tokens(self.policy, self.tokenizer)  # the saved policy's config agrees with its tokenizer
 
     def save_checkpoint(self) -> Path:
         out = Path(self.config.output_dir) / f"checkpoint-{self.step}"
@@ -247,7 +279,8 @@ class PPOTrainer:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         self.acc.load_state(str(ckpt))
         self.scheduler.load_state_dict(torch.load(ckpt / SCHEDULER_FILE, map_location="cpu", weights_only=True))
-        self.step, self.log_history = int(state["global_step"]), list(state.get("log_history", []))
+        self.step = int(state["global_step"])
+        self.state.log_history = list(state.get("log_history", []))
         self.kl.load(state.get("kl", {}))
         log.info("[%s] resumed at update %d of %d (kl_coef %.4g)", self.stage, self.step, self.updates, self.kl.value)
 

@@ -1,12 +1,12 @@
-"""Stage-kind registry.
+"""Stage-kind registry: the only place stage kinds are known by name.
 
-Each stage kind is one module in this package that defines ``KIND`` (a
-:class:`StageKind`: its TRL config class, the data it needs, the links it takes)
-and ``run(ctx)``. Importing a stage module is cheap (TRL and torch are imported
-inside ``run``), so ``alignctl plan`` can read the registry without loading torch.
-Adding a stage kind = one module + one name in ``_MODULES``. Everything kind-specific that plan checks or derives
-(its own field ranges and checks, rounds, the data it writes, whether it can run sharded) is declared in its
-``KIND`` (the "plan-time rules" fields): alignctl/config/ names no stage kind.
+Each stage kind is one module in this package that defines ``KIND`` (a :class:`StageKind`: its TRL config class,
+the data it needs, the links it takes, and its run-time behaviour: ``build(ctx)``, which returns the trainer the
+one lifecycle of alignctl.train.lifecycle drives). Importing a stage module is cheap (TRL and torch are imported
+inside ``build``), so ``alignctl plan`` can read the registry without loading torch. Adding a stage kind = one
+module + one name in ``_MODULES`` (or, for a module outside the package, one :func:`register` call). Everything
+kind-specific that plan checks or derives (its own field ranges and checks, rounds, the data it writes, whether it
+can run sharded) is declared in its ``KIND`` (the "plan-time rules" fields): alignctl/config/ names no stage kind.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from alignctl.config.types import DataSpec, StageSpec
+    from alignctl.train.context import StageContext
+    from alignctl.train.lifecycle import Trainable
 
 _MODULES = ("sft", "dpo", "orpo", "reward", "ppo", "kto", "cpo", "grpo", "rloo", "generate")
 
@@ -53,17 +56,58 @@ class StageKind:
     # why it cannot run with the weights sharded across ranks (DeepSpeed ZeRO-3, FSDP), or None
     sharded_unsupported: str | None = None
 
+    # run-time behaviour (alignctl.train.lifecycle) --------------------------------------------------------------
+    # build(ctx): its trainer (a lifecycle.Trainable) from the stage's pieces (alignctl.train.context); required
+    build: Callable[[StageContext], Trainable] | None = None
+    # an interrupted stage resumes from its newest valid checkpoint (alignctl.pipeline); else it starts again
+    resumable: bool = True
+    # alignctl's eval_pref_accuracy on the held-out pairs, before and after; "if_paired": when the held-out split
+    # holds pairs (kto trains on unpaired rows)
+    preference_eval: bool | Literal["if_paired"] = False
+    # extra_metrics(trainer, metrics) -> metrics: what the kind adds to the lifecycle's metrics once it has saved
+    extra_metrics: Callable[[Trainable, dict[str, Any]], dict[str, Any]] | None = None
+    # report_section(stage, run_dir, stages) -> markdown lines for run reports (stage, stages: manifest entries),
+    # under the heading report_heading; one section per kind
+    report_section: Callable[[dict[str, Any], Path, list[dict[str, Any]]], list[str]] | None = None
+    report_heading: str = ""
 
-def _load() -> dict[str, StageKind]:
-    kinds = {}
+
+def _kind_of(mod: ModuleType) -> StageKind:
+    kind = mod.KIND
+    if kind.build is None:
+        raise TypeError(f"stage kind {kind.name} ({mod.__name__}): its KIND declares no build(ctx)")
+    return kind
+
+
+def _load() -> tuple[dict[str, StageKind], dict[str, ModuleType]]:
+    kinds, mods = {}, {}
     for name in _MODULES:
         mod = importlib.import_module(f"alignctl.stages.{name}")
-        kinds[mod.KIND.name] = mod.KIND
-    return kinds
+        kinds[mod.KIND.name], mods[mod.KIND.name] = _kind_of(mod), mod
+    return kinds, mods
 
 
-STAGES: dict[str, StageKind] = _load()
+STAGES: dict[str, StageKind]
+STAGES, _LOADED = _load()
 
 
-def module(trainer: str) -> ModuleType:
-    return importlib.import_module(f"alignctl.stages.{trainer}")
+def register(mod: ModuleType) -> StageKind:
+    """Add the stage kind a module outside this package defines (its ``KIND``) to :data:`STAGES`, in this process
+    (a kind trained under torchrun or accelerate, whose ranks are new processes, belongs in ``_MODULES``)."""
+    kind = _kind_of(mod)
+    if kind.name in STAGES and _LOADED[kind.name] is not mod:
+        raise ValueError(f"stage kind {kind.name} is registered already (by {_LOADED[kind.name].__name__})")
+    STAGES[kind.name], _LOADED[kind.name] = kind, mod
+    return kind
+
+
+def unregister(name: str) -> None:
+    """Forget a kind :func:`register` added (the package's own kinds stay)."""
+    if name in _MODULES:
+        raise ValueError(f"stage kind {name} is one of alignctl's own")
+    STAGES.pop(name, None)
+    _LOADED.pop(name, None)
+
+
+def module(kind: str) -> ModuleType:
+    return _LOADED[kind]

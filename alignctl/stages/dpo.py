@@ -22,6 +22,13 @@ def check(stage: StageSpec, where: str) -> list[str]:
         return [f"{where}.label_smoothing: robust DPO needs a flip probability in [0, 0.5), got {smoothing}"]
     return []
 
+def build(ctx):
+    from trl import DPOConfig, DPOTrainer
+
+    return DPOTrainer(model=ctx.load_policy(), ref_model=ctx.load_reference(), args=ctx.trl_config(DPOConfig),
+                      processing_class=ctx.tokenizer, train_dataset=ctx.train, eval_dataset=ctx.eval,
+                      peft_config=ctx.peft_config())
+
 
 KIND = StageKind(
     name="dpo", config_class="trl.DPOConfig", data_kind="preference",
@@ -29,14 +36,5 @@ KIND = StageKind(
     headline="eval_pref_accuracy",
     key_fields=("beta", "loss_type", "learning_rate", "num_train_epochs", "per_device_train_batch_size", "max_length"),
     check=check,  # plan-time rules
+    build=build, preference_eval=True,
 )
-
-
-def run(ctx):
-    from trl import DPOConfig, DPOTrainer
-
-    model = ctx.load_policy()
-    trainer = DPOTrainer(model=model, ref_model=ctx.load_reference(), args=ctx.trl_config(DPOConfig),
-                         processing_class=ctx.tokenizer, train_dataset=ctx.train, eval_dataset=ctx.eval,
-                         peft_config=ctx.peft_config())
-    return ctx.train_and_save(trainer, preference_eval=True)

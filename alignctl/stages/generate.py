@@ -32,6 +32,65 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("alignctl")
 
+# -- run time: the job (GenerateJob, below), its metrics and its report section --------------------------------------
+def build(ctx):
+    return GenerateJob(ctx)
+
+
+def extra_metrics(job, metrics: dict) -> dict:
+    """What the stage wrote (``data``: pairs, margins, scorers, judge statistics, examples) and its headline after
+    it (``pairs``, ``margin_mean``)."""
+    if job.rows is None:  # not rank 0
+        return metrics
+    summary = _summary(job.rows[0], job.args)
+    return {**metrics, "data": {**summary, **job.info},
+            "after": {k: v for k, v in summary.items() if k in ("pairs", "margin_mean")}}
+
+
+def report_section(stage: dict, run_dir, stages: list[dict]) -> list[str]:
+    """A generate stage in the run report: the data it wrote, and how the stage after it (the round's training)
+    did against its starting policy, i.e. the previous round."""
+    from alignctl.metrics import fmt
+    from alignctl.report import cell
+
+    d = (stage.get("metrics") or {}).get("data")
+    if not d:
+        return []
+    lines = [f"### {stage['name']}: {int(d.get('pairs', 0))} pairs from {d.get('prompts')} prompts x {d.get('k')} "
+             f"answers (scored by {', '.join(d.get('scorers') or [])}; {d.get('eval_pairs', 0)} held out)", ""]
+    if "margin_mean" in d:
+        lines.append(f"Score margin chosen - rejected: mean {fmt(d['margin_mean'])}, min {fmt(d['margin_min'])}, "
+                     f"max {fmt(d['margin_max'])}; mean score of all answers {fmt(d.get('score_mean'))}.")
+    j = d.get("judge")
+    if j:
+        lines.append(f"Judge: {j['comparisons']} comparisons asked in both orders, {j['decisive']} decisive, "
+                     f"{j['ties']} ties (identical answers, or a verdict that flipped with the order: no pair); "
+                     f"position consistency {fmt(j['position_consistency'])}.")
+    n = next(i for i, s in enumerate(stages) if s["name"] == stage["name"])
+    nxt = stages[n + 1] if n + 1 < len(stages) else None
+    after = ((nxt or {}).get("metrics") or {}).get("after") or {}
+    if "eval_win_rate" in after:
+        lines.append(_next_round_line(nxt["name"], after))
+    lines.append("")
+    if d.get("examples"):
+        lines += ["| prompt | chosen | rejected | margin |", "| --- | --- | --- | --- |"]
+        lines += [f"| {cell(e['prompt'])} | {cell(e['chosen'])} | {cell(e['rejected'])} | {fmt(e['margin'])} |"
+                  for e in d["examples"][:3]]
+        lines.append("")
+    return lines
+
+
+def _next_round_line(name: str, after: dict) -> str:
+    from alignctl.metrics import fmt
+
+    return (f"{name} trained on it: held-out win rate vs its starting policy (the previous round) "
+            f"{after['eval_win_rate']:.3f} [{after['eval_win_rate_low']:.3f}, {after['eval_win_rate_high']:.3f}]"
+            + (f", vs its reference {after['eval_win_rate_ref']:.3f}" if "eval_win_rate_ref" in after else "")
+            + (f"; reward {fmt(after.get('eval_reward_mean'))}" if "eval_reward_mean" in after else "")
+            + (f"; KL to reference {fmt(after.get('eval_kl'))}/token" if "eval_kl" in after else "") + ".")
+
+
+
 
 @dataclass
 class GenerateConfig:
@@ -153,17 +212,17 @@ KIND = StageKind(
     key_fields=("k", "num_prompts", "temperature", "top_p", "max_new_tokens", "pairs", "margin"), headline="pairs",
     # plan-time rules
     check=check, expand=expand_rounds, produces=produces, data_source=data_source,
+    # run-time behaviour
+    build=build, resumable=False, extra_metrics=extra_metrics, report_section=report_section,
+    report_heading="Generated data",
 )
 
 
 # -- the stage -------------------------------------------------------------------------------------------------------
-def _write(path, rows) -> None:
+def _jsonl(rows) -> str:
     from alignctl.fsutil import dumps
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(dumps(r).replace("\n", " ") + "\n" for r in rows))
-    tmp.replace(path)
+    return "".join(dumps(r).replace("\n", " ") + "\n" for r in rows)
 
 
 def _answer(prompt, text):
@@ -196,92 +255,160 @@ def _summary(rows: list[dict], cfg: GenerateConfig) -> dict:
     return out
 
 
-def run(ctx):
-    from pathlib import Path
+class GenerateJob:
+    """The generate kind's trainer as alignctl.train.lifecycle drives it: ``train()`` samples ``k`` answers per
+    prompt from the policy and scores them, ``save_model(dir)`` writes the data set (train.jsonl, and test.jsonl
+    with ``eval_size`` > 0). It has no model to evaluate or save (output ``data``), logs nothing per step and does
+    not resume. Under torchrun rank 0 does all the work (the data set is small next to training)."""
 
-    from alignctl import evaluate, judge, models
-    from alignctl.ranks import rank_env
-    from alignctl.runner import _release_memory
-    from alignctl.stages import grpo
+    model = None
 
-    if rank_env()[0] != 0:
-        return {}  # rank 0 generates everything (the data set is small next to training)
-    cfg = GenerateConfig(**{k: v for k, v in ctx.spec["args"].items() if k in GenerateConfig.__dataclass_fields__})
-    prompts = list(ctx.train["prompt"])  # the training split only: held-out prompts stay unseen (eval.prompts)
-    prompts = prompts[:cfg.num_prompts] if cfg.num_prompts else prompts
-    tok = ctx.tokenizer
-    prompt_ids = [evaluate.encode_prompt(tok, p) for p in prompts]
-    policy = models.load_causal_lm(ctx.init_path, ctx.model_spec, ctx.precision, tok)
-    # k answers per prompt: answer j of every prompt is one sampling pass, seeded seed + 1000 * j
-    answers = [evaluate.generate(policy, tok, prompt_ids, max_new_tokens=cfg.max_new_tokens,
+    def __init__(self, ctx):
+        from transformers import TrainerState
+
+        self.ctx = ctx
+        self.args = GenerateConfig(**{k: v for k, v in ctx.spec.args.items()
+                                      if k in GenerateConfig.__dataclass_fields__})
+        self.state = TrainerState()
+        self.rows: tuple[list[dict], list[dict] | None] | None = None  # (train, test or None) once generated
+        self.info: dict = {}
+
+    def is_world_process_zero(self) -> bool:
+        from alignctl.ranks import rank_env
+
+        return rank_env()[0] == 0
+
+    def evaluate(self) -> dict:
+        return {}  # no held-out metric of its own: extra_metrics summarises what it wrote
+
+    def train(self, resume_from_checkpoint: str | None = None) -> None:
+        from alignctl.evaluate import encode_prompt
+
+        if not self.is_world_process_zero():
+            return None
+        ctx, cfg = self.ctx, self.args
+        prompts = list(ctx.train["prompt"])  # the training split only: held-out prompts stay unseen (eval.prompts)
+        prompts = prompts[:cfg.num_prompts] if cfg.num_prompts else prompts
+        prompt_ids = [encode_prompt(ctx.tokenizer, p) for p in prompts]
+        answers = _sample(ctx, cfg, prompt_ids)
+        texts = [[ctx.tokenizer.decode(answers[j][i], skip_special_tokens=True).strip() for j in range(cfg.k)]
+                 for i in range(len(prompts))]
+        scores, self.info = _score(ctx, cfg, prompts, prompt_ids, answers, texts)
+        self.rows = train, test = _split(ctx.spec.name, cfg, prompts, texts, scores)
+        all_scores = [x for row in scores for x in row]
+        self.info.update(score_mean=sum(all_scores) / len(all_scores), eval_pairs=len(test or []))
+        log.info("[%s] %d prompts x %d answers -> %d pairs (%d held out)", ctx.spec.name, len(prompts), cfg.k,
+                 len(train), len(test or []))
+        return None
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        from pathlib import Path
+
+        from alignctl.fsutil import write_text_atomic
+
+        out = Path(output_dir or self.ctx.dir / "final")
+        out.mkdir(parents=True, exist_ok=True)
+        train, test = self.rows
+        write_text_atomic(out / "train.jsonl", _jsonl(train))
+        if test is not None:
+            write_text_atomic(out / "test.jsonl", _jsonl(test))
+
+
+def _sample(ctx, cfg: GenerateConfig, prompt_ids: list[list[int]]) -> list[list[list[int]]]:
+    """k answers per prompt from the policy: answer j of every prompt is one sampling pass, seeded seed + 1000 * j."""
+    from alignctl import evaluate, models
+    from alignctl.train.context import release_memory
+
+    policy = models.load_causal_lm(ctx.init_path, ctx.model_spec, ctx.precision, ctx.tokenizer)
+    answers = [evaluate.generate(policy, ctx.tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens,
                                  temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + 1000 * j,
                                  batch_size=cfg.batch_size) for j in range(cfg.k)]
     del policy
-    _release_memory()
-    texts = [[tok.decode(answers[j][i], skip_special_tokens=True).strip() for j in range(cfg.k)]
-             for i in range(len(prompts))]
-    scores = [[0.0] * cfg.k for _ in prompts]
-    info: dict = {"prompts": len(prompts), "k": cfg.k, "scorers": []}
-    if ctx.spec.get("reward_path"):
-        rm, rtok = ctx.load_reward_model(), ctx.link_tokenizer("reward")  # an outside model: its own settings
-        flat = evaluate.reward_scores(rm, rtok, tok, [p for p in prompt_ids for _ in range(cfg.k)],
-                                      [answers[j][i] for i in range(len(prompts)) for j in range(cfg.k)],
-                                      cfg.batch_size)
-        for i in range(len(prompts)):
-            for j in range(cfg.k):
-                scores[i][j] += flat[i * cfg.k + j]
-        info["scorers"].append(ctx.spec.get("reward") or ctx.spec["reward_path"])
-        del rm
-        _release_memory()
-    if ctx.spec.get("judge_path"):
-        jpath, jspec = ctx.link_model("judge")  # an outside judge: its own revision, template and consent
-        jtok = models.load_tokenizer(jpath, jspec)
-        jmodel = models.load_causal_lm(jpath, jspec, ctx.precision, jtok)
-        ask = judge.LMJudge(jmodel, jtok, ctx.spec.get("constitution"), cfg.judge_template, cfg.batch_size)
-        wins, stats = judge.round_robin(ask, [judge.prompt_text(p) for p in prompts], texts)
-        for i in range(len(prompts)):
-            for j in range(cfg.k):
-                scores[i][j] += wins[i][j]
-        info["scorers"].append(f"judge {ctx.spec.get('judge') or ctx.spec['judge_path']}")
-        info["judge"] = stats
-        del jmodel, ask
-        _release_memory()
-    if ctx.spec.get("reward_funcs"):
-        funcs, _ = grpo.reward_functions(_NoRM(ctx))
-        flat_p = [p for p in prompts for _ in range(cfg.k)]
-        flat_c = [_answer(p, texts[i][j]) for i, p in enumerate(prompts) for j in range(cfg.k)]
-        flat_ids = [answers[j][i] for i in range(len(prompts)) for j in range(cfg.k)]
-        for f in funcs:  # TRL's reward-function interface, as GRPO calls it
-            vals = f(prompts=flat_p, completions=flat_c, completion_ids=flat_ids)
-            for n, v in enumerate(vals):
-                scores[n // cfg.k][n % cfg.k] += float(v if v is not None else 0.0)
-        info["scorers"] += [f if isinstance(f, str) else next(iter(f)) for f in ctx.spec["reward_funcs"]]
+    release_memory()
+    return answers
+
+
+def _score(ctx, cfg: GenerateConfig, prompts: list, prompt_ids: list, answers: list, texts: list[list[str]]
+           ) -> tuple[list[list[float]], dict]:
+    """Each answer's score, summed over the stage's scorers (reward model, judge, reward functions), and what
+    scored them."""
+    k = cfg.k
+    scores = [[0.0] * k for _ in prompts]
+    info: dict = {"prompts": len(prompts), "k": k, "scorers": []}
+
+    def add(flat: list[float]) -> None:  # one score per answer, prompt by prompt
+        for n, v in enumerate(flat):
+            scores[n // k][n % k] += v
+
+    flat_ids = [answers[j][i] for i in range(len(prompts)) for j in range(k)]
+    reward, judge_link = ctx.spec.link("reward"), ctx.spec.link("judge")
+    if reward is not None and reward.path:
+        add(_reward_scores(ctx, cfg, prompt_ids, flat_ids))
+        info["scorers"].append(reward.stage or reward.path)
+    if judge_link is not None and judge_link.path:
+        wins, info["judge"] = _judge_wins(ctx, cfg, prompts, texts)
+        add([w for row in wins for w in row])
+        info["scorers"].append(f"judge {judge_link.stage or judge_link.path}")
+    funcs = ctx.spec.options.get("reward_funcs")
+    if funcs:
+        for flat in _function_scores(cfg, funcs, prompts, texts, flat_ids):
+            add(flat)
+        info["scorers"] += [f if isinstance(f, str) else next(iter(f)) for f in funcs]
+    return scores, info
+
+
+def _reward_scores(ctx, cfg: GenerateConfig, prompt_ids: list, flat_ids: list) -> list[float]:
+    from alignctl import evaluate
+    from alignctl.train.context import release_memory
+
+    rm, rtok = ctx.load_reward_model(), ctx.link_tokenizer("reward")  # an outside model: its own settings
+    flat = evaluate.reward_scores(rm, rtok, ctx.tokenizer, [p for p in prompt_ids for _ in range(cfg.k)], flat_ids,
+                                  cfg.batch_size)
+    del rm
+    release_memory()
+    return flat
+
+
+def _judge_wins(ctx, cfg: GenerateConfig, prompts: list, texts: list[list[str]]) -> tuple[list[list[float]], dict]:
+    from alignctl import judge, models
+    from alignctl.train.context import release_memory
+
+    jpath, jspec = ctx.link_model("judge")  # an outside judge: its own revision, template and consent
+    jtok = models.load_tokenizer(jpath, jspec)
+    jmodel = models.load_causal_lm(jpath, jspec, ctx.precision, jtok)
+    ask = judge.LMJudge(jmodel, jtok, ctx.spec.options.get("constitution"), cfg.judge_template, cfg.batch_size)
+    wins, stats = judge.round_robin(ask, [judge.prompt_text(p) for p in prompts], texts)
+    del jmodel, ask
+    release_memory()
+    return wins, stats
+
+
+def _function_scores(cfg: GenerateConfig, funcs: list, prompts: list, texts: list[list[str]], flat_ids: list
+                     ) -> list[list[float]]:
+    """Each of TRL's reward functions (checked as grpo's) over every answer, called as GRPO calls them."""
+    from alignctl.stages import grpo
+
+    flat_p = [p for p in prompts for _ in range(cfg.k)]
+    flat_c = [_answer(p, texts[i][j]) for i, p in enumerate(prompts) for j in range(cfg.k)]
+    return [[float(v if v is not None else 0.0) for v in f(prompts=flat_p, completions=flat_c, completion_ids=flat_ids)]
+            for f in grpo.builtin_rewards(funcs)]
+
+
+def _split(stage: str, cfg: GenerateConfig, prompts: list, texts: list[list[str]], scores: list[list[float]]
+           ) -> tuple[list[dict], list[dict] | None]:
+    """(train rows, held-out rows or None without ``eval_size``): ``eval_size`` of the prompts, drawn with the
+    stage's seed, give the held-out rows; fails the stage when no pairs are left."""
     order = list(range(len(prompts)))
     random.Random(cfg.seed).shuffle(order)
     held = set(order[:int(round(cfg.eval_size * len(prompts)))])
-    train, test = [], []
+    train: list[dict] = []
+    test: list[dict] = []
     for i, p in enumerate(prompts):
         (test if i in held else train).extend(_rows(p, texts[i], scores[i], cfg))
     if not train or (held and not test):
         from alignctl.errors import StageFailed
 
-        raise StageFailed(ctx.spec["name"], "(no pairs)", f"no {'held-out ' if train else ''}pairs left ({len(prompts)} "
-                         f"prompts, {cfg.k} answers each): the scorer ranked the answers alike (ties, or margins "
-                         f"≤ {cfg.margin}); raise k, num_prompts or temperature, or lower margin")
-    out = Path(ctx.dir) / "final"
-    _write(out / "train.jsonl", train)
-    if held:
-        _write(out / "test.jsonl", test)
-    all_scores = [s for row in scores for s in row]
-    info.update(score_mean=sum(all_scores) / len(all_scores), eval_pairs=len(test))
-    log.info("[%s] %d prompts x %d answers -> %d pairs (%d held out)", ctx.spec["name"], len(prompts), cfg.k,
-             len(train), len(test))
-    summary = _summary(train, cfg)
-    return {"data": {**summary, **info}, "after": {k: v for k, v in summary.items() if k in ("pairs", "margin_mean")}}
-
-
-class _NoRM:
-    """What grpo.reward_functions reads of a stage context, without the reward model (scored separately here)."""
-
-    def __init__(self, ctx):
-        self.spec = {**ctx.spec, "reward_path": None}
+        raise StageFailed(stage, "(no pairs)", f"no {'held-out ' if train else ''}pairs left ({len(prompts)} "
+                          f"prompts, {cfg.k} answers each): the scorer ranked the answers alike (ties, or margins "
+                          f"≤ {cfg.margin}); raise k, num_prompts or temperature, or lower margin")
+    return train, test if held else None

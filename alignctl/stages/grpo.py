@@ -24,6 +24,15 @@ from alignctl.stages import StageKind
 if TYPE_CHECKING:
     from alignctl.config.types import StageSpec
 
+def build(ctx):
+    """TRL's GRPOTrainer with the stage's rewards (:func:`reward_functions`, below)."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    funcs, classes = reward_functions(ctx)
+    return GRPOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=ctx.trl_config(GRPOConfig),
+                       train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
+                       reward_processing_classes=classes, peft_config=ctx.peft_config())
+
 # TRL's built-in reward functions (trl.rewards): name -> whether it is a factory taking arguments.
 BUILTIN_REWARDS = {
     "accuracy_reward": False, "reasoning_accuracy_reward": False, "think_format_reward": False,
@@ -89,6 +98,31 @@ def check(stage: StageSpec, where: str) -> list[str]:
     return problems
 
 
+def builtin_rewards(entries) -> list:
+    """TRL's built-in reward functions (trl.rewards) of a ``reward_funcs`` option, the factories called with their
+    arguments."""
+    import trl.rewards
+
+    funcs = []
+    for name, kwargs in _entries(entries):
+        fn = getattr(trl.rewards, name)
+        funcs.append(fn(**kwargs) if BUILTIN_REWARDS[name] else fn)
+    return funcs
+
+
+def reward_functions(ctx) -> tuple[list, list]:
+    """(reward_funcs, reward_processing_classes) for TRL: the linked reward model first, then built-in functions."""
+    funcs, classes = [], []
+    link = ctx.spec.link("reward")
+    if link is not None and link.path:
+        rm = ctx.load_reward_model()
+        rm.config._name_or_path = link.stage or link.path  # TRL names its metrics by it
+        funcs.append(rm)
+        classes.append(ctx.link_tokenizer("reward"))  # an outside reward model formats with its own chat template
+    builtin = builtin_rewards(ctx.spec.options.get("reward_funcs"))
+    return funcs + builtin, classes + [None] * len(builtin)
+
+
 KIND = StageKind(
     name="grpo", config_class="trl.GRPOConfig", data_kind="prompt",
     summary="group-relative policy optimisation scored by a reward model and/or TRL reward functions",
@@ -97,30 +131,5 @@ KIND = StageKind(
                 "max_completion_length", "temperature"),
     # plan-time rules: beta is a KL coefficient where 0 means no reference model
     ranges={"beta": NONNEG}, check=check,
+    build=build,  # run-time behaviour
 )
-
-def reward_functions(ctx) -> tuple[list, list]:
-    """(reward_funcs, reward_processing_classes) for TRL: the linked reward model first, then built-in functions."""
-    import trl.rewards
-
-    funcs, classes = [], []
-    if ctx.spec.get("reward_path"):
-        rm = ctx.load_reward_model()
-        rm.config._name_or_path = ctx.spec.get("reward") or ctx.spec["reward_path"]  # TRL names its metrics by it
-        funcs.append(rm)
-        classes.append(ctx.link_tokenizer("reward"))  # an outside reward model formats with its own chat template
-    for name, kwargs in _entries(ctx.spec.get("reward_funcs")):
-        fn = getattr(trl.rewards, name)
-        funcs.append(fn(**kwargs) if BUILTIN_REWARDS[name] else fn)
-        classes.append(None)
-    return funcs, classes
-
-
-def run(ctx):
-    from trl import GRPOConfig, GRPOTrainer
-
-    funcs, classes = reward_functions(ctx)
-    trainer = GRPOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=ctx.trl_config(GRPOConfig),
-                          train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
-                          reward_processing_classes=classes, peft_config=ctx.peft_config())
-    return ctx.train_and_save(trainer)

@@ -14,20 +14,20 @@ natively unpaired held-out data there are no pairs to compare, so only TRL's KTO
 
 from alignctl.stages import StageKind
 
+
+def build(ctx):
+    from trl import KTOConfig, KTOTrainer
+
+    return KTOTrainer(model=ctx.load_policy(), ref_model=ctx.load_reference(), args=ctx.trl_config(KTOConfig),
+                      processing_class=ctx.tokenizer, train_dataset=ctx.train, eval_dataset=ctx.eval,
+                      peft_config=ctx.peft_config())
+
+
 KIND = StageKind(
     name="kto", config_class="trl.KTOConfig", data_kind="unpaired",
     summary="Kahneman-Tversky optimisation on unpaired good/bad answers (or pairs it unpairs)", links=("ref",),
     headline="eval_pref_accuracy",
     key_fields=("beta", "desirable_weight", "undesirable_weight", "learning_rate", "num_train_epochs",
                 "per_device_train_batch_size", "max_length"),
+    build=build, preference_eval="if_paired",  # pairs in the held-out split (see above)
 )
-
-
-def run(ctx):
-    from trl import KTOConfig, KTOTrainer
-
-    paired_eval = ctx.eval is not None and {"chosen", "rejected"} <= set(ctx.eval.column_names)
-    trainer = KTOTrainer(model=ctx.load_policy(), ref_model=ctx.load_reference(), args=ctx.trl_config(KTOConfig),
-                         processing_class=ctx.tokenizer, train_dataset=ctx.train, eval_dataset=ctx.eval,
-                         peft_config=ctx.peft_config())
-    return ctx.train_and_save(trainer, preference_eval=paired_eval)

@@ -27,6 +27,46 @@ from alignctl.stages import StageKind
 
 log = logging.getLogger("alignctl")
 
+
+def build(ctx):
+    """alignctl's PPO (alignctl.rl) on the stage's prompts: the policy, its reference (the policy with its adapter
+    disabled under lora/qlora), the reward model and the value model."""
+    import copy
+
+    from alignctl.rl.ppo_config import PPOConfig
+    from alignctl.rl.ppo_trainer import PPOTrainer
+
+    config = ctx.trl_config(PPOConfig)
+    tokenizer = copy.deepcopy(ctx.tokenizer)
+    tokenizer.padding_side = "left"  # queries are generated from: pad on the left
+    _warn_if_template_trails_eos(tokenizer)
+    policy = ctx.load_policy()
+    reward_model = ctx.load_reward_model()
+    if reward_model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ValueError(f"stages.{ctx.spec.name}.reward: the reward model's vocabulary is smaller than the "
+                         "policy's tokenizer; PPO scores the policy's token ids, so both must share one tokenizer")
+    ref, lora = ctx.load_reference(), ctx.peft_config()
+    if lora is not None:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora)  # the reference (unless `ref` names another model): adapter disabled
+    elif ref is None:
+        ref = copy.deepcopy(policy)
+    if ref is not None:
+        ref.requires_grad_(False)
+    return PPOTrainer(config, policy, ctx.load_value_model(), reward_model, tokenizer,
+                      [encode_prompt(tokenizer, p) for p in ctx.train["prompt"]], ref_policy=ref, stage=ctx.spec.name)
+
+
+def extra_metrics(trainer, metrics: dict) -> dict:
+    """PPO's headline ``eval_rm_score`` (the reward model's mean score of held-out answers, the policy evaluation's
+    ``eval_reward_mean``), and the per-update summary under ``rollouts``."""
+    for phase in ("before", "after"):
+        if "eval_reward_mean" in metrics.get(phase, {}):
+            metrics[phase]["eval_rm_score"] = metrics[phase]["eval_reward_mean"]
+    return {**metrics, "rollouts": _quarters(trainer.state.log_history)}
+
+
 KIND = StageKind(
     name="ppo", config_class="alignctl.rl.ppo_config.PPOConfig", data_kind="prompt",
     summary="PPO against a reward model, KL-penalised towards the reference (InstructGPT)",
@@ -36,6 +76,7 @@ KIND = StageKind(
     # plan-time rules
     sharded_unsupported="alignctl's PPO stage samples held-out completions from and saves the policy outside TRL's "
                         "parameter gathering, which sharded weights need; use zero2 or ddp",
+    build=build, extra_metrics=extra_metrics,
 )
 
 
@@ -65,57 +106,3 @@ def _quarters(history: list[dict]) -> dict:
     return {"updates": len(rows), "score_first_quarter": sum(scores[:q]) / q,
             "score_last_quarter": sum(scores[-q:]) / q, "kl_last_quarter": sum(kl[-q:]) / q, "kl": kl,
             "kl_coef": [h["objective/kl_coef"] for h in rows]}
-
-
-def run(ctx):
-    import copy
-    from types import SimpleNamespace
-
-    from alignctl import models
-    from alignctl.rl.ppo_config import PPOConfig
-    from alignctl.rl.ppo_trainer import PPOTrainer
-    from alignctl.runner import _final_train_metrics, merge_eval
-
-    name = ctx.spec["name"]
-    config = ctx.trl_config(PPOConfig)
-    tokenizer = copy.deepcopy(ctx.tokenizer)
-    tokenizer.padding_side = "left"  # queries are generated from: pad on the left
-    _warn_if_template_trails_eos(tokenizer)
-    policy = ctx.load_policy()
-    reward_model = ctx.load_reward_model()
-    if reward_model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        raise ValueError(f"stages.{name}.reward: the reward model's vocabulary is smaller than the "
-                         "policy's tokenizer; PPO scores the policy's token ids, so both must share one tokenizer")
-    ref, lora = ctx.load_reference(), ctx.peft_config()
-    if lora is not None:
-        from peft import get_peft_model
-
-        policy = get_peft_model(policy, lora)  # the reference (unless `ref` names another model): adapter disabled
-    elif ref is None:
-        ref = copy.deepcopy(policy)
-    if ref is not None:
-        ref.requires_grad_(False)
-    trainer = PPOTrainer(config, policy, ctx.load_value_model(), reward_model, tokenizer,
-                         [encode_prompt(tokenizer, p) for p in ctx.train["prompt"]], ref_policy=ref, stage=name)
-    policy = trainer.policy
-    main = trainer.is_world_process_zero()  # with several processes, one evaluates and writes
-
-    def on_log(step, metrics):
-        log.info("[%s] step %d: %s", name, step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
-                 extra={"detail": True})  # the run log only (alignctl.console), unless -v
-
-    pe = ctx.policy_eval() if main else None  # the shared held-out evaluation (alignctl.evaluate), scored by the RM
-    if pe is not None:
-        pe.before(policy)
-    trainer.train(resume_from=ctx.spec.get("resume_from"), on_log=on_log)
-    generated = ctx.finish_policy_eval(pe, policy, trainer.ref, reward_model) if main else {}
-    for phase in ("before", "after"):  # PPO's headline: the reward model's mean score of held-out answers
-        if "eval_reward_mean" in generated.get(phase, {}):
-            generated[phase]["eval_rm_score"] = generated[phase]["eval_reward_mean"]
-
-    models.align_special_tokens(policy, ctx.tokenizer)
-    if main:
-        ctx.write_history(trainer.log_history)
-        ctx.save(SimpleNamespace(model=policy))  # the policy alone, without the value model
-    metrics = {"train": _final_train_metrics(trainer.log_history), "rollouts": _quarters(trainer.log_history)}
-    return merge_eval(metrics, generated)

@@ -9,6 +9,16 @@ from alignctl.config.checks import NONNEG
 from alignctl.stages import StageKind
 from alignctl.stages.grpo import check, reward_functions
 
+
+def build(ctx):
+    from trl import RLOOConfig, RLOOTrainer
+
+    funcs, classes = reward_functions(ctx)
+    return RLOOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=ctx.trl_config(RLOOConfig),
+                       train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
+                       reward_processing_classes=classes, peft_config=ctx.peft_config())
+
+
 KIND = StageKind(
     name="rloo", config_class="trl.RLOOConfig", data_kind="prompt",
     summary="REINFORCE leave-one-out scored by a reward model and/or TRL reward functions",
@@ -17,14 +27,5 @@ KIND = StageKind(
                 "max_completion_length", "temperature"),
     # plan-time rules (as grpo's): beta is a KL coefficient where 0 means no reference model
     ranges={"beta": NONNEG}, check=check,
+    build=build,
 )
-
-
-def run(ctx):
-    from trl import RLOOConfig, RLOOTrainer
-
-    funcs, classes = reward_functions(ctx)
-    trainer = RLOOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=ctx.trl_config(RLOOConfig),
-                          train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
-                          reward_processing_classes=classes, peft_config=ctx.peft_config())
-    return ctx.train_and_save(trainer)

@@ -2,17 +2,17 @@
 
 from alignctl.stages import StageKind
 
+
+def build(ctx):
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer(model=ctx.load_policy(), args=ctx.trl_config(SFTConfig), processing_class=ctx.tokenizer,
+                      train_dataset=ctx.train, eval_dataset=ctx.eval, peft_config=ctx.peft_config())
+
+
 KIND = StageKind(
     name="sft", config_class="trl.SFTConfig", data_kind="sft",
     summary="supervised fine-tuning",
     key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "max_length", "lr_scheduler_type"),
+    build=build,
 )
-
-
-def run(ctx):
-    from trl import SFTConfig, SFTTrainer
-
-    model = ctx.load_policy()
-    trainer = SFTTrainer(model=model, args=ctx.trl_config(SFTConfig), processing_class=ctx.tokenizer,
-                         train_dataset=ctx.train, eval_dataset=ctx.eval, peft_config=ctx.peft_config())
-    return ctx.train_and_save(trainer)
