@@ -14,14 +14,17 @@ def headline(stage: dict) -> str:
     """The held-out metric a stage is judged by (summaries, reports, a sweep's default objective):
     with a reward model, the win rate of its answers after training over before (what users ask: did it get
     better?); for preference stages without one, the length-normalised preference accuracy (the summed one favours
-    short answers); otherwise the stage kind's own headline (SFT: eval_loss, reward: eval_accuracy, ...).
-    ``stage``: a stage of a run's manifest."""
+    short answers); otherwise the stage kind's own headline (SFT: eval_loss, reward: eval_accuracy, ...). A
+    preference accuracy needs held-out pairs: where there were none (KTO on natively unpaired rows), the stage is
+    judged by its trainer's held-out loss instead. ``stage``: a stage of a run's manifest."""
     after = (stage.get("metrics") or {}).get("after") or {}
     if "eval_win_rate" in after:
         return "eval_win_rate"
     head = STAGES[stage["trainer"]].headline
     if head == PREFERENCE_ACCURACY and f"{head}_norm" in after:
         return f"{head}_norm"
+    if head == PREFERENCE_ACCURACY and head not in after and "eval_loss" in after:
+        return "eval_loss"
     return head
 
 

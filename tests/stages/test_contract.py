@@ -13,7 +13,7 @@ import yaml
 
 from alignctl.cli import main
 from alignctl.config import links, trl_fields
-from alignctl.metrics import PREFERENCE_ACCURACY, headline
+from alignctl.metrics import headline
 from alignctl.stages import STAGES, StageKind
 from conftest import one_thread_collecting_log
 
@@ -83,18 +83,7 @@ def _offline():
         yield
 
 
-# Today a kind trained on unpaired data measures no preference accuracy when its headline is one (its held-out rows
-# have no pairs): StageKind.preference_eval ("if_paired") and the metric policy settle it; strict, so the fix shows.
-UNPAIRED_HEADLINE_GAP = pytest.mark.xfail(strict=True, reason="a preference-accuracy headline is not measured on "
-                                                              "unpaired held-out data (today's behaviour)")
-
-
-def _kinds() -> list:
-    return [pytest.param(n, marks=UNPAIRED_HEADLINE_GAP) if k.data_kind == "unpaired"
-            and k.headline.startswith(PREFERENCE_ACCURACY) else n for n, k in sorted(STAGES.items())]
-
-
-@pytest.mark.parametrize("name", _kinds())
+@pytest.mark.parametrize("name", sorted(STAGES))
 def test_every_stage_kind_keeps_the_contract(name, run_recipe, cache_root, tmp_path, capsys):
     kind = STAGES[name]
     path = tmp_path / "contract.yaml"
@@ -116,5 +105,5 @@ def test_every_stage_kind_keeps_the_contract(name, run_recipe, cache_root, tmp_p
         assert all(s["reused_from"] for s in again["stages"]), [(s["name"], s["reused_from"]) for s in again["stages"]]
         _yields_its_output(kind, tmp_path / "again" / "subject" / "final")
 
-    head = headline(subject)  # last: the one known gap (below) is checked after everything else
+    head = headline(subject)
     assert head in (subject.get("metrics") or {}).get("after", {}), f"{name}: headline {head} missing from the manifest"
