@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -455,7 +456,9 @@ def _rank(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
     model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
     metrics = evaluate.preference_accuracy(model, tok, pairs(5), batch_size=2)
     Path(out, f"{rank}.json").write_text(json.dumps({"metrics": metrics, "rows": rows}))
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown: on a loaded machine gloo's threads could abort it ("terminate called ...")
 
 
 def test_several_processes_share_the_pairs_and_all_get_every_result(tmp_path, cache_root):
