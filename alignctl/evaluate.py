@@ -42,10 +42,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-# The `eval` group's keys, defaults and checks, and each stage's settings (plan time): alignctl.config.eval_settings.
-from alignctl.config.eval_settings import DEFAULTS, LIMITS, settings_problems  # noqa: E402,F401  moved: alignctl.config.eval_settings
-from alignctl.config.eval_settings import legacy_stage_settings as stage_settings  # noqa: E402,F401  moved (dict form)
-
 
 # -- statistics -----------------------------------------------------------------------------------------------------
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
