@@ -426,7 +426,7 @@ class Entry:
         path = self.dir / "metrics.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def lock(self, timeout: Any = fsutil._FROM_ENV, on_lost=None, decide_now: bool = False) -> fsutil.FileLock:
+    def lock(self, timeout: Any = fsutil.FROM_ENV, on_lost=None, decide_now: bool = False) -> fsutil.FileLock:
         """Exclusive lock on this entry: a lock file in the entry (works across nodes on shared file systems);
         ``on_lost``/``decide_now``: see :class:`alignctl.fsutil.FileLock`."""
         if self.dir.is_symlink():

@@ -27,7 +27,7 @@ def prepared(tmp_path, *overrides) -> list:
 
 def fps(tmp_path, *overrides) -> dict[str, str]:
     resolved = resolve(compose([f"output_root={tmp_path / 'out'}", *overrides]), tmp_path / "run")
-    return store.fingerprints(pipeline._prepare(pipeline.stage_specs(resolved)), resolved["launcher"])
+    return store.fingerprints(pipeline._prepare(pipeline.stage_specs(resolved)), resolved.launcher)
 
 
 def write_rows(path: Path, word: str, n: int = 8) -> None:

@@ -223,7 +223,7 @@ def test_preflight_under_torchrun_initialises_neither_cuda_nor_accelerate_here(c
     def stages(*extra):
         resolved = resolve(compose([f"output_root={cache_root}", "launcher=torchrun", "launcher.nproc_per_node=1",
                                          *extra]), tmp_path / "run", run=True)
-        return pipeline.stage_specs(resolved), resolved["launcher"]
+        return pipeline.stage_specs(resolved), resolved.launcher
 
     had_training_args = "transformers.training_args" in sys.modules
     saved = dict(PartialState._shared_state)  # an earlier test in this process may have trained here

@@ -28,7 +28,7 @@ def train_dir(spec: StageSpec) -> Path:
 
 def owner_guard(spec: StageSpec):
     """What rank 0 (or the local process) calls right before it replaces the entry's final/ or adapter/: raises
-    :class:`alignctl.fsutil.LockLost` unless the entry's lock file still holds the orchestrator's token (the spec's
+    :class:`alignctl.errors.LockLost` unless the entry's lock file still holds the orchestrator's token (the spec's
     ``lock_token``); None for a spec without one (alignctl eval/generate, tests)."""
     from alignctl import fsutil
 
