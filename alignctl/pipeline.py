@@ -225,7 +225,8 @@ def _launch_preflight(launcher: dict | None, manifest: Manifest | None) -> None:
         raise ConfigError(problems)
     if launcher and manifest is not None:
         manifest.update(launcher={"kind": launcher["kind"], "world_size": launcher["world_size"],
-                                  "distributed": launcher["distributed"], "description": launch_config.describe(launcher)})
+                                  "distributed": launcher["distributed"],
+                                  "description": launch_config.describe(launcher)})
 
 
 def _prepare(stages: list[StageSpec], numerics: list[dict] | None = None) -> list[StageSpec]:

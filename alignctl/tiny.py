@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from alignctl.templates import GEMMA_TEMPLATE, MISTRAL_TEMPLATE, PHI3_TEMPLATE, DEFAULT_CHAT_TEMPLATE
+from alignctl.templates import DEFAULT_CHAT_TEMPLATE, GEMMA_TEMPLATE, MISTRAL_TEMPLATE, PHI3_TEMPLATE
 
 TINY_PREFIX = "tiny:"
 TINY_ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gemma2")

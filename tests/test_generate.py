@@ -57,7 +57,6 @@ def test_lm_judge_verdicts_do_not_depend_on_batching(cache_root):
     """The LM judge reads log P(" A") - log P(" B") after the shared prefix of both letters; batched (left-padded)
     prompts of different lengths give the verdicts each prompt gives alone."""
     from alignctl import models
-
     from alignctl.config.types import ModelSpec
 
     spec = ModelSpec("tiny:llama")
