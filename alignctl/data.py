@@ -24,22 +24,8 @@ import os
 from pathlib import Path
 
 from alignctl import formats
-from alignctl.config.data_checks import (  # noqa: F401  moved: alignctl.config.data_checks
-    BUILTIN_DIR,
-    BUILTIN_PREFIX,
-    DATA_KEYS,
-    EXTENSIONS,
-    HELP,
-    REQUIRED,
-    _files,
-    _to_messages,
-    _Unreadable,
-    check,
-    check_columns,
-    local_path,
-    looks_local,
-    normalize,
-)
+from alignctl.config.data_checks import EXTENSIONS, Unreadable, as_messages, check_columns, split_files
+from alignctl.config.types import DataSpec
 from alignctl.errors import ConfigError, suggest
 
 log = logging.getLogger("alignctl")
@@ -92,7 +78,7 @@ def _first_bad_line(file: str) -> str:
     return ""
 
 
-def _read_error(spec: dict, label: str, files: list[str], error: Exception) -> ConfigError:
+def _read_error(label: str, files: list[str], error: Exception) -> ConfigError:
     """A one-line message for a local file datasets could not read."""
     for file in files:
         where = _first_bad_line(file) if Path(file).suffix in (".jsonl", ".json") else ""
@@ -107,7 +93,7 @@ def _read_error(spec: dict, label: str, files: list[str], error: Exception) -> C
     return ConfigError([f"{label}: cannot read {', '.join(files)}: {text[:300]}"])
 
 
-def _local_cache(spec: dict, stage: str) -> tuple[str, list]:
+def _local_cache(spec: DataSpec, stage: str) -> tuple[str, list]:
     """Where the datasets library caches a local data set, and its files' stat signatures now. The library keys a
     local file by path and mtime only, so a file replaced with the same mtime (tar, cp -p, rsync -a, touch -r) would
     be read from the old cache; this folder is keyed by the content digest the run fingerprinted and by the files'
@@ -116,14 +102,14 @@ def _local_cache(spec: dict, stage: str) -> tuple[str, list]:
 
     from alignctl import digests
 
-    files = digests.data_files(spec["path"], spec.get("local"))
+    files = digests.data_files(spec.path, spec.local)
     now = digests.signatures(files)
-    recorded = spec.get("data_check")
-    if recorded and now != recorded["files"] and not digests.files_unchanged(recorded, files, spec.get("cache_dir")):
-        raise digests.data_changed(stage, spec.get("label") or spec["path"])
+    recorded = spec.check.to_dict() if spec.check is not None else None
+    if recorded and now != recorded["files"] and not digests.files_unchanged(recorded, files, spec.cache_dir):
+        raise digests.data_changed(stage, spec.label or spec.path)
     key = hashlib.sha256(json.dumps([(recorded or {}).get("content"), now]).encode()).hexdigest()[:20]
-    if spec.get("cache_dir"):
-        root = Path(spec["cache_dir"]) / "datasets"
+    if spec.cache_dir:
+        root = Path(spec.cache_dir) / "datasets"
     else:  # a load outside a run's stages (e.g. evaluation prompts): keyed by the signatures alone
         import datasets
 
@@ -131,28 +117,28 @@ def _local_cache(spec: dict, stage: str) -> tuple[str, list]:
     return str(root / key), now
 
 
-def _check_read(spec: dict, stage: str, cache: str, before: list) -> None:
+def _check_read(spec: DataSpec, stage: str, cache: str, before: list) -> None:
     """The files must not have changed while they were read (the rows would be a mix, or not the hashed bytes)."""
     import shutil
 
     from alignctl import digests
 
-    if digests.signatures(digests.data_files(spec["path"], spec.get("local"))) != before:
+    if digests.signatures(digests.data_files(spec.path, spec.local)) != before:
         shutil.rmtree(cache, ignore_errors=True)
-        raise digests.data_changed(stage, spec.get("label") or spec["path"], "while alignctl read it")
+        raise digests.data_changed(stage, spec.label or spec.path, "while alignctl read it")
 
 
-def _raw_split(spec: dict, split: str, label: str, key: str, cache_dir: str | None = None):
+def _raw_split(spec: DataSpec, split: str, label: str, key: str, cache_dir: str | None = None):
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
-    if spec["local"]:
+    if spec.local:
         try:
-            files = _files(spec)
-        except _Unreadable as e:
+            files = split_files(spec.path)
+        except Unreadable as e:
             raise ConfigError([f"{label}.path: {e}"]) from None
         if split not in files:
-            raise ConfigError([f"{label}.{key}: no split '{split}' in {spec['path']}{suggest(split, files)} "
+            raise ConfigError([f"{label}.{key}: no split '{split}' in {spec.path}{suggest(split, files)} "
                                f"(found {', '.join(files) or 'no data files'})"])
         for file in files[split]:
             if Path(file).stat().st_size == 0:
@@ -164,12 +150,12 @@ def _raw_split(spec: dict, split: str, label: str, key: str, cache_dir: str | No
         try:
             return datasets.load_dataset(builder, data_files=files[split], split="train", cache_dir=cache_dir)
         except (DatasetGenerationError, ValueError, OSError, TypeError) as e:
-            raise _read_error(spec, label, files[split], e) from None
+            raise _read_error(label, files[split], e) from None
         finally:
             quiet.setLevel(level)
-    hub = spec["path"] + (f" (config {spec['name']})" if spec.get("name") else "")
+    hub = spec.path + (f" (config {spec.name})" if spec.name else "")
     try:
-        return datasets.load_dataset(spec["path"], spec.get("name"), split=split, revision=spec.get("revision"))
+        return datasets.load_dataset(spec.path, spec.name, split=split, revision=spec.revision)
     except ConnectionError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or "Offline" in str(e)
         why = "is not in the local cache and HF_HUB_OFFLINE is set" if offline else "cannot be reached on the Hub"
@@ -183,19 +169,19 @@ def _raw_split(spec: dict, split: str, label: str, key: str, cache_dir: str | No
         raise ConfigError([f"{label}.path: cannot load data set {hub}: {str(e).splitlines()[0][:200]}"]) from None
 
 
-def _carve(train, spec: dict, label: str):
+def _carve(train, spec: DataSpec, label: str):
     """(train, held-out) carved out of the training split per eval_size/seed, or a ConfigError saying what to set."""
-    size, n = spec["eval_size"], len(train)
+    size, n = spec.eval_size, len(train)
     held = int(size) if size >= 1 else math.ceil(size * n)
     if n < 2:
-        raise ConfigError([f"{label}.eval_size: {size!r} of {n} rows in split '{spec['split']}': {held} held-out rows "
+        raise ConfigError([f"{label}.eval_size: {size!r} of {n} rows in split '{spec.split}': {held} held-out rows "
                            f"leave no training rows; add rows, name a held-out split ({label}.eval_split) or set "
                            f"{label}.eval_size=0 (no held-out set)"])
     if held >= n:
-        raise ConfigError([f"{label}.eval_size: {size!r} of {n} rows in split '{spec['split']}': {held} held-out rows "
+        raise ConfigError([f"{label}.eval_size: {size!r} of {n} rows in split '{spec.split}': {held} held-out rows "
                            f"leave no training rows; set {label}.eval_size to a count below {n} or a fraction in "
                            f"(0, 1) (0 = no held-out set)"])
-    parts = train.train_test_split(test_size=held, seed=spec["seed"])
+    parts = train.train_test_split(test_size=held, seed=spec.seed)
     return parts["train"], parts["test"]
 
 
@@ -215,11 +201,11 @@ def _map_row(row: dict, index: int, layout: str, data_kind: str, system: str, wh
     return out
 
 
-def _convert(ds, spec: dict, data_kind: str, label: str, stage: str, split: str):
+def _convert(ds, spec: DataSpec, data_kind: str, label: str, stage: str, split: str):
     """Every record to the TRL format of ``data_kind`` (formats.convert), extra columns dropped."""
-    if spec["to_messages"]:
-        ds = ds.map(_to_messages, remove_columns=[c for c in ("prompt", "completion") if c in ds.column_names])
-    layout, system, notes = spec["format"], spec["system_turns"], set()
+    if spec.to_messages:
+        ds = ds.map(as_messages, remove_columns=[c for c in ("prompt", "completion") if c in ds.column_names])
+    layout, system, notes = spec.format, spec.system_turns, set()
     if data_kind == "sft" and "label" in ds.column_names and ds.features["label"].dtype == "bool":
         ds = ds.filter(lambda ex: ex["label"])  # unpaired KTO data: SFT on the desirable completions only
         _note_once(label, f"{stage} trains on the desirable rows only (label true)")
@@ -241,13 +227,12 @@ def _convert(ds, spec: dict, data_kind: str, label: str, stage: str, split: str)
     except Exception as e:  # pyarrow: rows whose converted columns disagree in type
         import pyarrow as pa
 
-        if isinstance(e, UnicodeDecodeError) and spec["local"]:  # a bad byte datasets only met while reading rows
-            raise _read_error(spec, label, _files(spec).get(spec["split"] if split == "held-out" else split, []),
-                              e) from None
+        read = spec.split if split == "held-out" else split
+        if isinstance(e, UnicodeDecodeError) and spec.local:  # a bad byte datasets only met while reading rows
+            raise _read_error(label, split_files(spec.path).get(read, []), e) from None
         if not isinstance(e, (pa.ArrowException, TypeError, ValueError)):
             raise
-        files = ", ".join(_files(spec).get(spec["split"] if split == "held-out" else split, [])) if spec["local"] \
-            else spec["path"]
+        files = ", ".join(split_files(spec.path).get(read, [])) if spec.local else spec.path
         raise ConfigError([f"{label} (split {split}, {files}): rows differ in layout or column types "
                            f"({str(e)[:160]}); name the layout with {label}.format or fix the rows"]) from None
     for note in sorted(notes):
@@ -255,30 +240,29 @@ def _convert(ds, spec: dict, data_kind: str, label: str, stage: str, split: str)
     return ds
 
 
-def load(spec: dict, data_kind: str, stage: str):
+def load(spec: DataSpec, data_kind: str, stage: str):
     """Return ``(train, eval_or_None)`` in TRL's formats; raises ConfigError on any data problem. A local data set
     is read through a cache keyed by its content (:func:`_local_cache`); when the spec carries the run's
-    ``data_check``, files that differ from it raise :class:`alignctl.errors.DataChanged`, as do files that change
+    ``check``, files that differ from it raise :class:`alignctl.errors.DataChanged`, as do files that change
     while they are read."""
-    spec = {"format": "auto", "system_turns": "keep", **spec}  # specs written before these keys existed
-    label = spec.get("label", spec["path"])
-    cache, before = _local_cache(spec, stage) if spec["local"] else (None, None)
-    train = _raw_split(spec, spec["split"], label, "split", cache)
+    label = spec.label or spec.path
+    cache, before = _local_cache(spec, stage) if spec.local else (None, None)
+    train = _raw_split(spec, spec.split, label, "split", cache)
     try:
-        train = _apply_columns(train, spec["columns"])
+        train = _apply_columns(train, spec.columns)
     except ValueError as e:
         raise ConfigError([f"{label}.columns: {e}"]) from None
     evalset = None
-    if spec["eval_split"]:
-        evalset = _apply_columns(_raw_split(spec, spec["eval_split"], label, "eval_split", cache), spec["columns"])
-    elif spec["eval_size"]:
+    if spec.eval_split:
+        evalset = _apply_columns(_raw_split(spec, spec.eval_split, label, "eval_split", cache), spec.columns)
+    elif spec.eval_size:
         if len(train) == 0:
-            raise ConfigError([f"{label} (split {spec['split']}): no rows"])
+            raise ConfigError([f"{label} (split {spec.split}): no rows"])
         train, evalset = _carve(train, spec, label)
     if cache is not None:
         _check_read(spec, stage, cache, before)
     out = []
-    for ds, split in ((train, spec["split"]), (evalset, spec["eval_split"] or "held-out")):
+    for ds, split in ((train, spec.split), (evalset, spec.eval_split or "held-out")):
         if ds is None:
             out.append(None)
             continue

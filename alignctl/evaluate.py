@@ -40,11 +40,10 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-# The `eval` group's keys, defaults and checks, and each stage's settings (plan time): alignctl.config.eval_settings.
-from alignctl.config.eval_settings import DEFAULTS, LIMITS, settings_problems  # noqa: E402,F401  moved: alignctl.config.eval_settings
-from alignctl.config.eval_settings import legacy_stage_settings as stage_settings  # noqa: E402,F401  moved (dict form)
+if TYPE_CHECKING:
+    from alignctl.config.types import EvalSettings
 
 
 # -- statistics -----------------------------------------------------------------------------------------------------
@@ -407,7 +406,8 @@ class PolicyEval:
     the reference model (when the reference is the initial weights, the before-pass needs none: the policy is its
     reference); ``reward``: a factory of a context manager yielding (reward model, its tokenizer), or None."""
 
-    def __init__(self, settings: dict, tokenizer, prompts: list, batch_size: int, ref_is_initial: bool = True):
+    def __init__(self, settings: EvalSettings, tokenizer, prompts: list, batch_size: int,
+                 ref_is_initial: bool = True):
         self.settings, self.tokenizer, self.prompts = settings, tokenizer, prompts
         self.batch_size = max(1, int(batch_size))
         self.ref_is_initial = ref_is_initial
@@ -419,8 +419,8 @@ class PolicyEval:
 
     def _gen(self, model) -> list[list[int]]:
         s = self.settings
-        return generate(model, self.tokenizer, self.prompt_ids, max_new_tokens=s["max_new_tokens"],
-                        temperature=s["temperature"], seed=s["seed"], batch_size=self.batch_size)
+        return generate(model, self.tokenizer, self.prompt_ids, max_new_tokens=s.max_new_tokens,
+                        temperature=s.temperature, seed=s.seed, batch_size=self.batch_size)
 
     def _lp(self, model, completions) -> list[tuple[float, int]]:
         return token_logps(model, self.tokenizer, self.prompt_ids, completions, self.batch_size)
@@ -505,6 +505,6 @@ class PolicyEval:
 
     def info(self) -> dict:
         s = self.settings
-        return {"prompts": len(self.prompts), "max_new_tokens": s["max_new_tokens"], "temperature": s["temperature"],
-                "seed": s["seed"], "reward": s.get("reward"), "interval": "95% Wilson score, ties count half",
+        return {"prompts": len(self.prompts), "max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
+                "seed": s.seed, "reward": s.reward, "interval": "95% Wilson score, ties count half",
                 "seconds": round(self.seconds, 2)}

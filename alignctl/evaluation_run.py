@@ -23,48 +23,45 @@ from omegaconf import OmegaConf
 from alignctl import data, evaluate, models, report
 from alignctl.config import checks, links, trl_fields
 from alignctl.config.compose import compose
-from alignctl.config.types import StageSpec
+from alignctl.config.data_checks import normalize, to_spec
+from alignctl.config.eval_settings import DEFAULTS, settings_problems, stage_settings
+from alignctl.config.types import DataSpec, EvalSettings, LinkSpec, ModelSpec, StageSpec
 from alignctl.errors import ConfigError, DataChanged
 from alignctl.fsutil import write_json
 from alignctl.train.context import StageContext, release_memory
 from alignctl.stages import STAGES
 
 
-def _settings(overrides: list[str], base: dict | None) -> dict:
+def _settings(overrides: list[str], base: EvalSettings) -> EvalSettings:
     """Evaluation settings: a stage's (or the defaults) with eval.<key>=<value> overrides, validated."""
     given = {}
     for o in overrides:
         key, _, value = o.partition("=")
         if not key.startswith("eval."):
             raise ConfigError([f"{key}: only eval.<key>=<value> overrides apply here (keys: "
-                               f"{', '.join(evaluate.DEFAULTS)})"])
+                               f"{', '.join(DEFAULTS)})"])
         given[key[5:]] = yaml.safe_load(value)
-    base = dict(base or {})
-    merged = {**{k: v for k, v in base.items() if k in evaluate.DEFAULTS and k not in ("prompts", "reward")},
-              **given}
-    settings, problems = evaluate.settings_problems(merged)
+    merged = {**{k: getattr(base, k) for k in DEFAULTS if k not in ("prompts", "reward")}, **given}
+    settings, problems = settings_problems(merged)
     if problems:
         raise ConfigError(problems)
-    out = {**base, **{k: settings[k] for k in given}}
-    if out.get("seed") is None:
-        out["seed"] = 0
-    return out
+    out = base.replace(**{k: settings[k] for k in given})
+    return out if out.seed is not None else out.replace(seed=0)
 
 
-def _data_spec(name: str) -> dict:
+def _data_spec(name: str) -> DataSpec:
     """--prompts: a data set of the default configuration (configs/data) or a data file/folder."""
     if Path(name).expanduser().exists():
-        spec, problems = data.normalize({"path": str(Path(name).expanduser().absolute())}, "--prompts")
+        spec, problems = normalize({"path": str(Path(name).expanduser().absolute())}, "--prompts")
     else:
         datasets = OmegaConf.to_container(compose([]).data, resolve=True)
         if name not in datasets:
             raise ConfigError([f"--prompts: '{name}' is neither a data file nor a data set of the default "
                                f"configuration ({', '.join(datasets)})"])
-        spec, problems = data.normalize(dict(datasets[name]), f"data.{name}")
+        spec, problems = normalize(dict(datasets[name]), f"data.{name}")
     if problems:
         raise ConfigError(problems)
-    spec.setdefault("label", "--prompts")
-    return spec
+    return to_spec({"label": "--prompts", **spec})
 
 
 def _reward_path(value: str) -> str:
@@ -94,12 +91,12 @@ def eval_run(run_dir: Path, opts: dict, overrides: list[str]) -> tuple[dict, Pat
         if st.get("status") != "completed" or not spec_path.is_file() or not final.is_dir() or \
                 STAGES[st["trainer"]].output != "causal_lm":
             continue
-        spec = _stage_spec(dict(StageSpec.from_json(spec_path.read_text())), opts, overrides)  # old keys
+        spec = _stage_spec(StageSpec.from_json(spec_path.read_text()), opts, overrides)
         spec = checked_spec(spec, final, f"{st['name']}/spec.json", bool(opts.get("--trust-remote-code")))
         try:
             ctx = StageContext(spec)
         except DataChanged:  # the held-out rows would not be the ones the run was evaluated on
-            raise ConfigError([f"eval: stage {st['name']}: its data ({spec['data'].get('label')}) changed on disk "
+            raise ConfigError([f"eval: stage {st['name']}: its data ({spec.data.label}) changed on disk "
                                "since the run trained on it; restore it to evaluate this run"]) from None
         metrics, pe = _eval_stage(ctx, final)
         if pe is not None:
@@ -112,51 +109,50 @@ def eval_run(run_dir: Path, opts: dict, overrides: list[str]) -> tuple[dict, Pat
     return result, out
 
 
-def _stage_spec(spec: dict, opts: dict, overrides: list[str]) -> dict:
+def _stage_spec(spec: StageSpec, opts: dict, overrides: list[str]) -> StageSpec:
     """A stage's spec.json with the evaluation the command line asks for: its settings (eval.<key>=... overrides),
     --reward, --prompts and --reference in place of the run's."""
-    base = spec.get("eval") or evaluate.stage_settings({}, spec, [spec], spec["args"].get("seed", 42))
-    settings = _settings(overrides, {**base, "enabled": True})
-    if opts.get("--reward"):
-        settings["reward"], settings["reward_path"] = "--reward", _reward_path(opts["--reward"])
-        settings["reward_load"] = {"revision": None, "trust_remote_code": False}  # a folder of its own
+    base = spec.eval or stage_settings(EvalSettings(), spec, [spec], spec.args.get("seed", 42))
+    settings = _settings(overrides, base.replace(enabled=True))
+    if opts.get("--reward"):  # a folder of its own
+        settings = settings.replace(reward="--reward", reward_path=_reward_path(opts["--reward"]),
+                                    reward_load={"revision": None, "trust_remote_code": False})
     if opts.get("--prompts"):
-        settings["prompts_data"] = _data_spec(opts["--prompts"])
-    spec = {**spec, "eval": settings}
+        settings = settings.replace(prompts_data=_data_spec(opts["--prompts"]))
+    spec = spec.replace(eval=settings)
     if opts.get("--reference"):
-        spec["ref_path"] = str(Path(opts["--reference"]).expanduser().absolute())
+        ref = LinkSpec("ref", str(Path(opts["--reference"]).expanduser().absolute()))
+        spec = spec.replace(links={**spec.links, "ref": ref})
     return spec
 
 
-def checked_spec(spec: dict, final: Path, where: str, trust: bool) -> dict:
+def checked_spec(spec: StageSpec, final: Path, where: str, trust: bool) -> StageSpec:
     """A stage's spec.json as ``alignctl eval`` uses it, read like any input: the models it loads (initial weights,
     reference, final/, the evaluation's reward model) are checked as ``plan`` checks them, and remote code stays off
     unless ``--trust-remote-code`` is given (``trust``), whatever the file says: a run directory may come from
     elsewhere, and its final/ may ship code."""
     problems: list[str] = []
     notes: list[str] = []
-    model = dict(spec.get("model") or {})
-    ev = dict(spec.get("eval") or {})
-    for key, path, rev in (("init_path", spec.get("init_path"), model.get("revision")),
-                           ("ref_path", spec.get("ref_path"), model.get("revision")), ("final", str(final), None),
-                           ("eval.reward_path", ev.get("reward_path"), (ev.get("reward_load") or {}).get("revision"))):
-        gguf = model.get("gguf_file") if path == model.get("name_or_path") else None  # de-quantised at load
+    model, ev = spec.model, spec.eval or EvalSettings()
+    init, ref = spec.link("from"), spec.link("ref")
+    for key, path, rev in (("init_path", init.path if init else None, model.revision),
+                           ("ref_path", ref.path if ref else None, model.revision), ("final", str(final), None),
+                           ("eval.reward_path", ev.reward_path, (ev.reward_load or {}).get("revision"))):
+        gguf = model.gguf_file if path == model.name_or_path else None  # de-quantised at load
         if path:
             problems += links.model_problems(str(path), rev, f"eval: {where}: {key}", True, notes, gguf)
-    problems += filter(None, [checks.writable_problem(Path(str(spec.get("cache_dir") or ".")), f"eval: {where}: "
-                                                                                              "cache_dir")])
+    problems += filter(None, [checks.writable_problem(Path(str(spec.cache_dir or ".")), f"eval: {where}: cache_dir")])
     if problems:
         raise ConfigError(problems)
     if trust:
         return spec
-    loads = {**(spec.get(links.LOAD_KEY) or {}), "eval.reward": ev.get("reward_load") or {}}
-    if model.get("trust_remote_code") is True or any(v.get("trust_remote_code") for v in loads.values()):
+    loads = [links.load_settings(spec, name) or {} for name in spec.links] + [ev.reward_load or {}]
+    if model.trust_remote_code is True or any(load.get("trust_remote_code") for load in loads):
         logging.getLogger("alignctl").warning("eval: %s asks for remote code; it stays off (pass --trust-remote-code "
                                               "to run code shipped with its models)", where)
     off = lambda load: {**load, "trust_remote_code": False} if load else load  # noqa: E731
-    ev["reward_load"] = off(ev.get("reward_load"))
-    return {**spec, "model": {**model, "trust_remote_code": False}, "eval": ev,
-            links.LOAD_KEY: {k: off(v) for k, v in (spec.get(links.LOAD_KEY) or {}).items()}}
+    return spec.replace(model=model.replace(trust_remote_code=False), eval=ev.replace(reward_load=off(ev.reward_load)),
+                        links={k: ln.replace(trust_remote_code=False) for k, ln in spec.links.items()})
 
 
 def _overlap(stage: dict, metrics: dict) -> dict:
@@ -170,9 +166,9 @@ def _eval_stage(ctx, final: Path):
     pe = ctx.policy_eval()
     if pe is None:
         return {}, None
-    load = lambda path: models.load_causal_lm(models.materialize(path, ctx.spec["cache_dir"], ctx.model_spec),  # noqa
+    load = lambda path: models.load_causal_lm(models.materialize(path, ctx.spec.cache_dir, ctx.model_spec),  # noqa
                                               ctx.model_spec, ctx.precision, ctx.tokenizer)
-    initial = load(ctx.spec["init_path"])
+    initial = load(ctx.spec.source.path)
     pe.before(initial)
     del initial
     release_memory()
@@ -182,7 +178,7 @@ def _eval_stage(ctx, final: Path):
     if ctx.kind.data_kind == "preference" and ctx.eval is not None:  # as in the run: the stage's batch and length
         defaults = {k: f.get("default") for k, f in trl_fields.fields(ctx.kind.config_class).items()}
         after.update(evaluate.preference_accuracy(model, ctx.tokenizer, ctx.eval,
-                                                  **evaluate.pref_settings({**defaults, **ctx.spec["args"]})))
+                                                  **evaluate.pref_settings({**defaults, **ctx.spec.args})))
     return generated, pe
 
 
@@ -190,12 +186,12 @@ def eval_model(path: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path
     """A model folder against --reference (its answers are "before"), on --prompts, scored by --reward."""
     if not opts.get("--prompts"):
         raise ConfigError(["eval: a model folder needs --prompts (a data set name such as prompts, or a data file)"])
-    settings = _settings(overrides, {k: v for k, v in evaluate.DEFAULTS.items() if k not in ("prompts", "reward")})
+    settings = _settings(overrides, EvalSettings(**DEFAULTS))
     dspec = _data_spec(opts["--prompts"])
     train, held = data.load(dspec, "prompt", "--prompts")
-    prompts = evaluate.held_out_prompts(held if held is not None else train, settings["max_prompts"])
+    prompts = evaluate.held_out_prompts(held if held is not None else train, settings.max_prompts)
     # remote code of the model and its reference only with --trust-remote-code; the reward model never runs any
-    model_spec = {"name_or_path": str(path), "trust_remote_code": bool(opts.get("--trust-remote-code"))}
+    model_spec = ModelSpec(str(path), trust_remote_code=bool(opts.get("--trust-remote-code")))
     precision = models.precision_for("auto")
     ref_path = opts.get("--reference")
     _folders_checked([("eval", path), ("--reference", ref_path), ("--reward", opts.get("--reward"))])
@@ -219,7 +215,7 @@ def eval_model(path: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path
     return result, out
 
 
-def _loaded_reference(ref_path: str, model_spec: dict, precision, tok):
+def _loaded_reference(ref_path: str, model_spec: ModelSpec, precision, tok):
     """The reference model while PolicyEval.after needs it (loaded again: "before" released it)."""
     @contextlib.contextmanager
     def reference():
@@ -237,8 +233,9 @@ def _loaded_reward(given: str, precision):
     @contextlib.contextmanager
     def reward():
         rpath = _reward_path(given)
-        rtok = models.load_tokenizer(rpath, {})
-        yield models.load_sequence_classifier(rpath, {}, precision, rtok), rtok
+        own = ModelSpec(rpath)  # its own tokenizer and settings, never remote code
+        rtok = models.load_tokenizer(rpath, own)
+        yield models.load_sequence_classifier(rpath, own, precision, rtok), rtok
 
     return reward
 

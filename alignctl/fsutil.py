@@ -24,10 +24,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from alignctl.errors import LockLost, LockTimeout  # moved: alignctl.errors (raised here)
+from alignctl.errors import LockLost, LockTimeout
 
 log = logging.getLogger("alignctl")
-_FROM_ENV: Any = object()
+FROM_ENV: Any = object()  # FileLock's timeout: ALIGNCTL_LOCK_TIMEOUT (lock_settings)
 
 
 def finite(obj: Any) -> Any:
@@ -334,13 +334,13 @@ class FileLock:
     that it lost the lock (taken over, its file gone, or not renewable for ``stale`` seconds).
     """
 
-    def __init__(self, path: str | os.PathLike, what: str = "", timeout: float | None = _FROM_ENV,
+    def __init__(self, path: str | os.PathLike, what: str = "", timeout: float | None = FROM_ENV,
                  stale: float | None = None, heartbeat: float | None = None, poll: float = 0.2,
                  only_if_dead: bool = False, decide_now: bool = False, on_lost=None):
         settings = lock_settings()
         self.path = Path(path)
         self.what = what or str(self.path.parent)
-        self.timeout = settings["timeout"] if timeout is _FROM_ENV else timeout
+        self.timeout = settings["timeout"] if timeout is FROM_ENV else timeout
         self.stale = stale or settings["stale"]
         self.heartbeat = heartbeat or (settings["heartbeat"] if stale is None else default_heartbeat(self.stale))
         self.poll = poll

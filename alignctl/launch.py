@@ -26,12 +26,10 @@ import uuid
 from pathlib import Path
 
 from alignctl import models
-from alignctl.config.launcher import (ACCELERATE_DIR, COMMON, ENGINE_NAMES, FIELDS, KINDS,  # noqa: F401  moved
-                                      SHARDED, accelerate_engine, apply_batch, describe, global_batch, gpu_count,
-                                      resolve, runtime_problems, shipped_configs, stage_problems)
+from alignctl.config.launcher import ENGINE_NAMES
 from alignctl.config.types import StageSpec
 from alignctl.errors import StageFailed
-from alignctl.ranks import ATTEMPT_ENV, rank_env  # noqa: F401  (moved: alignctl.ranks; re-exported for callers)
+from alignctl.ranks import ATTEMPT_ENV
 
 log = logging.getLogger("alignctl")
 

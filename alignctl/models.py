@@ -20,20 +20,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-# The built-in tiny models and alignctl's chat templates have modules of their own; callers also use their names as
-# models.<name>.
-from alignctl.templates import DEFAULT_CHAT_TEMPLATE  # noqa: F401
-from alignctl.tiny import (TINY_ARCHS, TINY_FAMILIES, TINY_PREFIX, build_tiny, build_tiny_tokenizer,  # noqa: F401
-                           is_tiny, tiny_arch, tiny_key)
-# Plan-time model checks live in alignctl.config.model_checks; callers also use their names as models.<name>.
-from alignctl.config.model_checks import (ATTN_IMPLEMENTATIONS, ATTN_PACKAGES, PKG_PREFIX,  # noqa: F401  moved: alignctl.config.model_checks
-                                          _config_model_type, _pkg_missing, _supports_attn,
-                                          attn_implementation_problems, base_model_problems, pkg_dir)
+from alignctl.config.model_checks import ATTN_PACKAGES, PKG_PREFIX, base_model_problems, pkg_dir, pkg_missing
+from alignctl.config.types import ModelSpec, StageSpec
+from alignctl.templates import DEFAULT_CHAT_TEMPLATE
+from alignctl.tiny import build_tiny, is_tiny, tiny_arch, tiny_key
 
 log = logging.getLogger("alignctl")
 
 
-def materialize(name_or_path: str, cache_root: str | os.PathLike, model_spec: dict[str, Any] | None = None) -> str:
+def materialize(name_or_path: str, cache_root: str | os.PathLike, model_spec: ModelSpec | None = None) -> str:
     """Return a loadable path for ``name_or_path``: builds a built-in tiny model once per cache; resolves ``pkg:``;
     and when ``name_or_path`` is the run's base model with ``model.gguf_file`` set, de-quantises that GGUF file once
     into the cache, so that every stage loads plain safetensors."""
@@ -41,13 +36,12 @@ def materialize(name_or_path: str, cache_root: str | os.PathLike, model_spec: di
         arch = tiny_arch(name_or_path)
         out = Path(cache_root) / f"tiny-{arch}-{tiny_key(name_or_path)}"
         return _build_once(out, lambda tmp: build_tiny(arch, tmp))
-    model_spec = model_spec or {}
-    gguf_file = model_spec.get("gguf_file")
-    is_base = str(name_or_path) == str(model_spec.get("name_or_path"))
+    gguf_file = model_spec.gguf_file if model_spec is not None else None
+    is_base = model_spec is not None and str(name_or_path) == str(model_spec.name_or_path)
     path = resolve_pkg(name_or_path) if str(name_or_path).startswith(PKG_PREFIX) else name_or_path
     if not (gguf_file and is_base):
         return path
-    key = hashlib.sha256(json.dumps([_gguf_identity(path, gguf_file, model_spec.get("revision")), 1]).encode())
+    key = hashlib.sha256(json.dumps([_gguf_identity(path, gguf_file, model_spec.revision), 1]).encode())
     out = Path(cache_root) / f"gguf-{Path(gguf_file).stem}-{key.hexdigest()[:12]}"
     return _build_once(out, lambda tmp: dequantize_gguf(path, gguf_file, tmp, model_spec))
 
@@ -137,7 +131,7 @@ def resolve_pkg(name_or_path: str) -> str:
     if folder is None:
         from alignctl.errors import ConfigError
 
-        raise ConfigError([_pkg_missing(name_or_path)])
+        raise ConfigError([pkg_missing(name_or_path)])
     return str(folder)
 
 
@@ -149,15 +143,15 @@ def _gguf_identity(path: str, gguf_file: str, revision: str | None) -> list:
     return [str(path), gguf_file, revision or "main"]
 
 
-def dequantize_gguf(path: str, gguf_file: str, out: str | os.PathLike, model_spec: dict[str, Any]) -> None:
+def dequantize_gguf(path: str, gguf_file: str, out: str | os.PathLike, model_spec: ModelSpec) -> None:
     """Load a GGUF checkpoint with transformers (which de-quantises it through the `gguf` package) and save it as a
     plain Hugging Face folder: fp32 safetensors, config, generation config and the tokenizer (with its template)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log.info("de-quantising %s from %s (once; cached as safetensors)", gguf_file, path)
-    common = dict(gguf_file=gguf_file, revision=model_spec.get("revision"),
-                  trust_remote_code=model_spec.get("trust_remote_code") is True)
+    common = dict(gguf_file=gguf_file, revision=model_spec.revision,
+                  trust_remote_code=model_spec.trust_remote_code is True)
     tok = AutoTokenizer.from_pretrained(path, **common)
     # dequantize=True: plain full-precision layers (transformers would otherwise keep packed GGUF layers where a
     # kernel is installed), and a model without a quantizer, which save_pretrained accepts
@@ -206,13 +200,13 @@ PLACEMENT_ENV = {"ACCELERATE_USE_CPU", "ACCELERATE_TORCH_DEVICE", "ACCELERATE_DE
                  "ACCELERATE_BYPASS_DEVICE_MAP"}
 
 
-def training_env(spec: dict[str, Any], inherited: dict[str, str], explicit: dict[str, str] | None = None
+def training_env(spec: StageSpec, inherited: dict[str, str], explicit: dict[str, str] | None = None
                  ) -> tuple[dict[str, str], list[str]]:
     """The environment a stage trains under, and the given variables it does not see: ``inherited`` without the
     variables of TRAINING_ENV, plus ``explicit`` (launcher.env), plus ``ACCELERATE_MIXED_PRECISION`` matching the
     stage's bf16/fp16 flags (``no`` for fp32: transformers reads the variable when neither flag is set)."""
-    args = spec["args"]  # the bf16/fp16 flags the stage's TRL config gets (as alignctl.train.context.StageContext.args_for)
-    flags = args if "bf16" in args or "fp16" in args else mixed_precision_args(spec["precision"])
+    args = spec.args  # the bf16/fp16 flags the stage's TRL config gets (as alignctl.train.context.StageContext.args_for)
+    flags = args if "bf16" in args or "fp16" in args else mixed_precision_args(spec.precision)
     env = {k: v for k, v in inherited.items() if not TRAINING_ENV.match(k) or k in PLACEMENT_ENV}
     env.update(explicit or {})
     env["ACCELERATE_MIXED_PRECISION"] = "fp16" if flags.get("fp16") else "bf16" if flags.get("bf16") else "no"
@@ -228,13 +222,13 @@ def note_dropped_env(stage: str, dropped: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def training_environment(spec: dict[str, Any], note: bool = True):
+def training_environment(spec: StageSpec, note: bool = True):
     """This process's environment as :func:`training_env` makes it, for a stage trained (or its TRL config checked)
     in this process; restored afterwards. ``note``: log the variables left out."""
     before = dict(os.environ)
     env, dropped = training_env(spec, before)
     if note:
-        note_dropped_env(spec["name"], dropped)
+        note_dropped_env(spec.name, dropped)
     changed = {k for k in set(before) | set(env) if before.get(k) != env.get(k)}
     for k in changed:
         if k in env:
@@ -251,7 +245,7 @@ def training_environment(spec: dict[str, Any], note: bool = True):
                 os.environ.pop(k, None)
 
 
-def link_model_spec(base: dict[str, Any], load: dict[str, Any] | None, path: str) -> dict[str, Any]:
+def link_model_spec(base: ModelSpec, load: dict[str, Any] | None, path: str) -> ModelSpec:
     """The model spec a link's model loads with (config/links.py). ``load`` None: a stage of the recipe or the base
     model, which loads with the base model's settings (its stages were trained with ``model.chat_template``, and a
     stage's final/ is a local folder, so the revision does not apply). Otherwise a model outside the recipe, with
@@ -260,11 +254,10 @@ def link_model_spec(base: dict[str, Any], load: dict[str, Any] | None, path: str
     (the base model's kernel may not support its architecture)."""
     if load is None:
         return base
-    return {"name_or_path": str(path), "revision": load.get("revision"),
-            "trust_remote_code": load.get("trust_remote_code") is True}
+    return ModelSpec(str(path), revision=load.get("revision"), trust_remote_code=load.get("trust_remote_code") is True)
 
 
-def load_tokenizer(path: str, model_spec: dict[str, Any]):
+def load_tokenizer(path: str, model_spec: ModelSpec):
     """Load a tokenizer and make it usable for chat training.
 
     A tokenizer without a chat template gets ``model.chat_template`` or the default one (``model_spec`` is the
@@ -274,10 +267,10 @@ def load_tokenizer(path: str, model_spec: dict[str, Any]):
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=model_spec.get("revision"),
-                                        trust_remote_code=model_spec.get("trust_remote_code") is True)
-    if model_spec.get("chat_template"):
-        tok.chat_template = model_spec["chat_template"]
+    tok = AutoTokenizer.from_pretrained(path, revision=model_spec.revision,
+                                        trust_remote_code=model_spec.trust_remote_code is True)
+    if model_spec.chat_template:
+        tok.chat_template = model_spec.chat_template
     elif not tok.chat_template:
         log.info("tokenizer of %s has no chat template: using alignctl's default (Zephyr-style)", path)
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
@@ -287,37 +280,38 @@ def load_tokenizer(path: str, model_spec: dict[str, Any]):
     return tok
 
 
-def _load_kwargs(model_spec: dict[str, Any], precision: str, peft: dict | None = None,
-                 classifier: bool = False) -> dict[str, Any]:
+def load_kwargs(model_spec: ModelSpec, precision: str, peft: dict | None = None,
+                classifier: bool = False) -> dict[str, Any]:
+    """``from_pretrained`` arguments of a model: revision, dtype, attention, remote code, 4-bit quantisation."""
     return dict(
-        revision=model_spec.get("revision"),
+        revision=model_spec.revision,
         dtype=torch_dtype(precision),
         # None: transformers picks for the architecture (SDPA where it supports it, else eager, e.g. Gemma2)
-        attn_implementation=model_spec.get("attn_implementation") or None,
-        trust_remote_code=model_spec.get("trust_remote_code") is True,
+        attn_implementation=model_spec.attn_implementation or None,
+        trust_remote_code=model_spec.trust_remote_code is True,
         use_safetensors=True,
         **quantization_kwargs(peft, precision, classifier),
     )
 
 
-def load_causal_lm(path: str, model_spec: dict[str, Any], precision: str, tokenizer=None, peft: dict | None = None):
+def load_causal_lm(path: str, model_spec: ModelSpec, precision: str, tokenizer=None, peft: dict | None = None):
     """A causal LM; 4-bit quantised (frozen base for an adapter) when ``peft`` is a qlora setting."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(model_spec, precision, peft))
+    model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs(model_spec, precision, peft))
     _after_quantised_load(model)
     if tokenizer is not None:
         align_special_tokens(model, tokenizer)
     return model
 
 
-def load_sequence_classifier(path: str, model_spec: dict[str, Any], precision: str, tokenizer=None,
+def load_sequence_classifier(path: str, model_spec: ModelSpec, precision: str, tokenizer=None,
                              peft: dict | None = None):
     """A one-output sequence classifier (reward/value model) on top of ``path``'s backbone (4-bit under qlora)."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, **_load_kwargs(model_spec, precision, peft, classifier=True))
+        path, num_labels=1, **load_kwargs(model_spec, precision, peft, classifier=True))
     _after_quantised_load(model)
     if tokenizer is not None:
         align_special_tokens(model, tokenizer)
@@ -375,24 +369,23 @@ def save_final(model, tokenizer, out: str | os.PathLike, guard=None) -> str:
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "uint8": "uint8"}
 
 
-def device_problems(stage: dict) -> list[str]:
+def device_problems(stage: StageSpec) -> list[str]:
     """Run-time checks of settings that cannot work on this machine; called before any model is loaded."""
     import torch
 
-    where = f"stages.{stage['name']}"
+    where = f"stages.{stage.name}"
     problems = []
     cuda = torch.cuda.is_available()
-    precision = precision_for(stage.get("precision", "auto"))
-    model_spec = stage.get("model") or {}
-    attn = model_spec.get("attn_implementation")
+    precision = precision_for(stage.precision)
+    attn = stage.model.attn_implementation
     if attn in ATTN_PACKAGES and not cuda:
         problems.append(f"model.attn_implementation: {attn} needs a CUDA GPU and none is available; use null "
                         "(transformers' choice) or sdpa")
     elif attn in ATTN_PACKAGES and precision == "fp32":
         problems.append(f"model.attn_implementation: {attn} runs in fp16/bf16 only, but precision is fp32 here; "
                         "set precision=bf16 (or fp16), or use sdpa")
-    problems += base_model_problems(model_spec)
-    peft = stage.get("peft") or {}
+    problems += base_model_problems(stage.model)
+    peft = stage.peft or {}
     if peft.get("method") == "qlora":
         compute = peft.get("bnb_4bit_compute_dtype", "auto")
         if compute == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -577,7 +570,7 @@ def save_adapter(model, tokenizer, out: str | os.PathLike, guard=None) -> str:
     return save_final(model, tokenizer, out, guard)
 
 
-def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out: str | os.PathLike, model_spec: dict[str, Any],
+def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out: str | os.PathLike, model_spec: ModelSpec,
                   precision: str, tokenizer, peft: dict, classifier: bool = False, guard=None) -> str:
     """Merge an adapter into the base weights it was trained on and save a plain HF model at ``out``.
 

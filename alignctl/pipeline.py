@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from alignctl import data, fsutil, launch, models, probe, store, trust
+from alignctl.config import launcher as launch_config
 from alignctl.config.types import RunSpec, StageSpec
 from alignctl.errors import ConfigError, DataChanged, LockLost, LockTimeout
 from alignctl.stages import STAGES
@@ -219,12 +220,13 @@ def _first_line(e: BaseException) -> str:
 
 def _launch_preflight(launcher: dict | None, manifest: Manifest | None) -> None:
     """What this machine lacks for the launcher (e.g. DeepSpeed); the launcher goes into the manifest."""
-    problems = launch.runtime_problems(launcher)
+    problems = launch_config.runtime_problems(launcher)
     if problems:
         raise ConfigError(problems)
     if launcher and manifest is not None:
         manifest.update(launcher={"kind": launcher["kind"], "world_size": launcher["world_size"],
-                                  "distributed": launcher["distributed"], "description": launch.describe(launcher)})
+                                  "distributed": launcher["distributed"],
+                                  "description": launch_config.describe(launcher)})
 
 
 def _prepare(stages: list[StageSpec], numerics: list[dict] | None = None) -> list[StageSpec]:

@@ -60,14 +60,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from alignctl import digests, fsutil, models, trust
+from alignctl import digests, fsutil, models, tiny, trust
 from alignctl.config import links as link_table
+from alignctl.config.model_checks import PKG_PREFIX, pkg_dir
 from alignctl.config.types import DataCheck, DataSpec, StageSpec
 from alignctl.digests import (check_files, content_digest, data_changed, data_files, files_unchanged, signatures,
                               tree_hash)
-from alignctl.digests import DIGESTS, full_hash, record_files, sampled_hash  # noqa: F401  (moved: alignctl.digests)
 from alignctl.errors import ConfigError, LockLost, LockTimeout, ModelChanged, StageFailed
-from alignctl.errors import DataChanged  # noqa: F401  (moved: alignctl.errors)
 
 log = logging.getLogger("alignctl")
 
@@ -127,10 +126,10 @@ def check_data_unchanged(spec: StageSpec) -> None:
 
 def _model_folder(path: str) -> Path | None:
     """The local folder a model path names (``pkg:`` resolved), or None (built-in tiny model, Hub id)."""
-    if models.is_tiny(path):
+    if tiny.is_tiny(path):
         return None
-    if str(path).startswith(models.PKG_PREFIX):  # an installed package's folder: its files, like a local folder
-        folder = models.pkg_dir(path)
+    if str(path).startswith(PKG_PREFIX):  # an installed package's folder: its files, like a local folder
+        folder = pkg_dir(path)
         return folder if folder is not None and folder.is_dir() else None
     p = Path(path).expanduser()
     return p.absolute() if p.is_dir() else None
@@ -157,8 +156,8 @@ def model_check(path: str, cache_dir: str | os.PathLike | None = None) -> dict |
 
 def model_identity(path: str, revision: str | None = None, check: dict | None = None) -> Any:
     """A model's identity: built-in name, Hub id + revision, or a local folder's content (file names and SHA-256)."""
-    if models.is_tiny(path):
-        return {"tiny": models.tiny_key(path)}
+    if tiny.is_tiny(path):
+        return {"tiny": tiny.tiny_key(path)}
     check = check or model_check(path)
     if check:
         return {"local": check["content"]}
@@ -427,7 +426,7 @@ class Entry:
         path = self.dir / "metrics.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def lock(self, timeout: Any = fsutil._FROM_ENV, on_lost=None, decide_now: bool = False) -> fsutil.FileLock:
+    def lock(self, timeout: Any = fsutil.FROM_ENV, on_lost=None, decide_now: bool = False) -> fsutil.FileLock:
         """Exclusive lock on this entry: a lock file in the entry (works across nodes on shared file systems);
         ``on_lost``/``decide_now``: see :class:`alignctl.fsutil.FileLock`."""
         if self.dir.is_symlink():

@@ -21,12 +21,12 @@ DEFAULT_CHAT_TEMPLATE = (
 
 # Chat templates of the tiny families, written for alignctl in the shape of each family's own (not copies).
 # Phi-3 style: role tags, turns closed by <|end|>; no {% generation %} markers (assistant-only loss cannot use it).
-_PHI3_TEMPLATE = (
+PHI3_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 # Mistral style: [INST] ... [/INST] answer</s>; refuses a system turn (as Mistral's v0.1 template does).
-_MISTRAL_TEMPLATE = (
+MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ raise_exception('This template has no system role: merge the system text "
     "into the first user turn') }}"
@@ -34,7 +34,7 @@ _MISTRAL_TEMPLATE = (
     "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
 )
 # Gemma style: <start_of_turn>user|model ... <end_of_turn>; refuses a system turn.
-_GEMMA_TEMPLATE = (
+GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
     "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' + m['content'] "

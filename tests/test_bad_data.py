@@ -16,7 +16,7 @@ from alignctl import data
 from alignctl.cli import main
 from alignctl.config import data_checks
 
-SYNTHETIC = Path(data.BUILTIN_DIR)
+SYNTHETIC = Path(data_checks.BUILTIN_DIR)
 GOOD_SFT = [json.loads(line) for line in (SYNTHETIC / "sft.jsonl").read_text().splitlines()[:40]]
 
 
@@ -311,8 +311,8 @@ def test_large_json_array_is_peeked_not_read_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", lambda *a, **k: Counting(real_open(*a, **k)) if str(a[0]) == str(path)
                         else real_open(*a, **k))
-    s, _ = data.normalize({"path": str(path)}, "data.big")
-    assert data.check(s, "sft", "data.big", "stages.sft") == []
+    s, _ = data_checks.normalize({"path": str(path)}, "data.big")
+    assert data_checks.check(s, "sft", "data.big", "stages.sft") == []
     assert reads and all(0 < n <= 4096 for n in reads)
     assert path.stat().st_size > 40 * 4096
 
@@ -325,11 +325,10 @@ def test_csv_with_a_ragged_row_and_mixed_json_types_name_the_file(tmp_path):
         for i in range(30):
             f.write(json.dumps({"prompt": "q" if i < 20 else [{"role": "user", "content": "q"}], "completion": "a"}))
             f.write("\n")
-    s, _ = data.normalize({"path": str(tmp_path / "mixed.jsonl"), "eval_size": 0}, "data.mixed")
-    s["label"] = "data.mixed"  # as resolve sets it
-    assert data.check(s, "sft", "data.mixed", "stages.sft") == []
+    s, _ = data_checks.normalize({"path": str(tmp_path / "mixed.jsonl"), "eval_size": 0}, "data.mixed")
+    assert data_checks.check(s, "sft", "data.mixed", "stages.sft") == []
     with pytest.raises(ConfigError) as e:
-        data.load(s, "sft", "stages.sft")
+        data.load(data_checks.to_spec({**s, "label": "data.mixed"}), "sft", "stages.sft")  # as resolve types it
     assert str(e.value).startswith("data.mixed") and "mixed.jsonl" in str(e.value)
     assert len(e.value.problems) == 1 and "\n" not in e.value.problems[0]
 
@@ -337,9 +336,8 @@ def test_csv_with_a_ragged_row_and_mixed_json_types_name_the_file(tmp_path):
         w = csv.writer(f)
         w.writerow(["prompt", "completion"])
         w.writerows([["q", "a"]] * 5 + [["q", "a", "extra", "more"]])
-    s, _ = data.normalize({"path": str(tmp_path / "ragged.csv"), "eval_size": 0}, "data.ragged")
-    s["label"] = "data.ragged"
-    assert data.check(s, "sft", "data.ragged", "stages.sft") == []
+    s, _ = data_checks.normalize({"path": str(tmp_path / "ragged.csv"), "eval_size": 0}, "data.ragged")
+    assert data_checks.check(s, "sft", "data.ragged", "stages.sft") == []
     with pytest.raises(ConfigError) as e:
-        data.load(s, "sft", "stages.sft")
+        data.load(data_checks.to_spec({**s, "label": "data.ragged"}), "sft", "stages.sft")
     assert str(e.value).startswith("data.ragged") and "ragged.csv" in str(e.value)

@@ -8,11 +8,18 @@ import json
 import pytest
 
 from alignctl import data
+from alignctl.config import data_checks
+from alignctl.config.types import DataSpec
 from alignctl.errors import ConfigError
 
 
+def typed(s: dict) -> DataSpec:
+    """The typed data spec of a normalized one (labelled by its path, as a load without a label was)."""
+    return data_checks.to_spec({"label": s["path"], **s})
+
+
 def spec_for(path, **kw):
-    s, problems = data.normalize({"path": str(path), **kw}, "data.x")
+    s, problems = data_checks.normalize({"path": str(path), **kw}, "data.x")
     assert not problems
     return s
 
@@ -28,8 +35,8 @@ def test_alpaca_columns_map_into_messages(tmp_path):
     f = write_jsonl(tmp_path / "alpaca.jsonl", rows)
     s = spec_for(f, columns={"prompt": ["instruction", "input"], "completion": "output"}, to_messages=True,
                  eval_size=4)
-    assert data.check(s, "sft", "data.x", "stages.sft") == []
-    train, held = data.load(s, "sft", "stages.sft")
+    assert data_checks.check(s, "sft", "data.x", "stages.sft") == []
+    train, held = data.load(typed(s), "sft", "stages.sft")
     assert len(train) == 16 and len(held) == 4
     row = next(r for r in train if r["messages"][0]["content"].startswith("add 0"))
     assert row["messages"] == [{"role": "user", "content": "add 0 and 1\n\nshow work"},
@@ -41,19 +48,20 @@ def test_implicit_prompt_preference_data_gets_prompt_extracted(tmp_path):
     """String pairs that hold their prompt: TRL's extraction splits it off; HH transcripts become conversations."""
     rows = [{"chosen": f"Q{i}: which? A: good {i}", "rejected": f"Q{i}: which? A: bad {i}"} for i in range(10)]
     s = spec_for(write_jsonl(tmp_path / "implicit.jsonl", rows), eval_size=0)
-    assert data.check(s, "preference", "data.x", "stages.dpo") == []
-    train, held = data.load(s, "preference", "stages.dpo")
+    assert data_checks.check(s, "preference", "data.x", "stages.dpo") == []
+    train, held = data.load(typed(s), "preference", "stages.dpo")
     assert held is None
     assert train[0]["prompt"] == "Q0: which? A:" and train[0]["chosen"] == " good 0"
 
     hh = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}", "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}
           for i in range(10)]
-    train, _ = data.load(spec_for(write_jsonl(tmp_path / "hh.jsonl", hh), eval_size=0), "preference", "stages.dpo")
+    train, _ = data.load(typed(spec_for(write_jsonl(tmp_path / "hh.jsonl", hh), eval_size=0)), "preference",
+                         "stages.dpo")
     assert train[0] == {"prompt": [{"role": "user", "content": "q0"}],
                         "chosen": [{"role": "assistant", "content": "good 0"}],
                         "rejected": [{"role": "assistant", "content": "bad 0"}]}
     # Named explicitly, the same; `format: trl` keeps TRL's own string handling.
-    train, _ = data.load(spec_for(tmp_path / "hh.jsonl", eval_size=0, format="trl"), "preference", "stages.dpo")
+    train, _ = data.load(typed(spec_for(tmp_path / "hh.jsonl", eval_size=0, format="trl")), "preference", "stages.dpo")
     assert train[0]["prompt"] == "\n\nHuman: q0\n\nAssistant:"
 
 
@@ -66,10 +74,10 @@ def test_named_eval_split_from_a_folder_and_csv(tmp_path):
             w.writeheader()
             w.writerows({"prompt": f"p{i}", "chosen": "yes", "rejected": "no"} for i in range(n))
     s = spec_for(folder, eval_split="test")
-    train, held = data.load(s, "preference", "stages.dpo")
+    train, held = data.load(typed(s), "preference", "stages.dpo")
     assert (len(train), len(held)) == (12, 3)
     bad = spec_for(folder, eval_split="validation")
-    assert "no split 'validation'" in data.check(bad, "preference", "data.x", "stages.dpo")[0]
+    assert "no split 'validation'" in data_checks.check(bad, "preference", "data.x", "stages.dpo")[0]
 
 
 def test_parquet_and_carved_split_is_seeded(tmp_path):
@@ -79,10 +87,10 @@ def test_parquet_and_carved_split_is_seeded(tmp_path):
     f = tmp_path / "sft.parquet"
     pq.write_table(pa.table({"text": [f"line {i}" for i in range(50)]}), f)
     s = spec_for(f, eval_size=0.2, seed=3)
-    assert data.check(s, "sft", "data.x", "stages.sft") == []
-    a = data.load(s, "sft", "stages.sft")[1]["text"]
-    b = data.load(s, "sft", "stages.sft")[1]["text"]
-    c = data.load(spec_for(f, eval_size=0.2, seed=4), "sft", "stages.sft")[1]["text"]
+    assert data_checks.check(s, "sft", "data.x", "stages.sft") == []
+    a = data.load(typed(s), "sft", "stages.sft")[1]["text"]
+    b = data.load(typed(s), "sft", "stages.sft")[1]["text"]
+    c = data.load(typed(spec_for(f, eval_size=0.2, seed=4)), "sft", "stages.sft")[1]["text"]
     assert len(a) == 10 and a == b and a != c
 
 
@@ -96,7 +104,7 @@ def test_parquet_and_carved_split_is_seeded(tmp_path):
 ])
 def test_column_checks_name_the_problem(tmp_path, kind, row, needle):
     f = write_jsonl(tmp_path / "rows.jsonl", [row] * 4)
-    problems = data.check(spec_for(f), kind, "data.x", "stages.s")
+    problems = data_checks.check(spec_for(f), kind, "data.x", "stages.s")
     assert len(problems) == 1 and needle in problems[0] and "rows.jsonl" in problems[0] and "stages.s" in problems[0]
 
 
@@ -105,29 +113,29 @@ def test_load_rechecks_columns_of_real_data(tmp_path):
     rows = [{"prompt": "q", "completion": "a", "label": i % 2} for i in range(6)]
     s = spec_for(write_jsonl(tmp_path / "kto.jsonl", rows), eval_size=0)
     with pytest.raises(ConfigError) as e:
-        data.load(s, "unpaired", "stages.kto")
+        data.load(typed(s), "unpaired", "stages.kto")
     assert "'label' must be boolean" in str(e.value) and "stages.kto" in str(e.value)
 
 
 def test_mapping_source_missing_is_reported(tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": "y"}])
-    problems = data.check(spec_for(f, columns={"completion": "response"}), "sft", "data.x", "stages.sft")
+    problems = data_checks.check(spec_for(f, columns={"completion": "response"}), "sft", "data.x", "stages.sft")
     assert "source column 'response' not in" in problems[0]
 
 
 def test_hub_ids_are_not_mistaken_for_files():
-    assert not data.looks_local("HuggingFaceH4/ultrachat_200k")
-    assert data.looks_local("./x.jsonl") and data.looks_local("builtin:sft.jsonl") and data.looks_local("/a/b")
+    assert not data_checks.looks_local("HuggingFaceH4/ultrachat_200k")
+    assert all(data_checks.looks_local(p) for p in ("./x.jsonl", "builtin:sft.jsonl", "/a/b"))
 
 
 def test_conversations_column_in_either_turn_style_becomes_messages(tmp_path):
     """`conversations` of {role, content} turns is read as `messages`; of {from, value} turns (ShareGPT) converted."""
     rows = [{"conversations": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}], "id": i}
             for i in range(6)]
-    train, _ = data.load(spec_for(write_jsonl(tmp_path / "c.jsonl", rows), eval_size=0), "sft", "stages.sft")
+    train, _ = data.load(typed(spec_for(write_jsonl(tmp_path / "c.jsonl", rows), eval_size=0)), "sft", "stages.sft")
     assert train.column_names == ["messages"] and train[0]["messages"][0] == {"role": "user", "content": "q0"}
     sharegpt = [{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": f"q{i}"},
                                    {"from": "gpt", "value": "a"}]} for i in range(6)]
-    train, _ = data.load(spec_for(write_jsonl(tmp_path / "s.jsonl", sharegpt), eval_size=0, system_turns="drop"),
+    train, _ = data.load(typed(spec_for(write_jsonl(tmp_path / "s.jsonl", sharegpt), eval_size=0, system_turns="drop")),
                          "sft", "stages.sft")
     assert train[0]["messages"] == [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a"}]

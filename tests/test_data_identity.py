@@ -27,7 +27,7 @@ def prepared(tmp_path, *overrides) -> list:
 
 def fps(tmp_path, *overrides) -> dict[str, str]:
     resolved = resolve(compose([f"output_root={tmp_path / 'out'}", *overrides]), tmp_path / "run")
-    return store.fingerprints(pipeline._prepare(pipeline.stage_specs(resolved)), resolved["launcher"])
+    return store.fingerprints(pipeline._prepare(pipeline.stage_specs(resolved)), resolved.launcher)
 
 
 def write_rows(path: Path, word: str, n: int = 8) -> None:
@@ -89,7 +89,7 @@ def test_unchanged_files_are_not_hashed_again_and_replaced_ones_are(tmp_path, mo
     monkeypatch.setattr(digests, "full_hash", lambda p: reads.append(p) or real(p))
     first = store.data_check(d, cache)
     assert store.data_check(d, cache) == first and len(reads) == 1  # the second run reads nothing
-    assert list((cache / store.DIGESTS).glob("*.json"))
+    assert list((cache / digests.DIGESTS).glob("*.json"))
     write_rows(f, "BBBB")  # same size and mtime, other bytes: inode or ctime moved
     assert store.data_check(d, cache).content != first.content and len(reads) == 2
     os.utime(f, None)  # touched: hashed again, same content
@@ -137,15 +137,15 @@ def test_a_model_folder_changed_during_the_run_stops_the_stage(tmp_path, cache_r
 
 
 def test_plan_notes_unpinned_hub_models_and_data_sets(tmp_path):
-    notes = resolve(compose(["recipe=zephyr-dpo"]), tmp_path / "run")["notes"]
+    notes = resolve(compose(["recipe=zephyr-dpo"]), tmp_path / "run").notes
     unpinned = [n for n in notes if "unpinned" in n]
     assert any(n.startswith("model.name_or_path: mistralai/") and "pin model.revision=<commit>" in n
                for n in unpinned), notes
     assert sum(n.startswith("data.") for n in unpinned) == 2, unpinned
     pinned = resolve(compose(["recipe=zephyr-dpo", "model.revision=abc", "++data.sft.revision=abc",
-                                   "++data.prefs.revision=abc"]), tmp_path / "run")["notes"]
+                                   "++data.prefs.revision=abc"]), tmp_path / "run").notes
     assert not [n for n in pinned if "unpinned" in n], pinned
-    assert not [n for n in resolve(compose([]), tmp_path / "run")["notes"] if "unpinned" in n]
+    assert not [n for n in resolve(compose([]), tmp_path / "run").notes if "unpinned" in n]
 
 
 # -- F2: the environment that changes numerics ------------------------------------------------------------------------

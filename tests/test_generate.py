@@ -57,10 +57,12 @@ def test_lm_judge_verdicts_do_not_depend_on_batching(cache_root):
     """The LM judge reads log P(" A") - log P(" B") after the shared prefix of both letters; batched (left-padded)
     prompts of different lengths give the verdicts each prompt gives alone."""
     from alignctl import models
+    from alignctl.config.types import ModelSpec
 
-    path = models.materialize("tiny:llama", str(cache_root / ".cache"), {"name_or_path": "tiny:llama"})
-    tok = models.load_tokenizer(path, {"name_or_path": "tiny:llama"})
-    lm = models.load_causal_lm(path, {"name_or_path": "tiny:llama"}, "fp32", tok)
+    spec = ModelSpec("tiny:llama")
+    path = models.materialize("tiny:llama", str(cache_root / ".cache"), spec)
+    tok = models.load_tokenizer(path, spec)
+    lm = models.load_causal_lm(path, spec, "fp32", tok)
     j = judge.LMJudge(lm, tok, ["be warm"], batch_size=3)
     a, b = (tok(f" {x}", add_special_tokens=False)["input_ids"] for x in "AB")
     assert j.prefix + j.letters[:1] == a and j.prefix + j.letters[1:] == b
@@ -91,10 +93,10 @@ def test_plan_resolves_generated_data_by_name(tmp_path):
     from alignctl.config.resolve import resolve
 
     resolved = resolve(compose(["recipe=iterative-dpo", f"output_root={tmp_path}"]), tmp_path / "run")
-    by = {s["name"]: s for s in resolved["stages"]}
+    by = {s.name: s for s in resolved.stages}
     assert list(by) == ["sft", "rm", "gen1", "dpo1", "gen2", "dpo2"]
-    assert by["dpo2"]["data"]["stage"] == "gen2" and by["dpo2"]["data"]["path"] == str(tmp_path / "run/gen2/final")
-    assert by["gen2"]["init_path"] == str(tmp_path / "run/dpo1/final") and by["dpo2"]["ref"] == "sft"
+    assert by["dpo2"].data.stage == "gen2" and by["dpo2"].data.path == str(tmp_path / "run/gen2/final")
+    assert by["gen2"].source.path == str(tmp_path / "run/dpo1/final") and by["dpo2"].links["ref"].stage == "sft"
     with pytest.raises(ConfigError) as e:  # KTO-style output named by a DPO stage
         resolve(compose(["recipe=iterative-dpo", f"output_root={tmp_path}", "stages.round.gen.pairs=kto"]),
                      tmp_path / "run")
@@ -169,7 +171,7 @@ def test_rlaif_dpo_with_a_tiny_judge_runs_end_to_end(tmp_path, cache_root):
 
 
 def test_bundled_judge_data_matches_its_generator():
-    from alignctl.data import BUILTIN_DIR
+    from alignctl.config.data_checks import BUILTIN_DIR
 
     pairs = [json.loads(x) for x in (BUILTIN_DIR / "prefs.jsonl").read_text().splitlines()]
     rows = [json.loads(x) for x in (BUILTIN_DIR / "judge.jsonl").read_text().splitlines()]

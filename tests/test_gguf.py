@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from alignctl import models
+from alignctl.config.model_checks import base_model_problems
+from alignctl.config.types import ModelSpec
+from alignctl.tiny import build_tiny_tokenizer
 
 pytest.importorskip("gguf")  # in the `test` extra
 
@@ -30,7 +33,7 @@ def write_tiny_llama_gguf(folder: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tok = models.build_tiny_tokenizer()
+    tok = build_tiny_tokenizer()
     cfg = AutoConfig.for_model("llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPE)
     torch.manual_seed(0)
@@ -102,8 +105,8 @@ def test_gguf_is_dequantised_once_into_plain_safetensors(gguf_folder, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, original, tok = gguf_folder
-    spec = {"name_or_path": str(folder), "gguf_file": GGUF_NAME}
-    assert models.base_model_problems(spec) == []
+    spec = ModelSpec(str(folder), gguf_file=GGUF_NAME)
+    assert base_model_problems(spec) == []
     path = models.materialize(str(folder), tmp_path / "cache", spec)
     assert models.materialize(str(folder), tmp_path / "cache", spec) == path  # cached: built once
     names = {p.name for p in Path(path).iterdir()}
@@ -149,11 +152,11 @@ def test_sft_stage_from_a_gguf_file_saves_plain_safetensors(gguf_folder, run_rec
 
 def test_gguf_settings_that_cannot_work_are_named(gguf_folder):
     folder, _, _ = gguf_folder
-    (problem,) = models.base_model_problems({"name_or_path": str(folder), "gguf_file": "other.gguf"})
+    (problem,) = base_model_problems(ModelSpec(str(folder), gguf_file="other.gguf"))
     assert problem == f"model.gguf_file: other.gguf is not in {folder} (GGUF files there: {GGUF_NAME})"
-    (problem,) = models.base_model_problems({"name_or_path": "tiny:llama", "gguf_file": GGUF_NAME})
+    (problem,) = base_model_problems(ModelSpec("tiny:llama", gguf_file=GGUF_NAME))
     assert problem.startswith("model.gguf_file: set, but tiny:llama is a built-in tiny model")
-    missing = {"name_or_path": "pkg:surely_not_an_installed_package", "gguf_file": GGUF_NAME}
-    assert models.base_model_problems(missing, run=False) == []  # plan: fine anywhere
-    (problem,) = models.base_model_problems(missing)  # run: says what to install
+    missing = ModelSpec("pkg:surely_not_an_installed_package", gguf_file=GGUF_NAME)
+    assert base_model_problems(missing, run=False) == []  # plan: fine anywhere
+    (problem,) = base_model_problems(missing)  # run: says what to install
     assert "pip install surely-not-an-installed-package" in problem

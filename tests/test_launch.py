@@ -13,6 +13,7 @@ import yaml
 
 from alignctl import launch
 from alignctl.cli import main
+from alignctl.config import launcher as launch_config
 from conftest import read_manifest, read_spec, run_cli
 
 FAST = ["stages.sft.max_steps=4", "stages.dpo.max_steps=3"]  # the default recipe, a few optimizer steps per stage
@@ -190,7 +191,7 @@ def test_combinations_that_cannot_work_are_rejected_at_plan_time(capsys, tmp_pat
 def test_shipped_accelerate_configs_have_what_alignctl_relies_on():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    shipped = launch.shipped_configs()
+    shipped = launch_config.shipped_configs()
     assert set(shipped) == {"ddp", "zero2", "zero3", "fsdp"}
     for name, path in shipped.items():
         cfg = yaml.safe_load(path.read_text())
@@ -214,21 +215,21 @@ def test_shipped_accelerate_configs_have_what_alignctl_relies_on():
     assert fsdp["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     assert fsdp["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert fsdp["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False
-    assert {launch.accelerate_engine(yaml.safe_load(p.read_text()), n)[0] for n, p in shipped.items()} == {
+    assert {launch_config.accelerate_engine(yaml.safe_load(p.read_text()), n)[0] for n, p in shipped.items()} == {
         "ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"}
-    assert all(not launch.accelerate_engine(yaml.safe_load(p.read_text()), n)[1] for n, p in shipped.items())
+    assert all(not launch_config.accelerate_engine(yaml.safe_load(p.read_text()), n)[1] for n, p in shipped.items())
 
 
 def test_launch_commands():
-    node, problems = launch.resolve({"kind": "accelerate", "config_file": "zero3", "num_processes": 8})
+    node, problems = launch_config.resolve({"kind": "accelerate", "config_file": "zero3", "num_processes": 8})
     assert not problems
     cmd = launch.command(node, "/runs/r/dpo/spec.json")
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-3:] == ["-m", "alignctl.worker",
                                                                            "/runs/r/dpo/spec.json"]
     joined = shlex.join(cmd)
-    assert f"--config_file {launch.ACCELERATE_DIR / 'zero3.yaml'}" in joined and "--num_processes 8" in joined
+    assert f"--config_file {launch_config.ACCELERATE_DIR / 'zero3.yaml'}" in joined and "--num_processes 8" in joined
     assert "--mixed_precision no" in joined
-    node, problems = launch.resolve({"kind": "torchrun", "nproc_per_node": "4", "nnodes": 2, "prefix": [
+    node, problems = launch_config.resolve({"kind": "torchrun", "nproc_per_node": "4", "nnodes": 2, "prefix": [
         "srun", "--ntasks-per-node=1"], "rdzv_id": "job7"})
     assert not problems and node["world_size"] == 8
     cmd = launch.command(node, "spec.json")
@@ -257,7 +258,7 @@ def test_run_refuses_an_engine_this_machine_lacks(run_recipe, tmp_path):
 
     from alignctl.errors import ConfigError
 
-    if find_spec("deepspeed") is not None and launch.gpu_count():
+    if find_spec("deepspeed") is not None and launch_config.gpu_count():
         pytest.skip("DeepSpeed and a GPU are available here")
     with pytest.raises(ConfigError) as e:
         run_recipe(["launcher=accelerate", "launcher.config_file=zero3", "launcher.num_processes=2"], tmp_path / "r")

@@ -28,6 +28,7 @@ import pytest
 
 from alignctl.cli import main
 from alignctl.config import links
+from alignctl.config.types import ModelSpec, RunSpec, StageSpec
 from conftest import stage_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,15 +46,15 @@ def plan(capsys, tmp_path, *args: str) -> tuple[int, str]:
     return rc, " ".join((out.err + out.out).split())  # plan lines are never wrapped; messages may be long
 
 
-def resolved(tmp_path, *args: str) -> dict:
+def resolved(tmp_path, *args: str) -> RunSpec:
     from alignctl.config.compose import compose
     from alignctl.config.resolve import resolve
 
     return resolve(compose([f"output_root={tmp_path / 'out'}", *args]), tmp_path / "run")
 
 
-def stage(spec: dict, name: str) -> dict:
-    return next(s for s in spec["stages"] if s["name"] == name)
+def stage(spec: RunSpec, name: str) -> StageSpec:
+    return spec.stage(name)
 
 
 def model_folder(root: Path, config: dict) -> Path:
@@ -136,25 +137,26 @@ def test_a_judge_hub_id_needs_consent_for_remote_code(capsys, tmp_path):
     rc, text = plan(capsys, tmp_path, *args, consent)
     assert rc == 0, text
     gen = stage(resolved(tmp_path, *args, consent), "gen")
-    assert gen["link_load"]["judge"] == {"revision": None, "trust_remote_code": True}
+    assert links.load_settings(gen, "judge") == {"revision": None, "trust_remote_code": True}
     # without model.trust_remote_code the judge gets no remote code, like any link
     gen = stage(resolved(tmp_path, "recipe=rlaif-dpo", "stages.gen.judge=someorg/judge-with-code"), "gen")
-    assert gen["link_load"]["judge"]["trust_remote_code"] is False
+    assert links.load_settings(gen, "judge")["trust_remote_code"] is False
 
 
 def test_an_eval_reward_hub_id_never_runs_remote_code(capsys, tmp_path):
     """eval.reward has no consent key (evaluation settings are outside the fingerprint): it loads without remote code,
     and plan says so under model.trust_remote_code (it used to load with the base model's trust_remote_code=True)."""
-    from alignctl import evaluate, models
+    from alignctl import models
+    from alignctl.config.eval_settings import stage_settings
 
     args = ["model.trust_remote_code=true", "eval.reward=someorg/rm-with-code"]
     rc, text = plan(capsys, tmp_path, *args)
     assert rc == 0 and "eval.reward: someorg/rm-with-code is loaded without remote code" in text, text
     spec = resolved(tmp_path, *args)
-    dpo = {**stage(spec, "dpo"), "run_dir": spec["run_dir"]}
-    settings = evaluate.stage_settings(spec["eval"], dpo, [dpo], 42)
-    load = models.link_model_spec(spec["model"], settings["reward_load"], settings["reward_path"])
-    assert load == {"name_or_path": "someorg/rm-with-code", "revision": None, "trust_remote_code": False}
+    dpo = stage(spec, "dpo")
+    settings = stage_settings(spec.eval, dpo, [dpo], 42)
+    load = models.link_model_spec(spec.model, settings.reward_load, settings.reward_path)
+    assert load == ModelSpec("someorg/rm-with-code", revision=None, trust_remote_code=False)
 
 
 @pytest.mark.parametrize("recipe,link", [("rlaif-dpo", "stages.gen.judge"), ("rlhf-ppo", "stages.ppo.reward")])
@@ -189,7 +191,6 @@ def test_a_hub_reward_link_is_planned_fingerprinted_and_loaded_at_its_own_revisi
     from the reward model, too."""
     from alignctl import pipeline, store
     from alignctl.config import checks
-    from alignctl.config.types import StageSpec
     from alignctl.train.context import StageContext
 
     asked, identified = [], []
@@ -205,17 +206,17 @@ def test_a_hub_reward_link_is_planned_fingerprinted_and_loaded_at_its_own_revisi
     assert ("org/rm", "abc") in asked and not [a for a in asked if a[0] == "org/rm" and a[1] != "abc"]
     spec = resolved(tmp_path, *args)
     ppo = stage(spec, "ppo")
-    assert ppo["reward_path"] == "org/rm" and ppo["link_load"]["reward"]["revision"] == "abc"
+    assert ppo.links["reward"].path == "org/rm" and ppo.links["reward"].revision == "abc"
     fps = store.fingerprints(pipeline.stage_specs(spec), env={})
     assert ("org/rm", "abc") in identified and not [i for i in identified if i[0] == "org/rm" and i[1] != "abc"]
     other = store.fingerprints(pipeline.stage_specs(resolved(tmp_path, *args[:2], "stages.ppo.reward=org/rm@def")),
                                env={})
     assert other["ppo"] != fps["ppo"] and other["sft"] == fps["sft"]
-    ppo_spec = StageSpec.from_legacy({**pipeline.stage_specs(spec)[2], "cache_dir": str(tmp_path / "cache")})
-    ctx = SimpleNamespace(spec=ppo_spec, model_spec=spec["model"])
+    ppo_spec = pipeline.stage_specs(spec)[2].replace(cache_dir=str(tmp_path / "cache"))
+    ctx = SimpleNamespace(spec=ppo_spec, model_spec=spec.model)
     for name in ("reward", "value"):
         path, load = StageContext.link_model(ctx, name)
-        assert path == "org/rm" and load == {"name_or_path": "org/rm", "revision": "abc", "trust_remote_code": False}
+        assert path == "org/rm" and load == ModelSpec("org/rm", revision="abc", trust_remote_code=False)
 
 
 def test_a_hub_link_with_an_empty_revision_is_refused(capsys, tmp_path):
@@ -234,7 +235,7 @@ def test_an_outside_reward_model_keeps_its_own_chat_template(tmp_path, cache_roo
                     "stages.grpo.reward=tiny:qwen2", "stages.grpo.from=null")  # the policy: the base model
     ctx = StageContext(pipeline.stage_specs(spec)[2])
     assert ctx.tokenizer.chat_template == template  # the policy: the recipe's template
-    own = models.load_tokenizer(models.materialize("tiny:qwen2", cache_root), {})
+    own = models.load_tokenizer(models.materialize("tiny:qwen2", cache_root), ModelSpec("tiny:qwen2"))
     assert ctx.link_tokenizer("reward").chat_template == own.chat_template != template
 
 
@@ -367,8 +368,8 @@ def tiny(cache_root: Path, arch: str = "llama"):
     from alignctl import models
 
     path = models.materialize(f"tiny:{arch}", cache_root)
-    tok = models.load_tokenizer(path, {"name_or_path": path})
-    return models.load_causal_lm(path, {"name_or_path": path}, "fp32", tok), tok
+    tok = models.load_tokenizer(path, ModelSpec(path))
+    return models.load_causal_lm(path, ModelSpec(path), "fp32", tok), tok
 
 
 def pairs(n: int) -> dict:
@@ -450,8 +451,8 @@ def _rank(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    tok = models.load_tokenizer(model_dir, {"name_or_path": model_dir})
-    model = models.load_causal_lm(model_dir, {"name_or_path": model_dir}, "fp32", tok)
+    tok = models.load_tokenizer(model_dir, ModelSpec(model_dir))
+    model = models.load_causal_lm(model_dir, ModelSpec(model_dir), "fp32", tok)
     rows = []
     model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
     metrics = evaluate.preference_accuracy(model, tok, pairs(5), batch_size=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alignctl import models, pipeline
+from alignctl.templates import DEFAULT_CHAT_TEMPLATE
 
 
 def test_base_without_chat_template_gets_default_at_sft_and_it_travels(run_recipe, tmp_path, cache_root):
@@ -24,7 +25,7 @@ def test_base_without_chat_template_gets_default_at_sft_and_it_travels(run_recip
     for stage in ("sft", "dpo"):
         final = tmp_path / "run" / stage / "final"
         t = AutoTokenizer.from_pretrained(final)
-        assert t.chat_template == models.DEFAULT_CHAT_TEMPLATE
+        assert t.chat_template == DEFAULT_CHAT_TEMPLATE
         assert t.pad_token is not None
         cfg = AutoModelForCausalLM.from_pretrained(final).config
         assert cfg.model_type == "qwen2" and cfg.eos_token_id == t.eos_token_id and cfg.pad_token_id == t.pad_token_id

@@ -12,7 +12,8 @@ import pytest
 from alignctl import models
 from alignctl.cli import main
 from alignctl.config import peft as peft_config
-from conftest import REPO, read_spec
+from alignctl.config.types import ModelSpec, RunSpec
+from conftest import REPO, read_spec, stage_spec
 
 
 def _final_is_plain(final: Path, classifier: bool = False):
@@ -36,7 +37,7 @@ def _adapter(stage_dir: Path) -> dict:
 
 
 # -- plan time ---------------------------------------------------------------------------------------------------
-def _resolved(*overrides: str) -> dict:
+def _resolved(*overrides: str) -> RunSpec:
     from alignctl.config.compose import compose
     from alignctl.config.resolve import resolve
 
@@ -44,19 +45,19 @@ def _resolved(*overrides: str) -> dict:
 
 
 def test_presets_and_per_stage_overrides_resolve_into_each_stage():
-    sft, dpo = _resolved("peft=qlora", "peft.r=8", "stages.sft.peft=lora", "stages.dpo.peft.use_dora=true")["stages"]
-    assert sft["peft"]["method"] == "lora" and sft["peft"]["r"] == 16  # a preset name: that preset's fields
-    assert "bnb_4bit_quant_type" not in sft["peft"]
-    assert dpo["peft"]["method"] == "qlora" and dpo["peft"]["r"] == 8 and dpo["peft"]["use_dora"] is True
-    assert dpo["peft"]["bnb_4bit_quant_type"] == "nf4" and dpo["peft"]["bnb_4bit_use_double_quant"] is True
-    assert dpo["peft"]["target_modules"] == "all-linear"
-    default = _resolved()["stages"]
-    assert [s["peft"] for s in default] == [{"method": "none"}, {"method": "none"}]
+    sft, dpo = _resolved("peft=qlora", "peft.r=8", "stages.sft.peft=lora", "stages.dpo.peft.use_dora=true").stages
+    assert sft.peft["method"] == "lora" and sft.peft["r"] == 16  # a preset name: that preset's fields
+    assert "bnb_4bit_quant_type" not in sft.peft
+    assert dpo.peft["method"] == "qlora" and dpo.peft["r"] == 8 and dpo.peft["use_dora"] is True
+    assert dpo.peft["bnb_4bit_quant_type"] == "nf4" and dpo.peft["bnb_4bit_use_double_quant"] is True
+    assert dpo.peft["target_modules"] == "all-linear"
+    default = _resolved().stages
+    assert [s.peft for s in default] == [{"method": "none"}, {"method": "none"}]
     # LoraConfig / BitsAndBytesConfig get exactly these settings.
-    config = models.lora_config(dpo["peft"])
+    config = models.lora_config(dpo.peft)
     assert (config.r, config.lora_alpha, config.use_dora, config.target_modules) == (8, 32, True, "all-linear")
-    assert models.lora_config(default[0]["peft"]) is None
-    q = models.quantization_kwargs(dpo["peft"], "auto")["quantization_config"]
+    assert models.lora_config(default[0].peft) is None
+    q = models.quantization_kwargs(dpo.peft, "auto")["quantization_config"]
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
 
 
@@ -114,8 +115,8 @@ def test_flash_attention_not_installed_or_not_possible_is_refused_before_loading
 
     if torch.cuda.is_available():
         pytest.skip("the CPU-only checks below need a machine without CUDA")
-    stage = {"name": "dpo", "model": {"attn_implementation": "flash_attention_2"}, "precision": "auto",
-             "peft": {"method": "qlora", "bnb_4bit_compute_dtype": "fp16"}}
+    stage = stage_spec("dpo", "dpo", model=ModelSpec("tiny:llama", attn_implementation="flash_attention_2"),
+                       precision="auto", peft={"method": "qlora", "bnb_4bit_compute_dtype": "fp16"})
     problems = models.device_problems(stage)
     assert any("flash_attention_2 needs a CUDA GPU" in p for p in problems)
     assert any("stages.dpo.peft.bnb_4bit_compute_dtype: fp16 4-bit kernels need a CUDA GPU" in p for p in problems)
@@ -141,9 +142,9 @@ def test_qlora_merge_reproduces_the_trained_model_from_dequantised_weights(cache
     from peft import get_peft_model
 
     base = models.materialize("tiny:llama", cache_root / ".cache")
-    tok = models.load_tokenizer(base, {})
+    tok = models.load_tokenizer(base, ModelSpec("tiny:llama"))
     peft = {**_preset("qlora"), "r": 4, "init_lora_weights": False, **extra}  # non-zero adapter
-    spec = {"attn_implementation": "sdpa"}
+    spec = ModelSpec("tiny:llama", attn_implementation="sdpa")
     torch.manual_seed(0)
     trained = get_peft_model(models.prepare_for_training(models.load_causal_lm(base, spec, "fp32", tok, peft=peft),
                                                          peft, False), models.lora_config(peft))
@@ -246,7 +247,7 @@ def test_dpo_reference_after_lora_sft_is_the_merged_sft_model(lora_run, tmp_path
     trainer.train()
 
     sft = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "final")
-    base = AutoModelForCausalLM.from_pretrained(models.materialize(spec["model"]["name_or_path"], spec["cache_dir"]))
+    base = AutoModelForCausalLM.from_pretrained(models.materialize(spec.model.name_or_path, spec.cache_dir))
     # alignctl's completion log-probs of held-out pairs, with the adapter disabled the way TRL computes its reference
     # (TRL 1.16's compute_ref_log_probs takes only the trainer's own prepared model, so it cannot score `sft` itself).
     prompts, chosen = list(ctx.eval["prompt"][:16]), list(ctx.eval["chosen"][:16])

@@ -13,8 +13,10 @@ import pytest
 import yaml
 
 from alignctl import data, pipeline
+from alignctl.config import data_checks
 from alignctl.config.compose import compose
 from alignctl.config.resolve import resolve
+from alignctl.config.types import DataSpec
 from alignctl.errors import ConfigError
 
 PUBLIC = Path(__file__).resolve().parent / "fixtures" / "public"
@@ -70,16 +72,21 @@ SFT_SETS = ["ultrachat_200k", "no_robots", "capybara", "alpaca", "openhermes", "
 LOG: list[str] = []
 
 
+def typed(s: dict) -> DataSpec:
+    """The typed data spec of a normalized one (labelled by its path, as a load without a label was)."""
+    return data_checks.to_spec({"label": s["path"], **s})
+
+
 def data_spec(key: str, **extra) -> dict:
     name = key.split(":")[0]
     return {"path": str(PUBLIC / name), **SPECS[key], **extra}
 
 
 def load(key: str, kind: str, **extra):
-    s, problems = data.normalize(data_spec(key, **extra), f"data.{key.split(':')[0]}")
+    s, problems = data_checks.normalize(data_spec(key, **extra), f"data.{key.split(':')[0]}")
     assert not problems
-    assert data.check(s, kind, s["path"], "stages.x") == []  # the plan-time check on the first record agrees
-    return data.load(s, kind, "stages.x")
+    assert data_checks.check(s, kind, s["path"], "stages.x") == []  # the plan-time check on the first record agrees
+    return data.load(typed(s), kind, "stages.x")
 
 
 def raw(key: str) -> list[dict]:
@@ -270,23 +277,23 @@ def test_system_turns_keep_merge_or_drop(how):
     ("alpaca", "unpaired", "missing column"),
 ])
 def test_sets_that_do_not_fit_a_stage_kind_say_what_is_missing(key, kind, needle):
-    s, _ = data.normalize(data_spec(key), "data.mine")
-    problems = data.check(s, kind, "data.mine", "stages.x")
+    s, _ = data_checks.normalize(data_spec(key), "data.mine")
+    problems = data_checks.check(s, kind, "data.mine", "stages.x")
     assert len(problems) == 1 and needle in problems[0] and "data.mine" in problems[0] and "stages.x" in problems[0]
     with pytest.raises(ConfigError) as e:
-        data.load(s, kind, "stages.x")
+        data.load(typed(s), kind, "stages.x")
     assert needle in str(e.value)
 
 
 @pytest.mark.parametrize("layout,key", [("hh", "orca_dpo_pairs"), ("pku", "hh_rlhf"), ("sharegpt", "alpaca")])
 def test_a_named_format_that_does_not_fit_names_its_columns(layout, key):
-    s, _ = data.normalize(data_spec(key, format=layout), "data.mine")
-    problems = data.check(s, "preference", "data.mine", "stages.x")
+    s, _ = data_checks.normalize(data_spec(key, format=layout), "data.mine")
+    problems = data_checks.check(s, "preference", "data.mine", "stages.x")
     assert len(problems) == 1 and f"format {layout} needs column" in problems[0] or "not an HH transcript" in problems[0]
 
 
 def test_unknown_format_names_the_choices():
-    _, problems = data.normalize({"path": "x.jsonl", "format": "sharegtp"}, "data.mine")
+    _, problems = data_checks.normalize({"path": "x.jsonl", "format": "sharegtp"}, "data.mine")
     assert problems == ["data.mine.format: unknown format 'sharegtp' (did you mean 'sharegpt'?); choose one of: "
                         "auto, trl, hh, sharegpt, alpaca, orca, pku"]
 
@@ -401,7 +408,7 @@ def test_hh_rlhf_data_group_serves_every_role_of_every_tiny_recipe(recipe, tmp_p
     layout, every role of every recipe passes the plan checks (SFT on the chosen conversations, pairs, prompts)."""
     paths = [f"data.{role}.path={PUBLIC / 'hh_rlhf'}" for role in ("sft", "prefs", "prompts", "unpaired")]
     resolved = resolve(compose([f"recipe={recipe}", "data=hh-rlhf", *paths]), tmp_path)
-    assert all(s["data"]["path"] == str(PUBLIC / "hh_rlhf") for s in resolved["stages"])
+    assert all(s.data.path == str(PUBLIC / "hh_rlhf") for s in resolved.stages)
 
 
 class _Template:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import models
 from alignctl.cli import main
 from alignctl.config import recipe_files, redact
+from alignctl.config.model_checks import pkg_dir
 from conftest import run_cli
 
 BASE = "name: r\nmodel: {name_or_path: 'tiny:llama'}\nstages: {sft: {trainer: sft, data: sft, max_steps: 1}}\n"
@@ -234,8 +234,8 @@ def test_dotted_pkg_name_is_refused_and_never_imported(capsys, tmp_path, monkeyp
     write(tmp_path / "lib" / name / "__init__.py", f"open({str(marker)!r}, 'w').close()\n")
     write(tmp_path / "lib" / name / "sub" / "__init__.py", "")
     monkeypatch.syspath_prepend(str(tmp_path / "lib"))
-    assert models.pkg_dir(f"pkg:{name}.sub") is None
-    assert models.pkg_dir(f"pkg:{name}/sub") == tmp_path / "lib" / name / "sub"  # a folder inside it: located
+    assert pkg_dir(f"pkg:{name}.sub") is None
+    assert pkg_dir(f"pkg:{name}/sub") == tmp_path / "lib" / name / "sub"  # a folder inside it: located
     line = refused(capsys, "plan", f"model.name_or_path=pkg:{name}.sub", f"output_root={tmp_path}/out")
     assert f"'pkg:{name}.sub' must be pkg:<package>" in line and "no dots" in line, line
     assert name not in sys.modules and not marker.exists()

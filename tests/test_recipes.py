@@ -20,7 +20,7 @@ TINY = ["model=tiny", "data=synthetic", "precision=auto"]
 def test_every_recipe_composes_and_validates(recipe, tmp_path):
     cfg = compose([f"recipe={recipe}"])
     resolved = resolve(cfg, tmp_path)
-    assert resolved["recipe"] == recipe and resolved["stages"]
+    assert resolved.recipe == recipe and resolved.stages
     assert cfg.description, f"recipe {recipe} needs a description for `alignctl recipes`"
 
 
@@ -43,26 +43,26 @@ def test_plan_does_not_import_torch():
 
 def test_zephyr_recipe_keeps_published_hyperparameters(tmp_path):
     s = resolve(compose(["recipe=zephyr-dpo"]), tmp_path)
-    sft, dpo = s["stages"]
-    assert s["model"]["name_or_path"] == "mistralai/Mistral-7B-v0.1" and s["precision"] == "bf16"
-    assert sft["data"]["path"] == "HuggingFaceH4/ultrachat_200k" and sft["data"]["eval_split"] == "test_sft"
-    assert dpo["data"]["path"] == "HuggingFaceH4/ultrafeedback_binarized" and dpo["data"]["split"] == "train_prefs"
-    a = sft["args"]
+    sft, dpo = s.stages
+    assert s.model.name_or_path == "mistralai/Mistral-7B-v0.1" and s.precision == "bf16"
+    assert sft.data.path == "HuggingFaceH4/ultrachat_200k" and sft.data.eval_split == "test_sft"
+    assert dpo.data.path == "HuggingFaceH4/ultrafeedback_binarized" and dpo.data.split == "train_prefs"
+    a = sft.args
     assert (a["learning_rate"], a["num_train_epochs"], a["lr_scheduler_type"], a["warmup_steps"], a["max_length"]) == (
         2e-5, 1, "cosine", 0.1, 2048)
     assert a["seed"] == 42
-    b = dpo["args"]
+    b = dpo.args
     assert (b["beta"], b["learning_rate"], b["num_train_epochs"], b["max_length"]) == (0.01, 5e-7, 1, 1024)
-    assert dpo["ref_path"] == dpo["init_path"] == str(tmp_path.absolute() / "sft" / "final")
+    assert dpo.links["ref"].path == dpo.links["from"].path == str(tmp_path.absolute() / "sft" / "final")
     # Zephyr's global batch of 128 on any world size: accumulation is derived from it (the per-device batches are
     # the published ones, 16 for SFT and 8 for DPO).
     for world, ov in ((1, []), (8, ["launcher=torchrun", "launcher.nproc_per_node=8"]), (4, ["launcher=torchrun",
                                                                                            "launcher.nproc_per_node=4"])):
-        stages = resolve(compose(["recipe=zephyr-dpo", *ov]), tmp_path / str(world))["stages"]
+        stages = resolve(compose(["recipe=zephyr-dpo", *ov]), tmp_path / str(world)).stages
         for st, per_device in zip(stages, (16, 8)):
-            args = st["args"]
+            args = st.args
             assert args["per_device_train_batch_size"] == per_device
-            assert per_device * args["gradient_accumulation_steps"] * world == 128, (st["name"], world)
+            assert per_device * args["gradient_accumulation_steps"] * world == 128, (st.name, world)
 
 
 def test_zephyr_dpo_runs_end_to_end_on_tiny_model(run_recipe, tmp_path):

@@ -84,16 +84,18 @@ def test_plan_shows_the_rlhf_links(capsys):
 
 def test_reward_and_value_links_resolve_to_stage_outputs_or_paths(tmp_path):
     s = resolve(compose(["recipe=rlhf-ppo"]), tmp_path / "run")
-    ppo = s["stages"][-1]
+    ppo = s.stages[-1]
     rm_final = str((tmp_path / "run" / "rm" / "final").absolute())
-    assert (ppo["reward"], ppo["reward_path"], ppo["value"], ppo["value_path"]) == ("rm", rm_final, "rm", rm_final)
-    assert ppo["ref"] == "sft" and ppo["ref_path"] == ppo["init_path"]
+    reward, value = ppo.links["reward"], ppo.links["value"]
+    assert (reward.stage, reward.path, value.stage, value.path) == ("rm", rm_final, "rm", rm_final)
+    assert ppo.links["ref"].stage == "sft" and ppo.links["ref"].path == ppo.source.path
     # A reward model kept anywhere; the value model then starts from it too, unless `value` says otherwise.
     elsewhere = tmp_path / "my-rm"
     elsewhere.mkdir()
     for name in ("config.json", "tokenizer.json", "model.safetensors"):  # what a model folder must hold to pass plan
         (elsewhere / name).write_text("{}")
-    ppo = resolve(compose(["recipe=rlhf-ppo", f"stages.ppo.reward={elsewhere}"]), tmp_path / "run")["stages"][-1]
-    assert ppo["reward"] is None and ppo["reward_path"] == ppo["value_path"] == str(elsewhere)
-    ppo = resolve(compose(["recipe=rlhf-ppo", "stages.ppo.value=sft"]), tmp_path / "run")["stages"][-1]
-    assert ppo["value"] == "sft" and ppo["value_path"] == str((tmp_path / "run" / "sft" / "final").absolute())
+    ppo = resolve(compose(["recipe=rlhf-ppo", f"stages.ppo.reward={elsewhere}"]), tmp_path / "run").stages[-1]
+    assert ppo.links["reward"].stage is None and ppo.links["reward"].path == ppo.links["value"].path == str(elsewhere)
+    ppo = resolve(compose(["recipe=rlhf-ppo", "stages.ppo.value=sft"]), tmp_path / "run").stages[-1]
+    value = ppo.links["value"]
+    assert value.stage == "sft" and value.path == str((tmp_path / "run" / "sft" / "final").absolute())

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from alignctl import launch, pipeline, report, worker
+from alignctl.config import launcher as launch_config
 from alignctl.errors import StageFailed
 from conftest import read_manifest, run_cli
 
@@ -162,7 +163,7 @@ def _fake_launcher(tmp_path: Path, kind: str, script: str, *args: str) -> dict:
     (tmp_path / "fake.py").write_text(script)
     node = {"kind": kind, "prefix": [sys.executable, str(tmp_path / "fake.py"), *args]}
     node.update({"nproc_per_node": 1} if kind == "torchrun" else {"config_file": "ddp", "num_processes": 1})
-    resolved, problems = launch.resolve(node)
+    resolved, problems = launch_config.resolve(node)
     assert not problems
     return resolved
 
@@ -223,13 +224,13 @@ def test_preflight_under_torchrun_initialises_neither_cuda_nor_accelerate_here(c
     def stages(*extra):
         resolved = resolve(compose([f"output_root={cache_root}", "launcher=torchrun", "launcher.nproc_per_node=1",
                                          *extra]), tmp_path / "run", run=True)
-        return pipeline.stage_specs(resolved), resolved["launcher"]
+        return pipeline.stage_specs(resolved), resolved.launcher
 
     had_training_args = "transformers.training_args" in sys.modules
     saved = dict(PartialState._shared_state)  # an earlier test in this process may have trained here
     PartialState._shared_state.clear()
     try:
-        numerics = pipeline.preflight(*stages())
+        prepared = pipeline.preflight(*stages())
         assert PartialState._shared_state == {}
         with pytest.raises(ConfigError, match="stages.dpo: trl.DPOConfig rejects the settings"):
             pipeline.check_configs(*stages("stages.dpo.loss_weights=[1.0,2.0]"))
@@ -242,8 +243,8 @@ def test_preflight_under_torchrun_initialises_neither_cuda_nor_accelerate_here(c
         assert "transformers.training_args" not in sys.modules
     assert sum("checked in a separate process" in line for line in alignctl_log) == 2
     want = "fp32" if not torch.cuda.is_available() else None
-    assert [n["precision_setting"] for n in numerics] == ["auto", "auto"]
-    assert want is None or [n["precision"] for n in numerics] == [want, want]
+    assert [s.precision_setting for s in prepared] == ["auto", "auto"]
+    assert want is None or [s.precision for s in prepared] == [want, want]
 
 
 # -- F32: a single-machine accelerate launch whose port was taken is retried ---------------------------------------
@@ -291,6 +292,6 @@ def test_accelerate_launch_retries_with_a_fresh_port_when_its_port_was_taken(tmp
 
 
 def test_single_node_torchrun_picks_its_own_port():
-    node, _ = launch.resolve({"kind": "torchrun", "nproc_per_node": 2})
+    node, _ = launch_config.resolve({"kind": "torchrun", "nproc_per_node": 2})
     cmd = launch.command(node, "spec.json")
     assert "--standalone" in cmd and "--rdzv_endpoint" not in cmd and "--master_port" not in cmd

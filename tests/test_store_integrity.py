@@ -31,7 +31,7 @@ def specs(tmp_path, *overrides) -> list:
 def fps(tmp_path, *overrides, launcher=None, env=None) -> dict[str, str]:
     resolved = resolve(compose(list(overrides)), tmp_path / "run")
     stages = pipeline._prepare(pipeline.stage_specs(resolved))
-    return store.fingerprints(stages, resolved["launcher"] if launcher is None else launcher, env)
+    return store.fingerprints(stages, resolved.launcher if launcher is None else launcher, env)
 
 
 def strict(path: Path) -> dict:

@@ -64,8 +64,8 @@ def entries_for(overrides: list[str], tmp_path: Path) -> dict[str, store.Entry]:
     """The store entries a run with these overrides would use (fingerprints computed as the pipeline does)."""
     resolved = resolve(overrides, tmp_path / "fp-run")
     stages = pipeline._prepare(pipeline.stage_specs(resolved))
-    fps = store.fingerprints(stages, resolved["launcher"])
-    return {s.name: store.Entry(resolved["store_dir"], s.kind, fps[s.name]) for s in stages}
+    fps = store.fingerprints(stages, resolved.launcher)
+    return {s.name: store.Entry(resolved.store_dir, s.kind, fps[s.name]) for s in stages}
 
 
 def plant_complete(entry: store.Entry) -> bytes:

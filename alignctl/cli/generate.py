@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from alignctl.cli.options import parse, quiet
+from alignctl.config.types import ModelSpec
 from alignctl.errors import ConfigError
 
 GENERATE_USAGE = """\
@@ -75,7 +76,7 @@ def _answers(target: Path, prompts: list[str], values: dict) -> list[str]:
     """The model's answer to each prompt (as a chat turn when its tokenizer has a chat template)."""
     from alignctl import evaluate, models
 
-    model_spec = {"name_or_path": str(target)}
+    model_spec = ModelSpec(str(target))
     tok = models.load_tokenizer(str(target), model_spec)
     model = models.load_causal_lm(str(target), model_spec, models.precision_for("auto"), tok)
     turns = [[{"role": "user", "content": p}] if tok.chat_template else p for p in prompts]

@@ -114,7 +114,7 @@ def _resolve_and_run(cfg: DictConfig, hc) -> tuple[dict, float | None]:
     the sweep objective."""
     try:
         resolved = resolve(cfg, hc.runtime.output_dir, run=True)
-        for note in resolved.get("notes", []):
+        for note in resolved.notes:
             log.warning("%s", note)
         config = redact(OmegaConf.to_container(cfg, resolve=True))
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(config))
@@ -137,7 +137,7 @@ def _resolve_and_run(cfg: DictConfig, hc) -> tuple[dict, float | None]:
         code = errors.internal_error(e, Path(hc.runtime.output_dir) / f"{hc.job.name}.log")
         raise _Failed(code, f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
                       ) from None
-    return manifest, objective(manifest, (resolved.get("sweep") or {}).get("objective"))
+    return manifest, objective(manifest, resolved.sweep.get("objective"))
 
 
 def _say(text: str) -> None:

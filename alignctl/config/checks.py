@@ -219,7 +219,7 @@ def local_model_problems(path: Path, where: str, gguf_file: str | None = None) -
         return [f"{where}: cannot read the folder {path}: {e.strerror or e}"]
     problems = []
     if gguf_file:
-        return problems  # the GGUF file holds config, tokenizer and weights (checked by models.base_model_problems)
+        return problems  # the GGUF file holds config, tokenizer and weights (model_checks.base_model_problems)
     if "config.json" not in names:
         problems.append(f"{where}: {path} has no config.json; it is not a Hugging Face model folder "
                         "(save one with model.save_pretrained(folder))")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from alignctl import errors
 from alignctl.config import recipe_files
-from alignctl.config.paths import CONFIGS_DIR, RECIPES_DIR  # noqa: F401  (re-exported)
+from alignctl.config.paths import CONFIGS_DIR, RECIPES_DIR
 from alignctl.config.resolve import TOP_KEYS, resolve
 from alignctl.errors import ConfigError, suggest
 

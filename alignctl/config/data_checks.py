@@ -120,23 +120,24 @@ def normalize(spec: Any, label: str) -> tuple[dict, list[str]]:
 
 
 # -- cheap plan-time checks ------------------------------------------------------------------------------------------
-class _Unreadable(Exception):
+class Unreadable(Exception):
     """A local file whose first record cannot be read; the message says why."""
 
 
-def _files(spec: dict) -> dict[str, list[str]]:
-    """Split name -> files, for a local spec (raises _Unreadable for a path that is neither file nor folder)."""
-    p = Path(spec["path"])
+def split_files(path: str) -> dict[str, list[str]]:
+    """Split name -> files of a local data set's path (raises Unreadable for a path that is neither file nor
+    folder)."""
+    p = Path(path)
     if p.is_file():
         if p.suffix not in EXTENSIONS:
-            raise _Unreadable(f"{p}: not a {'/'.join(EXTENSIONS)} file")
+            raise Unreadable(f"{p}: not a {'/'.join(EXTENSIONS)} file")
         return {"train": [str(p)]}
     if not p.is_dir():
-        raise _Unreadable(f"{p} is neither a data file nor a folder of <split>.<ext> files")
+        raise Unreadable(f"{p} is neither a data file nor a folder of <split>.<ext> files")
     try:
         entries = sorted(p.iterdir())
     except OSError as e:
-        raise _Unreadable(f"cannot read folder {p}: {e.strerror or e}") from None
+        raise Unreadable(f"cannot read folder {p}: {e.strerror or e}") from None
     splits: dict[str, list[str]] = {}
     for f in entries:
         if f.suffix in EXTENSIONS and f.is_file():
@@ -148,7 +149,7 @@ def _json_value(text: str, what: str, file: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise _Unreadable(f"{file}: {what} is not valid JSON ({e.msg} at column {e.colno})") from None
+        raise Unreadable(f"{file}: {what} is not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def _peek_jsonl(file: str) -> dict | None:
@@ -157,7 +158,7 @@ def _peek_jsonl(file: str) -> dict | None:
             if line.strip():
                 row = _json_value(line, f"line {number}", file)
                 if not isinstance(row, dict):
-                    raise _Unreadable(f"{file}: line {number} is {_json_type(row)} ({_short(row)}), not a JSON object "
+                    raise Unreadable(f"{file}: line {number} is {_json_type(row)} ({_short(row)}), not a JSON object "
                                       "(each line must be one record, e.g. {\"prompt\": ...})")
                 return row
     return None
@@ -180,7 +181,7 @@ def _peek_json(file: str) -> dict | None:
                         return None
                     row, _ = decoder.raw_decode(inner)
                     if not isinstance(row, dict):
-                        raise _Unreadable(f"{file}: the array's first element is {_json_type(row)} ({_short(row)}), "
+                        raise Unreadable(f"{file}: the array's first element is {_json_type(row)} ({_short(row)}), "
                                           "not a record (a JSON object)")
                     return row
                 if body.startswith("{"):
@@ -194,12 +195,12 @@ def _peek_json(file: str) -> dict | None:
                         return {k: (v[0] if v else None) for k, v in obj.items()}
                     return obj
                 if not body and complete:
-                    raise _Unreadable(f"{file}: empty file")
-                raise _Unreadable(f"{file}: not a JSON array of records, a JSON object or JSON Lines "
+                    raise Unreadable(f"{file}: empty file")
+                raise Unreadable(f"{file}: not a JSON array of records, a JSON object or JSON Lines "
                                   f"(starts with {body[:20]!r})")
             except json.JSONDecodeError as e:
                 if complete:
-                    raise _Unreadable(f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+                    raise Unreadable(f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
                 if len(text) >= PEEK_LIMIT:
                     return {}  # a first record over 64 MB: leave the check to load()
                 text += f.read(len(text))
@@ -210,7 +211,7 @@ def _peek(file: str) -> dict | None:
     suffix = Path(file).suffix
     try:
         if Path(file).stat().st_size == 0:
-            raise _Unreadable(f"{file}: empty file")
+            raise Unreadable(f"{file}: empty file")
         if suffix == ".jsonl":
             return _peek_jsonl(file)
         if suffix == ".json":
@@ -226,15 +227,15 @@ def _peek(file: str) -> dict | None:
         try:
             pf = pq.ParquetFile(file)
         except pa.ArrowException as e:
-            raise _Unreadable(f"{file}: not a readable Parquet file ({e})") from None
+            raise Unreadable(f"{file}: not a readable Parquet file ({e})") from None
         if pf.metadata.num_rows == 0:
             return None
         return next(pf.iter_batches(batch_size=1)).to_pylist()[0]
     except UnicodeDecodeError as e:
-        raise _Unreadable(f"{file}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+        raise Unreadable(f"{file}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
                           "save it as UTF-8") from None
     except OSError as e:
-        raise _Unreadable(f"cannot read {file}: {e.strerror or e}") from None
+        raise Unreadable(f"cannot read {file}: {e.strerror or e}") from None
 
 
 def _json_type(value: Any) -> str:
@@ -339,7 +340,7 @@ def _convert_first(first: dict, spec: dict, data_kind: str, label: str, stage: s
                 f"(has {sorted(first)})"]
     row = _mapped_columns(first, spec["columns"])
     if spec["to_messages"]:
-        row = _to_messages(row)
+        row = as_messages(row)
     try:
         row, _ = formats.convert(row, spec["format"], data_kind, spec["system_turns"])
     except formats.FormatError as e:
@@ -355,8 +356,8 @@ def check(spec: dict, data_kind: str, label: str, stage: str) -> list[str]:
     if not p.exists():
         return [f"{label}.path: data file not found: {p}"]
     try:
-        files = _files(spec)
-    except _Unreadable as e:
+        files = split_files(spec["path"])
+    except Unreadable as e:
         return [f"{label}.path: {e}"]
     if not files:
         return [f"{label}.path: no {'/'.join(EXTENSIONS)} files in {p}"]
@@ -373,7 +374,7 @@ def check(spec: dict, data_kind: str, label: str, stage: str) -> list[str]:
         for file in files[split]:
             try:
                 first = _peek(file)
-            except _Unreadable as e:
+            except Unreadable as e:
                 problems.append(f"{label}: {e}")
                 continue
             if first is None:
@@ -384,7 +385,8 @@ def check(spec: dict, data_kind: str, label: str, stage: str) -> list[str]:
     return problems
 
 
-def _to_messages(row: dict) -> dict:
+def as_messages(row: dict) -> dict:
+    """``to_messages: true``: a row's string prompt/completion as user/assistant messages."""
     if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
         row = dict(row)
         row["messages"] = [{"role": "user", "content": row.pop("prompt")},

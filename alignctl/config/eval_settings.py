@@ -5,11 +5,11 @@ the stage spec but never of its fingerprint. Running the evaluation is alignctl.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alignctl.config.links import CAUSAL_LM, CLASSIFIER, load_settings
+from alignctl.config.links import CAUSAL_LM, CLASSIFIER
 from alignctl.config.types import EvalSettings, LinkSpec, StageSpec
 from alignctl.errors import suggest
 
@@ -63,15 +63,6 @@ def _own_reward(link: LinkSpec | None) -> tuple | None:
         return None
     load = {"revision": link.revision, "trust_remote_code": link.trust_remote_code} if link.external else None
     return link.stage, link.path, load
-
-
-def legacy_stage_settings(ev: Mapping, stage: Mapping, stages: Sequence[Mapping], run_seed: int) -> dict:
-    """:func:`stage_settings` for callers that still hold the old dict specs (the migration shim; it goes with
-    them): the same settings as a plain dict."""
-    own = (stage.get("reward"), stage["reward_path"], load_settings(stage, "reward")) if stage.get("reward_path") \
-        else None
-    return _settings(dict(ev), stage["trainer"], stage["name"], [(s["name"], s["trainer"]) for s in stages],
-                     stage["run_dir"], own, run_seed)
 
 
 def _settings(ev: dict, kind: str, name: str, recipe: list[tuple[str, str]], run_dir: str, own_reward: tuple | None,

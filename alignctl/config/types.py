@@ -7,10 +7,6 @@ own (the run-wide settings a stage needs are copied into it), is written to ``<r
 The fingerprint of a stage hashes :meth:`StageSpec.identity`, built from the allowlist :data:`WEIGHT_FIELDS` (the
 fields that determine a stage's weights). Every other field is bookkeeping (names, folders, evaluation settings, the
 attempt id, the lock token, the resume point), so a new bookkeeping field can never change a fingerprint.
-
-Migration shim: the specs still answer the old dict keys (``spec["init_path"]``, ``spec["data"]["path"]``,
-``{**spec}``) through :class:`LegacyMapping`, nested specs as plain dicts of their old keys. It exists only while
-call sites move to attributes; it goes when the last one has (a test checks that nothing uses it).
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -88,60 +83,9 @@ def _typed(hint: Any, v: Any) -> Any:
     return v
 
 
-class LegacyMapping(Mapping):
-    """Read-only dict access by the old spec keys (see the module docstring): ``LEGACY`` maps an old key to a
-    function of the spec; other keys are attribute names."""
-
-    LEGACY: typing.ClassVar[dict[str, Any]] = {}
-
-    def _keys(self) -> list[str]:
-        names = [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
-        return [k for k in [*names, *self.LEGACY] if self._has(k)]
-
-    def _has(self, key: str) -> bool:
-        try:
-            self[key]
-        except KeyError:
-            return False
-        return True
-
-    def __getitem__(self, key: str) -> Any:
-        if key in self.LEGACY:
-            value = self.LEGACY[key](self)
-            if value is _MISSING:
-                raise KeyError(key)
-            return _legacy(value)
-        if isinstance(key, str) and key in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
-            return _legacy(getattr(self, key))
-        raise KeyError(key)
-
-    def __iter__(self):
-        return iter(self._keys())
-
-    def __len__(self) -> int:
-        return len(self._keys())
-
-    __hash__ = None  # type: ignore[assignment]  (specs hold dicts)
-
-
-_MISSING = object()
-
-
-def _legacy(v: Any) -> Any:
-    """A value as the old dict specs held it: nested specs as plain dicts of their old keys, tuples as lists (dicts
-    and lists are the spec's own objects, not copies)."""
-    if isinstance(v, LegacyMapping):
-        return {k: v[k] for k in v}
-    if isinstance(v, Spec):
-        return v.to_dict()
-    if isinstance(v, tuple):
-        return [_legacy(x) for x in v]
-    return v
-
-
 # -- the pieces ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ModelSpec(Spec, LegacyMapping):
+class ModelSpec(Spec):
     """The base model (configs/model) and how it is loaded."""
     name_or_path: str
     revision: str | None = None
@@ -164,7 +108,7 @@ class LinkSpec(Spec):
 
 
 @dataclass(frozen=True)
-class DataCheck(Spec, LegacyMapping):
+class DataCheck(Spec):
     """What the orchestrator recorded of a local data set's files: content digest and stat signatures."""
     content: str
     files: tuple[tuple, ...] = ()
@@ -178,7 +122,7 @@ DATA_FIELDS = ("source", "path", "split", "eval_split", "eval_size", "seed", "co
 
 
 @dataclass(frozen=True)
-class DataSpec(Spec, LegacyMapping):
+class DataSpec(Spec):
     """A data set: local files, a Hub data set, or the output of an earlier stage of the run (generated)."""
     source: Literal["local", "hub", "generated"]
     path: str
@@ -206,13 +150,10 @@ class DataSpec(Spec, LegacyMapping):
         files' content in place of a local path and the producer's fingerprint in place of generated data's."""
         return {f: _plain(getattr(self, f)) for f in DATA_FIELDS}
 
-    LEGACY = {"local": lambda d: d.local, "data_check": lambda d: _legacy_check(d.check),
-              "stage": lambda d: d.stage if d.stage is not None else _MISSING,
-              "check": lambda d: _MISSING, "source": lambda d: _MISSING}
 
 
 @dataclass(frozen=True)
-class EvalSettings(Spec, LegacyMapping):
+class EvalSettings(Spec):
     """One stage's held-out evaluation (config/eval_settings.py): never part of the fingerprint."""
     enabled: bool = True
     max_prompts: int = 32
@@ -233,7 +174,7 @@ WEIGHT_FIELDS = ("kind", "args", "data", "options", "peft", "world_size", "distr
 
 
 @dataclass(frozen=True)
-class StageSpec(Spec, LegacyMapping):
+class StageSpec(Spec):
     name: str
     kind: str                                  # a key of alignctl.stages.STAGES (recipes call it `trainer`)
     links: dict[str, LinkSpec]                 # from (always), ref/reward/value/judge as the kind takes them
@@ -263,8 +204,6 @@ class StageSpec(Spec, LegacyMapping):
     resume_from: str | None = None
     model_check: dict[str, Any] = field(default_factory=dict)  # path key -> content check of a local model folder
 
-    LEGACY: typing.ClassVar[dict[str, Any]] = {}  # filled in below the class
-
     @property
     def source(self) -> LinkSpec:
         return self.links["from"]
@@ -284,7 +223,7 @@ class StageSpec(Spec, LegacyMapping):
 
 
 @dataclass(frozen=True)
-class RunSpec(Spec, LegacyMapping):
+class RunSpec(Spec):
     recipe: str
     stages: tuple[StageSpec, ...]
     model: ModelSpec
@@ -303,46 +242,3 @@ class RunSpec(Spec, LegacyMapping):
 
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
-
-
-# -- the migration shim: old keys of a stage spec (see the module docstring) -------------------------------------------
-LINK_PATH_KEYS = {"from": "init_path", "ref": "ref_path", "reward": "reward_path", "value": "value_path",
-                  "judge": "judge_path"}  # the old spec keys of the link paths (config/links.py: Link.path_key)
-
-
-def _legacy_check(check: DataCheck | None) -> Any:
-    if check is None:
-        return None
-    return {"content": check.content, "files": [list(f) for f in check.files], **check.extra}
-
-
-def _link_name(kind: str):
-    return lambda s: s.links[kind].stage if kind in s.links else _MISSING
-
-
-def _link_path(kind: str):
-    return lambda s: s.links[kind].path if kind in s.links else _MISSING
-
-
-def _link_load(s: StageSpec) -> dict:
-    return {k: {"revision": ln.revision, "trust_remote_code": ln.trust_remote_code}
-            for k, ln in s.links.items() if ln.external}
-
-
-def _option(key: str):
-    return lambda s: s.options[key] if key in s.options else _MISSING
-
-
-StageSpec.LEGACY = {
-    "trainer": lambda s: s.kind, "output_dir": lambda s: s.entry_dir or s.stage_dir,
-    "link_load": _link_load, "data_check": lambda s: _legacy_check(s.data.check),
-    **{k: _link_name(k) for k in LINK_PATH_KEYS}, **{v: _link_path(k) for k, v in LINK_PATH_KEYS.items()},
-    **{k: _option(k) for k in ("reward_funcs", "constitution")},
-    "links": lambda s: _MISSING, "options": lambda s: _MISSING, "kind": lambda s: _MISSING,
-    "stage_dir": lambda s: _MISSING, "entry_dir": lambda s: _MISSING,
-    **{k: (lambda k: lambda s: getattr(s, k) if getattr(s, k) is not None else _MISSING)(k)
-       for k in ("fingerprint", "attempt", "lock_token", "resume_from")},
-    # the old specs got `eval` after fingerprinting (alignctl.pipeline still adds it so): the shim does not show it,
-    # so that a fingerprint over the old keys never sees it; StageSpec.eval holds it
-    "eval": lambda s: _MISSING,
-}

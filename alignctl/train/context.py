@@ -21,12 +21,6 @@ from alignctl.config.types import StageSpec
 log = logging.getLogger("alignctl")
 
 
-def stage_spec(spec: StageSpec | dict[str, Any]) -> StageSpec:
-    """The stage's typed spec; a ``spec.json`` dict of the untyped kind is converted (migration seam: goes once the
-    pipeline, the worker and ``alignctl eval`` hand over StageSpecs)."""
-    return spec if isinstance(spec, StageSpec) else StageSpec.from_legacy(spec)
-
-
 def train_dir(spec: StageSpec) -> Path:
     """Where the stage trains and saves: its store entry (or, outside a run, its stage folder)."""
     return Path(spec.entry_dir or spec.stage_dir)
@@ -34,7 +28,7 @@ def train_dir(spec: StageSpec) -> Path:
 
 def owner_guard(spec: StageSpec):
     """What rank 0 (or the local process) calls right before it replaces the entry's final/ or adapter/: raises
-    :class:`alignctl.fsutil.LockLost` unless the entry's lock file still holds the orchestrator's token (the spec's
+    :class:`alignctl.errors.LockLost` unless the entry's lock file still holds the orchestrator's token (the spec's
     ``lock_token``); None for a spec without one (alignctl eval/generate, tests)."""
     from alignctl import fsutil
 
@@ -64,32 +58,30 @@ def to_device(model, like):
     return model.to(next(like.parameters()).device)
 
 
-def checked_context(spec: StageSpec | dict[str, Any]) -> StageContext:
+def checked_context(spec: StageSpec) -> StageContext:
     """The stage's context, its models and data being the ones fingerprinted at the start of the run: local model
     folders are compared before anything loads them (rank 0), the data by its load (data.load) and again after it
     (rank 0); a difference stops the stage before it trains."""
     from alignctl import store
-    from alignctl.errors import StageFailed
+    from alignctl.errors import DataChanged, ModelChanged, StageFailed
     from alignctl.ranks import rank_env
 
-    spec = stage_spec(spec)
     try:
         if rank_env()[0] == 0:
             store.check_models_unchanged(spec)
         ctx = StageContext(spec)
         if rank_env()[0] == 0:
             store.check_data_unchanged(spec)
-    except store.DataChanged as e:
-        what = "(its model changed)" if isinstance(e, store.ModelChanged) else "(its data changed)"
+    except DataChanged as e:
+        what = "(its model changed)" if isinstance(e, ModelChanged) else "(its data changed)"
         raise StageFailed(spec.name, what, str(e)) from None
     return ctx
 
 
 class StageContext:
-    def __init__(self, spec: StageSpec | dict[str, Any]):
+    def __init__(self, spec: StageSpec):
         from alignctl.stages import STAGES
 
-        spec = stage_spec(spec)
         self.spec = spec
         self.kind = STAGES[spec.kind]
         self.dir = train_dir(spec)
@@ -173,9 +165,8 @@ class StageContext:
         return bool(config.activation_checkpointing), config.activation_checkpointing_kwargs
 
     @staticmethod
-    def args_for(spec: StageSpec | dict[str, Any]) -> dict[str, Any]:
+    def args_for(spec: StageSpec) -> dict[str, Any]:
         """The stage's TRL config fields, plus what alignctl fills in (output_dir, bf16/fp16 from precision)."""
-        spec = stage_spec(spec)
         args = dict(spec.args)
         if "bf16" not in args and "fp16" not in args:
             args.update(models.mixed_precision_args(spec.precision))
@@ -225,7 +216,7 @@ class StageContext:
                 log.info("[%s] held-out answers not evaluated: %s", self.spec.name, self.eval_skipped)
             return {"eval": {"skipped": self.eval_skipped}} if self.eval_skipped else {}
         pe.after(model, lambda: self._reference(model, ref_model, pe.ref_is_initial),
-                 self._reward(reward_model, model) if pe.settings.get("reward_path") or reward_model is not None
+                 self._reward(reward_model, model) if pe.settings.reward_path or reward_model is not None
                  else None)
         if samples_to is not None:
             pe.write(self.dir / "samples.jsonl" if samples_to == "stage" else Path(samples_to))

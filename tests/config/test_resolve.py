@@ -100,7 +100,7 @@ def test_remote_code_of_a_linked_model_needs_the_stages_consent(recipe, stage, l
     assert f"{where}.trust_remote_code_links=[{link}]" in text
     spec = _resolve(tmp_path, *base, "model.trust_remote_code=true", f"+{where}.trust_remote_code_links=[{link}]")
     assert spec.stage(stage).links[link].trust_remote_code is True
-    assert spec.stage(stage)["link_load"][link]["trust_remote_code"] is True  # what the old spec key said (shim)
+    assert link_table.load_settings(spec.stage(stage), link)["trust_remote_code"] is True  # its load settings
 
 
 def test_an_unset_value_link_takes_the_reward_models_settings(tmp_path):

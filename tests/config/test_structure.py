@@ -185,3 +185,20 @@ def test_config_functions_are_at_most_60_lines():
 def test_no_stage_kind_name_in_the_config_package():
     """Kind-specific rules (ranges, checks, rounds, generated data, sharding) are declared by the kinds."""
     assert CONFIG and _kind_literals(CONFIG) == []
+
+
+# -- the typed spec (alignctl/config/types.py) -----------------------------------------------------------------------
+def test_the_specs_are_not_mappings():
+    """The migration shim is gone: a spec is read by attribute (``spec.kind``, ``spec.links["ref"].path``,
+    ``spec.data.path``), never by an old dict key (``spec["init_path"]``, ``spec.get("reward_path")``, ``{**spec}``)."""
+    from collections.abc import Mapping
+
+    from alignctl.config import types
+
+    specs = [c for c in vars(types).values() if isinstance(c, type) and issubclass(c, types.Spec)]
+    assert {c.__name__ for c in specs} >= {"RunSpec", "StageSpec", "ModelSpec", "LinkSpec", "DataSpec", "DataCheck",
+                                           "EvalSettings"}
+    dict_api = ("__getitem__", "get", "keys", "items", "values", "__iter__", "__contains__", "__len__")
+    assert [f"{c.__name__}.{a}" for c in specs for a in dict_api if hasattr(c, a)] == []
+    assert not [c.__name__ for c in specs if issubclass(c, Mapping)]
+    assert not hasattr(types.StageSpec, "__getitem__") and not hasattr(types.StageSpec, "from_legacy")
