@@ -69,16 +69,19 @@ def fsync_file(path: str | os.PathLike) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
-    """Write ``text`` to ``path`` atomically and durably (unique temp name, fsync, rename, fsync of the folder)."""
+    """Write ``text`` to ``path`` atomically and durably (unique temp name, fsync, rename, fsync of the folder).
+    ``mode``: the file's permissions from the moment it exists (0o600: configuration and secrets are never readable
+    by others, not even while being written)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         if mode is not None:
-            os.chmod(tmp, mode)
+            os.chmod(tmp, mode)  # also when the umask is stricter or looser than asked
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import platform
 import signal
 import time
@@ -30,19 +29,12 @@ from typing import Any
 
 from alignctl import data, fsutil, launch, models, probe, store, trust
 from alignctl.config import launcher as launch_config
+from alignctl.config.redact import redact
 from alignctl.config.types import RunSpec, StageSpec
 from alignctl.errors import ConfigError, DataChanged, LockLost, LockTimeout
 from alignctl.stages import STAGES
 
 log = logging.getLogger("alignctl")
-
-
-def redact(obj: Any) -> Any:
-    """Secrets out of what is saved (config.yaml, manifest overrides, launch/command.txt, multirun.yaml): by key
-    name and by value pattern, tokenizer fields left intact (alignctl.config.redact)."""
-    from alignctl.config.redact import redact as _redact
-
-    return _redact(obj)
 
 
 def versions() -> dict[str, str]:
@@ -53,10 +45,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-# strict JSON (non-finite numbers -> null), atomic and durable: the one writer of the manifest, specs and COMPLETE
-write_json = fsutil.write_json
 
 
 class Manifest:
@@ -80,7 +68,7 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        write_json(self.path, self.data, mode=0o600)  # overrides and paths: the owner's only
+        fsutil.write_json(self.path, self.data, mode=0o600)  # overrides and paths: the owner's only
 
     def entries(self) -> dict[str, store.Entry]:
         """The store entries of the stages that have started, by stage name (the upstream of later stages)."""
@@ -167,15 +155,6 @@ def _sample_conversations(ds, limit: int = 2000) -> list[list[dict]]:
     return out
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a file that holds configuration: readable by the user only (0600), replaced atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def run(spec: RunSpec, overrides: list[str] = (), config_yaml: str | None = None) -> dict:
     """Train (or reuse from the store) every stage in order; returns the manifest. The run directory is locked for
     the run's lifetime: a second run in the same directory stops with a configuration error."""
@@ -187,7 +166,7 @@ def _run(spec: RunSpec, overrides: list[str] = (), config_yaml: str | None = Non
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config_yaml is not None:
-        _write_private(run_dir / "config.yaml", config_yaml)
+        fsutil.write_text_atomic(run_dir / "config.yaml", config_yaml, mode=0o600)  # the owner's only
     try:  # before anything trains: the key that seals what this run writes (alignctl.trust), what this machine
         trust.key()  # lacks for the launcher (cheap, first), then every stage's TRL config, data and models
         _launch_preflight(spec.launcher, None)

@@ -38,6 +38,7 @@ import traceback
 from pathlib import Path
 
 from alignctl.config.types import StageSpec
+from alignctl.fsutil import write_text_atomic
 from alignctl.launch import FAIL_HOOK
 from alignctl.ranks import ATTEMPT_ENV, rank_env
 
@@ -45,9 +46,7 @@ PR_SET_PDEATHSIG = 1
 
 
 def _write(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 _HOOK_VALUE = re.compile(r"^\s*(\d+)(?::([A-Za-z0-9_][A-Za-z0-9_-]*))?\s*$")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from alignctl import models, pipeline
+from alignctl import models
+from alignctl.config.redact import redact
 from alignctl.templates import DEFAULT_CHAT_TEMPLATE
 
 
@@ -35,6 +36,6 @@ def test_base_without_chat_template_gets_default_at_sft_and_it_travels(run_recip
 
 
 def test_redaction_of_secrets():
-    assert pipeline.redact(["stages.sft.learning_rate=1", "+wandb_api_key=abc", "model.hub_token=xyz"]) == [
+    assert redact(["stages.sft.learning_rate=1", "+wandb_api_key=abc", "model.hub_token=xyz"]) == [
         "stages.sft.learning_rate=1", "+wandb_api_key=***", "model.hub_token=***"]
-    assert pipeline.redact({"a": {"token": "x", "n": 1}}) == {"a": {"token": "***", "n": 1}}
+    assert redact({"a": {"token": "x", "n": 1}}) == {"a": {"token": "***", "n": 1}}

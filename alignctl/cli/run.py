@@ -28,6 +28,7 @@ from alignctl.config.paths import CONFIGS_DIR
 from alignctl.config.redact import RedactingFilter, redact
 from alignctl.config.resolve import resolve
 from alignctl.errors import ConfigError, StageFailed, SweepPointFailed
+from alignctl.fsutil import write_text_atomic
 from alignctl.metrics import objective
 
 log = logging.getLogger("alignctl")
@@ -195,8 +196,4 @@ def _redact_file(path: Path) -> None:
     except (OSError, ValueError) as e:
         log.warning("could not redact %s: %s", path, e)
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text, mode=0o600)
