@@ -39,8 +39,9 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from alignctl.config.types import EvalSettings

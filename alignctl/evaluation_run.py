@@ -28,8 +28,8 @@ from alignctl.config.eval_settings import DEFAULTS, settings_problems, stage_set
 from alignctl.config.types import DataSpec, EvalSettings, LinkSpec, ModelSpec, StageSpec
 from alignctl.errors import ConfigError, DataChanged
 from alignctl.fsutil import write_json
-from alignctl.train.context import StageContext, release_memory
 from alignctl.stages import STAGES
+from alignctl.train.context import StageContext, release_memory
 
 
 def _settings(overrides: list[str], base: EvalSettings) -> EvalSettings:

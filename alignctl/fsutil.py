@@ -431,7 +431,7 @@ class FileLock:
             return f"its heartbeat is {time.time() - info.get('_mtime', 0):.0f} s old"
         return None
 
-    def acquire(self) -> "FileLock":
+    def acquire(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.parent.is_symlink():
             raise RuntimeError(f"{self.path.parent} is a symbolic link; refusing to lock through it")
@@ -531,7 +531,7 @@ class FileLock:
         finally:
             self.path.with_name(self.path.name + ".break").unlink(missing_ok=True)
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

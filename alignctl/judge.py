@@ -9,7 +9,7 @@ counts for neither answer (and so yields no pair). :func:`round_robin` turns the
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 DEFAULT_PRINCIPLES = ("Prefer the answer that is kind, warm and helpful.",
                       "Prefer the answer that is honest and not hurtful.")

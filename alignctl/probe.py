@@ -43,8 +43,8 @@ def check(stages: list[StageSpec]) -> dict:
     import importlib
 
     from alignctl import models, store
-    from alignctl.train.context import StageContext
     from alignctl.stages import STAGES
+    from alignctl.train.context import StageContext
 
     resolved = store.resolve_numerics(stages)
     problems: list[str] = []

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignctl.metrics import fmt  # the one number format of tables and reports
-from alignctl.metrics import headline
+from alignctl.metrics import (
+    fmt,  # the one number format of tables and reports
+    headline,
+)
 
 # Besides each stage's headline, the sweep table shows these metrics after training (when measured).
 SWEEP_EXTRA = ("eval_win_rate", "eval_kl", "eval_reward_mean", "eval_pref_accuracy_norm")

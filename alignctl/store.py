@@ -64,8 +64,15 @@ from alignctl import digests, fsutil, models, tiny, trust
 from alignctl.config import links as link_table
 from alignctl.config.model_checks import PKG_PREFIX, pkg_dir
 from alignctl.config.types import DataCheck, DataSpec, StageSpec
-from alignctl.digests import (check_files, content_digest, data_changed, data_files, files_unchanged, signatures,
-                              tree_hash)
+from alignctl.digests import (
+    check_files,
+    content_digest,
+    data_changed,
+    data_files,
+    files_unchanged,
+    signatures,
+    tree_hash,
+)
 from alignctl.errors import ConfigError, LockLost, LockTimeout, ModelChanged, StageFailed
 
 log = logging.getLogger("alignctl")
@@ -562,7 +569,7 @@ class Entry:
 
     # -- the sequence a stage of a run goes through (alignctl.pipeline) ---------------------------------------------
     def reuse_or_train(self, stage: StageSpec, train: Callable[[StageSpec, Path], dict],
-                       upstream: Mapping[str, "Entry"], stop: Any = None, trusted_store: bool = False,
+                       upstream: Mapping[str, Entry], stop: Any = None, trusted_store: bool = False,
                        note: Callable[..., None] | None = None) -> Outcome:
         """Reuse this entry for ``stage`` or train it, under the entry's lock, then place its files into the run.
 
@@ -616,7 +623,7 @@ class Entry:
         log.info("stage %s: store entry %s was not written by you (%s); trusted because the store was named on the "
                  "command line (store=%s)", stage.name, self.dir, _seal_phrase(self.trust_state()), self.dir.parent)
 
-    def _reused(self, stage: StageSpec, upstream: Mapping[str, "Entry"], note: Callable[..., None]) -> dict | None:
+    def _reused(self, stage: StageSpec, upstream: Mapping[str, Entry], note: Callable[..., None]) -> dict | None:
         """The metrics of this entry when it is complete, intact and trained on the upstream weights at hand; None
         when the stage must be trained (a damaged or outdated entry is forgotten first)."""
         if not self.complete():
@@ -634,7 +641,7 @@ class Entry:
         self.touch()
         return metrics
 
-    def not_reusable(self, stage: StageSpec, upstream: Mapping[str, "Entry"]) -> str | None:
+    def not_reusable(self, stage: StageSpec, upstream: Mapping[str, Entry]) -> str | None:
         """Why a complete entry must be trained again: its files are damaged, or it was trained on top of other
         upstream weights than this run's (an upstream entry removed or trained again since: N11)."""
         problems = self.verify()
@@ -646,7 +653,7 @@ class Entry:
             return "was trained from other weights of the stages it links to than this run's (they were trained again)"
         return None
 
-    def _train(self, work: StageSpec, train: Callable[[StageSpec, Path], dict], upstream: Mapping[str, "Entry"],
+    def _train(self, work: StageSpec, train: Callable[[StageSpec, Path], dict], upstream: Mapping[str, Entry],
                lock: fsutil.FileLock, stop: Any, spec_path: Path) -> tuple[StageSpec, dict, int]:
         """Train the stage into this entry (resuming where it can) and mark it complete; returns the spec it trained
         with, its metrics and the world size it ran at."""
@@ -671,7 +678,7 @@ class Entry:
                                   "data_content": check.content if check else None, "upstream": digest})
         return work, result["metrics"], result.get("world_size", work.world_size)
 
-    def check_upstream(self, stage: StageSpec, upstream: Mapping[str, "Entry"]) -> str:
+    def check_upstream(self, stage: StageSpec, upstream: Mapping[str, Entry]) -> str:
         """Checkpoints written on top of other upstream weights than the ones at hand are dropped (a resume would
         mix them); the upstream digest is recorded in the entry (``upstream.json``, sealed with the user's key: the
         entry is theirs while it trains), then in COMPLETE. Checkpoints someone else wrote in a named store keep

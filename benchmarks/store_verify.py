@@ -78,7 +78,7 @@ def main() -> None:
         full = time.perf_counter() - t0
 
     print(f"final/ of {args.size_gb:g} GB, medians of {args.repeats} reuses each, uid {os.geteuid()}")
-    for mode, (placed, r, c) in results.items():
+    for placed, r, c in results.values():
         print(f"final/ placed by {'+'.join(placed):<5}: reused stage (lock, check, place final/, manifest) "
               f"{r * 1000:7.1f} ms; the cheap check alone {c * 1000:5.2f} ms; "
               f"ratio check / (reuse without the check) {c / (r - c):.4f} (target <= 0.02)")

@@ -23,7 +23,7 @@ PUBLIC = Path(__file__).resolve().parent / "fixtures" / "public"
 sys.path.insert(0, str(PUBLIC))
 import make_fixtures  # noqa: E402
 
-from conftest import one_thread_collecting_log
+from conftest import one_thread_collecting_log  # noqa: E402
 
 # The published schema of each fixture: columns (in order) and split names (sources: fixtures/public/README.md).
 PUBLISHED = {

@@ -16,8 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from alignctl.config import checks
 from alignctl.cli.options import parse, quiet
+from alignctl.config import checks
 from alignctl.errors import ConfigError
 from alignctl.metrics import fmt
 

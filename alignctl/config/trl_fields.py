@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 SNAPSHOT = Path(__file__).with_name("trl_fields.json")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load() -> dict:
     return json.loads(SNAPSHOT.read_text())
 

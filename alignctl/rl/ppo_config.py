@@ -7,6 +7,7 @@ from typing import Literal, Optional
 
 from transformers import TrainingArguments
 
+
 @dataclass
 class PPOConfig(TrainingArguments):
     # -- TrainingArguments defaults PPO changes
@@ -25,7 +26,7 @@ class PPOConfig(TrainingArguments):
     local_rollout_forward_batch_size: int = field(default=64, metadata={
         "help": "Sequences per forward pass while generating and scoring rollouts."})
     response_length: int = field(default=53, metadata={"help": "Most new tokens per answer."})
-    stop_token: Optional[Literal["eos"]] = field(default=None, metadata={
+    stop_token: Optional[Literal["eos"]] = field(default=None, metadata={  # noqa: UP045  (the snapshot records this type)
         "help": "'eos': answers end at the tokenizer's EOS token (else at stop_token_id, else at response_length)."})
     stop_token_id: int | None = field(default=None, metadata={"help": "A token id that ends answers."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the rollouts."})

@@ -95,7 +95,7 @@ def token_scores(classifier, ids, mask, positions) -> torch.Tensor:
     """A one-output sequence classifier's score at every position (its head applied to every hidden state)."""
     backbone = getattr(classifier, classifier.base_model_prefix)
     hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
-    head = getattr(classifier, "score", None) or getattr(classifier, "classifier")
+    head = getattr(classifier, "score", None) or classifier.classifier
     return head(hidden).squeeze(-1)
 
 

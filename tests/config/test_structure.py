@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-
 PKG = Path(__file__).resolve().parents[2] / "alignctl"
 MAX_FUNCTION_LINES = 80
 MAX_RESOLVER_LINES = 60
