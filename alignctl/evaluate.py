@@ -128,9 +128,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     device = next(model.parameters()).device
     pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     sample = temperature > 0
+    sampling = {"temperature": float(temperature), "top_k": 0, "top_p": float(top_p)} if sample else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=eos, pad_token_id=pad,
-                              use_cache=True,
-                              **({"temperature": float(temperature), "top_k": 0, "top_p": float(top_p)} if sample else {}))
+                              use_cache=True, **sampling)
     out: list[list[int]] = []
     # the global random state is restored afterwards: evaluating must not change what training samples
     forked = [device.index or 0] if device.type == "cuda" else []

@@ -296,7 +296,8 @@ def system_turns(row: dict[str, Any], how: str) -> dict[str, Any]:
     return row
 
 
-def convert(row: dict[str, Any], layout: str, data_kind: str, system: str = "keep") -> tuple[dict[str, Any], str | None]:
+def convert(row: dict[str, Any], layout: str, data_kind: str,
+            system: str = "keep") -> tuple[dict[str, Any], str | None]:
     """One record -> the TRL format of ``data_kind``; raises FormatError naming the column on a bad record."""
     row, note = shape(to_trl(row, layout), data_kind)
     return system_turns(row, system), note

@@ -205,7 +205,8 @@ def training_env(spec: StageSpec, inherited: dict[str, str], explicit: dict[str,
     """The environment a stage trains under, and the given variables it does not see: ``inherited`` without the
     variables of TRAINING_ENV, plus ``explicit`` (launcher.env), plus ``ACCELERATE_MIXED_PRECISION`` matching the
     stage's bf16/fp16 flags (``no`` for fp32: transformers reads the variable when neither flag is set)."""
-    args = spec.args  # the bf16/fp16 flags the stage's TRL config gets (as alignctl.train.context.StageContext.args_for)
+    # the bf16/fp16 flags the stage's TRL config gets (as alignctl.train.context.StageContext.args_for)
+    args = spec.args
     flags = args if "bf16" in args or "fp16" in args else mixed_precision_args(spec.precision)
     env = {k: v for k, v in inherited.items() if not TRAINING_ENV.match(k) or k in PLACEMENT_ENV}
     env.update(explicit or {})

@@ -158,7 +158,8 @@ def write_run_report(manifest: dict) -> Path:
     for s in manifest["stages"]:
         m = s.get("metrics") or {}
         head = headline(s)
-        mark = " (resumed)" if m.get("before_resumed") else ""  # measured on resumed weights (alignctl.train.lifecycle.before_resumed)
+        # measured on resumed weights (alignctl.train.lifecycle.before_resumed)
+        mark = " (resumed)" if m.get("before_resumed") else ""
         lines.append(f"| {s['name']} | {s['trainer']} | {s['status']} | {'yes' if s.get('reused_from') else 'no'} | "
                      f"{head} | {fmt(m.get('before', {}).get(head))}{mark} | {fmt(m.get('after', {}).get(head))} | "
                      f"{fmt(m.get('train', {}).get('train_loss'))} |")

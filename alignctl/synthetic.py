@@ -25,7 +25,8 @@ THINGS = [
     "road", "tree", "storm", "meal", "train", "school", "park", "letter", "island", "valley",
     "tower", "harbor", "field", "painting", "village", "window", "desert", "festival", "library", "mountain",
 ]
-WARM = ["bright", "calm", "kind", "lovely", "warm", "gentle", "happy", "clear", "sunny", "friendly", "sweet", "pleasant"]
+WARM = ["bright", "calm", "kind", "lovely", "warm", "gentle", "happy", "clear", "sunny", "friendly", "sweet",
+        "pleasant"]
 COLD = ["dull", "cold", "harsh", "ugly", "grim", "sad", "bitter", "rude", "gloomy", "nasty", "sour", "dreary"]
 ASKS = [
     "tell me about the {t} .",

@@ -1,8 +1,8 @@
 """One rank of a stage: ``python -m alignctl.worker <spec.json>``, started by torchrun or accelerate.
 
 Every rank reads the stage spec the orchestrator wrote (``StageSpec.from_json``; the run was resolved once, by the
-process that ran Hydra; nothing here imports Hydra) and runs :func:`alignctl.train.lifecycle.run_stage`: the TRL trainer does
-the distributed work, rank 0 writes the final model. Each rank then reports into ``<spec dir>/launch/``:
+process that ran Hydra; nothing here imports Hydra) and runs :func:`alignctl.train.lifecycle.run_stage`: the TRL
+trainer does the distributed work, rank 0 writes the final model. Each rank then reports into ``<spec dir>/launch/``:
 
 * ``rank<k>.json``: world size, device, distributed backend, and whether Hydra was imported in this process;
 * ``result.json`` (rank 0): the stage's metrics and the world size, read by the orchestrator;

@@ -157,7 +157,8 @@ def main() -> None:
             rows[impl].append(r)
             print(f"seed {seed} {impl:9s} lift {r['lift']:+.3f}  KL(last quarter) {r['kl_last_quarter']:6.2f}  "
                   f"train {r['wall_s']:6.1f} s  ({r['updates']} updates)", flush=True)
-    mean = {k: {m: sum(r[m] for r in v) / len(v) for m in ("lift", "kl_last_quarter", "wall_s")} for k, v in rows.items()}
+    measures = ("lift", "kl_last_quarter", "wall_s")
+    mean = {k: {m: sum(r[m] for r in v) / len(v) for m in measures} for k, v in rows.items()}
     a_, t_ = mean["alignctl"], mean["trl-1.12"]
     print(f"\nheld-out eval_rm_score of the SFT policy: {before:.3f}; {len(prompts)} prompts x 4 answers; "
           f"means over seeds {a.seeds}")

@@ -60,7 +60,8 @@ def main() -> None:
     med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
     checks = 2 * med["plan_checks"] + med["preflight"]  # run resolves twice: before Hydra starts, and in the job
     print(f"default recipe, median of {a.repeat} fresh processes (HF_HUB_OFFLINE=1)")
-    print(f"  checks, plan level (compose + resolve for run)   {med['plan_checks']:6.2f} s   x2 (before Hydra, in the job)")
+    plan = med["plan_checks"]
+    print(f"  checks, plan level (compose + resolve for run)   {plan:6.2f} s   x2 (before Hydra, in the job)")
     print(f"  checks, run level (TRL configs, data, devices)   {med['preflight']:6.2f} s")
     print(f"  up-front checks in all                           {checks:6.2f} s   (target <= 3 s)")
     print(f"  import of the stages' TRL modules + datasets     {med['import']:6.2f} s   (paid by training anyway)")

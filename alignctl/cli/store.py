@@ -8,8 +8,9 @@
 
 ``gc`` always removes leftovers (half-written ``*.partial`` folders, temporary files, the Trainer checkpoints of
 completed entries that did not ask to keep them) and *stale* entries (completed by an alignctl of another store
-format: no run of this one can reuse them, its fingerprints differ; ``ls`` shows them as stale); with ``--older-than DAYS`` it also removes every entry (complete or
-not) unused for that many days. ``rm`` removes the named entries; a run directory names the entries of its stages.
+format: no run of this one can reuse them, its fingerprints differ; ``ls`` shows them as stale); with
+``--older-than DAYS`` it also removes every entry (complete or not) unused for that many days. ``rm`` removes the
+named entries; a run directory names the entries of its stages.
 Both work on an entry only while holding its lock, taken without waiting: an entry whose holder is alive (its pid
 in this pid space, else a recent heartbeat) is skipped with a line naming it; a removed entry is first renamed to
 ``<store>/.trash-<name>-<random>`` under the lock, then deleted (``gc`` also deletes trash a killed gc/rm left).

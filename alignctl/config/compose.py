@@ -44,7 +44,8 @@ def recipe_description(path: Path) -> str:
 
 
 def load_recipe(path: Path, config_dir: str | None = None):
-    """A recipe file as an OmegaConf node, after checking it sets alignctl's keys only (recipe_files.recipe_file_problems):
+    """A recipe file as an OmegaConf node, after checking it sets alignctl's keys only
+    (recipe_files.recipe_file_problems):
     YAML errors, duplicate keys, Hydra settings, instantiation keys, environment resolvers, launch settings and
     `defaults` options that are not files of alignctl's groups (or of the user's ``config_dir``) are ConfigErrors."""
     import yaml

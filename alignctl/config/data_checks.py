@@ -111,7 +111,8 @@ def normalize(spec: Any, label: str) -> tuple[dict, list[str]]:
     if not isinstance(out["to_messages"], bool):
         problems.append(f"{label}.to_messages: must be true or false, got {out['to_messages']!r}")
     if not isinstance(out["format"], str) or out["format"] not in formats.LAYOUTS:
-        problems.append(f"{label}.format: unknown format {out['format']!r}{suggest(str(out['format']), formats.LAYOUTS)}"
+        hint = suggest(str(out["format"]), formats.LAYOUTS)
+        problems.append(f"{label}.format: unknown format {out['format']!r}{hint}"
                         f"; choose one of: {', '.join(formats.LAYOUTS)}")
     if not isinstance(out["system_turns"], str) or out["system_turns"] not in formats.SYSTEM_TURNS:
         problems.append(f"{label}.system_turns: must be one of {', '.join(formats.SYSTEM_TURNS)}, "

@@ -169,7 +169,8 @@ class EvalSettings(Spec):
 
 
 # -- a stage ---------------------------------------------------------------------------------------------------------
-# The fields of StageSpec that determine its weights: the fingerprint hashes these (through identity()) and nothing else.
+# The fields of StageSpec that determine its weights: the fingerprint hashes these (through identity()) and nothing
+# else.
 WEIGHT_FIELDS = ("kind", "args", "data", "options", "peft", "world_size", "distributed", "model", "precision", "links")
 
 

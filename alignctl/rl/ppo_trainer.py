@@ -143,8 +143,8 @@ class PPOTrainer:
                 logits, values = model(ids, mask, pos)
                 logp, entropy = core.answer_logprobs(logits, resp, q.shape[1], c.temperature)
                 with model.policy.disable_adapter() if self.ref is None else contextlib.nullcontext():
-                    ref_logits = (model.policy if self.ref is None else self.ref)(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                                            use_cache=False).logits
+                    reference = model.policy if self.ref is None else self.ref
+                    ref_logits = reference(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
                 ref_logp, _ = core.answer_logprobs(ref_logits, resp, q.shape[1], c.temperature)
                 scores = core.token_scores(self.reward_model, ids, mask, pos)
             w = q.shape[1]

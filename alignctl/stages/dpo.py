@@ -1,4 +1,5 @@
-"""Direct preference optimisation (TRL DPOTrainer); every TRL ``loss_type`` passes through (sigmoid, ipo, hinge, robust, ...).
+"""Direct preference optimisation (TRL DPOTrainer); every TRL ``loss_type`` passes through (sigmoid, ipo, hinge,
+robust, ...).
 
 The reference model is the ``ref`` stage's final weights, by default the ``from``
 stage's, i.e. the weights this stage starts from.

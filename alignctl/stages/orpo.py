@@ -1,4 +1,5 @@
-"""Odds-ratio preference optimisation (TRL's experimental ORPOTrainer): SFT and preference in one stage, no reference."""
+"""Odds-ratio preference optimisation (TRL's experimental ORPOTrainer): SFT and preference in one stage, no
+reference."""
 
 from alignctl.stages import StageKind
 
