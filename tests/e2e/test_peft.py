@@ -15,6 +15,8 @@ from alignctl.config import peft as peft_config
 from alignctl.config.types import ModelSpec, RunSpec
 from conftest import REPO, read_spec, stage_spec
 
+pytestmark = pytest.mark.slow
+
 
 def _final_is_plain(final: Path, classifier: bool = False):
     """final/ holds a plain model: no adapter files, no quantisation config; loads with transformers alone."""

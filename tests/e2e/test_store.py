@@ -9,7 +9,9 @@ from alignctl.cli import main
 from alignctl.config.compose import compose
 from alignctl.config.resolve import resolve
 from alignctl.pipeline import stage_specs
-from conftest import read_manifest, run_cli
+from conftest import REPO, read_manifest, run_cli
+
+pytestmark = pytest.mark.slow
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +27,7 @@ def test_weight_relevant_change_refingerprints_stage_and_everything_after(tmp_pa
     beta = fps(tmp_path, "stages.dpo.beta=0.5")
     assert beta["sft"] == base["sft"] and beta["dpo"] != base["dpo"]
     data = tmp_path / "sft.jsonl"
-    data.write_bytes((store.models.Path(__file__).parent.parent / "alignctl/assets/data/sft.jsonl").read_bytes())
+    data.write_bytes((REPO / "alignctl/assets/data/sft.jsonl").read_bytes())
     same_content = fps(tmp_path, f"data.sft.path={data}")
     assert same_content == base  # the content, not the file name, identifies local data
     data.write_text(data.read_text().replace("river", "brook"))

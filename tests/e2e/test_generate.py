@@ -11,6 +11,8 @@ from alignctl import judge
 from alignctl.errors import ConfigError
 from alignctl.stages import generate
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True)
 def single_thread(monkeypatch):

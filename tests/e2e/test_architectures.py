@@ -21,6 +21,8 @@ from alignctl.config.types import ModelSpec
 from alignctl.errors import ConfigError
 from alignctl.templates import DEFAULT_CHAT_TEMPLATE
 
+pytestmark = pytest.mark.slow
+
 ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gemma2")
 MODES = ("none", "lora", "qlora")
 # Few steps, small held-out sets: the 18 runs of the matrix fit the suite's budget.

@@ -13,6 +13,8 @@ from alignctl.config.compose import compose
 from alignctl.config.resolve import resolve
 from conftest import one_thread_collecting_log, read_spec
 
+pytestmark = pytest.mark.slow
+
 LOG: list[str] = []
 RUNS: dict[str, tuple] = {}
 

@@ -17,7 +17,7 @@ import pytest
 from alignctl import probe
 from alignctl.cli import main
 from alignctl.config import redact
-from conftest import read_manifest, run_cli
+from conftest import REPO, read_manifest, run_cli
 
 
 def _fails(capsys, tmp_path, command: str, *args: str) -> str:
@@ -600,7 +600,7 @@ def test_no_module_outside_the_cli_package_imports_it():
     import subprocess
     import sys
 
-    pkg = Path(__file__).resolve().parent.parent / "alignctl"
+    pkg = REPO / "alignctl"
     found = []
     for f in sorted(pkg.rglob("*.py")):
         if f.is_relative_to(pkg / "cli"):

@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import read_manifest, run_cli, run_spec, stage_spec
+
+pytestmark = pytest.mark.slow
 
 FAST = ["stages.sft.num_train_epochs=4", "stages.dpo.num_train_epochs=4"]
 

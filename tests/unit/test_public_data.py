@@ -1,85 +1,31 @@
 """Public data sets exactly as published (fixtures in tests/fixtures/public: their column names, nesting, types and
-splits, alignctl's own texts): (a) each normalises to the TRL structure its stage kinds read; (b) each trains every
-stage kind that fits it on the tiny model, and the held-out metric moves the right way."""
+splits, alignctl's own texts) each normalise to the TRL structure its stage kinds read (training on them:
+tests/e2e/test_public_learning.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-from alignctl import data, pipeline
+from alignctl import data
 from alignctl.config import data_checks
 from alignctl.config.compose import compose
 from alignctl.config.resolve import resolve
 from alignctl.config.types import DataSpec
 from alignctl.errors import ConfigError
+from conftest import REPO
 
-PUBLIC = Path(__file__).resolve().parent / "fixtures" / "public"
-sys.path.insert(0, str(PUBLIC))
+sys.path.insert(0, str(REPO / "tests" / "fixtures" / "public"))
 import make_fixtures  # noqa: E402
-
-from conftest import one_thread_collecting_log  # noqa: E402
-
-# The published schema of each fixture: columns (in order) and split names (sources: fixtures/public/README.md).
-PUBLISHED = {
-    "ultrachat_200k": (["prompt", "prompt_id", "messages"], ["train_sft", "test_sft", "train_gen", "test_gen"]),
-    "no_robots": (["prompt", "prompt_id", "messages", "category"], ["train", "test"]),
-    "capybara": (["source", "messages", "num_turns"], ["train", "test"]),
-    "alpaca": (["instruction", "input", "output", "text"], ["train"]),
-    "openhermes": (["custom_instruction", "topic", "model_name", "model", "skip_prompt_formatting", "category",
-                    "conversations", "views", "language", "id", "title", "idx", "hash", "avatarUrl", "system_prompt",
-                    "source"], ["train"]),
-    "tldr": (["prompt", "completion"], ["train", "validation", "test"]),
-    "ultrafeedback_binarized": (["prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen",
-                                 "score_rejected"], ["train_prefs", "test_prefs", "train_sft", "test_sft", "train_gen",
-                                                     "test_gen"]),
-    "trl_ultrafeedback_binarized": (["chosen", "rejected", "score_chosen", "score_rejected"], ["train", "test"]),
-    "hh_rlhf": (["chosen", "rejected"], ["train", "test"]),
-    "orca_dpo_pairs": (["system", "question", "chosen", "rejected"], ["train"]),
-    "pku_saferlhf": (["prompt", "response_0", "response_1", "prompt_source", "response_0_source", "response_1_source",
-                      "is_response_0_safe", "is_response_1_safe", "response_0_harm_category",
-                      "response_1_harm_category", "response_0_severity_level", "response_1_severity_level",
-                      "better_response_id", "safer_response_id", "response_0_sha256", "response_1_sha256"],
-                     ["train", "test"]),
-    "kto_mix_14k": (["prompt", "completion", "label"], ["train", "test"]),
-    "ultrafeedback_prompt": (["prompt"], ["train", "test"]),
-}
-# How each fixture is named in a recipe (the published splits; sets with a train split only carve a held-out part).
-SPECS = {
-    "ultrachat_200k": {"split": "train_sft", "eval_split": "test_sft"},
-    "ultrachat_200k:gen": {"split": "train_gen", "eval_split": "test_gen"},
-    "no_robots": {"eval_split": "test"},
-    "capybara": {"eval_split": "test"},
-    "alpaca": {"eval_size": 24},
-    "openhermes": {"eval_size": 24},
-    "tldr": {"eval_split": "validation"},
-    "ultrafeedback_binarized": {"split": "train_prefs", "eval_split": "test_prefs"},
-    "ultrafeedback_binarized:gen": {"split": "train_gen", "eval_split": "test_gen"},
-    "trl_ultrafeedback_binarized": {"eval_split": "test"},
-    "hh_rlhf": {"eval_split": "test"},
-    "orca_dpo_pairs": {"eval_size": 32},
-    "pku_saferlhf": {"eval_split": "test"},
-    "kto_mix_14k": {"eval_split": "test"},
-    "ultrafeedback_prompt": {"eval_split": "test"},
-}
-PAIR_SETS = ["ultrafeedback_binarized", "trl_ultrafeedback_binarized", "hh_rlhf", "orca_dpo_pairs", "pku_saferlhf"]
-SFT_SETS = ["ultrachat_200k", "no_robots", "capybara", "alpaca", "openhermes", "tldr"]
-LOG: list[str] = []
+from published import PAIR_SETS, PUBLIC, PUBLISHED, SPECS, data_spec  # noqa: E402
 
 
 def typed(s: dict) -> DataSpec:
     """The typed data spec of a normalized one (labelled by its path, as a load without a label was)."""
     return data_checks.to_spec({"label": s["path"], **s})
-
-
-def data_spec(key: str, **extra) -> dict:
-    name = key.split(":")[0]
-    return {"path": str(PUBLIC / name), **SPECS[key], **extra}
 
 
 def load(key: str, kind: str, **extra):
@@ -296,110 +242,6 @@ def test_unknown_format_names_the_choices():
     _, problems = data_checks.normalize({"path": "x.jsonl", "format": "sharegtp"}, "data.mine")
     assert problems == ["data.mine.format: unknown format 'sharegtp' (did you mean 'sharegpt'?); choose one of: "
                         "auto, trl, hh, sharegpt, alpaca, orca, pku"]
-
-
-# -- (b) every fitting stage kind learns on every fixture ----------------------------------------------------------------
-FAST = {"num_train_epochs": 2, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "max_length": 96,
-        "logging_steps": 8, "save_strategy": "no", "activation_checkpointing": False}
-PAIR_KINDS = {"dpo": {"learning_rate": 5.0e-3, "beta": 0.1}, "orpo": {"learning_rate": 5.0e-3},
-              "cpo": {"learning_rate": 5.0e-3}, "reward": {"learning_rate": 5.0e-3}, "kto": {"learning_rate": 1.0e-3}}
-RUNS: dict[str, tuple[Path, dict]] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread_and_log():
-    with one_thread_collecting_log(LOG):
-        yield
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, cache_root):
-    """Run one recipe (written to a file as a user would) per group of stages, once per module."""
-
-    def _run(name: str, recipe: dict) -> tuple[Path, dict]:
-        if name not in RUNS:
-            folder = tmp_path_factory.mktemp(name)
-            path = folder / f"{name}.yaml"
-            path.write_text(yaml.safe_dump({"description": f"public data: {name}", **recipe}, sort_keys=False))
-            ov = [f"recipe={path}", f"output_root={cache_root}", f"store={folder / 'store'}"]
-            RUNS[name] = (folder / "run", pipeline.run(resolve(compose(ov), folder / "run"), ov))
-        return RUNS[name]
-
-    return _run
-
-
-def stage(manifest: dict, name: str) -> dict:
-    s = next(s for s in manifest["stages"] if s["name"] == name)
-    assert s["status"] == "completed"
-    return s["metrics"]
-
-
-def test_sft_on_every_conversation_and_prompt_completion_set_lowers_held_out_loss(run):
-    recipe = {"data": {n: data_spec(n) for n in SFT_SETS},
-              "stages": {n: {"trainer": "sft", "data": n, "learning_rate": 3.0e-3, **FAST} for n in SFT_SETS}}
-    _, m = run("sft_sets", recipe)
-    for n in SFT_SETS:
-        before, after = stage(m, n)["before"], stage(m, n)["after"]
-        assert after["eval_loss"] < before["eval_loss"] - 1.0, (n, before["eval_loss"], after["eval_loss"])
-
-
-@pytest.mark.parametrize("name", PAIR_SETS)
-def test_every_preference_kind_learns_warm_over_cold_on_each_pair_set(run, name):
-    recipe = {"data": {"pairs": data_spec(name)},
-              "stages": {kind: {"trainer": kind, "data": "pairs", **FAST, **extra} for kind, extra in PAIR_KINDS.items()}}
-    _, m = run(name, recipe)
-    for kind in PAIR_KINDS:
-        metric = "eval_accuracy" if kind == "reward" else "eval_pref_accuracy"
-        before, after = stage(m, kind)["before"][metric], stage(m, kind)["after"][metric]
-        assert after >= 0.9 and after > before, (name, kind, before, after)
-
-
-def test_kto_on_the_unpaired_kto_mix_separates_desirable_from_undesirable(run):
-    recipe = {"data": {"mix": data_spec("kto_mix_14k")},
-              "stages": {"kto": {"trainer": "kto", "data": "mix", **FAST, "learning_rate": 5.0e-3}}}
-    _, m = run("kto_mix", recipe)
-    before, after = stage(m, "kto")["before"], stage(m, "kto")["after"]
-    assert before["eval_rewards/chosen"] == pytest.approx(0, abs=1e-4)  # policy = reference before training
-    assert after["eval_rewards/chosen"] > after["eval_rewards/rejected"] + 0.5, after
-
-
-ON_POLICY = {"learning_rate": 3.0e-3, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 16,
-             "logging_steps": 5, "save_strategy": "no", "activation_checkpointing": False}
-
-
-def test_on_policy_kinds_raise_the_reward_on_public_prompt_sets(run):
-    """SFT on UltraChat (answers half warm, half cold) -> reward model on UltraFeedback pairs -> GRPO on
-    trl-lib/ultrafeedback-prompt, RLOO on UltraFeedback-binarized's train_gen split (a pair set used as prompts)
-    and PPO on HH transcripts (multi-turn prompts). Each raises the reward model's score of its answers to held-out
-    prompts: GRPO/RLOO's eval_reward, PPO's eval_rm_score."""
-    recipe = {
-        "data": {"chat": data_spec("ultrachat_200k"), "prefs": data_spec("ultrafeedback_binarized"),
-                 "prompts": data_spec("ultrafeedback_prompt"), "gen": data_spec("ultrafeedback_binarized:gen"),
-                 "hh": data_spec("hh_rlhf")},
-        "stages": {
-            "sft": {"trainer": "sft", "data": "chat", **FAST, "num_train_epochs": 16, "learning_rate": 3.0e-3,
-                    "lr_scheduler_type": "cosine"},
-            "rm": {"trainer": "reward", "from": "sft", "data": "prefs", **FAST, "learning_rate": 1.0e-3},
-            "grpo": {"trainer": "grpo", "from": "sft", "reward": "rm", "data": "prompts", **ON_POLICY,
-                     "num_generations": 4, "max_completion_length": 16, "beta": 0.04, "max_steps": 40},
-            "rloo": {"trainer": "rloo", "from": "sft", "reward": "rm", "data": "gen", **ON_POLICY,
-                     "num_generations": 4, "max_completion_length": 16, "max_steps": 40},
-            "ppo": {"trainer": "ppo", "from": "sft", "reward": "rm", "data": "hh", **ON_POLICY,
-                    "per_device_eval_batch_size": 32, "total_episodes": 192, "num_mini_batches": 1,
-                    "num_ppo_epochs": 4, "kl_coef": 0.05, "response_length": 16, "temperature": 1.0,
-                    "stop_token": "eos", "missing_eos_penalty": 1.0},
-        },
-    }
-    _, m = run("on_policy", recipe)
-    assert stage(m, "rm")["after"]["eval_accuracy"] >= 0.9
-    for kind, metric in (("grpo", "eval_reward"), ("rloo", "eval_reward"), ("ppo", "eval_rm_score")):
-        before, after = stage(m, kind)["before"][metric], stage(m, kind)["after"][metric]
-        assert after > before + 0.3, (kind, before, after)
-    # The pair sets gave their prompts only, and the log says so once per data set (data is loaded twice: in the
-    # pre-flight check and by the stage).
-    for label, dropped in (("data.gen", "chosen, rejected, messages"), ("data.hh", "chosen, rejected")):
-        notes = [line for line in LOG if line.startswith(f"{label}: ") and "used its prompts only" in line]
-        assert len(notes) == 1 and dropped in notes[0], notes
 
 
 @pytest.mark.parametrize("recipe", ["default", "rlhf-ppo", "rlhf-grpo", "kto", "simpo"])

@@ -12,6 +12,8 @@ import pytest
 
 from alignctl import evaluate, synthetic
 
+pytestmark = pytest.mark.slow
+
 # SFT -> reward model -> DPO on the built-in data: the DPO stage is scored by the recipe's reward model.
 RM_DPO = """\
 name: rm-dpo

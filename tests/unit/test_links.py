@@ -31,7 +31,7 @@ from alignctl.config import links
 from alignctl.config.types import ModelSpec, RunSpec, StageSpec
 from conftest import stage_spec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,6 @@
-"""The embedded default recipe, end to end through the real CLI: SFT -> DPO that really learns."""
+"""The embedded default recipe, end to end through the real CLI: SFT -> DPO that really learns; the console of the
+run (one line per stage's training, alignctl's own lines, the summary table last; per-step metrics, library warnings
+and progress bars only in alignctl.log)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import re
 import pytest
 
 from conftest import read_manifest, read_spec, run_cli
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +91,33 @@ def test_files_holding_the_configuration_are_the_owners_only(default_run):
     for f in [run_dir / "config.yaml", run_dir / "manifest.json", *run_dir.glob("*/spec.json")]:
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     assert len(list(run_dir.glob("*/spec.json"))) == 2
+
+
+def test_default_run_fits_one_screen(default_run):
+    run_dir, proc = default_run
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    text = "\n".join(lines)
+    # No library progress bars or warnings, no per-step metric dictionaries.
+    for noise in ("Map:", "it/s]", "UserWarning", "FutureWarning", "bitsandbytes", "[sft] step", "[dpo] step"):
+        assert noise not in text, noise
+    # One line per stage's training with its loss and key metric; the evaluation line; the summary table last.
+    assert any(line.startswith("[sft] trained 144/144 steps") and "loss" in line for line in lines), text
+    assert any(line.startswith("[dpo] trained 72/72 steps") and "rewards/accuracies" in line for line in lines), text
+    assert any(line.startswith("[dpo] held-out answers (32 prompts") and "KL" in line for line in lines), text
+    assert lines[-1].startswith("manifest: ") and any("eval_pref_accuracy_norm" in line for line in lines[-8:])
+
+
+def test_the_run_log_keeps_what_the_console_leaves_out(default_run):
+    run_dir, _ = default_run
+    log = (run_dir / "alignctl.log").read_text()
+    assert "[sft] step 10: loss=" in log and "[dpo] step 72: " in log  # every logging step's metrics
+    assert "py.warnings" in log and "UserWarning" in log  # library warnings are kept
+
+
+def test_default_run_manifest_shows_kl_and_both_accuracies(default_run):
+    dpo = read_manifest(default_run[0])["stages"][1]["metrics"]
+    assert dpo["before"]["eval_kl"] == 0 and dpo["after"]["eval_kl"] > 0
+    for key in ("eval_pref_accuracy", "eval_pref_accuracy_norm", "eval_rewards/accuracies"):
+        assert dpo["after"][key] >= 0.9, key
+    assert "eval_win_rate" not in dpo["after"]  # no reward model in the default recipe
