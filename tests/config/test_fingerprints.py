@@ -91,7 +91,8 @@ def test_the_data_identity_is_its_own_allowlist(tmp_path):
     d = s.data
     other = {"source": "hub", "split": "other", "eval_split": "test", "eval_size": 0.3, "seed": 1,
              "columns": {"prompt": "question"}, "to_messages": True, "format": "json", "system_turns": "drop",
-             "name": "config2", "revision": "abc", "stage": "gen", "path": str(REPO / "alignctl/assets/data/prefs.jsonl")}
+             "name": "config2", "revision": "abc", "stage": "gen",
+             "path": str(REPO / "alignctl/assets/data/prefs.jsonl")}
     assert set(other) == set(DATA_FIELDS)
     for name, value in other.items():
         assert fp(s.replace(data=d.replace(**{name: value}))) != base, name

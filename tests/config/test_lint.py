@@ -21,7 +21,6 @@ def _ruff() -> list[str] | None:
     return [found] if found else None
 
 
-@pytest.mark.xfail(strict=False, reason="until the tree-wide fix after the merge")
 def test_ruff_finds_nothing():
     ruff = _ruff()
     if ruff is None:

@@ -226,13 +226,15 @@ def test_system_turns_merged_for_a_template_that_refuses_them(run_recipe, tmp_pa
     recipe = tmp_path / "sft-only.yaml"
     recipe.write_text("name: sft-only\nstages:\n  sft:\n    trainer: sft\n    data: sft\n    learning_rate: 3.0e-3\n"
                       "    max_steps: 6\n    per_device_train_batch_size: 8\n    save_strategy: 'no'\n")
-    overrides = [f"recipe={recipe}", "model.name_or_path=tiny:mistral", f"data.sft.path={data}", "data.sft.eval_size=16"]
+    overrides = [f"recipe={recipe}", "model.name_or_path=tiny:mistral", f"data.sft.path={data}",
+                 "data.sft.eval_size=16"]
     # Without the setting the run stops in its pre-flight, before anything trains, saying what to set.
     with pytest.raises(ConfigError) as e:
         run_recipe(overrides, tmp_path / "refused")
     assert len(e.value.problems) == 1 and "refuses a system turn" in e.value.problems[0]
     assert "data.sft.system_turns=merge" in e.value.problems[0]
-    assert [s["status"] for s in json.loads((tmp_path / "refused" / "manifest.json").read_text())["stages"]] == ["pending"]
+    refused = json.loads((tmp_path / "refused" / "manifest.json").read_text())
+    assert [s["status"] for s in refused["stages"]] == ["pending"]
     m = run_recipe([*overrides, "data.sft.system_turns=merge"], tmp_path / "run")
     assert m["status"] == "completed"
     assert m["stages"][0]["metrics"]["after"]["eval_loss"] < m["stages"][0]["metrics"]["before"]["eval_loss"]

@@ -37,7 +37,8 @@ def wait_for_checkpoint(proc: subprocess.Popen, store: Path, trainer: str, timeo
 
 
 def interrupt_at_checkpoint(args: list[str], tmp_path: Path, store: Path, trainer: str, sig: int):
-    """Start a run, send ``sig`` once the ``trainer`` stage has a complete checkpoint; returns (exit code, checkpoint)."""
+    """Start a run, send ``sig`` once the ``trainer`` stage has a complete checkpoint; returns (exit code,
+    checkpoint)."""
     proc = start(args, tmp_path, tmp_path / "first.log")
     ckpt = wait_for_checkpoint(proc, store, trainer)
     proc.send_signal(sig)

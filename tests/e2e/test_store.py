@@ -45,7 +45,8 @@ def test_logging_and_output_settings_do_not_refingerprint(tmp_path):
 def test_serial_sweep_trains_sft_once_and_reports(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     proc = run_cli(["run", "-m", "stages.dpo.beta=0.02,0.2,2.0", f"hydra.sweep.dir={sweep}",
-                    f"output_root={tmp_path}/outputs", "stages.sft.num_train_epochs=2", "stages.dpo.num_train_epochs=1"],
+                    f"output_root={tmp_path}/outputs", "stages.sft.num_train_epochs=2",
+                    "stages.dpo.num_train_epochs=1"],
                    cwd=tmp_path, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ms = [read_manifest(sweep / str(i)) for i in range(3)]

@@ -1,4 +1,5 @@
-"""Links to other models (alignctl.config.links): one table, and each model outside the recipe loaded with its own settings.
+"""Links to other models (alignctl.config.links): one table, and each model outside the recipe loaded with its own
+settings.
 
 * the link table is the only list of link names in alignctl/ (they had drifted: `judge` was missing from the upstream
   digest and from the remote-code consent check);

@@ -76,7 +76,8 @@ def test_fixture_has_the_published_columns_and_splits_and_matches_its_generator(
 def test_messages_sets_train_on_their_messages_only(key):
     train, held = load(key, "sft")
     assert train.column_names == ["messages"] and held.column_names == ["messages"]
-    assert list(train["messages"]) == [r["messages"] for r in raw(key)]  # unchanged, multi-turn and system turns included
+    # unchanged, multi-turn and system turns included
+    assert list(train["messages"]) == [r["messages"] for r in raw(key)]
     assert any(len(m) > 2 for m in list(train["messages"]))
 
 
@@ -91,7 +92,8 @@ def test_alpaca_becomes_a_user_assistant_conversation():
 def test_sharegpt_turns_become_messages_with_chat_roles():
     train, held = load("openhermes", "sft")
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
-    expected = [[{"role": roles[t["from"]], "content": t["value"]} for t in r["conversations"]] for r in raw("openhermes")]
+    expected = [[{"role": roles[t["from"]], "content": t["value"]} for t in r["conversations"]]
+                for r in raw("openhermes")]
     assert train.column_names == ["messages"]
     assert canon(list(train["messages"]) + list(held["messages"])) == canon(expected)
     assert any(m[0]["role"] == "system" for m in list(train["messages"]))
@@ -100,7 +102,8 @@ def test_sharegpt_turns_become_messages_with_chat_roles():
 def test_prompt_completion_strings_pass_through():
     train, _ = load("tldr", "sft")
     assert train.column_names == ["prompt", "completion"]
-    assert train[:] == {"prompt": [r["prompt"] for r in raw("tldr")], "completion": [r["completion"] for r in raw("tldr")]}
+    rows = raw("tldr")
+    assert train[:] == {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
 
 
 @pytest.mark.parametrize("key", ["ultrafeedback_binarized", "trl_ultrafeedback_binarized"])
@@ -128,8 +131,10 @@ def test_hh_transcripts_become_conversations_with_every_turn_before_the_last_ans
 
 def test_orca_system_and_question_become_the_prompt():
     train, held = load("orca_dpo_pairs", "preference")
-    expected = [{"prompt": ([{"role": "system", "content": r["system"]}] if r["system"] else []) + [user(r["question"])],
-                 "chosen": [assistant(r["chosen"])], "rejected": [assistant(r["rejected"])]} for r in raw("orca_dpo_pairs")]
+    expected = [{"prompt": ([{"role": "system", "content": r["system"]}] if r["system"] else [])
+                 + [user(r["question"])],
+                 "chosen": [assistant(r["chosen"])], "rejected": [assistant(r["rejected"])]}
+                for r in raw("orca_dpo_pairs")]
     assert canon(list(train) + list(held)) == canon(expected)
     assert any(p[0]["role"] == "system" for p in list(train["prompt"]))
 
@@ -235,7 +240,8 @@ def test_sets_that_do_not_fit_a_stage_kind_say_what_is_missing(key, kind, needle
 def test_a_named_format_that_does_not_fit_names_its_columns(layout, key):
     s, _ = data_checks.normalize(data_spec(key, format=layout), "data.mine")
     problems = data_checks.check(s, "preference", "data.mine", "stages.x")
-    assert len(problems) == 1 and f"format {layout} needs column" in problems[0] or "not an HH transcript" in problems[0]
+    assert len(problems) == 1
+    assert f"format {layout} needs column" in problems[0] or "not an HH transcript" in problems[0]
 
 
 def test_unknown_format_names_the_choices():
