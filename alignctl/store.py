@@ -585,7 +585,7 @@ class Entry:
         # attempt: the ranks refuse a spec.json with another attempt id (another run that wrote the same file)
         work = stage.replace(entry_dir=str(self.dir), fingerprint=self.fingerprint, attempt=uuid.uuid4().hex[:12])
         with self._stage_lock(stage, stop) as lock:
-            work = work.replace(lock_token=lock.token)  # rank 0 checks it before it replaces final/ (runner, worker)
+            work = work.replace(lock_token=lock.token)  # rank 0 checks it before it replaces final/ (lifecycle, worker)
             self.check_seal(stage, trusted_store)
             metrics, world_size = self._reused(stage, upstream, note or (lambda **fields: None)), stage.world_size
             reused = str(self.dir) if metrics is not None else None

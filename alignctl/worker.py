@@ -19,7 +19,7 @@ entry's lock no longer holds the orchestrator's ``lock_token``; rank 0 checks th
 replaces the entry's ``final/`` or ``adapter/`` (alignctl.train.context.owner_guard).
 
 Testing hook: ``ALIGNCTL_TEST_FAIL_RANK=<rank>[:<stage>]`` makes that rank raise before loading anything (in that
-stage only, with ``:<stage>``). tests/test_launch.py uses it to check how a failing rank is reported. It is read in
+stage only, with ``:<stage>``). tests/e2e/test_launch.py uses it to check how a failing rank is reported. It is read in
 production (a real launch is the only way to test a failing rank); a value that does not parse is ignored with one
 warning on rank 0.
 """

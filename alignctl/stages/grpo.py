@@ -38,7 +38,8 @@ BUILTIN_REWARDS = {
     "accuracy_reward": False, "reasoning_accuracy_reward": False, "think_format_reward": False,
     "get_cosine_scaled_reward": True, "get_repetition_penalty_reward": True, "get_soft_overlong_punishment": True,
 }
-# The factories' arguments (name -> required?) as in TRL 1.12's signatures (tests/test_bad_inputs.py compares them).
+# The factories' arguments (name -> required?) as in TRL 1.12's signatures (tests/config/test_bad_inputs.py compares
+# them).
 FACTORY_ARGS: dict[str, dict[str, bool]] = {
     "get_cosine_scaled_reward": {"max_len": True, "min_value_wrong": False, "max_value_wrong": False,
                                  "min_value_correct": False, "max_value_correct": False},

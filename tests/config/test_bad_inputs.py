@@ -1,6 +1,6 @@
 """A corpus of bad inputs (issue 10): config keys and values, recipe files, stage graphs, models, paths, launchers,
 sweeps and security items. Each ends in exit code 2, a short message naming the key or file, no traceback, and
-nothing trained or marked complete. Data-file cases are in tests/test_bad_data.py.
+nothing trained or marked complete. Data-file cases are in tests/config/test_bad_data.py.
 
 Most cases run ``alignctl plan`` in-process (fast); a few go through ``run`` (in-process, or the real CLI where a
 real process matters: the third-stage failure and the sweep)."""
