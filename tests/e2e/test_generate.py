@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from alignctl import judge
+from alignctl import generation, judge
 from alignctl.errors import ConfigError
 from alignctl.stages import generate
 
@@ -44,14 +44,14 @@ def test_judge_asks_both_orders_and_drops_position_ties():
             assert ("q1", a, b) in asked and ("q1", b, a) in asked
     assert len(asked) == 6 and stats == {"comparisons": 3, "decisive": 0, "ties": 3, "position_consistency": 0.0}
     cfg = generate.GenerateConfig(pairs="all")
-    assert generate._rows("q1", answers[0], wins[0], cfg) == []  # ties dropped: no pair
+    assert generation.pairs_of("q1", answers[0], wins[0], cfg) == []  # ties dropped: no pair
 
     def content(items):  # prefers the warm answer wherever it stands
         return [("warm" in a) - ("warm" in b) + 0.0 for _, a, b in items]
 
     wins, stats = judge.round_robin(content, prompts, answers)
     assert wins == [[1.0, 0.0, 1.0]] and stats["decisive"] == 2 and stats["ties"] == 1
-    rows = generate._rows("q1", answers[0], wins[0], cfg)
+    rows = generation.pairs_of("q1", answers[0], wins[0], cfg)
     assert {(r["chosen"], r["rejected"]) for r in rows} == {("warm one", "cold one"), ("warm two", "cold one")}
 
 
