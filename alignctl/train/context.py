@@ -39,6 +39,16 @@ def owner_guard(spec: StageSpec):
     return lambda: fsutil.check_owner(path, token, f"stage {spec.name}")
 
 
+def freeze_live_objects() -> None:
+    """Move every object alive now (at a stage's start: mostly the imported libraries, ~500k objects once torch,
+    transformers and TRL are loaded) to the garbage collector's permanent generation, after a collection. The full
+    collections that free a stage's dropped models (:func:`release_memory`) then scan only what came after: ~0.2 s
+    each on 2 CPU cores before, milliseconds after. What is frozen is never collected, so only what is alive when a
+    stage starts is frozen (the previous stage's models were collected when it ended)."""
+    gc.collect()
+    gc.freeze()
+
+
 def release_memory() -> None:
     """Free what Python and the accelerator's caching allocator still hold after a model was dropped."""
     gc.collect()

@@ -29,7 +29,7 @@ from transformers.trainer_callback import PrinterCallback
 from alignctl import console, models
 from alignctl.config.types import StageSpec
 from alignctl.evaluate import pref_settings, preference_accuracy
-from alignctl.train.context import StageContext, checked_context, release_memory, train_dir
+from alignctl.train.context import StageContext, checked_context, freeze_live_objects, release_memory, train_dir
 from alignctl.train.health import check_healthy, check_saved_finite, check_weights_finite, is_number
 
 log = logging.getLogger("alignctl")
@@ -67,6 +67,7 @@ class Saved:
 
 def run_stage(spec: StageSpec) -> dict[str, Any]:
     """Train one stage; returns its metrics. The stage's final/ exists only if this returns."""
+    freeze_live_objects()
     ctx = checked_context(spec)
     try:
         metrics, saved = train_stage(ctx)
