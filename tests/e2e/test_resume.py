@@ -52,18 +52,30 @@ def final_loads(path: str) -> None:
     AutoModelForCausalLM.from_pretrained(path)
 
 
-def test_sigkill_in_second_stage_then_rerun_resumes_it(tmp_path):
+def test_sigkill_in_each_stage_then_rerun_resumes_it(tmp_path):
+    """kill -9 during SFT: the re-run resumes SFT from its checkpoint; kill -9 again during DPO: the next re-run
+    reuses the completed SFT, resumes DPO from its checkpoint and finishes, and DPO still learns."""
     run_dir, store = tmp_path / "run", tmp_path / "store"
     args = ["run", f"hydra.run.dir={run_dir}", f"output_root={tmp_path}/out", f"store={store}", *FAST,
+            "stages.sft.save_strategy=steps", "stages.sft.save_steps=5",
             "stages.dpo.save_strategy=steps", "stages.dpo.save_steps=5"]
-    _, ckpt = interrupt_at_checkpoint(args, tmp_path, store, "dpo", signal.SIGKILL)
+    interrupt_at_checkpoint(args, tmp_path, store, "sft", signal.SIGKILL)
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"][0]["status"] == "running"
+    assert not list(store.glob("sft-*/COMPLETE"))
+
+    # the second run resumes SFT, completes it, and is killed in turn once DPO has a checkpoint
+    proc = start(args, tmp_path, tmp_path / "second.log")
+    ckpt = wait_for_checkpoint(proc, store, "dpo")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert "[sft] resuming from" in (tmp_path / "second.log").read_text()
     m = read_manifest(run_dir)  # still valid JSON
     assert [s["status"] for s in m["stages"]] == ["completed", "running"] and m["status"] == "running"
 
     again = run_cli(args, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     m = read_manifest(run_dir)
-    assert m["status"] == "completed"
+    assert m["status"] == "completed" and [s["status"] for s in m["stages"]] == ["completed", "completed"]
     sft, dpo = m["stages"]
     assert sft["reused_from"] and not dpo["reused_from"], "SFT must not be retrained"
     out = again.stdout + again.stderr
@@ -77,26 +89,11 @@ def test_sigkill_in_second_stage_then_rerun_resumes_it(tmp_path):
     final_loads(m["final_model"])
 
 
-def test_sigkill_in_first_stage_then_rerun_resumes_it(tmp_path):
-    run_dir, store = tmp_path / "run", tmp_path / "store"
-    args = ["run", f"hydra.run.dir={run_dir}", f"output_root={tmp_path}/out", f"store={store}", *FAST,
-            "stages.sft.save_strategy=steps", "stages.sft.save_steps=5"]
-    interrupt_at_checkpoint(args, tmp_path, store, "sft", signal.SIGKILL)
-    assert json.loads((run_dir / "manifest.json").read_text())["stages"][0]["status"] == "running"
-    assert not list(store.glob("sft-*/COMPLETE"))
-
-    again = run_cli(args, cwd=tmp_path)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "[sft] resuming from" in again.stdout + again.stderr
-    m = read_manifest(run_dir)
-    assert m["status"] == "completed" and [s["status"] for s in m["stages"]] == ["completed", "completed"]
-    final_loads(m["final_model"])
-
-
 def test_sigterm_stops_cleanly_and_marks_interrupted(tmp_path):
     run_dir, store = tmp_path / "run", tmp_path / "store"
+    # SFT only needs to complete here (a few steps); DPO is stopped at its first checkpoint
     args = ["run", f"hydra.run.dir={run_dir}", f"output_root={tmp_path}/out", f"store={store}", *FAST,
-            "stages.dpo.save_strategy=steps", "stages.dpo.save_steps=5"]
+            "stages.sft.max_steps=8", "stages.dpo.save_strategy=steps", "stages.dpo.save_steps=5"]
     rc, _ = interrupt_at_checkpoint(args, tmp_path, store, "dpo", signal.SIGTERM)
     assert rc != 0
     m = read_manifest(run_dir)
