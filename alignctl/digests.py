@@ -7,8 +7,9 @@ or touch), so unchanged files are not read again and a replaced one always is. A
 holds its size, mtime, a sampled hash (8 blocks of 4 KiB spread over it) and its full SHA-256; :func:`check_files`
 compares files with their records, cheaply by default.
 
-Used by alignctl.store (fingerprints, entries), alignctl.data (a data set's load is keyed by and compared with its
-files) and alignctl.models (cached builds): a leaf module, so that none of them imports another for it.
+Used by alignctl.fingerprint (fingerprints), alignctl.store (entries), alignctl.data (a data set's load is keyed by
+and compared with its files) and alignctl.models (cached builds): a leaf module, so that none of them imports another
+for it.
 """
 
 from __future__ import annotations

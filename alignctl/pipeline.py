@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from alignctl import data, fsutil, launch, models, probe, store, trust
+from alignctl import data, fingerprint, fsutil, launch, models, probe, store, trust
 from alignctl.config import launcher as launch_config
 from alignctl.config.redact import redact
 from alignctl.config.types import RunSpec, StageSpec
@@ -175,7 +175,8 @@ def _run(spec: RunSpec, overrides: list[str] = (), config_yaml: str | None = Non
         Manifest(spec, list(overrides)).update(status="failed", error=_first_line(e),
                                                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
-    fps = store.fingerprints(stages, spec.launcher)  # each stage's eval settings (resolved with it) are outside it
+    # each stage's eval settings (resolved with it) are outside it
+    fps = fingerprint.fingerprints(stages, spec.launcher)
     entries = [store.Entry(spec.store_dir, s.kind, fps[s.name]) for s in stages]
     manifest = Manifest(spec, list(overrides))
     try:
@@ -214,15 +215,16 @@ def _prepare(stages: list[StageSpec], numerics: list[dict] | None = None) -> lis
     local data content + file signatures (``data.check``: the load is keyed by it and compared with it) and local
     model folders' (``model_check``, compared when the stage starts). Unchanged files are not read again (the digest
     cache in ``cache_dir``)."""
-    stages = store.resolve_numerics(stages) if numerics is None else [s.replace(**n) for s, n in zip(stages, numerics)]
+    stages = (fingerprint.resolve_numerics(stages) if numerics is None
+              else [s.replace(**n) for s, n in zip(stages, numerics)])
     memo: dict = {}
     out = []
     for s in stages:
         d = s.data
         if d is not None:  # generated data (a generate stage's output) is written during the run: its producer's
-            check = None if d.source == "generated" else store.data_check(d, s.cache_dir)  # fingerprint covers it
+            check = None if d.source == "generated" else fingerprint.data_check(d, s.cache_dir)  # fingerprint covers it
             s = s.replace(data=d.replace(check=check, cache_dir=s.cache_dir))
-        out.append(s.replace(model_check=store.model_checks(s, s.cache_dir, memo)))
+        out.append(s.replace(model_check=fingerprint.model_checks(s, s.cache_dir, memo)))
     return out
 
 

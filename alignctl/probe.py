@@ -26,7 +26,7 @@ from alignctl.config.types import StageSpec
 
 log = logging.getLogger("alignctl")
 
-NUMERIC_KEYS = ("precision", "precision_setting", "peft")  # what store.resolve_numerics fills in
+NUMERIC_KEYS = ("precision", "precision_setting", "peft")  # what fingerprint.resolve_numerics fills in
 TIMEOUT_S = 900  # a check process that hangs this long (a stuck file system, a GPU driver) is an error
 
 
@@ -42,11 +42,11 @@ def check(stages: list[StageSpec]) -> dict:
     """The checks, in this process (it may initialise CUDA and accelerate's state: see the module docstring)."""
     import importlib
 
-    from alignctl import models, store
+    from alignctl import fingerprint, models
     from alignctl.stages import STAGES
     from alignctl.train.context import StageContext
 
-    resolved = store.resolve_numerics(stages)
+    resolved = fingerprint.resolve_numerics(stages)
     problems: list[str] = []
     for s in resolved:
         kind = STAGES[s.kind]

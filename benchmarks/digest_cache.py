@@ -2,7 +2,7 @@
 
 Writes a ``--size-gb`` JSON Lines data file and a model folder of the same size (two safetensors-sized shards of
 random bytes plus a config), then fingerprints both the way ``alignctl run`` does before anything trains
-(``store.data_check`` and ``store.model_check`` with the digest cache in ``<output_root>/.cache``):
+(``fingerprint.data_check`` and ``fingerprint.model_check`` with the digest cache in ``<output_root>/.cache``):
 
 * first run: nothing cached, every byte is read and hashed (SHA-256);
 * re-run: the files are unchanged, so each digest comes from the cache by the file's full stat signature;
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write the files (default: a temporary folder)")
     args = ap.parse_args()
 
-    from alignctl import store
+    from alignctl import fingerprint
 
     size = int(args.size_gb * 2**30)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -72,20 +72,20 @@ def main() -> None:
         cache = tmp / "out" / ".cache"
 
         t0 = time.perf_counter()
-        first_data = store.data_check(spec, cache)
+        first_data = fingerprint.data_check(spec, cache)
         first_data_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        store.model_check(str(model), cache)
+        fingerprint.model_check(str(model), cache)
         first_model_s = time.perf_counter() - t0
-        rerun_data_s = _time(lambda: store.data_check(spec, cache), args.repeats)
-        rerun_model_s = _time(lambda: store.model_check(str(model), cache), args.repeats)
+        rerun_data_s = _time(lambda: fingerprint.data_check(spec, cache), args.repeats)
+        rerun_model_s = _time(lambda: fingerprint.model_check(str(model), cache), args.repeats)
 
         st = data.stat()
         with open(data, "r+b") as f:  # other bytes, same size, mtime restored
             f.write(b'{"text": "replaced"}\n')
         os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
         t0 = time.perf_counter()
-        replaced = store.data_check(spec, cache)
+        replaced = fingerprint.data_check(spec, cache)
         replaced_s = time.perf_counter() - t0
         assert replaced["content"] != first_data["content"], "a replaced file must get a new digest"
 

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to build the store (default: a temporary folder)")
     args = ap.parse_args()
 
-    from alignctl import pipeline, store
+    from alignctl import pipeline, placement, store
     from alignctl.cli import store as store_cli
     from alignctl.config.types import LinkSpec, ModelSpec, RunSpec, StageSpec
 
@@ -52,7 +52,7 @@ def main() -> None:
 
         results = {}
         for mode in ("auto", "link"):  # this user's default placement, then hard links (what non-root users get)
-            os.environ[store.PLACEMENT_ENV] = mode
+            os.environ[placement.PLACEMENT_ENV] = mode
             reuse, check = [], []
             for k in range(args.repeats):
                 run_dir = tmp / f"run-{mode}{k}"

@@ -5,9 +5,9 @@ A stage names the models it uses with links: ``from`` (its initial weights), ``r
 recipe (a folder, a Hub id ``org/repo[@revision]`` or a built-in tiny model), whether such a model runs remote code
 only with the stage's ``trust_remote_code_links`` consent, whether it counts in the upstream digest
 (alignctl.pipeline), its row label in ``alignctl plan`` and the key of its model folder's content check
-(``StageSpec.model_check``). The resolvers (alignctl.config.resolve_links), store.py, pipeline.py, views.py, launch.py
-and the stage lifecycle (alignctl.train) iterate this table instead of listing names (tests/unit/test_links.py checks
-that no other module lists them).
+(``StageSpec.model_check``). The resolvers (alignctl.config.resolve_links), fingerprint.py, store.py, pipeline.py,
+views.py, launch.py and the stage lifecycle (alignctl.train) iterate this table instead of listing names
+(tests/unit/test_links.py checks that no other module lists them).
 
 An external link (not a stage of the recipe) loads with its own settings, recorded at plan time under the stage
 spec's links (:class:`alignctl.config.types.LinkSpec`: ``revision``, ``trust_remote_code``;

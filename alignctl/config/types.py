@@ -112,7 +112,7 @@ class DataCheck(Spec):
     """What the orchestrator recorded of a local data set's files: content digest and stat signatures."""
     content: str
     files: tuple[tuple, ...] = ()
-    # digest-cache entries and other facts recorded with the check (alignctl.store)
+    # digest-cache entries and other facts recorded with the check (alignctl.fingerprint)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,7 +146,7 @@ class DataSpec(Spec):
         return self.source != "hub"
 
     def identity(self) -> dict[str, Any]:
-        """The fields of :data:`DATA_FIELDS` (what decides the rows a stage trains on); alignctl.store puts the
+        """The fields of :data:`DATA_FIELDS` (what decides the rows a stage trains on); alignctl.fingerprint puts the
         files' content in place of a local path and the producer's fingerprint in place of generated data's."""
         return {f: _plain(getattr(self, f)) for f in DATA_FIELDS}
 
@@ -215,7 +215,7 @@ class StageSpec(Spec):
     def identity(self, linked: dict[str, Any]) -> dict[str, Any]:
         """What the fingerprint hashes: the WEIGHT_FIELDS, with ``linked`` (link kind -> the linked stage's
         fingerprint or the external model's identity) in place of the links and the data's own allowlist
-        (:meth:`DataSpec.identity`). alignctl.store drops the TRL fields that cannot change weights and adds data
+        (:meth:`DataSpec.identity`). alignctl.fingerprint drops the TRL fields that cannot change weights and adds data
         content, launcher numerics, library versions and the format."""
         out = {f: _plain(getattr(self, f)) for f in WEIGHT_FIELDS if f not in ("links", "data")}
         out["data"] = self.data.identity() if self.data is not None else None

@@ -39,7 +39,7 @@ class StageKind:
     needs_reward: bool = False  # must have a reward source: the `reward` link (or an entry of a `reward_funcs` option)
     options: tuple[str, ...] = ()  # alignctl keys the stage takes besides TRL fields and links, e.g. reward_funcs
     # it samples completions when it evaluates during training (online RL): the evaluation cadence then moves its RNG
-    # stream, so the cadence fields are part of its fingerprint (alignctl.store)
+    # stream, so the cadence fields are part of its fingerprint (alignctl.fingerprint)
     samples_during_eval: bool = False
 
     # plan-time rules: everything kind-specific that alignctl.config checks or derives (no torch), declared here

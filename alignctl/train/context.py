@@ -72,16 +72,16 @@ def checked_context(spec: StageSpec) -> StageContext:
     """The stage's context, its models and data being the ones fingerprinted at the start of the run: local model
     folders are compared before anything loads them (rank 0), the data by its load (data.load) and again after it
     (rank 0); a difference stops the stage before it trains."""
-    from alignctl import store
+    from alignctl import fingerprint
     from alignctl.errors import DataChanged, ModelChanged, StageFailed
     from alignctl.ranks import rank_env
 
     try:
         if rank_env()[0] == 0:
-            store.check_models_unchanged(spec)
+            fingerprint.check_models_unchanged(spec)
         ctx = StageContext(spec)
         if rank_env()[0] == 0:
-            store.check_data_unchanged(spec)
+            fingerprint.check_data_unchanged(spec)
     except DataChanged as e:
         what = "(its model changed)" if isinstance(e, ModelChanged) else "(its data changed)"
         raise StageFailed(spec.name, what, str(e)) from None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import pipeline, store
+from alignctl import fingerprint, pipeline, store
 from alignctl.cli import store as store_cli
 from alignctl.config.compose import compose
 from alignctl.config.resolve import resolve
@@ -28,7 +28,7 @@ def stages(tmp_path: Path, *overrides: str, run_dir: str = "run") -> list[StageS
 
 def fp(*specs: StageSpec) -> str:
     """The fingerprint of the last of ``specs`` (the earlier ones are its upstream), library versions fixed."""
-    return store.fingerprints(list(specs), env={})[specs[-1].name]
+    return fingerprint.fingerprints(list(specs), env={})[specs[-1].name]
 
 
 def _other(value):
@@ -54,7 +54,7 @@ def test_every_field_outside_the_allowlist_leaves_the_fingerprint_alone(tmp_path
             "resume_from", "stage_dir", "run_dir", "store_dir", "cache_dir"} <= set(bookkeeping)
     for name in bookkeeping:
         assert fp(sft, dpo.replace(**{name: _other(getattr(dpo, name))})) == base, name
-    assert store.fingerprints([sft.replace(name="renamed")], env={})["renamed"] == fp(sft)  # names are places too
+    assert fingerprint.fingerprints([sft.replace(name="renamed")], env={})["renamed"] == fp(sft)  # names are places too
 
 
 def test_a_new_bookkeeping_field_cannot_change_a_fingerprint(tmp_path):
@@ -96,7 +96,7 @@ def test_the_data_identity_is_its_own_allowlist(tmp_path):
     assert set(other) == set(DATA_FIELDS)
     for name, value in other.items():
         assert fp(s.replace(data=d.replace(**{name: value}))) != base, name
-    check = store.data_check(d)
+    check = fingerprint.data_check(d)
     elsewhere = DataCheck(content=check.content, files=(("/elsewhere/sft.jsonl", 1, 2, 3, 4, 5),))
     same = d.replace(label="data.renamed", cache_dir="/another/cache", check=elsewhere)
     assert fp(s.replace(data=same)) == base  # label, cache and stat signatures are not the rows
@@ -108,7 +108,7 @@ def _complete_entry(root: Path, name: str, fmt: int) -> store.Entry:
     e.final.mkdir(parents=True)
     (e.final / "model.safetensors").write_bytes(b"w" * 1000)
     e.mark_complete({}, extra={"stage": "sft"})
-    if fmt != store.FORMAT:  # as an older alignctl wrote it (before the allowlist fingerprints)
+    if fmt != fingerprint.FORMAT:  # as an older alignctl wrote it (before the allowlist fingerprints)
         path = e.dir / "COMPLETE"
         rec = {**json.loads(path.read_text()), "format": fmt}
         path.chmod(0o644)
@@ -118,11 +118,12 @@ def _complete_entry(root: Path, name: str, fmt: int) -> store.Entry:
 
 def test_an_entry_of_an_older_format_is_listed_as_stale_never_reused_and_collected(tmp_path, capsys):
     root = tmp_path / "store"
-    old, current = _complete_entry(root, "old", store.FORMAT - 1), _complete_entry(root, "new", store.FORMAT)
+    old = _complete_entry(root, "old", fingerprint.FORMAT - 1)
+    current = _complete_entry(root, "new", fingerprint.FORMAT)
     assert old.stale() and not old.complete() and current.complete() and not current.stale()
     assert store_cli.run(["ls", "--store", str(root)]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("sft-")}
-    assert f"stale (format {store.FORMAT - 1})" in rows[old.dir.name] and "complete" in rows[current.dir.name]
+    assert f"stale (format {fingerprint.FORMAT - 1})" in rows[old.dir.name] and "complete" in rows[current.dir.name]
     assert store_cli.run(["gc", "--store", str(root)]) == 0
     out = capsys.readouterr().out
     assert f"removed {old.dir.name} (stale: an older format" in out and "1 entries removed" in out
@@ -141,9 +142,9 @@ def test_fingerprints_are_stable_across_resolutions(recipe, tmp_path):
             (Path(s.data.path) / "train.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     again = stages(tmp_path, f"recipe={recipe}")
     elsewhere = stages(tmp_path, f"recipe={recipe}", run_dir="another-run")
-    fps = store.fingerprints(first, env={})
+    fps = fingerprint.fingerprints(first, env={})
     assert set(fps) == {s.name for s in first} and len(set(fps.values())) == len(fps)
-    assert store.fingerprints(again, env={}) == fps == store.fingerprints(elsewhere, env={})
+    assert fingerprint.fingerprints(again, env={}) == fps == fingerprint.fingerprints(elsewhere, env={})
 
 
 # -- the sequence in the store (Entry.reuse_or_train), without a model ----------------------------------------------

@@ -149,13 +149,13 @@ def test_launch_commands():
 
 
 def test_world_size_is_part_of_the_stage_fingerprint(tmp_path):
-    from alignctl import store
+    from alignctl import fingerprint
     from alignctl.config.compose import compose
     from alignctl.config.resolve import resolve
     from alignctl.pipeline import stage_specs
 
     def fps(*overrides):
-        return store.fingerprints(stage_specs(resolve(compose(list(overrides)), tmp_path / "run")))
+        return fingerprint.fingerprints(stage_specs(resolve(compose(list(overrides)), tmp_path / "run")))
 
     local = fps()
     assert fps("launcher=torchrun", "launcher.nproc_per_node=1") == local  # one process either way: same weights

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignctl import store
+from alignctl import fingerprint
 from alignctl.cli import main
 from alignctl.config.compose import compose
 from alignctl.config.resolve import resolve
@@ -17,7 +17,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def fps(tmp_path, *overrides):
-    return store.fingerprints(stage_specs(resolve(compose(list(overrides)), tmp_path / "run")))
+    return fingerprint.fingerprints(stage_specs(resolve(compose(list(overrides)), tmp_path / "run")))
 
 
 def test_weight_relevant_change_refingerprints_stage_and_everything_after(tmp_path):

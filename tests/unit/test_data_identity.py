@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import data, digests, errors, models, pipeline, store
+from alignctl import data, digests, errors, fingerprint, models, pipeline
 from alignctl.config.compose import compose
 from alignctl.config.resolve import resolve
 from alignctl.config.types import DataSpec
@@ -27,7 +27,7 @@ def prepared(tmp_path, *overrides) -> list:
 
 def fps(tmp_path, *overrides) -> dict[str, str]:
     resolved = resolve(compose([f"output_root={tmp_path / 'out'}", *overrides]), tmp_path / "run")
-    return store.fingerprints(pipeline._prepare(pipeline.stage_specs(resolved)), resolved.launcher)
+    return fingerprint.fingerprints(pipeline._prepare(pipeline.stage_specs(resolved)), resolved.launcher)
 
 
 def write_rows(path: Path, word: str, n: int = 8) -> None:
@@ -87,13 +87,13 @@ def test_unchanged_files_are_not_hashed_again_and_replaced_ones_are(tmp_path, mo
     reads = []
     real = digests.full_hash
     monkeypatch.setattr(digests, "full_hash", lambda p: reads.append(p) or real(p))
-    first = store.data_check(d, cache)
-    assert store.data_check(d, cache) == first and len(reads) == 1  # the second run reads nothing
+    first = fingerprint.data_check(d, cache)
+    assert fingerprint.data_check(d, cache) == first and len(reads) == 1  # the second run reads nothing
     assert list((cache / digests.DIGESTS).glob("*.json"))
     write_rows(f, "BBBB")  # same size and mtime, other bytes: inode or ctime moved
-    assert store.data_check(d, cache).content != first.content and len(reads) == 2
+    assert fingerprint.data_check(d, cache).content != first.content and len(reads) == 2
     os.utime(f, None)  # touched: hashed again, same content
-    assert store.data_check(d, cache).content != first.content
+    assert fingerprint.data_check(d, cache).content != first.content
     assert len(reads) == 3
 
 
@@ -128,9 +128,9 @@ def test_a_model_folder_changed_during_the_run_stops_the_stage(tmp_path, cache_r
     folder = local_model(tmp_path, cache_root)
     s = prepared(tmp_path, f"model.name_or_path={folder}")[0]
     assert s.model_check["init_path"]["folder"] == str(folder)
-    store.check_models_unchanged(s)
+    fingerprint.check_models_unchanged(s)
     os.utime(folder / "config.json", None)  # touched, same bytes: fine
-    store.check_models_unchanged(s)
+    fingerprint.check_models_unchanged(s)
     rewrite_in_place(folder / "model.safetensors")
     with pytest.raises(StageFailed, match="model folder .* changed on disk"):
         checked_context(s)  # before any model or data is loaded
@@ -207,13 +207,13 @@ def test_torchrun_ranks_get_the_stage_precision_and_no_inherited_engine(tmp_path
 
 def test_tokenizers_and_8bit_optimizers_are_fingerprinted(tmp_path):
     stage = prepared(tmp_path)[0]
-    env = store.environment(stage)
+    env = fingerprint.environment(stage)
     assert env["tokenizers"]
     assert "bitsandbytes" not in env
     eight = stage.replace(args={**stage.args, "optim": "paged_adamw_8bit"})
-    assert "bitsandbytes" in store.environment(eight)
-    base = store.fingerprints([stage], env=env)
-    assert store.fingerprints([stage], env={**env, "tokenizers": "0.0.0-other"}) != base
+    assert "bitsandbytes" in fingerprint.environment(eight)
+    base = fingerprint.fingerprints([stage], env=env)
+    assert fingerprint.fingerprints([stage], env={**env, "tokenizers": "0.0.0-other"}) != base
 
 
 def test_eval_cadence_counts_for_trainers_that_sample_when_they_evaluate(tmp_path):

@@ -101,12 +101,13 @@ def test_link_names_are_listed_only_in_the_link_table():
 
 
 def test_every_module_reads_the_same_table():
-    from alignctl import store
+    from alignctl import fingerprint, store
     from alignctl.config.resolve_stage import LINK_KEYS
     from alignctl.stages import STAGES
 
     assert LINK_KEYS | {"from"} == set(links.NAMES)
-    assert store.link_table is links  # the store iterates a spec's links; path keys and UPSTREAM from the table
+    assert store.link_table is links  # the store iterates a spec's links; UPSTREAM from the table
+    assert fingerprint.link_table is links  # the fingerprint's path keys (model_check) from the table
     for kind in STAGES.values():
         assert set(kind.links) <= set(links.NAMES), kind.name
 
@@ -190,7 +191,7 @@ def test_a_hub_reward_link_is_planned_fingerprinted_and_loaded_at_its_own_revisi
     """model.revision pins the base model only: `org/rm@abc` is checked at abc, fingerprinted at abc and loaded at
     abc (it was requested at the base model's commit and fingerprinted as "main"); the value model, which starts
     from the reward model, too."""
-    from alignctl import pipeline, store
+    from alignctl import fingerprint, pipeline
     from alignctl.config import checks
     from alignctl.train.context import StageContext
 
@@ -198,8 +199,8 @@ def test_a_hub_reward_link_is_planned_fingerprinted_and_loaded_at_its_own_revisi
     status = checks.hub_model_status
     monkeypatch.setattr(checks, "hub_model_status", lambda repo, rev, *a: asked.append((repo, rev)) or
                         status(repo, rev, *a))
-    identity = store.model_identity
-    monkeypatch.setattr(store, "model_identity", lambda path, rev=None, *a: identified.append((path, rev)) or
+    identity = fingerprint.model_identity
+    monkeypatch.setattr(fingerprint, "model_identity", lambda path, rev=None, *a: identified.append((path, rev)) or
                         identity(path, rev, *a))
     args = ["recipe=rlhf-ppo", "model.revision=base123", "stages.ppo.reward=org/rm@abc"]
     rc, text = plan(capsys, tmp_path, *args)
@@ -208,10 +209,10 @@ def test_a_hub_reward_link_is_planned_fingerprinted_and_loaded_at_its_own_revisi
     spec = resolved(tmp_path, *args)
     ppo = stage(spec, "ppo")
     assert ppo.links["reward"].path == "org/rm" and ppo.links["reward"].revision == "abc"
-    fps = store.fingerprints(pipeline.stage_specs(spec), env={})
+    fps = fingerprint.fingerprints(pipeline.stage_specs(spec), env={})
     assert ("org/rm", "abc") in identified and not [i for i in identified if i[0] == "org/rm" and i[1] != "abc"]
-    other = store.fingerprints(pipeline.stage_specs(resolved(tmp_path, *args[:2], "stages.ppo.reward=org/rm@def")),
-                               env={})
+    other_spec = resolved(tmp_path, *args[:2], "stages.ppo.reward=org/rm@def")
+    other = fingerprint.fingerprints(pipeline.stage_specs(other_spec), env={})
     assert other["ppo"] != fps["ppo"] and other["sft"] == fps["sft"]
     ppo_spec = pipeline.stage_specs(spec)[2].replace(cache_dir=str(tmp_path / "cache"))
     ctx = SimpleNamespace(spec=ppo_spec, model_spec=spec.model)

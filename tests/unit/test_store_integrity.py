@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import errors, fsutil, pipeline, store
+from alignctl import digests, errors, fingerprint, fsutil, pipeline, placement, store
 from alignctl.cli import store as store_cli
 from alignctl.config.compose import compose
 from alignctl.config.resolve import resolve
@@ -31,7 +31,7 @@ def specs(tmp_path, *overrides) -> list:
 def fps(tmp_path, *overrides, launcher=None, env=None) -> dict[str, str]:
     resolved = resolve(compose(list(overrides)), tmp_path / "run")
     stages = pipeline._prepare(pipeline.stage_specs(resolved))
-    return store.fingerprints(stages, resolved.launcher if launcher is None else launcher, env)
+    return fingerprint.fingerprints(stages, resolved.launcher if launcher is None else launcher, env)
 
 
 def strict(path: Path) -> dict:
@@ -59,26 +59,26 @@ def test_precision_auto_is_resolved_on_this_machine(tmp_path):
 
 def test_library_versions_are_fingerprinted(tmp_path):
     stages = specs(tmp_path)
-    env = store.environment(stages[0])
+    env = fingerprint.environment(stages[0])
     for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "datasets"):
         assert env[pkg], pkg
-    assert "bitsandbytes" not in env and "bitsandbytes" in store.environment(specs(tmp_path, "peft=qlora")[0])
-    base = store.fingerprints(stages, env=env)
-    assert base == store.fingerprints(stages)
+    assert "bitsandbytes" not in env and "bitsandbytes" in fingerprint.environment(specs(tmp_path, "peft=qlora")[0])
+    base = fingerprint.fingerprints(stages, env=env)
+    assert base == fingerprint.fingerprints(stages)
     for pkg in env:
-        changed = store.fingerprints(stages, env={**env, pkg: "0.0.0-other"})
+        changed = fingerprint.fingerprints(stages, env={**env, pkg: "0.0.0-other"})
         assert changed["sft"] != base["sft"] and changed["dpo"] != base["dpo"], pkg
 
 
 def test_alignctl_source_content_is_fingerprinted(tmp_path):
     copy = tmp_path / "alignctl"
     shutil.copytree(REPO / "alignctl", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    before = store.tree_hash(copy)
-    assert before == store.tree_hash(REPO / "alignctl") == store.source_hash()
+    before = digests.tree_hash(copy)
+    assert before == digests.tree_hash(REPO / "alignctl") == fingerprint.source_hash()
     f = copy / "models.py"
     f.write_text(f.read_text() + "\n# an edit of an editable install, same version number\n")
-    assert store.tree_hash(copy) != before
-    assert store.environment(specs(tmp_path)[0])["alignctl_source"] == before
+    assert digests.tree_hash(copy) != before
+    assert fingerprint.environment(specs(tmp_path)[0])["alignctl_source"] == before
 
 
 def test_launcher_settings_that_change_numerics_are_fingerprinted(tmp_path):
@@ -115,13 +115,13 @@ def test_data_is_checked_again_when_the_stage_loads_it(tmp_path):
     data.write_bytes((REPO / "alignctl/assets/data/sft.jsonl").read_bytes())
     s = specs(tmp_path, f"data.sft.path={data}")[0]
     assert s.data.check.content
-    store.check_data_unchanged(s)  # unchanged: fine
+    fingerprint.check_data_unchanged(s)  # unchanged: fine
     os.utime(data, (time.time() + 5, time.time() + 5))
-    store.check_data_unchanged(s)  # touched, same bytes: fine
+    fingerprint.check_data_unchanged(s)  # touched, same bytes: fine
     data.write_text(data.read_text().replace("river", "brook"))
     with pytest.raises(errors.DataChanged, match="changed on disk since this run started"):
-        store.check_data_unchanged(s)
-    assert fps(tmp_path, f"data.sft.path={data}")["sft"] != store.fingerprints([s])["sft"]
+        fingerprint.check_data_unchanged(s)
+    assert fps(tmp_path, f"data.sft.path={data}")["sft"] != fingerprint.fingerprints([s])["sft"]
 
 
 # -- 2. only healthy stages complete; strict JSON --------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_completed_entry_is_read_only_recorded_and_drops_checkpoints(tmp_path):
 def test_writing_a_runs_final_never_reaches_the_store(tmp_path):
     e = fake_entry(tmp_path / "store")
     run_final = tmp_path / "run" / "sft" / "final"
-    how = store.link_tree(e.final, run_final)
+    how = placement.link_tree(e.final, run_final)
     assert sum(how.values()) == 300_000 + len('{"model_type": "llama"}')
     target = run_final / "model.safetensors"
     if "link" in how:  # a hard link to a read-only file: an in-place writer fails loudly

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from alignctl import digests, models, pipeline, store, trust
+from alignctl import digests, fingerprint, models, pipeline, store, trust
 from alignctl.cli import store as store_cli
 from alignctl.config import resolve as config
 from alignctl.config.compose import compose
@@ -64,7 +64,7 @@ def entries_for(overrides: list[str], tmp_path: Path) -> dict[str, store.Entry]:
     """The store entries a run with these overrides would use (fingerprints computed as the pipeline does)."""
     resolved = resolve(overrides, tmp_path / "fp-run")
     stages = pipeline._prepare(pipeline.stage_specs(resolved))
-    fps = store.fingerprints(stages, resolved.launcher)
+    fps = fingerprint.fingerprints(stages, resolved.launcher)
     return {s.name: store.Entry(resolved.store_dir, s.kind, fps[s.name]) for s in stages}
 
 
@@ -77,7 +77,7 @@ def plant_complete(entry: store.Entry) -> bytes:
     (entry.final / "model.safetensors").write_bytes(weights)
     (entry.dir / "metrics.json").write_text('{"train": {"train_loss": 0.1}}')
     files = {str(f.relative_to(entry.dir)): digests.record(f) for f in entry._kept_files()}
-    rec = {"fingerprint": entry.fingerprint, "format": store.FORMAT, "completed": "2025-01-01T00:00:00",
+    rec = {"fingerprint": entry.fingerprint, "format": fingerprint.FORMAT, "completed": "2025-01-01T00:00:00",
            "host": "elsewhere", "keep_checkpoints": False, "bytes": sum(r["size"] for r in files.values()),
            "files": files, "stage": "sft", "trainer": "sft", "upstream": None}
     (entry.dir / "COMPLETE").write_text(json.dumps(rec))
