@@ -57,6 +57,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from alignctl import fingerprint
+    from alignctl.config import data_checks
 
     size = int(args.size_gb * 2**30)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -68,7 +69,9 @@ def main() -> None:
         for i in (1, 2):
             _write(model / f"model-0000{i}-of-00002.safetensors", size // 2, rows=False)
         (model / "config.json").write_text('{"model_type": "llama"}')
-        spec = {"path": str(data), "local": True}
+        normalized, problems = data_checks.normalize({"path": str(data)}, "data.bench")
+        assert not problems, problems
+        spec = data_checks.to_spec({"label": "data.bench", **normalized})
         cache = tmp / "out" / ".cache"
 
         t0 = time.perf_counter()
@@ -87,7 +90,7 @@ def main() -> None:
         t0 = time.perf_counter()
         replaced = fingerprint.data_check(spec, cache)
         replaced_s = time.perf_counter() - t0
-        assert replaced["content"] != first_data["content"], "a replaced file must get a new digest"
+        assert replaced.content != first_data.content, "a replaced file must get a new digest"
 
     gb = size / 2**30
     print(f"data file {gb:.2f} GB: first run {first_data_s:.2f} s, re-run {rerun_data_s * 1000:.2f} ms "
