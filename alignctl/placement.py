@@ -1,6 +1,8 @@
-"""Run folders get a store entry's files without sharing writable inodes: reflinked, hard-linked (read-only, when not
-root) or copied (``ALIGNCTL_STORE_LINKS``; :func:`place_file`), so nothing written into a run's ``final/`` reaches the
-store."""
+"""Run folders get a store entry's files without duplicating their bytes: reflinked where the file system has them,
+else hard-linked to the read-only store files (root included), else copied (``ALIGNCTL_STORE_LINKS``;
+:func:`place_file`). A run folder costs kilobytes, whatever the model's size. A normal user cannot write through a
+hard link to a read-only file; root can, and what it changes in the store is found by the check every reuse makes
+(``Entry.verify``), which trains the stage again instead of reusing it."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from alignctl import fsutil
 
-# -- run folders get the entry's files without sharing writable inodes -----------------------------------------------
+# -- run folders get the entry's files without copying them ---------------------------------------------------------
 FICLONE = 0x40049409  # ioctl: reflink (copy-on-write clone) on btrfs, XFS, bcachefs, OCFS2...
 
 
@@ -40,18 +42,19 @@ def placement() -> str:
 
 
 def place_file(src: Path, dst: Path) -> str:
-    """Put ``src``'s content at ``dst`` so that writing ``dst`` can never change ``src``: a reflink (its own inode,
-    shared blocks, no extra disk) where the file system has them; else a hard link to the read-only store file when
-    this process is not root (an in-place write through it then fails with PermissionError); else a copy.
-    ``ALIGNCTL_STORE_LINKS=copy`` always copies; ``=link`` hard-links even as root (no extra disk, but a root
-    process writing into a run's final/ then changes the store entry: the reuse check finds it and retrains).
-    Returns how: reflink | link | copy."""
+    """Put ``src``'s content at ``dst`` without a second copy of its bytes: a reflink (its own inode, shared blocks:
+    writing ``dst`` never changes ``src``) where the file system has them; else a hard link to the read-only store
+    file (a normal user's in-place write through it fails with PermissionError; root's succeeds and changes the store
+    entry, which the next reuse's check finds: the stage is trained again); else (another file system, or a store
+    file left writable) a copy. ``ALIGNCTL_STORE_LINKS=copy`` always copies (a root user who wants run folders that
+    can never reach the store, at the cost of a copy of the weights per run); ``=link`` always hard-links. Returns
+    how: reflink | link | copy."""
     dst.unlink(missing_ok=True)
     mode = placement()
     if mode != "copy" and _reflink(src, dst):
         return "reflink"
-    root = hasattr(os, "geteuid") and os.geteuid() == 0
-    if mode == "link" or (mode == "auto" and not root and not os.access(src, os.W_OK)):
+    read_only = not os.stat(src).st_mode & 0o222  # as a completed entry's files are (mark_complete)
+    if mode == "link" or (mode == "auto" and read_only):
         try:
             os.link(src, dst)
             return "link"

@@ -173,20 +173,42 @@ def test_completed_entry_is_read_only_recorded_and_drops_checkpoints(tmp_path):
     assert (kept.dir / "checkpoints" / "checkpoint-1").is_dir()
 
 
-def test_writing_a_runs_final_never_reaches_the_store(tmp_path):
+def test_a_runs_final_costs_no_copy_and_a_write_through_it_never_goes_unnoticed(tmp_path):
+    """A run's final/ is a reflink or hard links to the store's read-only files, also as root (a 7B run folder costs
+    kilobytes, not 15 GB): a normal user cannot write through it; root can, and the reuse check then finds the
+    changed entry (it is trained again, never reused). ALIGNCTL_STORE_LINKS=copy keeps the store out of reach."""
     e = fake_entry(tmp_path / "store")
     run_final = tmp_path / "run" / "sft" / "final"
     how = placement.link_tree(e.final, run_final)
-    assert sum(how.values()) == 300_000 + len('{"model_type": "llama"}')
-    target = run_final / "model.safetensors"
-    if "link" in how:  # a hard link to a read-only file: an in-place writer fails loudly
-        with pytest.raises(PermissionError):
-            open(target, "r+b")
-    else:  # reflink or copy: its own inode
-        assert target.stat().st_ino != (e.final / "model.safetensors").stat().st_ino
+    assert sum(how.values()) == 300_000 + len('{"model_type": "llama"}') and "copy" not in how, how
+    target, stored = run_final / "model.safetensors", e.final / "model.safetensors"
+    if "reflink" in how:  # its own inode, shared blocks: a write never reaches the store
+        assert target.stat().st_ino != stored.stat().st_ino
         os.chmod(target, 0o644)
         with open(target, "r+b") as f:
             f.write(b"\0" * 1000)
+        assert e.verify(full=True) == []
+        return
+    assert target.stat().st_ino == stored.stat().st_ino  # one copy of the bytes
+    if os.geteuid() != 0:  # a hard link to a read-only file: an in-place writer fails loudly
+        with pytest.raises(PermissionError):
+            open(target, "r+b")
+        assert e.verify(full=True) == []
+    else:  # root writes through it: the entry changed, and the check of the next reuse says so (it retrains)
+        with open(target, "r+b") as f:
+            f.write(b"\0" * 1000)
+        assert any("content changed" in p for p in e.verify())
+
+
+def test_copies_keep_a_runs_final_out_of_the_stores_reach_when_asked(tmp_path, monkeypatch):
+    e = fake_entry(tmp_path / "store")
+    monkeypatch.setenv(placement.PLACEMENT_ENV, "copy")
+    run_final = tmp_path / "run" / "sft" / "final"
+    assert set(placement.link_tree(e.final, run_final)) == {"copy"}
+    target = run_final / "model.safetensors"
+    os.chmod(target, 0o644)
+    with open(target, "r+b") as f:
+        f.write(b"\0" * 1000)
     assert e.verify(full=True) == []
 
 
