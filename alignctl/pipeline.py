@@ -175,7 +175,7 @@ def _run(spec: RunSpec, overrides: list[str] = (), config_yaml: str | None = Non
         Manifest(spec, list(overrides)).update(status="failed", error=_first_line(e),
                                                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
-    # each stage's eval settings (resolved with it) are outside it
+    # each stage's eval settings (resolved with it) are outside its fingerprint
     fps = fingerprint.fingerprints(stages, spec.launcher)
     entries = [store.Entry(spec.store_dir, s.kind, fps[s.name]) for s in stages]
     manifest = Manifest(spec, list(overrides))
