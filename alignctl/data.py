@@ -12,11 +12,14 @@ out of the training split (``eval_size``, ``seed``).
 at plan time; ``load`` returns ``(train, eval)`` datasets in TRL's formats and repeats the
 checks on the real data, before any model is loaded. Every problem a user can cause is a
 :class:`ConfigError` naming the key, file or column. Local files are read through a datasets
-cache keyed by their content digest and full stat signatures, never by path and mtime alone.
+cache keyed by their content digest and full stat signatures, never by path and mtime alone, and by the code that
+prepares them (:func:`_code_key`); the rows converted to TRL's format are cached there under a fingerprint of their
+input, the conversion's settings and that code, so a re-run or a sweep point converts (and TRL tokenizes) nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -107,14 +110,41 @@ def _local_cache(spec: DataSpec, stage: str) -> tuple[str, list]:
     recorded = spec.check.to_dict() if spec.check is not None else None
     if recorded and now != recorded["files"] and not digests.files_unchanged(recorded, files, spec.cache_dir):
         raise digests.data_changed(stage, spec.label or spec.path)
-    key = hashlib.sha256(json.dumps([(recorded or {}).get("content"), now]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps([(recorded or {}).get("content"), now, _code_key()]).encode()).hexdigest()[:20]
     if spec.cache_dir:
         root = Path(spec.cache_dir) / "datasets"
-    else:  # a load outside a run's stages (e.g. evaluation prompts): keyed by the signatures alone
+    else:  # a load outside a run's stages (e.g. evaluation prompts): keyed by the signatures and the code
         import datasets
 
         root = Path(datasets.config.HF_DATASETS_CACHE) / "alignctl"
     return str(root / key), now
+
+
+def _fingerprint(ds, *what) -> str:
+    """The datasets fingerprint of a transform of ``ds`` done by alignctl's code: the input's, what the transform is,
+    and :func:`_code_key` (so a changed alignctl or TRL is never served an old transform's rows from the cache)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([ds._fingerprint, what, _code_key()], default=str).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _code_key() -> list:
+    """What else decides the rows cached under a data set's folder: alignctl's source (the conversions,
+    formats.convert among them) and the libraries whose functions prepare them (TRL's tokenization). The datasets
+    library hashes a mapped function by its name, not its body, so without this a changed conversion would be served
+    from the cache of the old one."""
+    from importlib import metadata
+
+    from alignctl import digests
+
+    versions = []
+    for pkg in ("datasets", "transformers", "trl"):
+        try:
+            versions.append(metadata.version(pkg))
+        except metadata.PackageNotFoundError:
+            versions.append(None)
+    return [digests.tree_hash(Path(__file__).resolve().parent), *versions]
 
 
 def _check_read(spec: DataSpec, stage: str, cache: str, before: list) -> None:
@@ -204,7 +234,8 @@ def _map_row(row: dict, index: int, layout: str, data_kind: str, system: str, wh
 def _convert(ds, spec: DataSpec, data_kind: str, label: str, stage: str, split: str):
     """Every record to the TRL format of ``data_kind`` (formats.convert), extra columns dropped."""
     if spec.to_messages:
-        ds = ds.map(as_messages, remove_columns=[c for c in ("prompt", "completion") if c in ds.column_names])
+        ds = ds.map(as_messages, remove_columns=[c for c in ("prompt", "completion") if c in ds.column_names],
+                    new_fingerprint=_fingerprint(ds, "as_messages"))
     layout, system, notes = spec.format, spec.system_turns, set()
     if data_kind == "sft" and "label" in ds.column_names and ds.features["label"].dtype == "bool":
         ds = ds.filter(lambda ex: ex["label"])  # unpaired KTO data: SFT on the desirable completions only
@@ -218,10 +249,10 @@ def _convert(ds, spec: DataSpec, data_kind: str, label: str, stage: str, split: 
     problems = check_columns(first, data_kind, label, stage, f"split {split}")
     if problems:
         raise ConfigError(problems)
-    try:
-        ds = ds.map(_map_row, with_indices=True, remove_columns=ds.column_names, load_from_cache_file=False,
-                    fn_kwargs=dict(layout=layout, data_kind=data_kind, system=system, notes=notes,
-                                   where=f"{label} (split {split}"))
+    try:  # served from the datasets cache when these very rows were converted before by this code
+        settings = dict(layout=layout, data_kind=data_kind, system=system, where=f"{label} (split {split}")
+        ds = ds.map(_map_row, with_indices=True, remove_columns=ds.column_names,
+                    fn_kwargs=dict(notes=notes, **settings), new_fingerprint=_fingerprint(ds, "convert", settings))
     except ConfigError:
         raise
     except Exception as e:  # pyarrow: rows whose converted columns disagree in type
@@ -235,9 +266,27 @@ def _convert(ds, spec: DataSpec, data_kind: str, label: str, stage: str, split: 
         files = ", ".join(split_files(spec.path).get(read, [])) if spec.local else spec.path
         raise ConfigError([f"{label} (split {split}, {files}): rows differ in layout or column types "
                            f"({str(e)[:160]}); name the layout with {label}.format or fix the rows"]) from None
-    for note in sorted(notes):
+    for note in sorted(_kept_notes(ds, notes)):
         _note_once(label, f"{stage} {note}")
     return ds
+
+
+def _kept_notes(ds, notes: set[str]) -> set[str]:
+    """The conversion's notes, kept beside its cache file: a conversion served from the datasets cache runs no row,
+    so it reads the notes the first conversion of the same rows wrote."""
+    files = [f["filename"] for f in ds.cache_files]
+    if len(files) != 1:  # in memory, or several files: the conversion ran here
+        return notes
+    kept = Path(files[0]).with_suffix(".notes.json")
+    if notes:
+        from alignctl.fsutil import write_text_atomic
+
+        write_text_atomic(kept, json.dumps(sorted(notes)))
+        return notes
+    try:
+        return set(json.loads(kept.read_text()))
+    except (OSError, ValueError):
+        return notes
 
 
 def load(spec: DataSpec, data_kind: str, stage: str):

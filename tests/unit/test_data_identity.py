@@ -228,3 +228,37 @@ def test_eval_cadence_counts_for_trainers_that_sample_when_they_evaluate(tmp_pat
     from alignctl.stages import STAGES
 
     assert {k for k, kind in STAGES.items() if kind.samples_during_eval} == {"grpo", "rloo"}
+
+
+# -- issue 19: rows converted once are served from the cache their content keys, notes and all ----------------------
+def test_the_same_rows_are_converted_once_and_a_changed_conversion_code_converts_them_again(tmp_path, monkeypatch,
+                                                                                           caplog):
+    """HH transcripts as a prompt set (a conversion that logs a note): the second load of the same bytes converts
+    no row (only the first-row check of each split runs) and the log says the same note; alignctl's code or TRL
+    changed (another code key) converts every row again."""
+    from alignctl import formats
+
+    caplog.set_level("INFO", logger="alignctl")
+    folder = tmp_path / "hh"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "public" / "hh_rlhf", folder)
+    spec = prepared(tmp_path, f"data.sft.path={folder}", "data.sft.eval_split=test")[0].data
+    calls = []
+    real = formats.convert
+    monkeypatch.setattr(formats, "convert", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def load() -> tuple[int, list[str], str]:
+        calls.clear()
+        caplog.clear()
+        data._NOTED.clear()  # what the log has said so far in this process
+        train, held = data.load(spec, "prompt", "stages.gen")
+        notes = [r.getMessage() for r in caplog.records if "used its prompts only" in r.getMessage()]
+        return len(calls), notes, train._fingerprint
+
+    first, first_notes, fp = load()
+    rows = len(data.load(spec, "prompt", "stages.gen")[0])
+    assert first >= rows and len(first_notes) == 1
+    again, notes, fp_again = load()
+    assert again == 2 and notes == first_notes and fp_again == fp  # the first row of train and of test
+    monkeypatch.setattr(data, "_code_key", lambda: ["another alignctl"])
+    changed, _, fp_changed = load()
+    assert changed >= rows and fp_changed != fp
