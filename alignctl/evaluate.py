@@ -118,10 +118,11 @@ def pad_id(tokenizer) -> int:
 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, seed: int,
-             batch_size: int, top_p: float = 1.0) -> list[list[int]]:
+             batch_size: int, top_p: float = 1.0, batches: list[int] | None = None) -> list[list[int]]:
     """One completion per prompt (token ids, cut after the first EOS), sampled in batches (greedy at temperature 0).
     Each batch is seeded with ``seed`` + its index, so the same model gives the same completions every time; the
-    global random state is left as it was."""
+    global random state is left as it was. ``batches``: only those batch indices (in that order; a process's share
+    under torch.distributed), each seeded as in the full pass, so the shares together are the full pass's answers."""
     import torch
     from transformers import GenerationConfig
 
@@ -135,8 +136,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     # the global random state is restored afterwards: evaluating must not change what training samples
     forked = [device.index or 0] if device.type == "cuda" else []
     with eval_mode(model), torch.random.fork_rng(devices=forked):
-        for b, i in enumerate(range(0, len(prompt_ids), batch_size)):
-            chunk = prompt_ids[i:i + batch_size]
+        for b in range(-(-len(prompt_ids) // batch_size)) if batches is None else batches:
+            chunk = prompt_ids[b * batch_size:(b + 1) * batch_size]
             width = max(len(x) for x in chunk)
             ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)  # left-padded
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
@@ -356,6 +357,14 @@ def _my_share(n: int) -> list[int]:
     return mine + [-1] * (-(-n // world) - len(mine))
 
 
+def my_batches(n: int, batch_size: int) -> list[int]:
+    """The batches of ``n`` items (``batch_size`` each) this process takes: all of them on one process, every
+    world-th one under torch.distributed (DDP: no rank waits for another, unlike :func:`_my_share`)."""
+    dist = _distributed()
+    count = -(-n // max(1, batch_size))
+    return list(range(count)) if dist is None else list(range(dist.get_rank(), count, dist.get_world_size()))
+
+
 def _gather(rows: list) -> list:
     """Every process's ``rows``, concatenated (just ``rows`` on one process)."""
     dist = _distributed()
@@ -413,6 +422,11 @@ class PolicyEval:
         self.batch_size = max(1, int(batch_size))
         self.ref_is_initial = ref_is_initial
         self.prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+        # Under torch.distributed (DDP) each process answers and scores whole batches of its own; after() gathers
+        # them, so every process ends with the one-process results (the same seeds per batch: the same answers).
+        self.batches = my_batches(len(prompts), self.batch_size)
+        self.mine = [i for b in self.batches for i in range(b * self.batch_size,
+                                                            min((b + 1) * self.batch_size, len(prompts)))]
         self.samples: dict[str, list[list[int]]] = {}
         self.logps: dict[str, list[tuple[float, int]]] = {}
         self.ref_logps: dict[str, list[tuple[float, int]]] = {}
@@ -421,10 +435,13 @@ class PolicyEval:
     def _gen(self, model) -> list[list[int]]:
         s = self.settings
         return generate(model, self.tokenizer, self.prompt_ids, max_new_tokens=s.max_new_tokens,
-                        temperature=s.temperature, seed=s.seed, batch_size=self.batch_size)
+                        temperature=s.temperature, seed=s.seed, batch_size=self.batch_size, batches=self.batches)
+
+    def _ids(self) -> list[list[int]]:
+        return [self.prompt_ids[i] for i in self.mine]
 
     def _lp(self, model, completions) -> list[tuple[float, int]]:
-        return token_logps(model, self.tokenizer, self.prompt_ids, completions, self.batch_size)
+        return token_logps(model, self.tokenizer, self._ids(), completions, self.batch_size)
 
     seconds = 0.0  # time spent in this evaluation (generation, scoring, loading reference/reward models)
 
@@ -456,8 +473,21 @@ class PolicyEval:
         if reward is not None:
             with reward() as (rm, rtok):
                 for phase, comps in self.samples.items():
-                    self.scores[phase] = reward_scores(rm, rtok, self.tokenizer, self.prompt_ids, comps,
+                    self.scores[phase] = reward_scores(rm, rtok, self.tokenizer, self._ids(), comps,
                                                        self.batch_size)
+        self._gather()
+
+    def _gather(self) -> None:
+        """Every process's share of answers and scores, in prompt order (nothing to do on one process)."""
+        if _distributed() is None:
+            return
+        tables = (self.samples, self.logps, self.ref_logps, self.scores)
+        mine = [{phase: dict(zip(self.mine, values)) for phase, values in t.items()} for t in tables]
+        for t, parts in zip(tables, zip(*_gather([mine]))):
+            for phase in t:
+                merged = {i: v for part in parts for i, v in part[phase].items()}
+                t[phase] = [merged[i] for i in range(len(self.prompts))]
+        self.mine = list(range(len(self.prompts)))
 
     def metrics(self) -> tuple[dict[str, float], dict[str, float]]:
         """(before, after) metrics under eval_* names."""

@@ -128,13 +128,14 @@ def _eval_rows(spec: RunSpec, s: StageSpec, kind: StageKind) -> list[tuple[str, 
     ev = _stage_eval(spec, s)
     if not ev.enabled:
         return [("eval", "off (eval.enabled=false)")]
-    if s.world_size > 1:
-        return [("eval", f"skipped under {s.world_size} processes: `alignctl eval <run dir>` evaluates the "
-                         "finished run on one process")]
+    if s.distributed in ("deepspeed-zero3", "fsdp"):
+        return [("eval", f"skipped under {s.distributed} (sharded weights): `alignctl eval <run dir>` evaluates "
+                         "the finished run on one process")]
+    shared = f", shared by {s.world_size} processes" if s.world_size > 1 else ""
     prompts = (ev.prompts_data.label if ev.prompts_data is not None else None) or "held-out split"
     return [("eval", f"≤ {ev.max_prompts} prompts ({prompts}) × ≤ {ev.max_new_tokens} new tokens, "
                      f"temperature {ev.temperature}, seed {ev.seed}; KL to the reference; "
-                     + (f"reward model {ev.reward} (win rate)" if ev.reward else "no reward model"))]
+                     + (f"reward model {ev.reward} (win rate)" if ev.reward else "no reward model") + shared)]
 
 
 def _peft_rows(s: StageSpec, kind: StageKind) -> list[tuple[str, str]]:

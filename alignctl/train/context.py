@@ -17,6 +17,7 @@ from typing import Any
 
 from alignctl import console, data, models
 from alignctl.config.types import StageSpec
+from alignctl.ranks import rank_env
 
 log = logging.getLogger("alignctl")
 
@@ -74,7 +75,6 @@ def checked_context(spec: StageSpec) -> StageContext:
     (rank 0); a difference stops the stage before it trains."""
     from alignctl import fingerprint
     from alignctl.errors import DataChanged, ModelChanged, StageFailed
-    from alignctl.ranks import rank_env
 
     try:
         if rank_env()[0] == 0:
@@ -190,19 +190,21 @@ class StageContext:
     # -- generation-based evaluation of a policy (alignctl.evaluate.PolicyEval) -------------------------------------
     eval_skipped: str | None = None
 
-    def policy_eval(self, batch_size: int | None = None):
+    def policy_eval(self, batch_size: int | None = None, sharded: bool = False):
         """The stage's before/after evaluation on held-out prompts, or None: switched off (``eval.enabled``), not a
-        language-model stage, no held-out prompts, or several processes (then ``alignctl eval <run dir>`` does it
-        afterwards on one process; the reason is kept in the manifest under ``metrics.eval.skipped``)."""
+        language-model stage, no held-out prompts, or weights sharded across processes (ZeRO-3 / FSDP: then
+        ``alignctl eval <run dir>`` does it afterwards on one process; the reason is kept in the manifest under
+        ``metrics.eval.skipped``). Under several processes holding whole weights (DDP) each answers its share of
+        the prompts (alignctl.evaluate.PolicyEval)."""
         from alignctl import evaluate
-        from alignctl.ranks import rank_env
 
         settings = self.spec.eval
         self.eval_skipped = None
         if not settings or not settings.enabled or self.kind.output != "causal_lm":
             return None
-        if rank_env()[2] > 1:
-            self.eval_skipped = "several processes: run `alignctl eval <run dir>` for samples, KL and win rate"
+        if sharded:
+            self.eval_skipped = ("weights sharded across processes (ZeRO-3 / FSDP): run `alignctl eval <run dir>` "
+                                 "for samples, KL and win rate")
             return None
         if settings.prompts_data:
             train, held = data.load(settings.prompts_data, "prompt", "eval.prompts")
@@ -228,7 +230,7 @@ class StageContext:
         pe.after(model, lambda: self._reference(model, ref_model, pe.ref_is_initial),
                  self._reward(reward_model, model) if pe.settings.reward_path or reward_model is not None
                  else None)
-        if samples_to is not None:
+        if samples_to is not None and rank_env()[0] == 0:
             pe.write(self.dir / "samples.jsonl" if samples_to == "stage" else Path(samples_to))
         before, after = pe.metrics()
         out = {"before": before, "after": after, "eval": pe.info()}

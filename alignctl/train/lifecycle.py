@@ -140,11 +140,12 @@ def evaluate(ctx: StageContext, trainer: Trainable, preference_eval: bool) -> di
 
 def _evaluate_before(ctx: StageContext, trainer: Trainable, pref: bool):
     """(policy evaluation, the step-0 callback of sharded weights or None, the before metrics)."""
-    pe = ctx.policy_eval(trainer.args.per_device_eval_batch_size) if ctx.kind.output == "causal_lm" else None
+    sharded = weights_sharded(trainer)
+    pe = ctx.policy_eval(trainer.args.per_device_eval_batch_size, sharded) if ctx.kind.output == "causal_lm" \
+        else None
     if pe is not None:
         pe.before(trainer.model)
-    sharded = ctx.eval is not None and weights_sharded(trainer)
-    at_start = _evaluate_at_start(ctx, trainer, pref) if sharded else None
+    at_start = _evaluate_at_start(ctx, trainer, pref) if sharded and ctx.eval is not None else None
     return pe, at_start, evaluate(ctx, trainer, pref) if at_start is None else {}
 
 

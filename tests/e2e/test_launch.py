@@ -17,6 +17,10 @@ pytestmark = pytest.mark.slow
 
 FAST = ["stages.sft.max_steps=4", "stages.dpo.max_steps=3"]  # the default recipe, a few optimizer steps per stage
 TORCHRUN_2 = ["launcher=torchrun", "launcher.nproc_per_node=2"]
+# The same global batches on one process and on two (one process accumulates 2 micro-batches), and two batches of
+# held-out prompts (per_device_eval_batch_size 32; the built-in data holds 50), so that each of two processes
+# answers one of them.
+SAME = [*FAST, "stages.sft.global_batch_size=32", "stages.dpo.global_batch_size=64", "eval.max_prompts=64"]
 
 
 # -- the default recipe through torchrun, 2 CPU processes (gloo) ---------------------------------------------------
@@ -24,10 +28,21 @@ TORCHRUN_2 = ["launcher=torchrun", "launcher.nproc_per_node=2"]
 def torchrun_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("torchrun")
     run_dir = work / "run"
-    proc = run_cli(["run", f"hydra.run.dir={run_dir}", f"output_root={work}/outputs", *TORCHRUN_2, *FAST,
-                    "stages.dpo.global_batch_size=64"], cwd=work)
+    proc = run_cli(["run", f"hydra.run.dir={run_dir}", f"output_root={work}/outputs", *TORCHRUN_2, *SAME], cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work, run_dir, proc
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, cache_root):
+    """The torchrun run's recipe and settings on one process (its own store): (run dir, manifest)."""
+    from alignctl import pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
+
+    work = tmp_path_factory.mktemp("one-process")
+    overrides = [f"output_root={cache_root}", f"store={work}/store", *SAME]
+    return work / "run", pipeline.run(resolve(compose(overrides), work / "run"), overrides)
 
 
 def test_torchrun_two_processes_run_both_stages_as_ddp(torchrun_run):
@@ -65,6 +80,30 @@ def test_torchrun_two_processes_run_both_stages_as_ddp(torchrun_run):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_torchrun_reports_the_held_out_evaluation_of_one_process(torchrun_run, one_process_run):
+    """Two DDP processes each answer one batch of the 64 held-out prompts and gather: the "before" answers (same
+    weights, same seeds per batch) are the one-process answers; after training (same global batches, reduced in
+    another order) the metrics agree within sampling noise."""
+    _, run_dir, _ = torchrun_run
+    one_dir, one = one_process_run
+    two = read_manifest(run_dir)
+    for a, b in zip(one["stages"], two["stages"]):
+        name = a["name"]
+        n = a["metrics"]["eval"]["prompts"]
+        assert "skipped" not in b["metrics"]["eval"] and b["metrics"]["eval"]["prompts"] == n > 32  # 2 batches
+        rows = [[json.loads(line) for line in (d / name / "samples.jsonl").read_text().splitlines()]
+                for d in (one_dir, run_dir)]
+        assert [r["prompt"] for r in rows[0]] == [r["prompt"] for r in rows[1]] and len(rows[1]) == n
+        same = sum(x["before"] == y["before"] for x, y in zip(*rows))
+        if name == "sft":  # the same initial weights (DPO starts from each run's own SFT weights)
+            assert same >= n - 3, f"{name}: {same} of {n} before-answers equal"  # a float-order tie may flip one
+        for phase in ("before", "after"):
+            m1, m2 = a["metrics"][phase], b["metrics"][phase]
+            assert m2["eval_completion_tokens"] == pytest.approx(m1["eval_completion_tokens"], rel=0.15)
+            assert m2["eval_kl"] == pytest.approx(m1["eval_kl"], rel=0.3, abs=0.002), (name, phase, m1, m2)
+        assert b["metrics"]["after"]["eval_kl"] > 0.002  # trained away from its reference (SFT ~0.018, DPO ~0.004)
+
+
 def test_torchrun_final_model_loads_and_differs_from_sft(torchrun_run):
     import torch
     from safetensors.torch import load_file
@@ -88,8 +127,8 @@ def test_failing_rank_fails_the_run_with_its_error_shown_once(torchrun_run, monk
     work, _, _ = torchrun_run
     run_dir = work / "failing"
     monkeypatch.setenv(launch.FAIL_HOOK, "1:dpo")  # rank 1 raises in the dpo stage (alignctl.worker's test hook)
-    proc = run_cli(["run", f"hydra.run.dir={run_dir}", f"output_root={work}/outputs", *TORCHRUN_2, *FAST,
-                    "stages.dpo.global_batch_size=64", "stages.dpo.beta=0.2"], cwd=work)
+    proc = run_cli(["run", f"hydra.run.dir={run_dir}", f"output_root={work}/outputs", *TORCHRUN_2, *SAME,
+                    "stages.dpo.beta=0.2"], cwd=work)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert out.count("failure injected on rank 1") == 1, out[-3000:]
@@ -119,23 +158,25 @@ def test_run_refuses_an_engine_this_machine_lacks(run_recipe, tmp_path):
 
 
 # -- ZeRO-3 / FSDP: the gathered save and the evaluation at step 0, exercised on one CPU process ---------------------
-def test_sharded_weights_path_matches_the_plain_path(run_recipe, tmp_path, monkeypatch):
+def test_sharded_weights_path_matches_the_plain_path(run_recipe, one_process_run, tmp_path, monkeypatch):
     """Under ZeRO-3 / FSDP the "before" evaluation runs inside train() (step 0) and final/ is written by the
     Trainer's gathering save_model. Forced here on one CPU process, it must give the numbers of the plain path."""
     from safetensors.torch import load_file
 
     from alignctl.train import lifecycle
 
-    plain = run_recipe([*FAST, f"store={tmp_path}/store-plain"], tmp_path / "plain")
+    plain_dir, plain = one_process_run
     monkeypatch.setattr(lifecycle, "weights_sharded", lambda trainer: True)
-    sharded = run_recipe([*FAST, f"store={tmp_path}/store-sharded"], tmp_path / "sharded")
+    sharded = run_recipe([*SAME, f"store={tmp_path}/store-sharded"], tmp_path / "sharded")
     for a, b in zip(plain["stages"], sharded["stages"]):
         head = "eval_pref_accuracy" if a["name"] == "dpo" else "eval_loss"
         assert b["metrics"]["before"][head] == pytest.approx(a["metrics"]["before"][head], abs=1e-5)
         assert b["metrics"]["after"][head] == pytest.approx(a["metrics"]["after"][head], abs=1e-4)
+        # no process holds the whole weights to sample from: the answers are left to `alignctl eval <run dir>`
+        assert "ZeRO-3 / FSDP" in b["metrics"]["eval"]["skipped"] and "prompts" in a["metrics"]["eval"]
     final = tmp_path / "sharded" / "dpo" / "final"
     assert not (final / "training_args.bin").exists() and (final / "tokenizer.json").is_file()
-    w_plain = load_file(str(tmp_path / "plain" / "dpo" / "final" / "model.safetensors"))
+    w_plain = load_file(str(plain_dir / "dpo" / "final" / "model.safetensors"))
     w_sharded = load_file(str(final / "model.safetensors"))
     assert w_plain.keys() == w_sharded.keys()
 
