@@ -12,6 +12,7 @@ import contextlib
 import gc
 import importlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,16 @@ def checked_context(spec: StageSpec) -> StageContext:
         what = "(its model changed)" if isinstance(e, ModelChanged) else "(its data changed)"
         raise StageFailed(spec.name, what, str(e)) from None
     return ctx
+
+
+ROWS_PER_PROC = 20_000  # below this many rows per process, starting a process costs more than it saves
+
+
+def tokenize_procs(rows: int) -> int:
+    """Processes for TRL's tokenization (``dataset_num_proc``) when the stage leaves it unset: the cores this
+    process may use, one per :data:`ROWS_PER_PROC` rows (a small data set stays in this process)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, rows // ROWS_PER_PROC))
 
 
 class StageContext:
@@ -185,7 +196,16 @@ class StageContext:
         return args
 
     def trl_config(self, cls):
-        return cls(**self.args_for(self.spec))
+        """The kind's TRL config of this stage; a ``dataset_num_proc`` left unset becomes :func:`tokenize_procs`'s
+        (run time only: the tokenized rows are the same whatever it is, so it is no part of the fingerprint)."""
+        args = self.args_for(self.spec)
+        if args.get("dataset_num_proc") is None and "dataset_num_proc" in getattr(cls, "__dataclass_fields__", {}):
+            procs = tokenize_procs(len(self.train) + (len(self.eval) if self.eval is not None else 0))
+            if procs > 1:
+                args["dataset_num_proc"] = procs
+                log.info("[%s] tokenizing with %d processes (dataset_num_proc; set it to choose)", self.spec.name,
+                         procs)
+        return cls(**args)
 
     # -- generation-based evaluation of a policy (alignctl.evaluate.PolicyEval) -------------------------------------
     eval_skipped: str | None = None
