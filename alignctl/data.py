@@ -221,14 +221,35 @@ def _note_once(label: str, note: str) -> None:
         log.info("%s: %s", label, note)
 
 
-def _map_row(row: dict, index: int, layout: str, data_kind: str, system: str, where: str, notes: set) -> dict:
-    try:
-        out, note = formats.convert(row, layout, data_kind, system)
-    except formats.FormatError as e:
-        raise ConfigError([f"{where}, row {index}): {e}"]) from None
-    if note:
-        notes.add(note)
-    return out
+ROWS_PER_PROC = 20_000  # below this many rows per process, starting a process costs more than it saves
+
+
+def tokenize_procs(rows: int) -> int:
+    """Processes for preparing ``rows`` rows (alignctl's conversion; TRL's tokenization, ``dataset_num_proc``, when
+    the stage leaves it unset): the cores this process may use, one per :data:`ROWS_PER_PROC` rows (a small data set
+    stays in this process)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, rows // ROWS_PER_PROC))
+
+
+NOTE = "__alignctl_note"  # the conversion's note of each row (formats.convert), a column until it is read
+
+
+def _map_batch(batch: dict, indices: list[int], layout: str, data_kind: str, system: str, where: str) -> dict:
+    """A batch of rows to TRL's format (formats.convert), each row's note in the :data:`NOTE` column: in the rows,
+    the notes reach this process from the datasets worker processes and come back with rows served from the cache."""
+    outs, notes = [], []
+    for j, index in enumerate(indices):
+        try:
+            out, note = formats.convert({k: v[j] for k, v in batch.items()}, layout, data_kind, system)
+        except formats.FormatError as e:
+            raise ConfigError([f"{where}, row {index}): {e}"]) from None
+        outs.append(out)
+        notes.append(note or "")
+    columns = list(outs[0]) if outs else []
+    if any(set(o) != set(columns) for o in outs):
+        raise TypeError(f"rows converted to different columns: {sorted(set().union(*outs))}")
+    return {**{c: [o[c] for o in outs] for c in columns}, NOTE: notes}
 
 
 def _convert(ds, spec: DataSpec, data_kind: str, label: str, stage: str, split: str):
@@ -236,7 +257,7 @@ def _convert(ds, spec: DataSpec, data_kind: str, label: str, stage: str, split: 
     if spec.to_messages:
         ds = ds.map(as_messages, remove_columns=[c for c in ("prompt", "completion") if c in ds.column_names],
                     new_fingerprint=_fingerprint(ds, "as_messages"))
-    layout, system, notes = spec.format, spec.system_turns, set()
+    layout, system = spec.format, spec.system_turns
     if data_kind == "sft" and "label" in ds.column_names and ds.features["label"].dtype == "bool":
         ds = ds.filter(lambda ex: ex["label"])  # unpaired KTO data: SFT on the desirable completions only
         _note_once(label, f"{stage} trains on the desirable rows only (label true)")
@@ -251,8 +272,9 @@ def _convert(ds, spec: DataSpec, data_kind: str, label: str, stage: str, split: 
         raise ConfigError(problems)
     try:  # served from the datasets cache when these very rows were converted before by this code
         settings = dict(layout=layout, data_kind=data_kind, system=system, where=f"{label} (split {split}")
-        ds = ds.map(_map_row, with_indices=True, remove_columns=ds.column_names,
-                    fn_kwargs=dict(notes=notes, **settings), new_fingerprint=_fingerprint(ds, "convert", settings))
+        procs = tokenize_procs(len(ds))  # this machine's cores for a large data set (as TRL's tokenization)
+        ds = ds.map(_map_batch, with_indices=True, batched=True, remove_columns=ds.column_names, fn_kwargs=settings,
+                    num_proc=procs if procs > 1 else None, new_fingerprint=_fingerprint(ds, "convert", settings))
     except ConfigError:
         raise
     except Exception as e:  # pyarrow: rows whose converted columns disagree in type
@@ -266,27 +288,9 @@ def _convert(ds, spec: DataSpec, data_kind: str, label: str, stage: str, split: 
         files = ", ".join(split_files(spec.path).get(read, [])) if spec.local else spec.path
         raise ConfigError([f"{label} (split {split}, {files}): rows differ in layout or column types "
                            f"({str(e)[:160]}); name the layout with {label}.format or fix the rows"]) from None
-    for note in sorted(_kept_notes(ds, notes)):
+    for note in sorted(n for n in ds.unique(NOTE) if n):
         _note_once(label, f"{stage} {note}")
-    return ds
-
-
-def _kept_notes(ds, notes: set[str]) -> set[str]:
-    """The conversion's notes, kept beside its cache file: a conversion served from the datasets cache runs no row,
-    so it reads the notes the first conversion of the same rows wrote."""
-    files = [f["filename"] for f in ds.cache_files]
-    if len(files) != 1:  # in memory, or several files: the conversion ran here
-        return notes
-    kept = Path(files[0]).with_suffix(".notes.json")
-    if notes:
-        from alignctl.fsutil import write_text_atomic
-
-        write_text_atomic(kept, json.dumps(sorted(notes)))
-        return notes
-    try:
-        return set(json.loads(kept.read_text()))
-    except (OSError, ValueError):
-        return notes
+    return ds.remove_columns(NOTE)
 
 
 def load(spec: DataSpec, data_kind: str, stage: str):

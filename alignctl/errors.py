@@ -29,6 +29,9 @@ class ConfigError(Exception):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
 
+    def __reduce__(self):  # raised in a datasets worker process, it reaches the parent with its problems intact
+        return type(self), (self.problems,)
+
 
 class UsageError(Exception):
     """A bad argument of a subcommand that parses its own options (``alignctl store``): one line, exit code 2."""

@@ -450,6 +450,24 @@ class PolicyEval:
         self._before(model)
         self.seconds += time.perf_counter() - t0
 
+    def before_state(self) -> dict[str, Any] | None:
+        """What :meth:`before` measured, for every prompt (call after :meth:`after`, which gathers the processes'
+        shares), for alignctl.train.before_cache; None when it has not run."""
+        if "before" not in self.samples or len(self.samples["before"]) != len(self.prompts):
+            return None
+        return {"prompts": len(self.prompts), "samples": self.samples["before"],
+                "logps": [list(x) for x in self.logps["before"]]}
+
+    def restore_before(self, state: dict[str, Any]) -> bool:
+        """:meth:`before`'s results from :meth:`before_state` (this process's share); False if they do not fit."""
+        if state.get("prompts") != len(self.prompts):
+            return False
+        self.samples["before"] = [list(state["samples"][i]) for i in self.mine]
+        self.logps["before"] = [(float(state["logps"][i][0]), int(state["logps"][i][1])) for i in self.mine]
+        if self.ref_is_initial:
+            self.ref_logps["before"] = self.logps["before"]
+        return True
+
     def after(self, model, reference: Callable | None, reward: Callable | None = None) -> None:
         t0 = time.perf_counter()
         self._after(model, reference, reward)

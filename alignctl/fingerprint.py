@@ -316,3 +316,58 @@ def fingerprints(stages: list[StageSpec], launcher: dict | None = None, env: dic
         blob = json.dumps(identity(s, fps, numerics, env), sort_keys=True, default=str)
         fps[s.name] = hashlib.sha256(blob.encode()).hexdigest()
     return fps
+
+
+# What alignctl's own held-out evaluation reads of a stage's TRL fields (alignctl.evaluate.pref_settings, the
+# policy evaluation's batch): with the rest of :func:`before_key` they determine its "before" results.
+EVAL_ARGS = ("per_device_eval_batch_size", "max_length", "truncation_mode")
+
+
+# TRL/Trainer fields that only training reads (its optimizer, schedule, length and training batches): the trainer's
+# evaluation of the initial weights is the same whatever they are.
+TRAIN_ONLY_ARGS = {
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "num_train_epochs",
+    "max_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "optim_args",
+    "gradient_accumulation_steps", "per_device_train_batch_size", "global_batch_size",
+}
+# Of NON_WEIGHT_ARGS, those the trainer's evaluation reads.
+EVAL_READS = {"per_device_eval_batch_size", "eval_accumulation_steps", "eval_do_concat_batches",
+              "prediction_loss_only", "include_for_metrics", "batch_eval_metrics"}
+
+
+def trainer_before_key(stage: StageSpec, upstream: str, launcher: dict | None = None, env: dict | None = None
+                       ) -> str | None:
+    """Identity of the trainer's own evaluation of the initial weights (``trainer.evaluate()`` before training),
+    for kinds that declare what it does not read (``StageKind.before_ignores``; None for the others): what
+    :func:`identity` hashes, with the TRL fields less :data:`TRAIN_ONLY_ARGS`, the kind's ignored ones and the
+    bookkeeping ones (plus the evaluation's batch fields, :data:`EVAL_READS`), and the linked stages by content."""
+    from alignctl.stages import STAGES
+
+    kind = STAGES.get(stage.kind)
+    if kind is None or kind.before_ignores is None:
+        return None
+    skip = TRAIN_ONLY_ARGS | (NON_WEIGHT_ARGS - EVAL_READS) | kind.before_ignores(stage)
+    fps = {ln.stage: "upstream" for ln in stage.links.values() if ln.stage}
+    ident = identity(stage, fps, launcher_identity(launcher), env)
+    ident["args"] = {k: v for k, v in stage.args.items() if k not in skip}
+    ident.update(upstream=upstream, evaluation="trainer")
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def before_key(stage: StageSpec, upstream: str, launcher: dict | None = None, env: dict | None = None) -> str:
+    """Identity of a stage's "before" evaluation by alignctl (the policy evaluation's answers and log-probabilities
+    on the held-out prompts, the preference accuracy of the initial weights), which a sweep point that changes only
+    training settings shares with every other point. It hashes what :func:`identity` hashes, with the TRL fields cut
+    to :data:`EVAL_ARGS`, the linked stages by the content of their completed files (``upstream``:
+    alignctl.store.upstream_digest) instead of their fingerprints, and the evaluation settings that choose prompts and
+    answers (prompt count and source by content, answer length, temperature, seed; not the reward model, which
+    scores "before" answers only after training). TRL's own evaluation: :func:`trainer_before_key`."""
+    fps = {ln.stage: "upstream" for ln in stage.links.values() if ln.stage}  # their content: ``upstream``
+    ident = identity(stage, fps, launcher_identity(launcher), env)
+    ident["args"] = {k: stage.args.get(k) for k in EVAL_ARGS}
+    ev = stage.eval
+    ident["eval"] = None if ev is None or not ev.enabled else {
+        "max_prompts": ev.max_prompts, "max_new_tokens": ev.max_new_tokens, "temperature": ev.temperature,
+        "seed": ev.seed, "prompts": _data_identity(ev.prompts_data, {})}
+    ident.update(upstream=upstream, evaluation="alignctl")
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()

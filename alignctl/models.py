@@ -258,18 +258,22 @@ def link_model_spec(base: ModelSpec, load: dict[str, Any] | None, path: str) -> 
     return ModelSpec(str(path), revision=load.get("revision"), trust_remote_code=load.get("trust_remote_code") is True)
 
 
-def load_tokenizer(path: str, model_spec: ModelSpec):
+def load_tokenizer(path: str, model_spec: ModelSpec, name: str | None = None):
     """Load a tokenizer and make it usable for chat training.
 
     A tokenizer without a chat template gets ``model.chat_template`` or the default one (``model_spec`` is the
     base model's, or a link's own from :func:`link_model_spec`, which sets no chat template: an outside reward or
     judge model keeps its tokenizer's template); a tokenizer without a pad token gets its unk token, else its eos
-    token.
+    token. ``name``: the name it goes by instead of ``path`` (its ``name_or_path``): an earlier stage's final/ in
+    a run folder is named by the stage, so that two runs starting from the same stage hand TRL tokenizers that the
+    datasets cache hashes alike (it hashes the tokenizer, name included, to key TRL's tokenization of the rows).
     """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, revision=model_spec.revision,
                                         trust_remote_code=model_spec.trust_remote_code is True)
+    if name is not None:
+        tok.name_or_path = tok.init_kwargs["name_or_path"] = name
     if model_spec.chat_template:
         tok.chat_template = model_spec.chat_template
     elif not tok.chat_template:

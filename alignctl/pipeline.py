@@ -252,6 +252,9 @@ def _run_one(s: StageSpec, entry: store.Entry, manifest: Manifest, launcher: dic
     ``trusted_store``: the store was named (store=), so entries sealed by others are used too."""
     t0 = time.time()
     manifest.update(s.name, status="running", fingerprint=entry.fingerprint, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    upstream = store.upstream_digest(s, manifest.entries())  # what its "before" evaluations are kept under
+    s = s.replace(before_key=fingerprint.before_key(s, upstream, launcher),
+                  trainer_before_key=fingerprint.trainer_before_key(s, upstream, launcher))
     try:
         done = entry.reuse_or_train(s, lambda work, spec_path: launch.run_stage(work, spec_path, launcher),
                                     manifest.entries(), stop=_StopWhenLost(launcher), trusted_store=trusted_store,

@@ -9,14 +9,16 @@ as a user types it, one after the other (nothing else should run on the machine 
 1. ``alignctl run recipe=zephyr-dpo model=tiny precision=auto`` on those files, ``max_steps=2`` per stage (first run);
 2. the same with ``stages.dpo.beta=0.02`` (a sweep point: SFT comes from the store);
 3. a hand-written TRL script of the same steps (SFTTrainer then DPOTrainer, the recipe's settings, TRL's defaults
-   for everything the recipe does not set, no evaluation), first run;
-4. the same script re-run with beta 0.02 (the datasets library's cache serves its tokenization).
+   for everything the recipe does not set), each trainer evaluating on the held-out split before and after training
+   as the recipe's stages do (``trainer.evaluate()``), first run; then re-run with beta 0.02 (the datasets library's
+   cache serves its tokenization);
+4. the same script without any evaluation, first run and re-run (a datasets cache of its own).
 
     python benchmarks/zephyr_scale.py [--sft-rows 200000] [--pairs 61000] [--dir DIR]
 
 Prints each command's wall time, the ratios asked for (first run / script, sweep point / script re-run) and, for the
 alignctl runs, where the time went (from the manifest and the run log: pre-flight, each stage's training, evaluation
-and the rest). Targets: first run <= 1.0x the script; sweep point <= 60 s.
+and the rest). Targets: first run <= 1.0x the evaluating script; sweep point <= 60 s.
 """
 
 from __future__ import annotations
@@ -78,8 +80,10 @@ def alignctl_command(work: Path, run: str, extra: list[str]) -> list[str]:
             f"hydra.run.dir={work / run}", *extra]
 
 
-def handwritten(work: Path, model_dir: str, out: Path, beta: float) -> None:
-    """What a user writes by hand for the same two stages: TRL as documented, the recipe's settings."""
+def handwritten(work: Path, model_dir: str, out: Path, beta: float, evaluate: bool) -> None:
+    """What a user writes by hand for the same two stages: TRL as documented, the recipe's settings; ``evaluate``:
+    each trainer also evaluates on the held-out split before and after training, as the recipe's stages do (TRL's
+    own metrics only: alignctl's preference accuracy, answers and KL come on top)."""
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,30 +93,41 @@ def handwritten(work: Path, model_dir: str, out: Path, beta: float) -> None:
     common = dict(bf16=torch.cuda.is_available(), max_steps=STEPS,
                   lr_scheduler_type="cosine", warmup_steps=0.1, activation_checkpointing=True,
                   logging_steps=5, save_strategy="no", seed=42, report_to="none", disable_tqdm=True)
-    chat = load_dataset("json", data_files=str(data / "ultrachat_200k" / "train_sft.jsonl"), split="train")
-    chat = chat.select_columns(["messages"])
+    chat = {split: load_dataset("json", data_files=str(data / "ultrachat_200k" / f"{split}.jsonl"), split="train")
+            .select_columns(["messages"]) for split in ("train_sft", "test_sft")}
     tok = AutoTokenizer.from_pretrained(model_dir)
-    sft = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), processing_class=tok, train_dataset=chat,
+    sft = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), processing_class=tok,
+                     train_dataset=chat["train_sft"], eval_dataset=chat["test_sft"] if evaluate else None,
                      args=SFTConfig(output_dir=str(out / "sft"), learning_rate=2e-5, max_length=2048,
-                                    per_device_train_batch_size=16, gradient_accumulation_steps=8, **common))
-    sft.train()
-    sft.save_model(str(out / "sft" / "final"))
+                                    per_device_train_batch_size=16, gradient_accumulation_steps=8,
+                                    per_device_eval_batch_size=8, **common))
+    run(sft, evaluate, out / "sft" / "final")
     del sft
-    pairs = load_dataset("parquet", data_files=str(data / "ultrafeedback_binarized" / "train_prefs.parquet"),
-                         split="train")
-    pairs = pairs.select_columns(["chosen", "rejected"])  # the prompt is the conversations' shared first turn
+    # the prompt is the conversations' shared first turn
+    pairs = {split: load_dataset("parquet", data_files=str(data / "ultrafeedback_binarized" / f"{split}.parquet"),
+                                 split="train").select_columns(["chosen", "rejected"])
+             for split in ("train_prefs", "test_prefs")}
     dpo = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(str(out / "sft" / "final")), processing_class=tok,
-                     train_dataset=pairs,
+                     train_dataset=pairs["train_prefs"], eval_dataset=pairs["test_prefs"] if evaluate else None,
                      args=DPOConfig(output_dir=str(out / "dpo"), learning_rate=5e-7, beta=beta, loss_type="sigmoid",
                                     max_length=1024, per_device_train_batch_size=8, gradient_accumulation_steps=16,
-                                    optim="adamw_torch", **common))
-    dpo.train()
-    dpo.save_model(str(out / "dpo" / "final"))
+                                    per_device_eval_batch_size=8, optim="adamw_torch", **common))
+    run(dpo, evaluate, out / "dpo" / "final")
 
 
-def timed(cmd: list[str], cwd: Path) -> float:
+def run(trainer, evaluate: bool, final: Path) -> None:
+    if evaluate:
+        print("before", trainer.evaluate())
+    trainer.train()
+    if evaluate:
+        print("after", trainer.evaluate())
+    trainer.save_model(str(final))
+
+
+def timed(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, capture_output=True,
+                          text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -141,11 +156,11 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=2_000)
     ap.add_argument("--dir", default=None, help="where to write the data and outputs (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the data and outputs (in --dir)")
-    ap.add_argument("--handwritten", nargs=4, metavar=("WORK", "MODEL", "OUT", "BETA"), help=argparse.SUPPRESS)
+    ap.add_argument("--handwritten", nargs=5, metavar=("WORK", "MODEL", "OUT", "BETA", "EVAL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.handwritten:
-        work, model, out, beta = args.handwritten
-        return handwritten(Path(work), model, Path(out), float(beta))
+        work, model, out, beta, evaluate = args.handwritten
+        return handwritten(Path(work), model, Path(out), float(beta), evaluate == "eval")
 
     with contextlib.nullcontext(tempfile.mkdtemp(dir=args.dir)) if args.keep else \
             tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -156,19 +171,25 @@ def main() -> None:
         print(f"data: {args.sft_rows} conversations + {args.pairs} pairs (+{args.held_out} held-out each), "
               f"{size / 2**20:.0f} MB, written in {time.perf_counter() - t0:.0f} s", flush=True)
         times = {"alignctl first run": timed(alignctl_command(work, "run1", []), work)}
-        print(f"  alignctl first run   {times['alignctl first run']:7.1f} s  {phases(work / 'run1')}", flush=True)
+        print(f"  {'alignctl first run':<34} {times['alignctl first run']:7.1f} s  {phases(work / 'run1')}", flush=True)
         times["alignctl sweep point"] = timed(alignctl_command(work, "run2", ["stages.dpo.beta=0.02"]), work)
-        print(f"  alignctl sweep point {times['alignctl sweep point']:7.1f} s  {phases(work / 'run2')}", flush=True)
+        print(f"  {'alignctl sweep point':<34} {times['alignctl sweep point']:7.1f} s  {phases(work / 'run2')}",
+              flush=True)
         model = str(next((work / "out" / ".cache").glob("tiny-llama-*")))  # the model alignctl built, as is
         script = [sys.executable, __file__, "--handwritten", str(work), model]
-        times["TRL script"] = timed([*script, str(work / "trl1"), "0.01"], work)
-        print(f"  TRL script           {times['TRL script']:7.1f} s", flush=True)
-        times["TRL script re-run"] = timed([*script, str(work / "trl2"), "0.02"], work)
-        print(f"  TRL script re-run    {times['TRL script re-run']:7.1f} s", flush=True)
-    print(f"ratio first run / TRL script:          {times['alignctl first run'] / times['TRL script']:.2f} "
-          "(target <= 1.0)")
-    print(f"ratio sweep point / TRL script re-run: {times['alignctl sweep point'] / times['TRL script re-run']:.2f} "
-          f"(sweep point {times['alignctl sweep point']:.1f} s, target <= 60 s)")
+        for mode, label in (("eval", "TRL script, evaluating"), ("none", "TRL script, no eval")):
+            # each variant in a cache of its own: the first of them must tokenize as any first run does
+            env_dir = work / f"hf-{mode}"
+            for i, beta in ((1, "0.01"), (2, "0.02")):
+                name = f"{label}" + (" (re-run)" if i == 2 else "")
+                times[name] = timed([*script, str(work / f"trl-{mode}{i}"), beta, mode], work,
+                                    {"HF_DATASETS_CACHE": str(env_dir)})
+                print(f"  {name:<34} {times[name]:7.1f} s", flush=True)
+    first, sweep = times["alignctl first run"], times["alignctl sweep point"]
+    for label in ("TRL script, evaluating", "TRL script, no eval"):
+        print(f"ratio first run / {label}: {first / times[label]:.2f}; sweep point / its re-run: "
+              f"{sweep / times[label + ' (re-run)']:.2f}")
+    print(f"sweep point {sweep:.1f} s (target <= 60 s); first run / TRL script, evaluating: target <= 1.0")
 
 
 if __name__ == "__main__":

@@ -203,6 +203,8 @@ class StageSpec(Spec):
     attempt: str | None = None
     lock_token: str | None = None
     resume_from: str | None = None
+    before_key: str | None = None              # identity of its "before" evaluation (alignctl.fingerprint.before_key)
+    trainer_before_key: str | None = None      # and of its trainer's (fingerprint.trainer_before_key; None: not kept)
     model_check: dict[str, Any] = field(default_factory=dict)  # path key -> content check of a local model folder
 
     @property

@@ -61,6 +61,10 @@ class StageKind:
     build: Callable[[StageContext], Trainable] | None = None
     # an interrupted stage resumes from its newest valid checkpoint (alignctl.pipeline); else it starts again
     resumable: bool = True
+    # before_ignores(stage) -> TRL fields its trainer's evaluation at step 0 does not read beyond the training-only
+    # ones (alignctl.fingerprint.TRAIN_ONLY_ARGS): the trainer's "before" metrics are then kept across sweep points
+    # (alignctl.train.before_cache); None: its trainer evaluates the initial weights every time
+    before_ignores: Callable[[StageSpec], frozenset[str]] | None = None
     # alignctl's eval_pref_accuracy on the held-out pairs, before and after; "if_paired": when the held-out split
     # holds pairs (kto trains on unpaired rows)
     preference_eval: bool | Literal["if_paired"] = False

@@ -23,6 +23,19 @@ def check(stage: StageSpec, where: str) -> list[str]:
         return [f"{where}.label_smoothing: robust DPO needs a flip probability in [0, 0.5), got {smoothing}"]
     return []
 
+def before_ignores(stage: StageSpec) -> frozenset[str]:
+    """Before training, a policy that is its own reference gives log-ratios of exactly 0, so sigmoid DPO's loss
+    (log 2, label smoothing or not) and rewards (beta x 0) do not depend on ``beta``: a beta sweep from one SFT model
+    shares its trainer's "before" evaluation. Any other loss, reference or divergence: beta counts."""
+    args, ref = stage.args, stage.link("ref")
+    losses = args.get("loss_type", ["sigmoid"])
+    own_reference = ref is None or not ref.path or ref.path == stage.source.path
+    if own_reference and (losses if isinstance(losses, list) else [losses]) == ["sigmoid"] and \
+            args.get("f_divergence_type", "reverse_kl") == "reverse_kl":
+        return frozenset({"beta"})
+    return frozenset()
+
+
 def build(ctx):
     from trl import DPOConfig, DPOTrainer
 
@@ -37,5 +50,5 @@ KIND = StageKind(
     headline="eval_pref_accuracy",
     key_fields=("beta", "loss_type", "learning_rate", "num_train_epochs", "per_device_train_batch_size", "max_length"),
     check=check,  # plan-time rules
-    build=build, preference_eval=True,
+    build=build, preference_eval=True, before_ignores=before_ignores,
 )

@@ -15,4 +15,6 @@ KIND = StageKind(
     summary="supervised fine-tuning",
     key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "max_length", "lr_scheduler_type"),
     build=build,
+    # its evaluation of the initial weights (held-out loss, token accuracy) reads no training-only field
+    before_ignores=lambda stage: frozenset(),
 )

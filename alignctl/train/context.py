@@ -12,7 +12,6 @@ import contextlib
 import gc
 import importlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -89,16 +88,6 @@ def checked_context(spec: StageSpec) -> StageContext:
     return ctx
 
 
-ROWS_PER_PROC = 20_000  # below this many rows per process, starting a process costs more than it saves
-
-
-def tokenize_procs(rows: int) -> int:
-    """Processes for TRL's tokenization (``dataset_num_proc``) when the stage leaves it unset: the cores this
-    process may use, one per :data:`ROWS_PER_PROC` rows (a small data set stays in this process)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, rows // ROWS_PER_PROC))
-
-
 class StageContext:
     def __init__(self, spec: StageSpec):
         from alignctl.stages import STAGES
@@ -109,7 +98,9 @@ class StageContext:
         self.model_spec = spec.model
         self.precision = spec.precision
         self.init_path = models.materialize(spec.source.path, spec.cache_dir, self.model_spec)
-        self.tokenizer = models.load_tokenizer(self.init_path, self.model_spec)
+        source = spec.source  # an earlier stage's final/ in the run folder: named by the stage (models.load_tokenizer)
+        self.tokenizer = models.load_tokenizer(self.init_path, self.model_spec,
+                                               f"{source.stage}/final" if source.stage else None)
         self.train, self.eval = data.load(spec.data, self.kind.data_kind, f"stages.{spec.name}")
         self.guard = owner_guard(spec)
 
@@ -196,11 +187,12 @@ class StageContext:
         return args
 
     def trl_config(self, cls):
-        """The kind's TRL config of this stage; a ``dataset_num_proc`` left unset becomes :func:`tokenize_procs`'s
-        (run time only: the tokenized rows are the same whatever it is, so it is no part of the fingerprint)."""
+        """The kind's TRL config of this stage; a ``dataset_num_proc`` left unset becomes
+        :func:`alignctl.data.tokenize_procs`'s (run time only: the tokenized rows are the same whatever it is, so it
+        is no part of the fingerprint)."""
         args = self.args_for(self.spec)
         if args.get("dataset_num_proc") is None and "dataset_num_proc" in getattr(cls, "__dataclass_fields__", {}):
-            procs = tokenize_procs(len(self.train) + (len(self.eval) if self.eval is not None else 0))
+            procs = data.tokenize_procs(len(self.train) + (len(self.eval) if self.eval is not None else 0))
             if procs > 1:
                 args["dataset_num_proc"] = procs
                 log.info("[%s] tokenizing with %d processes (dataset_num_proc; set it to choose)", self.spec.name,

@@ -29,6 +29,7 @@ from transformers.trainer_callback import PrinterCallback
 from alignctl import console, models
 from alignctl.config.types import StageSpec
 from alignctl.evaluate import pref_settings, preference_accuracy
+from alignctl.train import before_cache
 from alignctl.train.context import StageContext, checked_context, freeze_live_objects, release_memory, train_dir
 from alignctl.train.health import check_healthy, check_saved_finite, check_weights_finite, is_number
 
@@ -84,7 +85,8 @@ def train_stage(ctx: StageContext) -> tuple[dict[str, Any], Saved]:
     trainer = kind.build(ctx)
     _prepare(ctx, trainer)
     pref = preference_eval(ctx)
-    pe, at_start, before = _evaluate_before(ctx, trainer, pref)
+    kept = before_cache.load(ctx.spec)
+    pe, at_start, before = _evaluate_before(ctx, trainer, pref, kept)
     resume = ctx.spec.resume_from
     if resume:
         log.info("[%s] resuming from %s", name, resume)
@@ -101,6 +103,10 @@ def train_stage(ctx: StageContext) -> tuple[dict[str, Any], Saved]:
     generated = ctx.finish_policy_eval(pe, trainer.model, getattr(trainer, "ref_model", None),
                                        getattr(trainer, "reward_model", None))
     saved = _save(ctx, trainer, gathered)
+    if at_start is None:
+        before_cache.save(ctx.spec, policy=pe.before_state() if pe is not None else None,
+                          pref={k: v for k, v in before.items() if k.startswith(PREF_KEYS)},
+                          trainer={k: v for k, v in before.items() if not k.startswith(PREF_KEYS)})
     metrics: dict[str, Any] = {"train": train} if train else {}
     if before or after:
         metrics.update(before=before, after=after, **before_resumed(at_start is not None, resume))
@@ -127,26 +133,34 @@ def preference_eval(ctx: StageContext) -> bool:
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
-def evaluate(ctx: StageContext, trainer: Trainable, preference_eval: bool) -> dict[str, float]:
+PREF_KEYS = "eval_pref_"  # alignctl's preference accuracy and margins (alignctl.evaluate.preference_accuracy)
+
+
+def evaluate(ctx: StageContext, trainer: Trainable, preference_eval: bool, kept: dict | None = None
+             ) -> dict[str, float]:
     """The trainer's held-out metrics, with alignctl's preference accuracy when asked for (at the stage's eval batch
-    size and max_length, each process scoring its share); nothing without a held-out split."""
+    size and max_length, each process scoring its share); ``kept``: what alignctl.train.before_cache read back of
+    the same evaluation (``trainer``, ``pref``), used instead of measuring it; nothing without a held-out split."""
+    kept = kept or {}
     if ctx.eval is None:
         return {}
-    metrics = {k: v for k, v in trainer.evaluate().items() if is_number(v)}
+    metrics = dict(kept.get("trainer") or {k: v for k, v in trainer.evaluate().items() if is_number(v)})
     if preference_eval:
-        metrics.update(preference_accuracy(trainer.model, ctx.tokenizer, ctx.eval, **pref_settings(trainer.args)))
+        metrics.update(kept.get("pref") or preference_accuracy(trainer.model, ctx.tokenizer, ctx.eval,
+                                                               **pref_settings(trainer.args)))
     return metrics
 
 
-def _evaluate_before(ctx: StageContext, trainer: Trainable, pref: bool):
-    """(policy evaluation, the step-0 callback of sharded weights or None, the before metrics)."""
+def _evaluate_before(ctx: StageContext, trainer: Trainable, pref: bool, kept: dict[str, Any]):
+    """(policy evaluation, the step-0 callback of sharded weights or None, the before metrics). ``kept``: what
+    alignctl.train.before_cache kept of the same evaluation, used instead of measuring it again."""
     sharded = weights_sharded(trainer)
     pe = ctx.policy_eval(trainer.args.per_device_eval_batch_size, sharded) if ctx.kind.output == "causal_lm" \
         else None
-    if pe is not None:
+    if pe is not None and not (kept.get("policy") and pe.restore_before(kept["policy"])):
         pe.before(trainer.model)
     at_start = _evaluate_at_start(ctx, trainer, pref) if sharded and ctx.eval is not None else None
-    return pe, at_start, evaluate(ctx, trainer, pref) if at_start is None else {}
+    return pe, at_start, evaluate(ctx, trainer, pref, kept) if at_start is None else {}
 
 
 class _BeforeEval(TrainerCallback):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from alignctl import fingerprint
@@ -57,6 +59,16 @@ def test_serial_sweep_trains_sft_once_and_reports(tmp_path, capsys):
     assert all(not m["stages"][1]["reused_from"] for m in ms)
     margins = [m["stages"][1]["metrics"]["after"]["eval_rewards/margins"] for m in ms]
     assert len({round(x, 6) for x in margins}) == 3, margins
+    # DPO's "before" evaluation by alignctl (answers, KL, preference accuracy of the shared SFT weights) is
+    # measured at the first point and read back at the others: the same numbers, in no time
+    before = [m["stages"][1]["metrics"]["before"] for m in ms]
+    for key in ("eval_pref_accuracy", "eval_pref_margin_norm", "eval_completion_tokens", "eval_kl"):
+        assert before[1][key] == before[2][key] == before[0][key], key
+    read_back = ['"before" evaluation read back' in (sweep / str(i) / "alignctl.log").read_text() for i in range(3)]
+    assert read_back == [False, True, True]
+    answers = [[json.loads(line)["before"] for line in (sweep / str(i) / "dpo" / "samples.jsonl").read_text()
+                .splitlines()] for i in range(3)]
+    assert answers[0] == answers[1] == answers[2] and len(answers[0]) == 32
     # one manifest per point, each recording its own override, and each point's DPO spec holding its beta
     for i, beta in enumerate(("0.02", "0.2", "2.0")):
         assert any(o.endswith(f"beta={beta}") for o in ms[i]["overrides"]), ms[i]["overrides"]

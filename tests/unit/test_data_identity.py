@@ -262,3 +262,33 @@ def test_the_same_rows_are_converted_once_and_a_changed_conversion_code_converts
     monkeypatch.setattr(data, "_code_key", lambda: ["another alignctl"])
     changed, _, fp_changed = load()
     assert changed >= rows and fp_changed != fp
+
+
+def test_a_large_data_set_is_converted_in_several_processes_with_the_same_rows_and_errors(tmp_path, monkeypatch):
+    """Past data.ROWS_PER_PROC rows per process (lowered here) the conversion uses this machine's cores: the rows are
+    those of one process, and a bad row deep in the file still stops the load naming it."""
+    import random
+
+    if data.tokenize_procs(10**9) < 2:
+        pytest.skip("one core here")
+    rng = random.Random(0)
+    rows = [{"conversations": [{"from": "human", "value": f"question {i} " + rng.choice("abc")},
+                               {"from": "gpt", "value": f"answer {i}"}]} for i in range(300)]  # ShareGPT
+
+    def load(name: str, lines: list[dict]):
+        path = tmp_path / name / "train.jsonl"
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        spec = prepared(tmp_path / name, f"data.sft.path={path}", "data.sft.eval_size=0")[0].data
+        return data.load(spec, "sft", "stages.sft")[0]
+
+    one = load("one", rows)
+    monkeypatch.setattr(data, "ROWS_PER_PROC", 100)
+    assert data.tokenize_procs(300) == 2
+    two = load("two", rows)
+    assert two.to_list() == one.to_list() and two.column_names == one.column_names == ["messages"]
+    bad = rows[:250] + [{"conversations": [{"from": "human", "value": "q"}, {"from": "wizard", "value": "a"}]}] + \
+        rows[251:]
+    with pytest.raises(errors.ConfigError) as e:
+        load("bad", bad)
+    assert "row 250" in str(e.value) and "wizard" in str(e.value), e.value.problems
