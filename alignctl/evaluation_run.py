@@ -28,6 +28,7 @@ from alignctl.config.eval_settings import DEFAULTS, settings_problems, stage_set
 from alignctl.config.types import DataSpec, EvalSettings, LinkSpec, ModelSpec, StageSpec
 from alignctl.errors import ConfigError, DataChanged
 from alignctl.fsutil import write_json
+from alignctl.policy_eval import PolicyEval
 from alignctl.stages import STAGES
 from alignctl.train.context import StageContext, release_memory
 
@@ -196,7 +197,7 @@ def eval_model(path: Path, opts: dict, overrides: list[str]) -> tuple[dict, Path
     ref_path = opts.get("--reference")
     _folders_checked([("eval", path), ("--reference", ref_path), ("--reward", opts.get("--reward"))])
     tok = models.load_tokenizer(str(path), model_spec)
-    pe = evaluate.PolicyEval(settings, tok, prompts, 8, ref_is_initial=True)
+    pe = PolicyEval(settings, tok, prompts, 8, ref_is_initial=True)
     if ref_path:
         ref = models.load_causal_lm(str(Path(ref_path).expanduser()), model_spec, precision, tok)
         pe.before(ref)

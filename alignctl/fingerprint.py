@@ -347,10 +347,17 @@ def trainer_before_key(stage: StageSpec, upstream: str, launcher: dict | None = 
     if kind is None or kind.before_ignores is None:
         return None
     skip = TRAIN_ONLY_ARGS | (NON_WEIGHT_ARGS - EVAL_READS) | kind.before_ignores(stage)
-    fps = {ln.stage: "upstream" for ln in stage.links.values() if ln.stage}
+    return _evaluation_key(stage, upstream, launcher, env, "trainer",
+                           {k: v for k, v in stage.args.items() if k not in skip})
+
+
+def _evaluation_key(stage: StageSpec, upstream: str, launcher: dict | None, env: dict | None, evaluation: str,
+                    args: dict[str, Any], **extra: Any) -> str:
+    """SHA-256 of :func:`identity` with ``args`` for the TRL fields, the linked stages by their content
+    (``upstream``) instead of their fingerprints, and what names the evaluation."""
+    fps = {ln.stage: "upstream" for ln in stage.links.values() if ln.stage}  # their content: ``upstream``
     ident = identity(stage, fps, launcher_identity(launcher), env)
-    ident["args"] = {k: v for k, v in stage.args.items() if k not in skip}
-    ident.update(upstream=upstream, evaluation="trainer")
+    ident.update(args=args, upstream=upstream, evaluation=evaluation, **extra)
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -362,12 +369,9 @@ def before_key(stage: StageSpec, upstream: str, launcher: dict | None = None, en
     alignctl.store.upstream_digest) instead of their fingerprints, and the evaluation settings that choose prompts and
     answers (prompt count and source by content, answer length, temperature, seed; not the reward model, which
     scores "before" answers only after training). TRL's own evaluation: :func:`trainer_before_key`."""
-    fps = {ln.stage: "upstream" for ln in stage.links.values() if ln.stage}  # their content: ``upstream``
-    ident = identity(stage, fps, launcher_identity(launcher), env)
-    ident["args"] = {k: stage.args.get(k) for k in EVAL_ARGS}
     ev = stage.eval
-    ident["eval"] = None if ev is None or not ev.enabled else {
+    settings = None if ev is None or not ev.enabled else {
         "max_prompts": ev.max_prompts, "max_new_tokens": ev.max_new_tokens, "temperature": ev.temperature,
         "seed": ev.seed, "prompts": _data_identity(ev.prompts_data, {})}
-    ident.update(upstream=upstream, evaluation="alignctl")
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return _evaluation_key(stage, upstream, launcher, env, "alignctl", {k: stage.args.get(k) for k in EVAL_ARGS},
+                           eval=settings)

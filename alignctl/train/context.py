@@ -199,7 +199,7 @@ class StageContext:
                          procs)
         return cls(**args)
 
-    # -- generation-based evaluation of a policy (alignctl.evaluate.PolicyEval) -------------------------------------
+    # -- generation-based evaluation of a policy (alignctl.policy_eval.PolicyEval) -------------------------------------
     eval_skipped: str | None = None
 
     def policy_eval(self, batch_size: int | None = None, sharded: bool = False):
@@ -207,8 +207,9 @@ class StageContext:
         language-model stage, no held-out prompts, or weights sharded across processes (ZeRO-3 / FSDP: then
         ``alignctl eval <run dir>`` does it afterwards on one process; the reason is kept in the manifest under
         ``metrics.eval.skipped``). Under several processes holding whole weights (DDP) each answers its share of
-        the prompts (alignctl.evaluate.PolicyEval)."""
+        the prompts (alignctl.policy_eval.PolicyEval)."""
         from alignctl import evaluate
+        from alignctl.policy_eval import PolicyEval
 
         settings = self.spec.eval
         self.eval_skipped = None
@@ -227,7 +228,7 @@ class StageContext:
             self.eval_skipped = "no held-out prompts (set eval.prompts=<data name>)"
             return None
         batch = batch_size or self.spec.args.get("per_device_eval_batch_size", 8)
-        return evaluate.PolicyEval(settings, self.tokenizer, prompts, batch,
+        return PolicyEval(settings, self.tokenizer, prompts, batch,
                                    ref_is_initial=self.reference_path() == self.spec.source.path)
 
     def finish_policy_eval(self, pe, model, ref_model=None, reward_model=None, samples_to: Path | None | str = "stage"
