@@ -33,6 +33,7 @@ from alignctl.config.redact import redact
 from alignctl.config.types import RunSpec, StageSpec
 from alignctl.errors import ConfigError, DataChanged, LockLost, LockTimeout
 from alignctl.stages import STAGES
+from alignctl.train.phases import PhaseClock
 
 log = logging.getLogger("alignctl")
 
@@ -167,18 +168,21 @@ def _run(spec: RunSpec, overrides: list[str] = (), config_yaml: str | None = Non
     run_dir.mkdir(parents=True, exist_ok=True)
     if config_yaml is not None:
         fsutil.write_text_atomic(run_dir / "config.yaml", config_yaml, mode=0o600)  # the owner's only
+    clock = PhaseClock()  # the orchestrator's own phases (each stage's are in its metrics)
     try:  # before anything trains: the key that seals what this run writes (alignctl.trust), what this machine
-        trust.key()  # lacks for the launcher (cheap, first), then every stage's TRL config, data and models
-        _launch_preflight(spec.launcher, None)
-        stages = preflight(list(spec.stages), spec.launcher)  # prepared: precision resolved, data/models by content
+        with clock.phase("pre-flight"):  # lacks for the launcher (cheap, first), then every stage's TRL config,
+            trust.key()  # data and models
+            _launch_preflight(spec.launcher, None)
+            stages = preflight(list(spec.stages), spec.launcher)  # prepared: precision resolved, data/models by content
     except Exception as e:  # recorded: the run failed, every stage still pending
         Manifest(spec, list(overrides)).update(status="failed", error=_first_line(e),
                                                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
-    # each stage's eval settings (resolved with it) are outside its fingerprint
-    fps = fingerprint.fingerprints(stages, spec.launcher)
+    with clock.phase("fingerprint"):  # each stage's eval settings (resolved with it) are outside its fingerprint
+        fps = fingerprint.fingerprints(stages, spec.launcher)
     entries = [store.Entry(spec.store_dir, s.kind, fps[s.name]) for s in stages]
     manifest = Manifest(spec, list(overrides))
+    manifest.update(phases=clock.records)
     try:
         with _stop_on_sigterm():
             _launch_preflight(spec.launcher, manifest)
@@ -265,7 +269,7 @@ def _run_one(s: StageSpec, entry: store.Entry, manifest: Manifest, launcher: dic
         raise
     manifest.update(s.name, status="completed", metrics=done.metrics, reused_from=done.reused_from,
                     seconds=round(time.time() - t0, 1), world_size=done.world_size, distributed=s.distributed,
-                    bytes=done.bytes, final_placed_by=sorted(done.placed))
+                    bytes=done.bytes, final_placed_by=sorted(done.placed), store_seconds=done.seconds)
     log.info("stage %s: %s in %.1f s, final weights in %s", s.name, "reused" if done.reused_from else "completed",
              time.time() - t0, Path(s.stage_dir) / "final")
 

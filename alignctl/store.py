@@ -282,18 +282,22 @@ class Entry:
         with self._stage_lock(stage, stop) as lock:
             work = work.replace(lock_token=lock.token)  # rank 0 checks it before it replaces final/ (lifecycle, worker)
             self.check_seal(stage, trusted_store)
+            t0 = time.perf_counter()
             metrics, world_size = self._reused(stage, upstream, note or (lambda **fields: None)), stage.world_size
+            seconds = {"verify": round(time.perf_counter() - t0, 3)}  # a complete entry's files against its hashes
             reused = str(self.dir) if metrics is not None else None
             if metrics is None:
                 work, metrics, world_size = self._train(work, train, upstream, lock, stop, spec_path)
             write_spec(spec_path, work)
+            t0 = time.perf_counter()
             placed = self.place(stage_dir)
+            seconds["place"] = round(time.perf_counter() - t0, 3)
             size = (self.record() or {}).get("bytes")
         if placed.get("copy"):
             log.info("stage %s: final/ copied from the store (%s; %s)", stage.name, fsutil.human(placed["copy"]),
                      "running as root, a hard link would let writes reach the store" if os.geteuid() == 0
                      else "the store is on another file system")
-        return Outcome(metrics, reused, world_size, size, placed)
+        return Outcome(metrics, reused, world_size, size, placed, seconds)
 
     @contextlib.contextmanager
     def _stage_lock(self, stage: StageSpec, stop: Any):
@@ -424,6 +428,7 @@ class Outcome:
     world_size: int
     bytes: int | None  # of the complete entry
     placed: dict[str, int]  # bytes placed into the run by method: reflink | link | copy
+    seconds: dict[str, float]  # wall time of the store's own steps: verify (a reused entry's files), place
 
 
 def write_spec(path: Path, spec: StageSpec) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from alignctl import console, data, models
 from alignctl.config.types import StageSpec
 from alignctl.ranks import rank_env
+from alignctl.train.phases import NO_CLOCK
 
 log = logging.getLogger("alignctl")
 
@@ -89,6 +90,8 @@ def checked_context(spec: StageSpec) -> StageContext:
 
 
 class StageContext:
+    phases = NO_CLOCK  # the lifecycle's PhaseClock (alignctl.train.phases): model loads are a phase of their own
+
     def __init__(self, spec: StageSpec):
         from alignctl.stages import STAGES
 
@@ -113,8 +116,10 @@ class StageContext:
     def load_policy(self):
         """The stage's initial weights as the model to train: under qlora a 4-bit base prepared for k-bit training;
         under lora/qlora the trainer adds the adapter (``peft_config()``)."""
-        model = models.load_causal_lm(self.init_path, self.model_spec, self.precision, self.tokenizer, peft=self.peft)
-        return models.prepare_for_training(model, self.peft, *self._checkpointing())
+        with self.phases.phase("model load"):
+            model = models.load_causal_lm(self.init_path, self.model_spec, self.precision, self.tokenizer,
+                                          peft=self.peft)
+            return models.prepare_for_training(model, self.peft, *self._checkpointing())
 
     def reference_path(self) -> str:
         """The reference model's path as the spec names it: the ``ref`` link's, by default the initial weights'."""
@@ -129,19 +134,21 @@ class StageContext:
         ref = models.materialize(self.reference_path(), self.spec.cache_dir, self.model_spec)
         if ref == self.init_path:
             return None
-        return models.load_causal_lm(ref, self.model_spec, self.precision, self.tokenizer, peft=self.peft)
+        with self.phases.phase("model load"):
+            return models.load_causal_lm(ref, self.model_spec, self.precision, self.tokenizer, peft=self.peft)
 
     def load_classifier(self, path: str | None = None, model_spec: Any = None):
         """A one-output sequence classifier from ``path`` (default: the stage's initial weights), e.g. a reward model.
         The stage's own classifier (no ``path``) follows the stage's peft setting; linked reward/value models load
         in the compute dtype, with ``model_spec`` (a link's own, :meth:`link_model`; default the base model's)."""
-        if path is None:
-            model = models.load_sequence_classifier(self.init_path, self.model_spec, self.precision, self.tokenizer,
-                                                    peft=self.peft)
-            return models.prepare_for_training(model, self.peft, *self._checkpointing())
-        spec = model_spec or self.model_spec
-        path = models.materialize(path, self.spec.cache_dir, spec)
-        return models.load_sequence_classifier(path, spec, self.precision, self.tokenizer)
+        with self.phases.phase("model load"):
+            if path is None:
+                model = models.load_sequence_classifier(self.init_path, self.model_spec, self.precision,
+                                                        self.tokenizer, peft=self.peft)
+                return models.prepare_for_training(model, self.peft, *self._checkpointing())
+            spec = model_spec or self.model_spec
+            path = models.materialize(path, self.spec.cache_dir, spec)
+            return models.load_sequence_classifier(path, spec, self.precision, self.tokenizer)
 
     def link_model(self, name: str) -> tuple[str, Any]:
         """(loadable path, model spec) of the model of link ``name`` (reward, value, judge; alignctl.links): a stage

@@ -32,6 +32,7 @@ from alignctl.evaluate import pref_settings, preference_accuracy
 from alignctl.train import before_cache
 from alignctl.train.context import StageContext, checked_context, freeze_live_objects, release_memory, train_dir
 from alignctl.train.health import check_healthy, check_saved_finite, check_weights_finite, is_number
+from alignctl.train.phases import PhaseClock
 
 log = logging.getLogger("alignctl")
 
@@ -67,42 +68,54 @@ class Saved:
 
 
 def run_stage(spec: StageSpec) -> dict[str, Any]:
-    """Train one stage; returns its metrics. The stage's final/ exists only if this returns."""
+    """Train one stage; returns its metrics, with the wall time and peak memory of each phase under ``phases``
+    (alignctl.train.phases). The stage's final/ exists only if this returns."""
     freeze_live_objects()
-    ctx = checked_context(spec)
+    clock = PhaseClock()
+    with clock.phase("context"):  # tokenizer, data (from the cache the pre-flight filled), model checks
+        ctx = checked_context(spec)
+    ctx.phases = clock
     try:
         metrics, saved = train_stage(ctx)
     finally:
         del ctx
         release_memory()
-    _merge(spec, saved)
+    with clock.phase("merge"):
+        _merge(spec, saved)
+    metrics["phases"] = clock.records
     return metrics
 
 
 def train_stage(ctx: StageContext) -> tuple[dict[str, Any], Saved]:
     """Prepare, evaluate before, train, check, evaluate after and save one stage (on every rank)."""
-    name, kind = ctx.spec.name, ctx.kind
-    trainer = kind.build(ctx)
-    _prepare(ctx, trainer)
+    name, kind, clock = ctx.spec.name, ctx.kind, ctx.phases
+    with clock.phase("prepare"):  # the trainer's set-up (TRL tokenizes here), less the model loads inside it
+        trainer = kind.build(ctx)
+        _prepare(ctx, trainer)
     pref = preference_eval(ctx)
-    kept = before_cache.load(ctx.spec)
-    pe, at_start, before = _evaluate_before(ctx, trainer, pref, kept)
+    with clock.phase("evaluate before"):
+        kept = before_cache.load(ctx.spec)
+        pe, at_start, before = _evaluate_before(ctx, trainer, pref, kept)
     resume = ctx.spec.resume_from
     if resume:
         log.info("[%s] resuming from %s", name, resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    with clock.phase("train"):
+        result = trainer.train(resume_from_checkpoint=resume)
     if at_start is not None:
         before = at_start.metrics or {}
-    after = evaluate(ctx, trainer, pref)
+    with clock.phase("evaluate after"):
+        after = evaluate(ctx, trainer, pref)
     train = final_train_metrics(trainer.state.log_history)
     train.update({k: v for k, v in (result.metrics if result is not None else {}).items() if is_number(v)})
     check_healthy(name, {"train": train, "after": after})  # before anything is sampled or saved
     gathered = weights_sharded(trainer)  # ZeRO-3 / FSDP: every rank takes part in the save
     if not gathered and kind.output != "data":  # a diverged model fails here, not inside the held-out sampling
         check_weights_finite(unwrapped(trainer.model), name)
-    generated = ctx.finish_policy_eval(pe, trainer.model, getattr(trainer, "ref_model", None),
-                                       getattr(trainer, "reward_model", None))
-    saved = _save(ctx, trainer, gathered)
+    with clock.phase("evaluate after"):
+        generated = ctx.finish_policy_eval(pe, trainer.model, getattr(trainer, "ref_model", None),
+                                           getattr(trainer, "reward_model", None))
+    with clock.phase("save"):
+        saved = _save(ctx, trainer, gathered)
     if at_start is None:
         before_cache.save(ctx.spec, policy=pe.before_state() if pe is not None else None,
                           pref={k: v for k, v in before.items() if k.startswith(PREF_KEYS)},

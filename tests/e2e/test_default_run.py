@@ -58,6 +58,15 @@ def test_manifest_fields_and_outputs(default_run):
     assert dpo_spec.links["from"].path == dpo_spec.links["ref"].path == str(run_dir.absolute() / "sft" / "final")
     # Per-step training metrics reach the run log.
     assert "[dpo] step" in (run_dir / "alignctl.log").read_text()
+    # Where the time and memory went: the orchestrator's phases, each stage's lifecycle phases and store steps.
+    assert {"pre-flight", "fingerprint"} <= set(m["phases"]) and m["phases"]["pre-flight"]["seconds"] > 0
+    for s in m["stages"]:
+        phases = s["metrics"]["phases"]
+        assert {"context", "prepare", "model load", "evaluate before", "train", "evaluate after", "save"} <= set(phases)
+        assert all(p["peak_rss_mb"] > 100 for p in phases.values())  # the process's own resident memory, in MiB
+        assert 0 < sum(p["seconds"] for p in phases.values()) <= s["seconds"]
+        assert phases["train"]["seconds"] >= 0.5 * s["metrics"]["train"]["train_runtime"]
+        assert set(s["store_seconds"]) == {"verify", "place"}
 
 
 def test_final_model_loads_with_plain_transformers_and_generates(default_run):
