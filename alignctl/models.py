@@ -575,6 +575,15 @@ def save_adapter(model, tokenizer, out: str | os.PathLike, guard=None) -> str:
     return save_final(model, tokenizer, out, guard)
 
 
+def merge_loaded(model, tokenizer):
+    """A LoRA-wrapped model merged into the base weights it holds, in memory: what :func:`merge_adapter` gives from
+    the saved adapter and the base's files, without loading the base again (not for 4-bit bases, which are
+    de-quantised from a fresh load)."""
+    merged = model.merge_and_unload()
+    align_special_tokens(merged, tokenizer)
+    return merged
+
+
 def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out: str | os.PathLike, model_spec: ModelSpec,
                   precision: str, tokenizer, peft: dict, classifier: bool = False, guard=None) -> str:
     """Merge an adapter into the base weights it was trained on and save a plain HF model at ``out``.

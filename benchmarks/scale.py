@@ -64,11 +64,14 @@ COMMON = dict(per_device_train_batch_size=1, per_device_eval_batch_size=4, activ
 EVAL = dict(max_prompts=8, max_new_tokens=32)
 
 
-def build_model(out: Path, layers: int) -> Path:
-    """Llama-3.2-1B's shape (``layers`` of its 16), random init, bf16 safetensors + a Llama-3-shaped tokenizer; kept
-    in ``out`` and reused while its recipe is the same."""
-    recipe = hashlib.sha256(json.dumps([LLAMA_3_2_1B, SPECIAL, TEMPLATE, layers, 1]).encode()).hexdigest()[:12]
-    folder = out / f"llama-3.2-1b-shape-{layers}l-{recipe}"
+def build_model(out: Path, layers: int, shape: dict | None = None, name: str = "llama-3.2-1b-shape",
+                device: str = "cpu") -> Path:
+    """A model of ``shape`` (default Llama-3.2-1B's; ``layers`` of its layers), random init, bf16 safetensors + a
+    Llama-3-shaped tokenizer; kept in ``out`` and reused while its recipe is the same. ``device``: where the weights
+    are initialised (a GPU does it in seconds)."""
+    shape = {**(shape or LLAMA_3_2_1B), "num_hidden_layers": layers}
+    recipe = hashlib.sha256(json.dumps([shape, SPECIAL, TEMPLATE, 1]).encode()).hexdigest()[:12]
+    folder = out / f"{name}-{layers}l-{recipe}"
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
         return folder
     import torch
@@ -85,10 +88,11 @@ def build_model(out: Path, layers: int) -> Path:
                                   pad_token="<|finetune_right_pad_id|>", chat_template=TEMPLATE,
                                   additional_special_tokens=["<|end_of_text|>", "<|start_header_id|>",
                                                              "<|end_header_id|>"], model_max_length=131072)
-    cfg = LlamaConfig(**{**LLAMA_3_2_1B, "num_hidden_layers": layers}, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.generation_config.pad_token_id = tok.pad_token_id
     tmp = folder.with_name(folder.name + ".partial")
     model.save_pretrained(tmp)
@@ -185,51 +189,68 @@ def disk(root: Path, seen: set | None = None) -> int:
     return total
 
 
-# the table's rows: a label and the phases it sums, per side (stage phases are prefixed by the stage's name)
-ROWS = [("data preparation", ["context", "prepare"], ["data", "prepare"]), ("model load", ["model load"],
-        ["model load"]), ("evaluate before", ["evaluate before"], ["evaluate before"]), ("train", ["train"], ["train"]),
-        ("evaluate after", ["evaluate after"], ["evaluate after"]), ("save", ["save"], ["save"]),
-        ("merge", ["merge"], ["merge"]), ("store: verify + place", ["verify", "place"], [])]
+# the table's rows: a label and the phases it sums (stage phases; the TRL script's "data" is its load_dataset)
+ROWS = [("data preparation", ["context", "prepare", "data"]), ("model load", ["model load"]),
+        ("evaluate before", ["evaluate before"]), ("train", ["train"]), ("evaluate after", ["evaluate after"]),
+        ("save", ["save"]), ("merge", ["merge"]), ("store: verify + place", ["verify", "place"])]
 EVAL_PHASES = ("evaluate before", "evaluate after")
 
 
-def summarise(manifest: dict, script: dict, walls: dict[str, float]) -> list[str]:
-    lines = [f"{'phase':<30}{'alignctl s':>11}{'peak MiB':>10}{'TRL script s':>14}{'peak MiB':>10}"]
-
-    def row(label, a_s, a_m, b_s, b_m):
-        f = lambda v, w, p: f"{v:>{w}.{p}f}" if v is not None else " " * (w - 1) + "-"  # noqa: E731
-        lines.append(f"{label:<30}{f(a_s, 11, 1)}{f(a_m, 10, 0)}{f(b_s, 14, 1)}{f(b_m, 10, 0)}")
-
-    pick = lambda rec, keys: ([rec[k] for k in keys if k in rec])  # noqa: E731
-    secs = lambda recs: sum(r["seconds"] for r in recs) if recs else None  # noqa: E731
-    peak = lambda recs: max((r.get("peak_rss_mb") or 0 for r in recs), default=None) or None  # noqa: E731
-    row("plan (alignctl plan)", walls["plan"], None, None, None)
-    run_level = [manifest["phases"][k] for k in ("pre-flight", "fingerprint") if k in manifest["phases"]]
-    row("pre-flight + fingerprint", secs(run_level), peak(run_level), None, None)
-    ratios = []
+def alignctl_stages(manifest: dict) -> dict[str, dict]:
+    """Each stage's phases (its lifecycle's and the store's steps), and its whole wall time as ``total``."""
+    out = {}
     for s in manifest["stages"]:
-        name, phases = s["name"], dict(s["metrics"]["phases"])
+        phases = dict(s["metrics"]["phases"])
         phases.update({k: {"seconds": v} for k, v in (s.get("store_seconds") or {}).items()})
-        mine = {k[len(name) + 2:]: v for k, v in script.items() if k.startswith(name + ": ")}
-        for label, ours, theirs in ROWS:
-            a, b = pick(phases, ours), pick(mine, theirs)
-            row(f"{name}: {label}", secs(a), peak(a), secs(b), peak(b))
-        row(f"{name}: stage total", s["seconds"], None, secs(list(mine.values())), None)
-        train = phases["train"]["seconds"]
-        evaluation = sum(phases[k]["seconds"] for k in EVAL_PHASES if k in phases)
-        outside = s["seconds"] - train
-        their_train = mine["train"]["seconds"]
-        their_eval = sum(mine[k]["seconds"] for k in EVAL_PHASES)
-        their_outside = sum(v["seconds"] for v in mine.values()) - their_train
-        eval_peak = max(phases[k].get("peak_rss_mb", 0) for k in EVAL_PHASES if k in phases)
-        ratios.append(f"{name}: outside train() / train() {outside / train:.2f} (script {their_outside / their_train:.2f})"
-                      f"; without the evaluation {(outside - evaluation) / train:.2f} (script "
-                      f"{(their_outside - their_eval) / their_train:.2f}; target <= 0.2); evaluation / the script's "
-                      f"{evaluation / their_eval:.2f}; evaluation peak / training peak "
-                      f"{eval_peak / phases['train']['peak_rss_mb']:.2f} (script "
-                      f"{max(mine[k]['peak_rss_mb'] for k in EVAL_PHASES) / mine['train']['peak_rss_mb']:.2f}; "
-                      f"target <= 1.3)")
-    row("whole command (wall)", walls["run"], None, walls["script"], None)
+        out[s["name"]] = {"phases": phases, "total": s["seconds"]}
+    return out
+
+
+def script_stages(records: dict) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for key, rec in records.items():
+        stage, phase = key.split(": ", 1)
+        out.setdefault(stage, {"phases": {}})["phases"][phase] = rec
+    for v in out.values():
+        v["total"] = sum(r["seconds"] for r in v["phases"].values())
+    return out
+
+
+def summarise(sides: list[tuple[str, dict, dict | None]], walls: dict[str, float]) -> list[str]:
+    """The per-phase table (seconds and peak resident MiB of each side) and the ratios; ``sides``: (label, stages,
+    run-level phases or None)."""
+    head = f"{'phase':<30}" + "".join(f"{label + ' s':>16}{'MiB':>7}" for label, _, _ in sides)
+    lines = [head]
+    num = lambda v, w, p: f"{v:>{w}.{p}f}" if v is not None else " " * (w - 1) + "-"  # noqa: E731
+
+    def row(label, cells):
+        lines.append(f"{label:<30}" + "".join(f"{num(a, 16, 1)}{num(b, 7, 0)}" for a, b in cells))
+
+    def cell(phases, keys):
+        recs = [phases[k] for k in keys if k in phases]
+        if not recs:
+            return None, None
+        return sum(r["seconds"] for r in recs), max((r.get("peak_rss_mb") or 0) for r in recs) or None
+
+    row("plan (alignctl plan)", [(walls.get("plan"), None) if run else (None, None) for _, _, run in sides])
+    row("pre-flight + fingerprint", [cell(run, ["pre-flight", "fingerprint"]) if run else (None, None)
+                                     for _, _, run in sides])
+    ratios = []
+    for name in sides[0][1]:
+        for label, keys in ROWS:
+            row(f"{name}: {label}", [cell(st[name]["phases"], keys) for _, st, _ in sides])
+        row(f"{name}: stage total", [(st[name]["total"], None) for _, st, _ in sides])
+        for label, st, _ in sides:
+            ph, total = st[name]["phases"], st[name]["total"]
+            train = ph["train"]["seconds"]
+            evaluation = sum(ph[k]["seconds"] for k in EVAL_PHASES if k in ph)
+            eval_peak = max(ph[k].get("peak_rss_mb", 0) for k in EVAL_PHASES if k in ph)
+            bookkeeping = (total - train - evaluation) / train
+            ratios.append(f"{name} {label}: train() {train:.0f} s; outside train() / train() "
+                          f"{(total - train) / train:.2f}, without the evaluation {bookkeeping:.2f}"
+                          f" (target <= 0.2); evaluation peak / training peak "
+                          f"{eval_peak / ph['train']['peak_rss_mb']:.2f} (target <= 1.3)")
+    row("whole command (wall)", [(walls.get(key), None) for key in walls.get("order", [])])
     return lines + ratios
 
 
@@ -243,6 +264,8 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=16)
     ap.add_argument("--dir", default=None, help="where to write the model, data and outputs (default: a temporary "
                                                 "folder); the model and data already there are reused")
+    ap.add_argument("--work", default=None, help="a work folder of an earlier --keep run: the commands that "
+                                                 "finished there are not run again")
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
     ap.add_argument("--handwritten", nargs=5, metavar=("WORK", "MODEL", "OUT", "STEPS", "MAX_LENGTH"),
                     help=argparse.SUPPRESS)
@@ -252,36 +275,51 @@ def main() -> None:
         return handwritten(Path(work), Path(model), Path(out), int(steps), int(length))
 
     base = Path(args.dir) if args.dir else None
-    with contextlib.nullcontext(tempfile.mkdtemp(dir=base)) if args.keep else \
+    keep = args.keep or args.work
+    with contextlib.nullcontext(args.work or tempfile.mkdtemp(dir=base)) if keep else \
             tempfile.TemporaryDirectory(dir=base) as tmp:
         work = Path(tmp)
         shared = base or work  # the model and data: reused from --dir by later invocations
         t0 = time.perf_counter()
-        model = build_model(shared, args.layers)
+        model = Path(json.loads((work / "walls.json").read_text())["model"]) if (work / "walls.json").is_file() \
+            else build_model(shared, args.layers)
         params = json.loads((model / "config.json").read_text())
         print(f"model: {model.name} ({params['num_hidden_layers']} layers), ready in {time.perf_counter() - t0:.0f} s",
               flush=True)
-        data = shared / f"data-{args.sft_rows}-{args.pairs}-{args.held_out}"
-        if not data.is_dir():
-            write_data(data.with_suffix(".partial"), args.sft_rows, args.pairs, args.held_out)
-            data.with_suffix(".partial").rename(data)
-        (work / "data").symlink_to(data)
+        if not (work / "data").exists():
+            data = shared / f"data-{args.sft_rows}-{args.pairs}-{args.held_out}"
+            if not data.is_dir():
+                write_data(data.with_suffix(".partial"), args.sft_rows, args.pairs, args.held_out)
+                data.with_suffix(".partial").rename(data)
+            (work / "data").symlink_to(data)
         overrides = alignctl_overrides(work, model, args.steps, args.max_length)
         cli = [sys.executable, "-m", "alignctl.cli"]
-        walls = {"plan": timed([*cli, "plan", *overrides])}
-        print(f"plan {walls['plan']:.1f} s", flush=True)
-        walls["run"] = timed([*cli, "run", *overrides])
-        print(f"alignctl run {walls['run']:.1f} s", flush=True)
+        walls_file = work / "walls.json"
+        walls = json.loads(walls_file.read_text()) if walls_file.is_file() else {"model": str(model)}
+        walls["order"] = ["run", "again", "script"]
+        # the same run with both learning rates changed: both stages train again, on data prepared by the first
+        again = [*[o for o in overrides if not o.startswith("hydra.run.dir=")], f"hydra.run.dir={work / 'run2'}",
+                 f"stages.sft.learning_rate={SFT['learning_rate'] * 2}",
+                 f"stages.dpo.learning_rate={DPO['learning_rate'] * 2}"]
         out = work / "trl"
-        walls["script"] = timed([sys.executable, __file__, "--handwritten", str(work), str(model), str(out),
-                                 str(args.steps), str(args.max_length)], {"HF_DATASETS_CACHE": str(work / "hf")})
-        print(f"TRL script {walls['script']:.1f} s", flush=True)
-        manifest = json.loads((work / "run" / "manifest.json").read_text())
-        script = json.loads((out / "phases.json").read_text())
-        for line in summarise(manifest, script, walls):
+        steps = [("plan", [*cli, "plan", *overrides], None), ("run", [*cli, "run", *overrides], None),
+                 ("again", [*cli, "run", *again], None),
+                 ("script", [sys.executable, __file__, "--handwritten", str(work), str(model), str(out),
+                             str(args.steps), str(args.max_length)], {"HF_DATASETS_CACHE": str(work / "hf")})]
+        for key, cmd, env in steps:
+            if key not in walls:
+                walls[key] = timed(cmd, env)
+                walls_file.write_text(json.dumps(walls))
+            print(f"{key}: {walls[key]:.1f} s", flush=True)
+        first, second = (json.loads((work / d / "manifest.json").read_text()) for d in ("run", "run2"))
+        sides = [("alignctl", alignctl_stages(first), first["phases"]),
+                 ("again", alignctl_stages(second), second["phases"]),
+                 ("TRL script", script_stages(json.loads((out / "phases.json").read_text())), None)]
+        for line in summarise(sides, walls):
             print(line)
         inodes: set = set()
-        ours = {"store": disk(work / "out" / ".store", inodes), "run folder beyond the store": disk(work / "run", inodes),
+        ours = {"store": disk(work / "out" / ".store", inodes),
+                "run folders beyond the store": disk(work / "run", inodes) + disk(work / "run2", inodes),
                 "caches": disk(work / "out" / ".cache", inodes)}
         theirs = {"outputs": disk(out), "datasets cache": disk(work / "hf")}
         print("disk written: alignctl " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in ours.items())

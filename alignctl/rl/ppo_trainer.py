@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -162,7 +163,9 @@ class PPOTrainer:
     def update(self) -> dict:
         c = self.config
         rows = [self.prompts[i] for i in self._prompt_indices(self.step)]
+        t0 = time.perf_counter()
         chunks = self.rollout(rows)
+        rollout_s, t0 = time.perf_counter() - t0, time.perf_counter()
         stats = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl", "ent", "ratio")}
         seq_kl, scores, non_score, entropy = [], [], [], []
         for ch in chunks:
@@ -182,6 +185,9 @@ class PPOTrainer:
                     with self.acc.accumulate(self.wrapped):
                         self._micro_step(part, stats)
         self.scheduler.step()
+        update_s = time.perf_counter() - t0  # this process's; the answers' tokens are all processes'
+        mine = torch.stack([ch["mask"].sum() for ch in chunks]).sum().float().reshape(1)
+        answer_tokens = self.acc.gather(mine).sum().item()
         self.kl.update(self._mean(torch.cat(seq_kl)), self.batch)
         self.step += 1
         mean = lambda xs: self._mean(torch.stack(xs)) if xs else float("nan")  # noqa: E731
@@ -194,7 +200,8 @@ class PPOTrainer:
                 "loss/policy_avg": mean(stats["pg"]), "loss/value_avg": mean(stats["vf"]),
                 "val/clipfrac_avg": mean(stats["vclip"]), "policy/entropy_avg": mean(stats["ent"]),
                 "val/ratio": mean(stats["ratio"]), "lr": self.scheduler.get_last_lr()[0],
-                "episode": self.step * self.batch}
+                "episode": self.step * self.batch, "time/rollout": rollout_s, "time/update": update_s,
+                "tokens/answers": answer_tokens}
 
     def _micro_step(self, part, stats) -> None:
         c, dev = self.config, self.acc.device

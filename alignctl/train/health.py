@@ -59,11 +59,12 @@ def check_saved_finite(folder: str | Path, stage: str) -> None:
         raise _diverged(stage, [f"saved weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"])
 
 
-def check_weights_finite(model, stage: str) -> None:
-    """Fail the stage when a weight is NaN/inf (the Trainer's logging_nan_inf_filter can hide a NaN loss)."""
+def check_weights_finite(model, stage: str, what: str = "weights") -> None:
+    """Fail the stage when a weight is NaN/inf (the Trainer's logging_nan_inf_filter can hide a NaN loss; a merge
+    into fp16 weights can overflow: ``what`` = "merged weights")."""
     import torch
 
     with torch.no_grad():
         bad = [n for n, p in model.named_parameters() if p.numel() and not bool(torch.isfinite(p).all())]
     if bad:
-        raise _diverged(stage, [f"weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"])
+        raise _diverged(stage, [f"{what} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"])

@@ -9,9 +9,9 @@
 * **train**, resuming from the spec's checkpoint;
 * **health**: a NaN/inf training loss, metric or weight fails the stage (:mod:`alignctl.train.health`);
 * **evaluate after**, the same measures on the trained weights;
-* **save** (rank 0; sharded weights are gathered on every rank): ``final/`` as a plain HF model (with an adapter:
-  ``adapter/`` now, merged into the base weights once the trainer's memory is released) or the data set the kind
-  generated, each written beside it and renamed into place after the entry's lock is checked (``owner_guard``).
+* **save** (rank 0; sharded weights are gathered on every rank): ``final/`` as a plain HF model (with LoRA:
+  ``adapter/``, and the adapter merged into the base weights in memory; over a 4-bit or gathered base, merged into
+  a fresh load of it once the trainer's memory is released) or the data set the kind generated, each written beside it and renamed into place after the entry's lock is checked (``owner_guard``).
 
 The kind's ``extra_metrics`` may add to the metrics. Placing ``final/`` into the run folder is alignctl.store's.
 """
@@ -276,6 +276,11 @@ def save(ctx: StageContext, trainer: Trainable) -> dict[str, Any] | None:
         models.save_final(model, ctx.tokenizer, ctx.dir / "final", ctx.guard)
         return None
     models.save_adapter(model, ctx.tokenizer, ctx.dir / "adapter", ctx.guard)
+    if method == "lora":  # the base weights are in memory as loaded: merged here (4-bit bases are loaded again)
+        merged = models.merge_loaded(model, ctx.tokenizer)
+        check_weights_finite(merged, ctx.spec.name, "merged weights")  # a merge into fp16 weights can overflow
+        models.save_final(merged, ctx.tokenizer, ctx.dir / "final", ctx.guard)
+        return None
     return _merge_plan(ctx, ctx.dir / "adapter")
 
 

@@ -250,26 +250,20 @@ def test_removing_the_upstream_entry_retrains_the_downstream_stage(tmp_path, cap
     assert all(s["reused_from"] for s in third["stages"])
 
 
-# -- N10: merged weights are checked on disk --------------------------------------------------------------------------
+# -- N10: merged weights are checked (in memory for LoRA, on disk after a 4-bit or gathered merge) -----------------
 def test_a_merged_final_with_a_nan_tensor_fails_the_stage(tmp_path, monkeypatch):
-    from safetensors.torch import load_file, save_file
-
     from alignctl.errors import StageFailed
 
-    merge = models.merge_adapter
+    merge = models.merge_loaded
 
-    def merge_overflowing(**kw):  # as a merge into fp16 base weights that overflows
-        out = merge(**kw)
-        f = Path(out) / "model.safetensors"
-        tensors = load_file(str(f))
-        name = next(k for k, v in tensors.items() if v.is_floating_point())
-        tensors[name].view(-1)[0] = float("nan")
-        save_file(tensors, str(f), metadata={"format": "pt"})
-        return out
+    def merge_overflowing(model, tokenizer):  # as a merge into fp16 base weights that overflows
+        merged = merge(model, tokenizer)
+        next(p for p in merged.parameters() if p.is_floating_point()).data.view(-1)[0] = float("nan")
+        return merged
 
-    monkeypatch.setattr(models, "merge_adapter", merge_overflowing)
+    monkeypatch.setattr(models, "merge_loaded", merge_overflowing)
     ov = [recipe(tmp_path, tmp_path / "out"), "peft=lora", *fast()]
-    with pytest.raises(StageFailed, match=r"non-finite saved weights \("):
+    with pytest.raises(StageFailed, match=r"non-finite merged weights \("):
         run(ov, tmp_path / "run")
     assert not list((tmp_path / "out" / ".store").glob("*/COMPLETE"))
 
