@@ -38,10 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 
 # -- statistics -----------------------------------------------------------------------------------------------------

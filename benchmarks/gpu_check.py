@@ -128,7 +128,8 @@ def handwritten(work: Path, model_dir: Path, out: Path, peft: str, stage: dict) 
         with clock.phase(f"{name}: save"):
             trainer.save_model(str(out / name))
         del trainer, model
-        torch.cuda.empty_cache() if cuda else None
+        if cuda:
+            torch.cuda.empty_cache()
         if peft == "none":
             return out / name
         with clock.phase(f"{name}: merge"):  # the next stage starts from plain weights, as alignctl's does

@@ -11,7 +11,8 @@
 * **evaluate after**, the same measures on the trained weights;
 * **save** (rank 0; sharded weights are gathered on every rank): ``final/`` as a plain HF model (with LoRA:
   ``adapter/``, and the adapter merged into the base weights in memory; over a 4-bit or gathered base, merged into
-  a fresh load of it once the trainer's memory is released) or the data set the kind generated, each written beside it and renamed into place after the entry's lock is checked (``owner_guard``).
+  a fresh load of it once the trainer's memory is released) or the data set the kind generated, each written beside
+  it and renamed into place after the entry's lock is checked (``owner_guard``).
 
 The kind's ``extra_metrics`` may add to the metrics. Placing ``final/`` into the run folder is alignctl.store's.
 """
