@@ -8,13 +8,17 @@ holds a CUDA context on GPU 0 until it exits. With ``launcher=local`` the stages
 the checks run there. Under torchrun / accelerate the orchestrator only waits for its ranks, and a context kept
 there would take memory from rank 0 for the whole run (or, on GPUs in EXCLUSIVE_PROCESS mode, stop rank 0 from
 using its GPU at all), so the checks run in a short-lived process instead:
-``python -m alignctl.probe <stages.json> <result.json>`` (the stages as their spec.json hold them).
+``python -m alignctl.probe <stages.json> <result.json>`` (the stages as their spec.json hold them). On a machine
+with no GPU at all (no visible CUDA device, no ROCm tools: :func:`no_gpu`) there is no context to keep off one,
+and the checks run in the orchestrator under every launcher (a separate process costs a TRL import, ~7 s).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,8 +36,8 @@ TIMEOUT_S = 900  # a check process that hangs this long (a stuck file system, a 
 
 def run(stages: list[StageSpec], launcher: dict | None) -> dict:
     """``{"numerics": [per stage: precision, precision_setting, peft], "problems": [...]}``, computed in this process
-    for the local launcher and in a separate process for torchrun / accelerate."""
-    if (launcher or {}).get("kind", "local") == "local":
+    for the local launcher or a machine without GPUs, and in a separate process for torchrun / accelerate."""
+    if (launcher or {}).get("kind", "local") == "local" or no_gpu():
         return check(stages)
     return _in_subprocess(stages)
 
@@ -61,6 +65,16 @@ def check(stages: list[StageSpec]) -> dict:
     for s in stages:
         problems += [p for p in models.device_problems(s) if p not in problems]  # attention, 4-bit on this machine
     return {"numerics": [{k: getattr(s, k) for k in NUMERIC_KEYS} for s in resolved], "problems": problems}
+
+
+def no_gpu() -> bool:
+    """True when this machine has no GPU a check could take a context on (without importing torch): no CUDA device
+    visible (CUDA_VISIBLE_DEVICES, nvidia-smi) and no ROCm (HIP/ROCR_VISIBLE_DEVICES, rocm-smi). Unsure: False."""
+    from alignctl.config.launcher import gpu_count
+
+    if gpu_count() or shutil.which("rocm-smi") or shutil.which("amd-smi"):
+        return False
+    return not any(os.environ.get(k) for k in ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"))
 
 
 def report_to_problems(report_to: Any, where: str) -> list[str]:

@@ -211,12 +211,15 @@ def test_sighup_stops_a_run_like_sigterm():
 
 
 # -- F31: the pre-flight checks under torchrun / accelerate stay off the orchestrator's GPU -------------------------
-def test_preflight_under_torchrun_initialises_neither_cuda_nor_accelerate_here(cache_root, tmp_path, alignctl_log):
+def test_preflight_under_torchrun_initialises_neither_cuda_nor_accelerate_here(cache_root, tmp_path, alignctl_log,
+                                                                             monkeypatch):
     """Building a TRL config creates accelerate's PartialState (GPU 0 selected) and resolving precision auto
-    initialises CUDA: under torchrun both happen in a short-lived process, not in the orchestrator (this one)."""
+    initialises CUDA: under torchrun both happen in a short-lived process, not in the orchestrator (this one).
+    On a machine without GPUs the checks run in the orchestrator (nothing to protect): forced here as with a GPU."""
     import torch
     from accelerate.state import PartialState
 
+    from alignctl import probe
     from alignctl.config.compose import compose
     from alignctl.config.resolve import resolve
     from alignctl.errors import ConfigError
@@ -229,6 +232,7 @@ def test_preflight_under_torchrun_initialises_neither_cuda_nor_accelerate_here(c
     had_training_args = "transformers.training_args" in sys.modules
     saved = dict(PartialState._shared_state)  # an earlier test in this process may have trained here
     PartialState._shared_state.clear()
+    monkeypatch.setattr(probe, "no_gpu", lambda: False)
     try:
         prepared = pipeline.preflight(*stages())
         assert PartialState._shared_state == {}
@@ -245,6 +249,20 @@ def test_preflight_under_torchrun_initialises_neither_cuda_nor_accelerate_here(c
     want = "fp32" if not torch.cuda.is_available() else None
     assert [s.precision_setting for s in prepared] == ["auto", "auto"]
     assert want is None or [s.precision for s in prepared] == [want, want]
+
+
+def test_no_gpu_reads_the_visible_devices_without_torch(monkeypatch):
+    from alignctl import probe
+
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no nvidia-smi, rocm-smi, amd-smi
+    for k in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        monkeypatch.delenv(k, raising=False)
+    assert probe.no_gpu()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert not probe.no_gpu()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "0")
+    assert not probe.no_gpu()
 
 
 # -- F32: a single-machine accelerate launch whose port was taken is retried ---------------------------------------
