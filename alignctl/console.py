@@ -189,8 +189,9 @@ def eval_line(stage: str, metrics: dict) -> str | None:
     if "eval_reward_mean" in after and "eval_reward_mean" in before:
         parts.append(f"reward {before['eval_reward_mean']:.3g} -> {after['eval_reward_mean']:.3g}")
     if "eval_win_rate" in after:
-        parts.append(f"win rate {after['eval_win_rate']:.2f} [{after['eval_win_rate_low']:.2f}, "
-                     f"{after['eval_win_rate_high']:.2f}]")
+        from alignctl.metrics import win_text
+
+        parts.append(f"win rate {win_text(after)}")
     took = f" in {info['seconds']:.1f} s" if isinstance(info.get("seconds"), (int, float)) else ""
     return (f"[{stage}] held-out answers ({info.get('prompts')} prompts, <= {info.get('max_new_tokens')} tokens"
             f"{took}): " + ", ".join(parts))

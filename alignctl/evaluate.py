@@ -27,7 +27,9 @@ most ``eval.max_prompts`` held-out prompts: one completion per prompt sampled wi
 * with a reward model: ``eval_reward_mean`` / ``eval_reward_std`` before and after, and ``eval_win_rate``:
   the share of prompts whose after-training answer the reward model scores above the before-training
   answer (ties count half), with a 95% Wilson score interval (``eval_win_rate_low`` / ``_high``);
-  ``eval_win_rate_ref`` the same against the reference's answers;
+  ``eval_win_rate_ref`` the same against the reference's answers; ``eval_win_rate_lc`` (``_lc_low`` / ``_lc_high``)
+  the length-controlled win rate, the win rate at equal answer length (alignctl.length_control), and
+  ``eval_win_rate_length_coef`` how strongly the reward model's preference followed the length difference;
 * ``<stage>/samples.jsonl``: one line per prompt, {prompt, before, after, scores, kl}.
 
 Nothing at module level imports torch. The ``eval`` group's settings are alignctl.config.eval_settings.

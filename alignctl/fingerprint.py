@@ -14,7 +14,8 @@ fingerprint. It covers:
   revision, or the fingerprint of the stage that generates it;
 * the model settings, local model folders by content (checked again when the stage starts), the precision actually
   used (``auto`` resolved on the machine: bf16 / fp16 / fp32) and the peft settings (the QLoRA compute dtype resolved
-  the same way), world size and distributed engine, the kind's options;
+  the same way), world size and distributed engine, the kind's options (with the ``monitors`` that can stop the
+  stage, ``stop_when`` and their thresholds, as ``monitor_stops``; warning thresholds alone do not change weights);
 * the launcher settings that change numerics: ``extra_args``, ``env`` (minus credentials, tracking, logging and
   cache variables) and the content of the accelerate / DeepSpeed config files (minus where-to-run keys);
 * the fingerprints of the stages it links to (alignctl.config.links), or the linked model's identity (a Hub link at its

@@ -28,6 +28,19 @@ def headline(stage: dict) -> str:
     return head
 
 
+def win_text(after: dict, digits: int = 2) -> str:
+    """``0.80 [0.69, 0.88], LC 0.74 [0.60, 0.85]``: the win rate with its interval, and the length-controlled one
+    (alignctl.length_control) where measured; empty without a win rate."""
+    if "eval_win_rate" not in after:
+        return ""
+    f = f".{digits}f"
+    out = f"{after['eval_win_rate']:{f}} [{after['eval_win_rate_low']:{f}}, {after['eval_win_rate_high']:{f}}]"
+    if "eval_win_rate_lc" in after:
+        out += (f", LC {after['eval_win_rate_lc']:{f}} [{after['eval_win_rate_lc_low']:{f}}, "
+                f"{after['eval_win_rate_lc_high']:{f}}]")
+    return out
+
+
 def metric(manifest: dict, name: str | None = None) -> float | None:
     """A metric after training: ``name`` of the last stage, ``<stage>:<name>``, or (None) the last stage's headline."""
     stages = manifest["stages"]

@@ -25,6 +25,7 @@ from alignctl.evaluate import (
     token_logps,
     win_rate,
 )
+from alignctl.length_control import lc_win_rate
 
 if TYPE_CHECKING:
     from alignctl.config.types import EvalSettings
@@ -153,6 +154,13 @@ class PolicyEval:
         if "before" in self.scores and "after" in self.scores:
             w = win_rate(self.scores["after"], self.scores["before"])
             after.update(eval_win_rate=w["rate"], eval_win_rate_low=w["low"], eval_win_rate_high=w["high"])
+            if "before" in self.logps and "after" in self.logps:  # the same at equal answer length
+                lc = lc_win_rate(self.scores["after"], self.scores["before"], [n for _, n in self.logps["after"]],
+                                 [n for _, n in self.logps["before"]])
+                after.update({k: v for k, v in (("eval_win_rate_lc", lc["rate"]), ("eval_win_rate_lc_low", lc["low"]),
+                                                ("eval_win_rate_lc_high", lc["high"]),
+                                                ("eval_win_rate_length_coef", lc["length_coef"]))
+                              if math.isfinite(v)})
             ref = self.scores.get("reference", self.scores["before"] if self.ref_is_initial else None)
             if ref is not None:
                 after["eval_win_rate_ref"] = win_rate(self.scores["after"], ref)["rate"]
@@ -181,4 +189,5 @@ class PolicyEval:
         s = self.settings
         return {"prompts": len(self.prompts), "max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
                 "seed": s.seed, "reward": s.reward, "interval": "95% Wilson score, ties count half",
+                "lc_interval": "95% percentile bootstrap over prompts (alignctl.length_control)",
                 "seconds": round(self.seconds, 2)}

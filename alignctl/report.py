@@ -19,11 +19,12 @@ from alignctl.metrics import (
 )
 
 # Besides each stage's headline, the sweep table shows these metrics after training (when measured).
-SWEEP_EXTRA = ("eval_win_rate", "eval_kl", "eval_reward_mean", "eval_pref_accuracy_norm")
+SWEEP_EXTRA = ("eval_win_rate", "eval_win_rate_lc", "eval_kl", "eval_reward_mean", "eval_pref_accuracy_norm")
 # Training curves worth plotting, in order, when a stage logged them (TRL's names).
 CURVES = ("loss", "rewards/margins", "rewards/accuracies", "objective/scores", "objective/kl", "objective/kl_coef",
-          "objective/rlhf_reward",
-          "reward", "kl", "eval_loss", "eval_rewards/accuracies", "eval_accuracy")
+          "objective/rlhf_reward", "monitor/reward_std", "monitor/length", "monitor/length_corr", "monitor/truncated",
+          "reward", "reward_std", "completions/mean_length", "kl", "eval_loss", "eval_rewards/accuracies",
+          "eval_accuracy")
 
 
 def _plt():
@@ -116,6 +117,10 @@ def _evaluation_section(run_dir: Path, s: dict) -> list[str]:
     if "eval_win_rate" in after:
         lines.append(f"| win rate after vs before [95% Wilson CI, ties half] | | {after['eval_win_rate']:.3f} "
                      f"[{after['eval_win_rate_low']:.3f}, {after['eval_win_rate_high']:.3f}] |")
+    if "eval_win_rate_lc" in after:
+        lines.append(f"| length-controlled win rate after vs before [95% bootstrap CI] (length coefficient "
+                     f"{after.get('eval_win_rate_length_coef', float('nan')):.2f}) | | {after['eval_win_rate_lc']:.3f} "
+                     f"[{after['eval_win_rate_lc_low']:.3f}, {after['eval_win_rate_lc_high']:.3f}] |")
     if "eval_win_rate_ref" in after:
         lines.append(f"| win rate after vs reference | | {after['eval_win_rate_ref']:.3f} |")
     lines.append("")
@@ -132,6 +137,35 @@ def _evaluation_section(run_dir: Path, s: dict) -> list[str]:
             lines.append(f"| {cell(r['prompt'])} | {cell(r.get('before', ''))} | {cell(r['after'])} |{extra}")
         lines.append("")
     return lines
+
+
+def _monitor_section(s: dict) -> list[str]:
+    """A stage's reward-hacking monitors (alignctl.train.monitors): each signal first and last, its threshold,
+    when it fired; a stop."""
+    from alignctl.train.monitors import MONITORS
+
+    mon = (s.get("metrics") or {}).get("monitors")
+    if not mon:
+        return []
+    series, thr = mon.get("series") or {}, mon.get("thresholds") or {}
+    fired: dict[str, list[int]] = {}
+    for e in mon.get("events") or []:
+        fired.setdefault(e["monitor"], []).append(e["step"])
+    lines = [f"### {s['name']} ({s['trainer']})", "",
+             "| monitor | signal | first | last | threshold | fired at update |", "|" + " --- |" * 6]
+    for name, (signal, rule, _, _) in MONITORS.items():
+        pts = series.get(signal) or []
+        if not pts:
+            continue
+        t = thr.get(name)
+        limit = "off" if t is None else f"< best − {t:g}" if rule == "below_best" else \
+            f"{'<' if rule.startswith('below') else '>'} {t:g}" + (" × first" if rule.endswith("_first") else "")
+        stop = " (stops)" if name in thr.get("stop_when", []) else ""
+        lines.append(f"| {name}{stop} | {signal} | {fmt(pts[0][1])} | {fmt(pts[-1][1])} | {limit} | "
+                     f"{', '.join(map(str, fired.get(name, []))) or '—'} |")
+    if mon.get("stopped"):
+        lines += ["", f"Stopped at update {mon['stopped']['step']} by `{mon['stopped']['monitor']}`."]
+    return [*lines, ""]
 
 
 def _kind_sections(manifest: dict, run_dir: Path) -> list[str]:
@@ -182,6 +216,9 @@ def write_run_report(manifest: dict) -> Path:
                   f"(`alignctl store ls --store {st['dir']}`, `alignctl store gc`)", ""]
     lines += [*plots, ""]
     lines += _kind_sections(manifest, run_dir)
+    watched = [line for s in manifest["stages"] for line in _monitor_section(s)]
+    if watched:
+        lines += ["## Reward-hacking monitors", "", *watched]
     evaluation = [line for s in manifest["stages"] for line in _evaluation_section(run_dir, s)]
     if evaluation:
         lines += ["## Held-out evaluation", "", *evaluation]

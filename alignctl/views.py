@@ -15,7 +15,7 @@ from alignctl.config.links import LINKS
 from alignctl.config.peft import describe_peft
 from alignctl.config.redact import redact_text
 from alignctl.config.types import DataSpec, EvalSettings, RunSpec, StageSpec
-from alignctl.metrics import fmt, headline
+from alignctl.metrics import fmt, headline, win_text
 from alignctl.stages import STAGES, StageKind
 
 
@@ -166,12 +166,12 @@ def summary(manifest: dict, console: Console | None = None) -> None:
     """The table at the end of a run: each stage's status, time, train loss and headline metric before -> after."""
     console = console or Console(width=max(Console().width, 140), soft_wrap=True)
     table = Table("stage", "trainer", "status", "seconds", "train loss", "held-out metric", "before", "after",
-                  "KL/token", "win rate [95% CI]", title=_esc(f"{manifest['recipe']}: {manifest['status']}"))
+                  "KL/token", "win rate [95% CI], length-controlled",
+                  title=_esc(f"{manifest['recipe']}: {manifest['status']}"))
     for s in manifest["stages"]:
         m = s.get("metrics") or {}
         head, after = headline(s), m.get("after") or {}
-        win = (f"{after['eval_win_rate']:.2f} [{after['eval_win_rate_low']:.2f}, {after['eval_win_rate_high']:.2f}]"
-               if "eval_win_rate" in after else "")
+        win = win_text(after)
         table.add_row(_esc(s["name"]), s["trainer"], s["status"], fmt(s.get("seconds", "")),
                       fmt(m.get("train", {}).get("train_loss", "")), head,
                       fmt(m.get("before", {}).get(head, "")), fmt(after.get(head, "")),

@@ -19,7 +19,7 @@ from rich.table import Table
 from alignctl.cli.options import parse, quiet
 from alignctl.config import checks
 from alignctl.errors import ConfigError
-from alignctl.metrics import fmt
+from alignctl.metrics import fmt, win_text
 
 EVAL_USAGE = """\
 usage: alignctl eval <run dir | model folder> [--reference PATH] [--reward PATH] [--prompts DATA] [--out DIR]
@@ -61,11 +61,10 @@ def run(args: list[str]) -> int:
 
 def _print(result: dict, out: Path) -> None:
     table = Table("stage", "prompts", "KL/token before", "KL/token after", "reward before", "reward after",
-                  "win rate [95% CI]", "pref acc (norm)")
+                  "win rate [95% CI], length-controlled", "pref acc (norm)")
     for name, r in result["stages"].items():
         b, a = r.get("before", {}), r.get("after", {})
-        win = (f"{a['eval_win_rate']:.2f} [{a['eval_win_rate_low']:.2f}, {a['eval_win_rate_high']:.2f}]"
-               if "eval_win_rate" in a else "")
+        win = win_text(a)
         table.add_row(name, str(r["eval"].get("prompts", "")), fmt(b.get("eval_kl")), fmt(a.get("eval_kl")),
                       fmt(b.get("eval_reward_mean")), fmt(a.get("eval_reward_mean")), win,
                       fmt(a.get("eval_pref_accuracy_norm")))

@@ -48,13 +48,13 @@ def settings_problems(value: Any, where: str = "eval") -> tuple[dict, list[str]]
 
 def stage_settings(ev: EvalSettings, stage: StageSpec, stages: Sequence[StageSpec], run_seed: int) -> EvalSettings:
     """One stage's evaluation settings: where its prompts, reward model and reference come from. Reward model:
-    ``eval.reward`` (a reward stage, scoring the stages after it, or a path), else the stage's own ``reward`` link,
-    else the nearest earlier reward stage of the recipe."""
+    ``eval.reward`` (a reward stage, scoring the stages after it, or a path), else the stage's own ``audit`` link,
+    else its ``reward`` link, else the nearest earlier reward stage of the recipe."""
     run = {"enabled": ev.enabled, "max_prompts": ev.max_prompts, "max_new_tokens": ev.max_new_tokens,
            "temperature": ev.temperature, "seed": ev.seed, "prompts_data": ev.prompts_data, "reward": ev.reward,
            "reward_load": ev.reward_load}
-    out = _settings(run, stage.kind, stage.name, [(s.name, s.kind) for s in stages], stage.run_dir,
-                    _own_reward(stage.link("reward")), run_seed)
+    own = _own_reward(stage.link("audit")) or _own_reward(stage.link("reward"))  # an audit judges when there is one
+    out = _settings(run, stage.kind, stage.name, [(s.name, s.kind) for s in stages], stage.run_dir, own, run_seed)
     return EvalSettings(prompts=ev.prompts, **out)
 
 

@@ -1,9 +1,9 @@
 """The links of a stage to other models: one table that every module handling links reads (no torch, no TRL).
 
 A stage names the models it uses with links: ``from`` (its initial weights), ``ref`` (the reference), ``reward``,
-``value`` and ``judge``. :data:`LINKS` says of each what it must point at, whether it may name a model outside the
-recipe (a folder, a Hub id ``org/repo[@revision]`` or a built-in tiny model), whether such a model runs remote code
-only with the stage's ``trust_remote_code_links`` consent, whether it counts in the upstream digest
+``value``, ``judge`` and ``audit``. :data:`LINKS` says of each what it must point at, whether it may name a model
+outside the recipe (a folder, a Hub id ``org/repo[@revision]`` or a built-in tiny model), whether such a model runs
+remote code only with the stage's ``trust_remote_code_links`` consent, whether it counts in the upstream digest
 (alignctl.pipeline), its row label in ``alignctl plan`` and the key of its model folder's content check
 (``StageSpec.model_check``). The resolvers (alignctl.config.resolve_links), fingerprint.py, store.py, pipeline.py,
 views.py, launch.py and the stage lifecycle (alignctl.train) iterate this table instead of listing names
@@ -60,6 +60,8 @@ LINKS: tuple[Link, ...] = (
          causal_lm_note="is a language model: the value model starts from its weights with a freshly initialised "
                         "value head (as expected for PPO)", defaults_to="reward"),
     Link("judge", "judge_path", CAUSAL_LM, external=True, consent=True, upstream=True, label="judge"),
+    # an independent reward model that only measures (each update's answers, the held-out win rates), never trains
+    Link("audit", "audit_path", CLASSIFIER, external=True, consent=True, upstream=True, label="audit reward"),
 )
 # `eval.reward`: the evaluation's reward model (alignctl.evaluate), loaded like an external reward link but never
 # with remote code: evaluation settings are outside the fingerprint and have no consent key of their own.

@@ -15,9 +15,10 @@ from alignctl.config.resolve_links import resolve_links
 from alignctl.config.types import DataSpec, StageSpec
 from alignctl.errors import suggest
 from alignctl.stages import STAGES, StageKind
+from alignctl.train import monitors
 
 STAGE_KEYS = {"trainer", "from", "data", "description", "peft", "global_batch_size", "trust_remote_code_links",
-              "keep_checkpoints"}
+              "keep_checkpoints", "monitors"}
 LINK_KEYS = {link.name for link in link_table.LINKS if link.name not in STAGE_KEYS}  # `from` is a stage key
 # TRL fields alignctl owns or refuses: where it writes, and secrets (they would land in saved configs).
 OWNED_FIELDS = {
@@ -64,13 +65,18 @@ def resolve_stage(name: Any, raw: Any, ctx: Context) -> tuple[StageSpec | None, 
     if not isinstance(keep, bool):
         problems.append(f"{where}.keep_checkpoints: must be true or false, got {keep!r}")
     description = raw.get("description")
+    stage_monitors, more = monitors.resolve(raw.get("monitors"), kind, where)
+    problems += more
+    if monitors.stop_rules(stage_monitors):  # a monitor that can stop the stage changes its weights
+        options["monitor_stops"] = monitors.stop_rules(stage_monitors)
     stage = StageSpec(
         name=name, kind=kind.name, links=links, data=data, args=args, options=options, peft=stage_peft,
         # world size and engine change the trained weights, so they are part of the stage (and its fingerprint)
         world_size=ctx.launcher["world_size"], distributed=ctx.launcher["distributed"], model=ctx.model,
         precision=ctx.precision, precision_setting=ctx.precision, recipe=ctx.recipe, run_dir=str(ctx.run_dir),
         stage_dir=str(ctx.run_dir / name), cache_dir=ctx.cache_dir, store_dir=ctx.store_dir,
-        description=description if isinstance(description, str) else "", keep_checkpoints=keep is True)
+        description=description if isinstance(description, str) else "", keep_checkpoints=keep is True,
+        monitors=stage_monitors)
     if kind.check is not None:  # the kind's own rules (its options, links and fields)
         problems += kind.check(stage, where)
     return stage, problems

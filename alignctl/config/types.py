@@ -197,6 +197,9 @@ class StageSpec(Spec):
     # bookkeeping: never fingerprinted
     description: str = ""
     keep_checkpoints: bool = False
+    # on-policy kinds: thresholds + stop_when (alignctl.train.monitors); the stop rules, which change weights, are
+    # also in options["monitor_stops"] (fingerprinted), the warning thresholds only here
+    monitors: dict[str, Any] | None = None
     eval: EvalSettings | None = None
     entry_dir: str | None = None               # the store entry the stage trains into
     fingerprint: str | None = None

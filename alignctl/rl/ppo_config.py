@@ -1,6 +1,7 @@
 """PPO's configuration: transformers' TrainingArguments (optimiser, schedule, precision, logging, saving, seed) plus
 the PPO fields, under the names TRL 1.12's ``trl.experimental.ppo.PPOConfig`` used, so recipes written for it run
-unchanged; plus ``kl_target`` / ``kl_horizon`` for the adaptive KL controller (Ziegler et al. 2019)."""
+unchanged; plus ``kl_target`` / ``kl_horizon`` for the adaptive KL controller (Ziegler et al. 2019), ``target_kl``
+(early stop of an update's epochs) and ``kl_stop`` (early stop of the stage): a KL that is held, not only penalised."""
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -41,8 +42,15 @@ class PPOConfig(TrainingArguments):
         "help": "Per-token KL estimator: k1 = log(pi/ref), k3 = (ref/pi - 1) - log(ref/pi)."})
     kl_target: float | None = field(default=None, metadata={
         "help": "Target KL to the reference (nats per answer): turns on the adaptive KL controller."})
-    kl_horizon: int = field(default=10000, metadata={
-        "help": "Horizon of the adaptive KL controller, in episodes (Ziegler et al. 2019)."})
+    kl_horizon: float | None = field(default=None, metadata={
+        "help": "Horizon of the adaptive KL controller (Ziegler et al. 2019): episodes when >= 1, a fraction of the "
+                "run's episodes when < 1; default a twentieth of the run's episodes."})
+    target_kl: float | None = field(default=None, metadata={
+        "help": "Stop an update's PPO epochs early once a minibatch's approximate KL between the policy before and "
+                "after the update exceeds 1.5 x this (Schulman et al. 2017; the old TRL PPOConfig's target_kl)."})
+    kl_stop: float | None = field(default=None, metadata={
+        "help": "Stop the stage when an update's rollouts show a KL to the reference above this (nats per answer); "
+                "the stage's output is then the last policy whose rollouts stayed under it."})
     cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value prediction."})

@@ -52,7 +52,7 @@ class PPOTrainer:
     evaluation scores its answers with ``reward_model``, KL against ``ref_model``), ``save_model(dir)``."""
 
     def __init__(self, config, policy, value_model, reward_model, tokenizer, prompts: list[list[int]],
-                 ref_policy=None, stage: str = "stage"):
+                 ref_policy=None, stage: str = "stage", audit_model=None):
         from accelerate import Accelerator
         from transformers import TrainerState, get_scheduler
 
@@ -68,7 +68,7 @@ class PPOTrainer:
         self.batch = self.local_batch * world
         episodes = c.total_episodes or int(c.num_train_epochs * len(prompts))
         self.updates = max(1, math.ceil(episodes / self.batch))
-        self.kl = klmod.controller(c)
+        self.kl = klmod.controller(c, self.updates * self.batch)
         self.is_peft = ref_policy is None and hasattr(policy, "disable_adapter")
         for m in (policy, value_model):
             _no_dropout(m)
@@ -84,10 +84,15 @@ class PPOTrainer:
         self.scheduler = scheduler
         dev = self.acc.device
         self.reward_model = reward_model.to(dev).eval()
+        # scores answers, never trains: per update beside the proxy, and the held-out answers (lifecycle)
+        self.audit_model = None if audit_model is None else audit_model.to(dev).eval()
         self.ref = None if ref_policy is None else ref_policy.to(dev).eval()
         if self.ref is None and not self.is_peft:
             raise ValueError("PPO needs a reference model, or a policy with an adapter to disable")
         self.step, self.state = 0, TrainerState()
+        self.stopped: dict | None = None  # set when kl_stop ended the stage: {update, kl, kl_stop, restored}
+        self._snapshot: dict | None = None  # kl_stop: the policy's trainable weights before the latest update
+        self.monitor = None  # alignctl.train.monitors.Monitor the lifecycle attaches: observe(step, metrics) per update
 
     @property
     def policy(self):
@@ -148,13 +153,17 @@ class PPOTrainer:
                     ref_logits = reference(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
                 ref_logp, _ = core.answer_logprobs(ref_logits, resp, q.shape[1], c.temperature)
                 scores = core.token_scores(self.reward_model, ids, mask, pos)
+                audit = None if self.audit_model is None else core.token_scores(self.audit_model, ids, mask, pos)
             w = q.shape[1]
-            scores = scores.float()[torch.arange(len(resp), device=dev), w + lengths - 1]
+            last = (torch.arange(len(resp), device=dev), w + lengths - 1)
+            scores = scores.float()[last]
             if c.missing_eos_penalty is not None:
                 scores = scores - c.missing_eos_penalty * (~stopped).float()
             amask = (torch.arange(resp.shape[1], device=dev)[None] < lengths[:, None]).float()
-            chunks.append(dict(q=q, qm=qm, resp=resp, lengths=lengths, mask=amask, logp=logp * amask,
-                               ref_logp=ref_logp * amask, entropy=entropy * amask, scores=scores,
+            if audit is not None:
+                audit = audit.float()[last]
+            chunks.append(dict(q=q, qm=qm, resp=resp, lengths=lengths, stopped=stopped, audit=audit, mask=amask,
+                               logp=logp * amask, ref_logp=ref_logp * amask, entropy=entropy * amask, scores=scores,
                                values=values.float()[:, w - 1:w - 1 + resp.shape[1]] * amask))
         model.train()
         return chunks
@@ -175,24 +184,42 @@ class PPOTrainer:
                 lam=c.lam, whiten_rewards=c.whiten_rewards)
             seq_kl.append(kl_tok.sum(1)), scores.append(ch["scores"]), non_score.append(ns.sum(1))
             entropy.append(ch["entropy"].sum(1))
+        kl_now = self._mean(torch.cat(seq_kl))
+        if c.kl_stop is not None and kl_now > c.kl_stop:  # the policy that sampled these crossed the cap
+            return self._stop(kl_now)
+        if c.kl_stop is not None:
+            self._snapshot = {n: p.detach().to("cpu", copy=True) for n, p in self.policy.named_parameters()
+                              if p.requires_grad}
         samples = [(ch, j) for ch in chunks for j in range(len(ch["resp"]))]
         mini = c.per_device_train_batch_size * c.gradient_accumulation_steps
+        per_epoch, done, early = math.ceil(len(samples) / mini), 0, False
         for _ in range(c.num_ppo_epochs):
             order = torch.randperm(len(samples)).tolist()
             for m in range(0, len(order), mini):
-                for k in range(m, min(m + mini, len(order)), c.per_device_train_batch_size):
-                    part = [samples[i] for i in order[k:k + c.per_device_train_batch_size]]
+                parts = [[samples[i] for i in order[k:k + c.per_device_train_batch_size]]
+                         for k in range(m, min(m + mini, len(order)), c.per_device_train_batch_size)]
+                # target_kl (Spinning Up's PPO): before each step, the approximate KL of the policy as it is now to
+                # the rollouts' policy on the minibatch's first micro-batch, averaged over the processes (so every
+                # one stops at the same minibatch); above 1.5 x target_kl the update takes no more steps
+                if c.target_kl is not None and done and self._approx_kl(parts[0]) > 1.5 * c.target_kl:
+                    early = True
+                    break
+                for part in parts:
                     with self.acc.accumulate(self.wrapped):
                         self._micro_step(part, stats)
+                done += 1
+            if early:
+                break
         self.scheduler.step()
         update_s = time.perf_counter() - t0  # this process's; the answers' tokens are all processes'
         mine = torch.stack([ch["mask"].sum() for ch in chunks]).sum().float().reshape(1)
         answer_tokens = self.acc.gather(mine).sum().item()
-        self.kl.update(self._mean(torch.cat(seq_kl)), self.batch)
+        self.kl.update(kl_now, self.batch)
         self.step += 1
         mean = lambda xs: self._mean(torch.stack(xs)) if xs else float("nan")  # noqa: E731
-        sc, kl_mean = self._mean(torch.cat(scores)), self._mean(torch.cat(seq_kl))
-        return {"objective/kl": kl_mean, "objective/kl_coef": self.kl.value,
+        sc, kl_mean = self._mean(torch.cat(scores)), kl_now
+        monitor = self._monitor_signals(chunks, torch.cat(scores), torch.cat(seq_kl), torch.cat(entropy))
+        return {**monitor, "objective/kl": kl_mean, "objective/kl_coef": self.kl.value,
                 "objective/entropy": self._mean(torch.cat(entropy)),
                 "objective/non_score_reward": self._mean(torch.cat(non_score)), "objective/scores": sc,
                 "objective/rlhf_reward": sc + self._mean(torch.cat(non_score)),
@@ -201,10 +228,55 @@ class PPOTrainer:
                 "val/clipfrac_avg": mean(stats["vclip"]), "policy/entropy_avg": mean(stats["ent"]),
                 "val/ratio": mean(stats["ratio"]), "lr": self.scheduler.get_last_lr()[0],
                 "episode": self.step * self.batch, "time/rollout": rollout_s, "time/update": update_s,
-                "tokens/answers": answer_tokens}
+                "tokens/answers": answer_tokens, "policy/epochs": done / per_epoch,
+                "policy/early_stop": float(early)}
 
-    def _micro_step(self, part, stats) -> None:
-        c, dev = self.config, self.acc.device
+    def _monitor_signals(self, chunks, scores, seq_kl, entropy) -> dict:
+        """The reward-hacking monitors' signals (alignctl.train.monitors) over all processes' answers of the update:
+        reward std, answer length, reward-length correlation, share truncated, KL and entropy per token."""
+        lengths = self.acc.gather(torch.cat([ch["lengths"] for ch in chunks]).float())
+        sc, kl, ent = (self.acc.gather(x.detach().float()) for x in (scores, seq_kl, entropy))
+        tokens = lengths.sum().clamp(min=1)
+        out = {"monitor/reward_std": sc.std(unbiased=False).item(), "monitor/length": lengths.mean().item(),
+               "monitor/kl_token": (kl.sum() / tokens).item(), "monitor/entropy_token": (ent.sum() / tokens).item()}
+        if lengths.std() > 0 and sc.std() > 0:
+            out["monitor/length_corr"] = torch.corrcoef(torch.stack([sc, lengths]))[0, 1].item()
+        if self.audit_model is not None:
+            out["audit/scores"] = self._mean(torch.cat([ch["audit"] for ch in chunks]))
+        if self.stop_ids:  # without a stop token every answer runs to response_length: nothing to measure
+            stopped = self.acc.gather(torch.cat([ch["stopped"] for ch in chunks]).float())
+            out["monitor/truncated"] = 1.0 - stopped.mean().item()
+        return out
+
+    def _stop(self, kl_now: float) -> dict:
+        """kl_stop crossed on this update's rollouts: back to the weights before the previous update (the last
+        policy whose rollouts stayed under the cap), and no more updates."""
+        c, restored = self.config, self._snapshot is not None
+        if restored:
+            with torch.no_grad():
+                for n, p in self.policy.named_parameters():
+                    if n in self._snapshot:
+                        p.copy_(self._snapshot[n].to(p.device))
+        self.stopped = {"update": self.step + 1, "kl": kl_now, "kl_stop": c.kl_stop, "restored": restored,
+                        "output_update": self.step - 1 if restored else self.step}
+        log.warning("[%s] KL to the reference %.3g > kl_stop %.3g on the rollouts of update %d: stopping the stage; "
+                    "its output is the policy after update %d%s", self.stage, kl_now, c.kl_stop, self.step + 1,
+                    self.stopped["output_update"], "" if restored else " (no earlier weights to go back to: the "
+                    "stage resumed from a checkpoint at this update)")
+        return {"objective/kl": kl_now, "objective/kl_coef": self.kl.value, "episode": self.step * self.batch}
+
+    @torch.no_grad()
+    def _approx_kl(self, part) -> float:
+        """Approximate KL (old || now) of the policy on ``part``, as the loss measures it, without a gradient."""
+        q, resp, mask, old_logp, _, _, _, ids, amask, pos = self._inputs(part)
+        model = self.acc.unwrap_model(self.wrapped)
+        with self.acc.autocast():
+            logits = model.policy(input_ids=ids, attention_mask=amask, position_ids=pos, use_cache=False).logits
+        logp, _ = core.answer_logprobs(logits, resp, q.shape[1], self.config.temperature)
+        return self._mean(0.5 * core.masked_mean((logp - old_logp) ** 2, mask))
+
+    def _inputs(self, part):
+        dev = self.acc.device
         width = max(ch["resp"].shape[1] for ch, _ in part)
         qrows = [ch["q"][j][ch["qm"][j].bool()].tolist() for ch, j in part]
         q, qm = core.left_pad(qrows, self.pad, dev)
@@ -216,7 +288,12 @@ class PPOTrainer:
 
         resp, mask, old_logp, old_v, adv, ret = (stack(k) for k in ("resp", "mask", "logp", "values", "adv", "ret"))
         lengths = torch.stack([ch["lengths"][j] for ch, j in part])
-        ids, amask, pos = core.sequence_inputs(q, qm, resp, lengths)
+        return (q, resp, mask, old_logp, old_v, adv, ret, *core.sequence_inputs(q, qm, resp, lengths))
+
+    def _micro_step(self, part, stats) -> None:
+        c = self.config
+        q, resp, mask, old_logp, old_v, adv, ret, ids, amask, pos = self._inputs(part)
+        width = resp.shape[1]
         with self.acc.autocast():
             logits, values = self.wrapped(ids, amask, pos)
         logp, ent = core.answer_logprobs(logits, resp, q.shape[1], c.temperature)
@@ -250,12 +327,21 @@ class PPOTrainer:
         save_every = _save_every(c, self.updates)
         while self.step < self.updates:
             metrics = self.update()
-            if self.step % int(every) == 0 or self.step == self.updates:
+            if self.stopped is not None:
+                self.log_history.append({**{k: round(v, 6) for k, v in metrics.items()}, "step": self.step + 1,
+                                         "stopped": "kl_stop"})
+                break
+            if self.monitor is not None and self.monitor.observe(self.step, metrics):
+                self.stopped = {"update": self.step, "monitor": self.monitor.stopped["monitor"],
+                                "output_update": self.step}
+            if self.step % int(every) == 0 or self.step == self.updates or self.stopped is not None:
                 entry = {**{k: round(v, 6) for k, v in metrics.items()}, "step": self.step}
                 self.log_history.append(entry)
                 if self.acc.is_main_process:  # the run log only (alignctl.console), unless -v
                     log.info("[%s] step %d: %s", self.stage, self.step,
                              " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), extra={"detail": True})
+            if self.stopped is not None:  # a stop_when monitor fired: this update's weights are the output
+                break
             if save_every and self.step % save_every == 0 and self.step < self.updates:
                 self.save_checkpoint()
         self.state.global_step = self.step

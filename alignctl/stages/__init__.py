@@ -41,6 +41,9 @@ class StageKind:
     # it samples completions when it evaluates during training (online RL): the evaluation cadence then moves its RNG
     # stream, so the cadence fields are part of its fingerprint (alignctl.fingerprint)
     samples_during_eval: bool = False
+    # the reward-hacking monitors' signals its per-update logs carry (alignctl.train.monitors.SOURCES); empty: the
+    # kind samples no answers while training and takes no `monitors:` key
+    monitor_signals: tuple[str, ...] = ()
 
     # plan-time rules: everything kind-specific that alignctl.config checks or derives (no torch), declared here
     # TRL field -> range rule (alignctl.config.checks) that replaces the shared rule for this kind

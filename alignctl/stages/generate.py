@@ -82,10 +82,10 @@ def report_section(stage: dict, run_dir, stages: list[dict]) -> list[str]:
 
 
 def _next_round_line(name: str, after: dict) -> str:
-    from alignctl.metrics import fmt
+    from alignctl.metrics import fmt, win_text
 
     return (f"{name} trained on it: held-out win rate vs its starting policy (the previous round) "
-            f"{after['eval_win_rate']:.3f} [{after['eval_win_rate_low']:.3f}, {after['eval_win_rate_high']:.3f}]"
+            f"{win_text(after, 3)}"
             + (f", vs its reference {after['eval_win_rate_ref']:.3f}" if "eval_win_rate_ref" in after else "")
             + (f"; reward {fmt(after.get('eval_reward_mean'))}" if "eval_reward_mean" in after else "")
             + (f"; KL to reference {fmt(after.get('eval_kl'))}/token" if "eval_kl" in after else "") + ".")

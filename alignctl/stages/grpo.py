@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from alignctl.config.checks import NONNEG
 from alignctl.stages import StageKind
+from alignctl.train import monitors
 
 if TYPE_CHECKING:
     from alignctl.config.types import StageSpec
@@ -125,6 +126,7 @@ def reward_functions(ctx) -> tuple[list, list]:
 
 
 KIND = StageKind(
+    monitor_signals=monitors.TRL_SIGNALS,
     name="grpo", config_class="trl.GRPOConfig", data_kind="prompt",
     summary="group-relative policy optimisation scored by a reward model and/or TRL reward functions",
     links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward", samples_during_eval=True,

@@ -4,10 +4,14 @@
   (lora/qlora) the reference is the policy with its adapter disabled, without a second copy;
 * reward model: ``reward:`` a reward stage of the recipe or a model path (required);
 * value model: initialised from the reward model unless ``value:`` names another stage or path;
+* audit model (optional): ``audit:`` a reward stage or model that never trains the policy: it scores every update's
+  answers (``audit/scores`` beside the proxy's ``objective/scores``, the ``audit_drop`` monitor) and judges the
+  held-out answers (win rates) instead of the reward model being optimised;
 * data: prompts only, conversational (chat template applied with the generation prompt) or plain strings;
 * every PPO knob keeps the name TRL 1.12's PPOConfig gave it (kl_coef, kl_estimator, cliprange, vf_coef, gamma,
   lam, num_ppo_epochs, num_mini_batches, response_length, temperature, stop_token, ...); ``kl_target`` (with
-  ``kl_horizon``) turns on the adaptive KL controller (alignctl.rl.kl).
+  ``kl_horizon``, relative to the run's length) turns on the adaptive KL controller (alignctl.rl.kl); ``target_kl``
+  stops an update's epochs early, ``kl_stop`` the stage.
 
 Per-step metrics (objective/scores, objective/kl, objective/kl_coef, objective/entropy, loss/policy_avg,
 loss/value_avg, ...) go to the run log and log_history.json, the last ones to the manifest, together with the
@@ -24,6 +28,7 @@ import logging
 
 from alignctl.evaluate import encode_prompt
 from alignctl.stages import StageKind
+from alignctl.train import monitors
 
 log = logging.getLogger("alignctl")
 
@@ -42,9 +47,6 @@ def build(ctx):
     _warn_if_template_trails_eos(tokenizer)
     policy = ctx.load_policy()
     reward_model = ctx.load_reward_model()
-    if reward_model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        raise ValueError(f"stages.{ctx.spec.name}.reward: the reward model's vocabulary is smaller than the "
-                         "policy's tokenizer; PPO scores the policy's token ids, so both must share one tokenizer")
     ref, lora = ctx.load_reference(), ctx.peft_config()
     if lora is not None:
         from peft import get_peft_model
@@ -54,8 +56,14 @@ def build(ctx):
         ref = copy.deepcopy(policy)
     if ref is not None:
         ref.requires_grad_(False)
+    audit = ctx.load_classifier(*ctx.link_model("audit")) if ctx.spec.link("audit") is not None else None
+    for name, model in (("reward", reward_model), ("audit", audit)):
+        if model is not None and model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            raise ValueError(f"stages.{ctx.spec.name}.{name}: the model's vocabulary is smaller than the policy's "
+                             "tokenizer; PPO scores the policy's token ids, so both must share one tokenizer")
     return PPOTrainer(config, policy, ctx.load_value_model(), reward_model, tokenizer,
-                      [encode_prompt(tokenizer, p) for p in ctx.train["prompt"]], ref_policy=ref, stage=ctx.spec.name)
+                      [encode_prompt(tokenizer, p) for p in ctx.train["prompt"]], ref_policy=ref, stage=ctx.spec.name,
+                      audit_model=audit)
 
 
 def extra_metrics(trainer, metrics: dict) -> dict:
@@ -64,13 +72,19 @@ def extra_metrics(trainer, metrics: dict) -> dict:
     for phase in ("before", "after"):
         if "eval_reward_mean" in metrics.get(phase, {}):
             metrics[phase]["eval_rm_score"] = metrics[phase]["eval_reward_mean"]
-    return {**metrics, "rollouts": _quarters(trainer.state.log_history)}
+    rollouts = _quarters(trainer.state.log_history)
+    if getattr(trainer.kl, "horizon", None) is not None:
+        rollouts["kl_horizon_episodes"] = trainer.kl.horizon
+    if trainer.stopped is not None:  # kl_stop or a stop_when monitor ended the stage early
+        rollouts["stopped"] = trainer.stopped
+    return {**metrics, "rollouts": rollouts}
 
 
 KIND = StageKind(
+    monitor_signals=monitors.ALL_SIGNALS,
     name="ppo", config_class="alignctl.rl.ppo_config.PPOConfig", data_kind="prompt",
     summary="PPO against a reward model, KL-penalised towards the reference (InstructGPT)",
-    links=("ref", "reward", "value"), needs_reward=True, headline="eval_rm_score",
+    links=("ref", "reward", "value", "audit"), needs_reward=True, headline="eval_rm_score",
     key_fields=("learning_rate", "total_episodes", "per_device_train_batch_size", "num_ppo_epochs",
                 "num_mini_batches", "kl_coef", "response_length", "temperature"),
     # plan-time rules
@@ -105,4 +119,5 @@ def _quarters(history: list[dict]) -> dict:
     scores, kl = [h["objective/scores"] for h in rows], [h["objective/kl"] for h in rows]
     return {"updates": len(rows), "score_first_quarter": sum(scores[:q]) / q,
             "score_last_quarter": sum(scores[-q:]) / q, "kl_last_quarter": sum(kl[-q:]) / q, "kl": kl,
-            "kl_coef": [h["objective/kl_coef"] for h in rows]}
+            "kl_coef": [h["objective/kl_coef"] for h in rows],
+            "early_stops": sum(h.get("policy/early_stop", 0) > 0 for h in rows)}

@@ -8,6 +8,7 @@ are as for the ``grpo`` stage (see alignctl/stages/grpo.py).
 from alignctl.config.checks import NONNEG
 from alignctl.stages import StageKind
 from alignctl.stages.grpo import check, reward_functions
+from alignctl.train import monitors
 
 
 def build(ctx):
@@ -20,6 +21,7 @@ def build(ctx):
 
 
 KIND = StageKind(
+    monitor_signals=monitors.TRL_SIGNALS,
     name="rloo", config_class="trl.RLOOConfig", data_kind="prompt",
     summary="REINFORCE leave-one-out scored by a reward model and/or TRL reward functions",
     links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward", samples_during_eval=True,

@@ -30,7 +30,7 @@ from transformers.trainer_callback import PrinterCallback
 from alignctl import console, models
 from alignctl.config.types import StageSpec
 from alignctl.evaluate import pref_settings, preference_accuracy
-from alignctl.train import before_cache
+from alignctl.train import before_cache, monitors
 from alignctl.train.context import StageContext, checked_context, freeze_live_objects, release_memory, train_dir
 from alignctl.train.health import check_healthy, check_saved_finite, check_weights_finite, is_number
 from alignctl.train.phases import PhaseClock
@@ -46,7 +46,8 @@ class Trainable(Protocol):
     ``train`` returns an object whose ``metrics`` are added to those, or None; ``evaluate`` the held-out metrics (an
     empty dict: none of its own); ``save_model`` writes what final/ holds. Optional: ``ref_model``, the reference the
     held-out KL is measured against (None: the adapter disabled, else loaded from its folder), and ``reward_model``,
-    an in-memory reward model the held-out answers are scored with instead of loading one."""
+    an in-memory reward model the held-out answers are scored with instead of loading one (``audit_model``, when set,
+    instead of that: an independent reward model that never trained the policy)."""
 
     model: Any
     args: Any
@@ -92,7 +93,7 @@ def train_stage(ctx: StageContext) -> tuple[dict[str, Any], Saved]:
     name, kind, clock = ctx.spec.name, ctx.kind, ctx.phases
     with clock.phase("prepare"):  # the trainer's set-up (TRL tokenizes here), less the model loads inside it
         trainer = kind.build(ctx)
-        _prepare(ctx, trainer)
+        monitor = _prepare(ctx, trainer)
     pref = preference_eval(ctx)
     with clock.phase("evaluate before"):
         kept = before_cache.load(ctx.spec)
@@ -113,8 +114,8 @@ def train_stage(ctx: StageContext) -> tuple[dict[str, Any], Saved]:
     if not gathered and kind.output != "data":  # a diverged model fails here, not inside the held-out sampling
         check_weights_finite(unwrapped(trainer.model), name)
     with clock.phase("evaluate after"):
-        generated = ctx.finish_policy_eval(pe, trainer.model, getattr(trainer, "ref_model", None),
-                                           getattr(trainer, "reward_model", None))
+        judge = getattr(trainer, "audit_model", None) or getattr(trainer, "reward_model", None)
+        generated = ctx.finish_policy_eval(pe, trainer.model, getattr(trainer, "ref_model", None), judge)
     with clock.phase("save"):
         saved = _save(ctx, trainer, gathered)
     if at_start is None:
@@ -125,16 +126,28 @@ def train_stage(ctx: StageContext) -> tuple[dict[str, Any], Saved]:
     if before or after:
         metrics.update(before=before, after=after, **before_resumed(at_start is not None, resume))
     metrics = merge_eval(metrics, generated)
+    if monitor is not None:
+        metrics["monitors"] = monitor.summary()
     if kind.extra_metrics is not None:
         metrics = kind.extra_metrics(trainer, metrics)
     check_healthy(name, metrics)
     return metrics, saved
 
 
-def _prepare(ctx: StageContext, trainer: Trainable) -> None:
-    if isinstance(trainer, Trainer):  # TRL's trainers: their logs to the run log, a 4-bit model's trainable dtype
+def _prepare(ctx: StageContext, trainer: Trainable) -> monitors.Monitor | None:
+    """TRL's trainers: their logs to the run log, a 4-bit model's trainable dtype. On-policy stages: the
+    reward-hacking monitors (alignctl.train.monitors) on every update, a TrainerCallback for TRL's trainers."""
+    if isinstance(trainer, Trainer):
         log_to_run_log(trainer, ctx.spec.name)
         models.match_trainable_dtype(trainer.model, trainer.args)
+    if not ctx.spec.monitors:
+        return None
+    monitor = monitors.Monitor(ctx.spec.monitors, ctx.spec.name)
+    if isinstance(trainer, Trainer):
+        trainer.add_callback(monitors.callback(monitor))
+    else:
+        trainer.monitor = monitor  # alignctl's PPO calls monitor.observe after every update
+    return monitor
 
 
 def preference_eval(ctx: StageContext) -> bool:
