@@ -1,5 +1,6 @@
 """alignctl's own PPO (alignctl.rl): the pieces of the algorithm on hand-checked numbers; the adaptive KL controller
-holds KL near its target where a fixed small kl_coef lets it run past; an interrupted PPO stage resumes from its
+holds KL near its target where a fixed small kl_coef lets it run past, target_kl cuts an update's epochs, kl_stop ends
+the stage, the monitors flag a planted length-hacking reward; an interrupted PPO stage resumes from its
 newest checkpoint (step, optimiser, kl_coef and logs carried over); PPO over torchrun x2 (DDP, gloo on CPU)."""
 
 from __future__ import annotations
@@ -90,39 +91,136 @@ def test_gae_kl_estimators_and_adaptive_controller_on_hand_computed_numbers():
     assert fixed.value == 0.05
 
 
-# -- adaptive KL --------------------------------------------------------------------------------------------------
-# Seed 1 for both runs (PPO on a ~70k-parameter model is seed-sensitive): with the recipe's fixed kl_coef 0.05 the KL
-# of the last quarter reaches ~6.7 nats per answer (4.1-7.9 over seeds 1, 2, 3 and the default).
-TARGET = 3.0
-FIXED = ("stages.ppo.seed=1",)
-ADAPTIVE = (*FIXED, f"stages.ppo.kl_target={TARGET}", "stages.ppo.kl_horizon=16", "stages.ppo.kl_coef=0.3")
+# -- KL held: the adaptive controller, target_kl, kl_stop ----------------------------------------------------------
+# Seed 1 for both runs (PPO on a ~70k-parameter model is seed-sensitive), 320 episodes = 20 updates of 16: with the
+# recipe's fixed kl_coef 0.05 the KL of the last quarter reaches ~6.5 nats per answer (6.5, 5.4, 4.2 over seeds 1-3).
+# The controller's horizon is left at its default, a twentieth of the run (16 episodes, one update).
+TARGET = 2.0
+FIXED = ("stages.ppo.seed=1", "stages.ppo.total_episodes=320")
+ADAPTIVE = (*FIXED, f"stages.ppo.kl_target={TARGET}", "stages.ppo.kl_coef=0.3")
 
 
 def test_adaptive_kl_holds_kl_near_the_target_where_a_fixed_small_coefficient_exceeds_it(run):
     _, fixed = run(*FIXED)
     run_dir, adaptive = run(*ADAPTIVE)
     fixed_r, adaptive_r = _ppo(fixed)["metrics"]["rollouts"], _ppo(adaptive)["metrics"]["rollouts"]
-    assert fixed_r["kl_last_quarter"] > 1.5 * TARGET, fixed_r  # kl_coef 0.05 throughout: nothing holds KL
+    assert fixed_r["updates"] == adaptive_r["updates"] == 20
+    assert fixed_r["kl_last_quarter"] > 2 * TARGET, fixed_r  # kl_coef 0.05 throughout: nothing holds KL
     assert abs(adaptive_r["kl_last_quarter"] - TARGET) <= 0.5 * TARGET, adaptive_r
     # kl_coef per step follows Ziegler et al.'s rule on the logged KL (16 episodes per update, horizon 16).
+    assert adaptive_r["kl_horizon_episodes"] == 16
     coef, kls = [0.3] + adaptive_r["kl_coef"], adaptive_r["kl"]
     for i, k in enumerate(kls):
         assert coef[i + 1] == pytest.approx(coef[i] * (1 + min(max(k / TARGET - 1, -0.2), 0.2) * 16 / 16), rel=1e-3)
-    assert max(coef) > 0.45  # it rose to hold KL down
+    assert max(coef) > 0.6  # it rose to hold KL down
     ppo = _ppo(adaptive)
     assert ppo["metrics"]["after"]["eval_rm_score"] > ppo["metrics"]["before"]["eval_rm_score"]
-    # The run log shows KL and kl_coef per step; the report plots them.
+    # The run log shows KL and kl_coef per step; the report plots them and shows the monitors.
     steps = [line for line in LOG if line.startswith("[ppo] step ") and "objective/kl_coef=" in line]
-    assert len(steps) >= 25
-    assert (run_dir / "ppo" / "curves.png").is_file() and "ppo/curves.png" in (run_dir / "report.md").read_text()
+    assert len(steps) >= 20
+    report = (run_dir / "report.md").read_text()
+    assert (run_dir / "ppo" / "curves.png").is_file() and "ppo/curves.png" in report
+    assert "## Reward-hacking monitors" in report and "| length_corr | length_corr |" in report
+    assert "length-controlled win rate" in report
+    mon = ppo["metrics"]["monitors"]
+    assert mon["thresholds"]["length_corr"] == 0.7 and len(mon["series"]["audit_mean"]) == 20
+    after = ppo["metrics"]["after"]
+    assert after["eval_win_rate_lc_low"] <= after["eval_win_rate_lc"] <= after["eval_win_rate_lc_high"]
+    assert ppo["metrics"]["eval"]["reward"] == "rm_audit"  # judged by the audit, not the optimised RM
+
+
+def test_target_kl_stops_an_updates_epochs_early_and_logs_it(run):
+    """target_kl 0.02: the first update's policy moves far from its rollouts after one step (approx KL ~3.6 with
+    lr 3e-3), so it takes 1 of its 4 epochs; every update logs how many it took."""
+    run_dir, m = run(*FIXED, "stages.ppo.target_kl=0.02")
+    history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    epochs = [h["policy/epochs"] for h in history]
+    assert len(epochs) == 20 and epochs[0] == 1.0 and all(1.0 <= e <= 4.0 for e in epochs)
+    assert all((h["policy/early_stop"] == 1.0) == (h["policy/epochs"] < 4.0) for h in history)
+    assert _ppo(m)["metrics"]["rollouts"]["early_stops"] == sum(e < 4 for e in epochs) >= 5
+    fixed_dir, _ = run(*FIXED)
+    assert {h["policy/epochs"] for h in json.loads((fixed_dir / "ppo" / "log_history.json").read_text())} == {4.0}
+
+
+def test_kl_stop_ends_the_stage_with_the_last_policy_under_the_cap(run):
+    """kl_stop 10: update 2's rollouts show ~16 nats per answer (seed 1), so the stage stops there and its output is
+    the policy before update 1, whose rollouts (KL 0) stayed under the cap: the SFT weights themselves."""
+    from safetensors.torch import load_file
+
+    run_dir, m = run(*FIXED, "stages.ppo.kl_stop=10")
+    ppo = _ppo(m)
+    stopped = ppo["metrics"]["rollouts"]["stopped"]
+    assert (stopped["update"], stopped["output_update"], stopped["restored"]) == (2, 0, True) and stopped["kl"] > 10
+    assert any("> kl_stop 10 on the rollouts of update 2: stopping the stage" in line for line in LOG)
+    history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2] and history[-1]["stopped"] == "kl_stop"
+    final, sft = load_file(run_dir / "ppo" / "final" / "model.safetensors"), \
+        load_file(run_dir / "sft" / "final" / "model.safetensors")
+    assert final.keys() == sft.keys() and all((final[k] == sft[k]).all() for k in sft)
+
+
+def test_monitors_flag_a_planted_length_hacking_reward(run, tmp_path):
+    """A reward that pays 0.25 per token (what a reward model biased towards length does), in a TRL-style
+    reward-model interface: the policy learns to answer longer; the monitors flag the reward-length correlation and
+    the growth of the answers, and the audit reward model (never trained on) is logged beside the proxy."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignctl.evaluate import encode_prompt
+    from alignctl.rl.ppo_config import PPOConfig
+    from alignctl.rl.ppo_trainer import PPOTrainer
+    from alignctl.synthetic import DATA_DIR
+    from alignctl.train import monitors
+
+    class Body(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+            return SimpleNamespace(last_hidden_state=position_ids.float().unsqueeze(-1))
+
+    class LengthReward(torch.nn.Module):
+        base_model_prefix = "body"
+
+        def __init__(self):
+            super().__init__()
+            self.body, self.score = Body(), torch.nn.Linear(1, 1, bias=False)
+            torch.nn.init.constant_(self.score.weight, 0.25)
+
+    base_dir, _ = run(*FIXED)
+    tok = AutoTokenizer.from_pretrained(base_dir / "sft" / "final")
+    tok.padding_side = "left"
+    prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "prompts.jsonl").read_text().splitlines()]
+    policy = AutoModelForCausalLM.from_pretrained(base_dir / "sft" / "final")
+    audit = AutoModelForSequenceClassification.from_pretrained(base_dir / "rm_audit" / "final")
+    config = PPOConfig(output_dir=str(tmp_path), learning_rate=3e-3, total_episodes=320,
+                       per_device_train_batch_size=16, response_length=32, stop_token="eos", temperature=1.0,
+                       kl_coef=0.05, logging_steps=1, save_strategy="no", report_to="none", seed=1)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    trainer = PPOTrainer(config, policy, copy.deepcopy(audit), LengthReward(), tok,
+                         [encode_prompt(tok, p) for p in prompts], ref_policy=ref, stage="ppo", audit_model=audit)
+    trainer.monitor = monitors.Monitor(monitors.defaults(), "ppo")
+    LOG.clear()
+    trainer.train()
+    history = trainer.log_history
+    q = len(history) // 4
+    first, last = history[:q], history[-q:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "objective/scores") > mean(first, "objective/scores") + 1  # the proxy rises
+    assert mean(last, "monitor/length") > 2 * history[0]["monitor/length"]  # by answering longer
+    fired = {e["monitor"] for e in trainer.monitor.events}
+    assert {"length_corr", "length_growth"} <= fired, trainer.monitor.events
+    assert any("monitor length_corr at update" in line and "the reward pays for length" in line for line in LOG)
+    assert all("audit/scores" in h for h in history)  # the independent judge beside the proxy, every update
 
 
 # -- resume after a kill ----------------------------------------------------------------------------------------
 def test_ppo_resumes_from_its_newest_checkpoint_after_a_kill(cache_root, tmp_path, monkeypatch):
     from alignctl.rl.ppo_trainer import PPOTrainer
 
-    overrides = (*ADAPTIVE, "stages.ppo.total_episodes=320", "stages.ppo.save_strategy=steps",
-                 "stages.ppo.save_steps=4")
+    # kl_coef 0.25 (not the 0.3 of the test above): another fingerprint, so this stage trains instead of being reused
+    overrides = (*[o for o in ADAPTIVE if not o.startswith("stages.ppo.kl_coef=")], "stages.ppo.kl_coef=0.25",
+                 "stages.ppo.save_strategy=steps", "stages.ppo.save_steps=4")
     save = PPOTrainer.save_checkpoint
     saved: list[set[str]] = []
 
@@ -152,9 +250,9 @@ def test_ppo_resumes_from_its_newest_checkpoint_after_a_kill(cache_root, tmp_pat
     assert trained == list(range(9, 21))  # only the updates after the checkpoint were trained again
     history = json.loads((tmp_path / "second" / "ppo" / "log_history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, 21))  # the first 8 come from the checkpoint
-    # The controller's state was restored: update 9's kl_coef follows from update 8's, not from the initial 0.3.
+    # The controller's state was restored: update 9's kl_coef follows from update 8's, not from the initial 0.25.
     k8, k9 = history[7]["objective/kl_coef"], history[8]["objective/kl_coef"]
-    assert k8 != pytest.approx(0.3)
+    assert k8 != pytest.approx(0.25)
     assert k9 == pytest.approx(k8 * (1 + min(max(history[8]["objective/kl"] / TARGET - 1, -0.2), 0.2) * 1.0),
                                rel=1e-3)
     assert ppo["metrics"]["after"]["eval_rm_score"] > ppo["metrics"]["before"]["eval_rm_score"]
