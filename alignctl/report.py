@@ -27,6 +27,9 @@ CURVES = ("loss", "rewards/margins", "rewards/accuracies", "objective/scores", "
           "eval_accuracy")
 
 
+AUDIT = "audit/scores"  # plotted with objective/scores
+
+
 def _plt():
     import matplotlib
 
@@ -43,9 +46,13 @@ def plot_curves(history: list[dict], out: Path, title: str) -> bool:
     plt = _plt()
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        pts = [(h.get("step", i), h[key]) for i, h in enumerate(history) if isinstance(h.get(key), (int, float))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
-        ax.set_title(key, fontsize=9)
+        shown = [key, *([AUDIT] if key == "objective/scores" and any(AUDIT in h for h in history) else [])]
+        for k in shown:  # PPO's proxy reward and its audit reward on one panel: over-optimisation shows as a gap
+            pts = [(h.get("step", i), h[k]) for i, h in enumerate(history) if isinstance(h.get(k), (int, float))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None, label=k)
+        if len(shown) > 1:
+            ax.legend(fontsize=7)
+        ax.set_title(" vs ".join(shown), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=10)

@@ -56,7 +56,8 @@ def build(ctx):
         ref = copy.deepcopy(policy)
     if ref is not None:
         ref.requires_grad_(False)
-    audit = ctx.load_classifier(*ctx.link_model("audit")) if ctx.spec.link("audit") is not None else None
+    link = ctx.spec.link("audit")  # every link of the kind is in the spec; an unset one has no path
+    audit = ctx.load_classifier(*ctx.link_model("audit")) if link is not None and link.path else None
     for name, model in (("reward", reward_model), ("audit", audit)):
         if model is not None and model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             raise ValueError(f"stages.{ctx.spec.name}.{name}: the model's vocabulary is smaller than the policy's "

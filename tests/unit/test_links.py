@@ -214,7 +214,7 @@ def test_a_hub_reward_link_is_planned_fingerprinted_and_loaded_at_its_own_revisi
     other_spec = resolved(tmp_path, *args[:2], "stages.ppo.reward=org/rm@def")
     other = fingerprint.fingerprints(pipeline.stage_specs(other_spec), env={})
     assert other["ppo"] != fps["ppo"] and other["sft"] == fps["sft"]
-    ppo_spec = pipeline.stage_specs(spec)[2].replace(cache_dir=str(tmp_path / "cache"))
+    ppo_spec = next(s for s in pipeline.stage_specs(spec) if s.name == "ppo").replace(cache_dir=str(tmp_path / "cache"))
     ctx = SimpleNamespace(spec=ppo_spec, model_spec=spec.model)
     for name in ("reward", "value"):
         path, load = StageContext.link_model(ctx, name)
@@ -235,7 +235,7 @@ def test_an_outside_reward_model_keeps_its_own_chat_template(tmp_path, cache_roo
     template = "{% for m in messages %}[[{{ m['content'] }}]]{% endfor %}"
     spec = resolved(tmp_path, f"output_root={cache_root}", "recipe=rlhf-grpo", f"model.chat_template={template!r}",
                     "stages.grpo.reward=tiny:qwen2", "stages.grpo.from=null")  # the policy: the base model
-    ctx = StageContext(pipeline.stage_specs(spec)[2])
+    ctx = StageContext(next(s for s in pipeline.stage_specs(spec) if s.name == "grpo"))
     assert ctx.tokenizer.chat_template == template  # the policy: the recipe's template
     own = models.load_tokenizer(models.materialize("tiny:qwen2", cache_root), ModelSpec("tiny:qwen2"))
     assert ctx.link_tokenizer("reward").chat_template == own.chat_template != template
