@@ -130,7 +130,9 @@ class Monitor:
     """Watches one stage's updates: ``observe(step, logs)`` -> True when a ``stop_when`` monitor fired."""
 
     def __init__(self, settings: dict[str, Any], stage: str):
-        self.settings, self.stage = settings, stage
+        from alignctl.ranks import rank_env
+
+        self.settings, self.stage, self.rank = settings, stage, rank_env()[0]
         self.first: dict[str, float] = {}
         self.best: dict[str, float] = {}
         self.series: dict[str, list[list[float]]] = {}  # signal -> [[step, value], ...]
@@ -166,8 +168,9 @@ class Monitor:
                 warned = any(e["monitor"] == name for e in self.events)
                 self.events.append({"monitor": name, "step": step, "value": round(v, 6), "limit": round(limit, 6)})
                 how = "below" if rule.startswith("below") else "above"
-                (log.info if warned else log.warning)("[%s] monitor %s at update %d: %s %.4g %s %.4g (%s)",
-                                                      self.stage, name, step, signal, v, how, limit, meaning)
+                say = log.debug if self.rank else log.info if warned else log.warning  # rank 0 speaks for all
+                say("[%s] monitor %s at update %d: %s %.4g %s %.4g (%s)", self.stage, name, step, signal, v, how,
+                    limit, meaning)
                 if name in self.settings.get("stop_when", []) and self.stopped is None:
                     self.stopped = {"monitor": name, "step": step}
                     stop = True
