@@ -147,6 +147,25 @@ def test_grpo_and_rloo_raise_the_reward_model_score(run, trainer):
     # The reward stage's model is the only reward: eval_reward is its mean score, logged under the stage's name.
     assert after["eval_rewards/rm/mean"] == pytest.approx(after["eval_reward"])
     assert after["eval_reward"] > before["eval_reward"] + 0.5, (before["eval_reward"], after["eval_reward"])
+    # The reward-hacking monitors read TRL's logs (every logging step: 40 steps / 5).
+    mon = grpo["metrics"]["monitors"]
+    assert {"reward_mean", "reward_std", "length", "truncated"} <= set(mon["series"])
+    assert "length_corr" not in mon["series"]  # TRL logs no reward-length correlation
+    assert [p[0] for p in mon["series"]["length"]] == [5, 10, 15, 20, 25, 30, 35, 40]
+
+
+def test_a_stop_when_monitor_stops_a_trl_trainer(run):
+    """GRPO with `truncated: 0` as a stop rule: at the first logging step where any answer hit
+    max_completion_length, the TrainerCallback ends training; the stage completes with the weights of that step."""
+    _, m = run("rlhf-grpo", "+stages.grpo.monitors.truncated=0", "+stages.grpo.monitors.stop_when=[truncated]",
+               "stages.grpo.max_steps=20")
+    grpo = stage(m, "grpo")
+    mon = grpo["metrics"]["monitors"]
+    step = mon["stopped"]["step"]
+    assert mon["stopped"]["monitor"] == "truncated" and step < 20 and step % 5 == 0
+    assert mon["events"][0] == {**mon["events"][0], "monitor": "truncated", "step": step}
+    assert [p[0] for p in mon["series"]["truncated"]][-1] == step  # nothing trained after it
+    assert any(f"[grpo] monitor truncated at update {step}" in line for line in LOG)
 
 
 def test_kto_on_natively_unpaired_data_separates_desirable_from_undesirable(run):
