@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from alignctl.config import checks, launcher, peft, trl_fields
+from alignctl.config import checks, launcher, peft, trl_facts, trl_fields
 from alignctl.config import links as link_table
 from alignctl.config.data_checks import check as check_data
 from alignctl.config.data_checks import normalize, to_spec
@@ -45,6 +45,9 @@ def resolve_stage(name: Any, raw: Any, ctx: Context) -> tuple[StageSpec | None, 
     where, raw = f"stages.{name}", dict(raw)
     trl = trl_fields.fields(kind.config_class)
     args, problems = _fields(raw, kind, trl, where)
+    more, notes = trl_facts.check(kind.config_class, args, where)  # what TRL 1.16 does with old settings
+    problems += more
+    ctx.notes.extend(notes)
     links, more = resolve_links(raw, kind, name, ctx, where)
     problems += more
     options = {k: raw[k] for k in kind.options if k in raw}
