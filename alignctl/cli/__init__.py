@@ -37,7 +37,7 @@ COMMANDS: dict[str, Command] = {
     "run": Command("run", "  run [overrides...]    run a recipe (Hydra app: -m/--multirun, --cfg job, --config-dir, "
                           "hydra.run.dir=... work)\n", own_help=True),
     "plan": Command("plan", "  plan [overrides...]   resolve and validate the configuration, print the stage graph; "
-                            "trains nothing\n"),
+                            "trains nothing (--json: the resolved spec as JSON)\n"),
     "recipes": Command("recipes", "  recipes               list the recipes\n"),
     "report": Command("report", "  report <multirun dir> summarise a sweep: swept values vs held-out metrics "
                                 "(report.md + sweep.png)\n"),

@@ -1,5 +1,5 @@
-"""TRL 1.16 facts at plan time: settings TRL now ignores or refuses stop with one line naming the key and what TRL
-does; the deprecated use_liger_kernel gets a note with its replacement and plans."""
+"""TRL 1.16 facts at plan time (settings TRL now ignores or refuses stop with one line naming the key and what TRL
+does; the deprecated use_liger_kernel gets a note with its replacement and plans), and `plan --json`."""
 
 from __future__ import annotations
 
@@ -34,3 +34,18 @@ def test_use_liger_kernel_plans_with_the_trl_116_note(capsys):
     assert "use_kernels: true" in text
     rc, text = plan(capsys, "+stages.dpo.padding_free=false")  # off is what TRL does anyway: fine
     assert rc == 0, text
+
+
+def test_plan_json_is_the_resolved_spec_for_other_tools(capsys):
+    import json
+
+    rc = main(["plan", "--json", "recipe=rlhf-ppo", "stages.ppo.kl_target=2"])
+    blob = json.loads(capsys.readouterr().out)
+    assert rc == 0 and blob["plan_format"] == 1 and blob["recipe"] == "rlhf-ppo"
+    stages = {s["name"]: s for s in blob["stages"]}
+    assert list(stages) == ["sft", "rm", "rm_audit", "ppo"]
+    ppo = stages["ppo"]
+    assert ppo["kind"] == "ppo" and ppo["args"]["kl_target"] == 2 and ppo["links"]["audit"]["stage"] == "rm_audit"
+    assert ppo["monitors"]["length_corr"] == 0.7 and ppo["eval"]["reward"] == "rm_audit"
+    rc, text = plan(capsys, "--json", "stages.dpo.beta=-1")  # a mistake: the usual one-line message, exit 2
+    assert rc == 2 and "stages.dpo.beta" in text
