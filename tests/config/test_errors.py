@@ -81,7 +81,7 @@ def test_value_rejected_by_trl_fails_before_any_model_loads(run_recipe, tmp_path
 
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError) as e:
-        run_recipe(["stages.dpo.loss_weights=[1.0,2.0]"], run_dir)
+        run_recipe(["stages.dpo.loss_weights=[1.0,2.0,3.0]"], run_dir)
     msg = str(e.value)
     assert msg.startswith("stages.dpo: trl.DPOConfig rejects the settings") and "loss_weights" in msg, msg
     m = read_manifest(run_dir)

@@ -26,8 +26,11 @@ pytestmark = pytest.mark.slow
 ARCHS = ("llama", "qwen2", "gpt2", "phi3", "mistral", "gemma2")
 MODES = ("none", "lora", "qlora")
 # Few steps, small held-out sets: the 18 runs of the matrix fit the suite's budget.
+# The plain DPO loss: the default recipe's added NLL term (loss_type [sigmoid, sft]) learns the preference slower
+# per step, and these 16 steps measure whether each architecture trains, not the default loss.
 FAST = ["stages.sft.max_steps=16", "stages.dpo.max_steps=16", "stages.sft.per_device_train_batch_size=8",
-        "stages.dpo.per_device_train_batch_size=8", "data.sft.eval_size=16", "data.prefs.eval_size=32"]
+        "stages.dpo.per_device_train_batch_size=8", "data.sft.eval_size=16", "data.prefs.eval_size=32",
+        "stages.dpo.loss_type=sigmoid"]
 # Adapters learn slower per step: higher learning rates (LoRA's usual practice) keep the step count as small.
 ADAPTER_LR = ["stages.sft.learning_rate=1e-2", "stages.dpo.learning_rate=3e-3"]
 CONV = [{"role": "user", "content": "describe the river ."}, {"role": "assistant", "content": "the river is calm ."}]

@@ -237,7 +237,7 @@ def test_preflight_under_torchrun_initialises_neither_cuda_nor_accelerate_here(c
         prepared = pipeline.preflight(*stages())
         assert PartialState._shared_state == {}
         with pytest.raises(ConfigError, match="stages.dpo: trl.DPOConfig rejects the settings"):
-            pipeline.check_configs(*stages("stages.dpo.loss_weights=[1.0,2.0]"))
+            pipeline.check_configs(*stages("stages.dpo.loss_weights=[1.0,2.0,3.0]"))
         assert PartialState._shared_state == {}
     finally:
         PartialState._shared_state.clear()
