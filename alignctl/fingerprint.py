@@ -139,8 +139,9 @@ def model_identity(path: str, revision: str | None = None, check: dict | None = 
 
 
 def _path_key(link: str) -> str:
-    """The key of a link's model in ``StageSpec.model_check`` (its old spec key: init_path, reward_path, ...)."""
-    return link_table.BY_NAME[link].path_key
+    """The key of a link's model in ``StageSpec.model_check`` (its old spec key: init_path, reward_path, ...; an
+    ensemble's further members: reward.2_path, ...)."""
+    return link_table.path_key_of(link)
 
 
 def model_checks(stage: StageSpec, cache_dir: str | os.PathLike | None = None, memo: dict | None = None) -> dict:

@@ -441,11 +441,12 @@ def upstream_digest(stage: StageSpec, upstream: Mapping[str, Entry]) -> str:
     stages by name): an upstream stage trained again under the same fingerprint (its entry removed,
     non-deterministic GPU kernels) gives other weights."""
     h = hashlib.sha256()
-    for name in link_table.UPSTREAM:  # from, ref, reward, value, judge (alignctl.config.links)
-        link = stage.links.get(name)
-        up = upstream.get(link.stage) if link is not None and link.stage else None
-        if up is not None:
-            h.update(json.dumps([name, (up.record() or {}).get("files")], sort_keys=True).encode())
+    for row in link_table.UPSTREAM:  # from, ref, reward, value, judge, audit (alignctl.config.links)
+        for name in link_table.member_keys(stage.links, row):  # an ensemble's members: reward, reward.2, ...
+            link = stage.links[name]
+            up = upstream.get(link.stage) if link.stage else None
+            if up is not None:
+                h.update(json.dumps([name, (up.record() or {}).get("files")], sort_keys=True).encode())
     return h.hexdigest()
 
 

@@ -5,10 +5,10 @@ Each seed runs the recipe through the real CLI with ``stages.ppo.seed=<seed>`` (
 the store after the first run) and any extra overrides, e.g. the KL-held variant:
 
     python benchmarks/ppo_seeds.py [--seeds 1 2 3] [--dir DIR] [overrides...]
-    python benchmarks/ppo_seeds.py stages.ppo.kl_target=2 stages.ppo.kl_coef=0.3
+    python benchmarks/ppo_seeds.py stages.ppo.reward=rm     # one reward model instead of the shipped ensemble
 
 Targets (issue 20): reward gain >= +1.0, win rate >= 0.8, LC win rate >= 0.7, last-quarter KL within +-50 % of
-kl_target (when set). Prints one row per seed and whether each target holds.
+the stage's kl_target (when set). Prints one row per seed and whether each target holds.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     work = a.dir or Path(tempfile.mkdtemp(prefix="ppo-seeds-"))
-    target = next((float(o.split("=", 1)[1]) for o in a.overrides if o.startswith("stages.ppo.kl_target=")), None)
     print(f"rlhf-ppo {' '.join(a.overrides)} (work: {work})")
     print("| seed | audit reward before → after | gain | win rate [95% CI] | LC win rate [95% CI] | KL last quarter |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -44,6 +43,7 @@ def main() -> None:
         m = json.loads((run_dir / "manifest.json").read_text())
         ppo = next(s for s in m["stages"] if s["name"] == "ppo")["metrics"]
         b, f, kl = ppo["before"], ppo["after"], ppo["rollouts"]["kl_last_quarter"]
+        target = json.loads((run_dir / "ppo" / "spec.json").read_text())["spec"]["args"].get("kl_target")
         assert ppo["eval"]["reward"] == "rm_audit", ppo["eval"]
         gain = f["eval_reward_mean"] - b["eval_reward_mean"]
         ok = [gain >= 1.0, f["eval_win_rate"] >= 0.8, f["eval_win_rate_lc"] >= 0.7,

@@ -110,7 +110,7 @@ RANGES: dict[str, Rule] = {
     "num_ppo_epochs": POS_INT, "num_mini_batches": POS_INT, "local_rollout_forward_batch_size": POS_INT,
     "total_episodes": OPT_POS_INT, "missing_eos_penalty": OPT_NONNEG, "kl_target": (0, False, None, False, False, True),
     "kl_horizon": (0, False, None, False, False, True), "target_kl": (0, False, None, False, False, True),
-    "kl_stop": (0, False, None, False, False, True),
+    "kl_stop": (0, False, None, False, False, True), "reward_std_coef": NONNEG,
     "temperature": POS, "top_p": (0, False, 1, True, False, False), "top_k": OPT_NONNEG_INT, "min_p": OPT_UNIT,
     "epsilon": POS, "epsilon_high": OPT_NONNEG, "num_generations": (2, True, None, False, True, True),
     "num_iterations": POS_INT, "steps_per_generation": OPT_POS_INT, "generation_batch_size": OPT_POS_INT,

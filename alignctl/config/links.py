@@ -20,9 +20,10 @@ is not a stage link; it loads the same way, and never with remote code (:data:`E
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from alignctl import tiny
 from alignctl.config import checks
@@ -46,6 +47,9 @@ class Link:
     label: str  # its row in `alignctl plan`
     # a classifier link that also accepts a language model (its head then starts fresh): the plan note saying so
     causal_lm_note: str | None = None
+    # may list several models (an ensemble: ``reward: [rm_a, rm_b]``) for the kinds that read them
+    # (StageKind.ensemble_links); its members are the links ``reward``, ``reward.2``, ... (:func:`member_key`)
+    many: bool = False
     # unset, the link takes the model of this other link (the reference: the `from` weights; the value model: the
     # reward model, with its load settings)
     defaults_to: str | None = None
@@ -55,7 +59,7 @@ LINKS: tuple[Link, ...] = (
     Link("from", "init_path", CAUSAL_LM, external=False, consent=False, upstream=True, label="policy"),
     Link("ref", "ref_path", CAUSAL_LM, external=False, consent=False, upstream=True, label="reference",
          defaults_to="from"),
-    Link("reward", "reward_path", CLASSIFIER, external=True, consent=True, upstream=True, label="reward"),
+    Link("reward", "reward_path", CLASSIFIER, external=True, consent=True, upstream=True, label="reward", many=True),
     Link("value", "value_path", CLASSIFIER, external=True, consent=True, upstream=True, label="value",
          causal_lm_note="is a language model: the value model starts from its weights with a freshly initialised "
                         "value head (as expected for PPO)", defaults_to="reward"),
@@ -72,6 +76,28 @@ NAMES: tuple[str, ...] = tuple(BY_NAME)
 EXTERNAL: tuple[Link, ...] = tuple(link for link in LINKS if link.external)
 CONSENT: tuple[str, ...] = tuple(link.name for link in LINKS if link.consent)
 UPSTREAM: tuple[str, ...] = tuple(link.name for link in LINKS if link.upstream)
+
+
+def member_key(name: str, i: int) -> str:
+    """The key in StageSpec.links of member ``i`` (from 0) of a link that lists several models: ``reward``,
+    ``reward.2``, ``reward.3``, ... (the first member is the link itself: what a single model would be)."""
+    return name if i == 0 else f"{name}.{i + 1}"
+
+
+def row_of(key: str) -> Link:
+    """The table row of a key of StageSpec.links (``reward.2`` -> reward)."""
+    return BY_NAME[key.partition(".")[0]]
+
+
+def member_keys(links: Mapping[str, Any], name: str) -> list[str]:
+    """The keys of link ``name``'s models in a stage's links, in order (one for a single model, none when unset)."""
+    return [k for k in links if k == name or k.startswith(name + ".")]
+
+
+def path_key_of(key: str) -> str:
+    """The key of a link's model folder in StageSpec.model_check (``reward_path``; a member: ``reward.2_path``)."""
+    row = row_of(key)
+    return row.path_key.replace("_path", key[len(row.name):] + "_path")
 
 
 def hub_ref(value: str) -> tuple[str, str | None]:
@@ -173,7 +199,20 @@ def model_problems(path: str, rev: str | None, where: str, run: bool, notes: lis
 
 def shown(stage: StageSpec, link: Link) -> str | None:
     """What plan shows for a link: the stage it names, else its model (with ``@revision`` when it has one)."""
-    ln = stage.link(link.name)
+    keys = member_keys(stage.links, link.name)
+    if len(keys) > 1:  # an ensemble: its members, and how their scores combine
+        members = [_shown_one(stage.links[k]) for k in keys]
+        return f"{', '.join(m for m in members if m)} ({ensemble_rule(stage.args)})"
+    return _shown_one(stage.link(link.name))
+
+
+def ensemble_rule(args: Mapping[str, Any]) -> str:
+    """How an ensemble's scores combine, as plan shows it (PPO's reward_aggregate / reward_std_coef)."""
+    rule = args.get("reward_aggregate", "mean")
+    return f"mean - {args.get('reward_std_coef', 1.0)} x std" if rule == "mean_minus_std" else rule
+
+
+def _shown_one(ln) -> str | None:
     if ln is None:
         return None
     if ln.stage:

@@ -30,8 +30,12 @@ def resolve_links(raw: dict, kind: StageKind, name: str, ctx: Context, where: st
         problems += more
     for link in link_table.EXTERNAL:
         if link.name in kind.links:
-            links[link.name], more = _model_link(raw.get(link.name), link, where, name, ctx)
+            members, more = _members(raw.get(link.name), link, kind, where)
             problems += more
+            for i, value in enumerate(members):
+                key = link_table.member_key(link.name, i)
+                links[key], more = _model_link(value, link, where, name, ctx, key)
+                problems += more
     unset = [row for row in link_table.EXTERNAL
              if row.name in kind.links and raw.get(row.name) is None and row.defaults_to in links]
     for row in unset:  # checked once, as the link it defaults to
@@ -72,10 +76,30 @@ def _ref(ref, src: str | None, base: str, ctx: Context, where: str) -> tuple[Lin
     return LinkSpec("ref", str(ctx.run_dir / ref / "final") if ref else base, stage=ref), problems
 
 
-def _model_link(value, link: link_table.Link, where: str, name: str, ctx: Context) -> tuple[LinkSpec, list[str]]:
+def _members(value, link: link_table.Link, kind: StageKind, where: str) -> tuple[list, list[str]]:
+    """The models a link names: one (or None: unset), or for a link the kind reads as an ensemble, a list of them
+    (``reward: [rm_a, rm_b]``), each named once."""
+    if not isinstance(value, (list, tuple)):
+        return [value], []
+    key = f"{where}.{link.name}"
+    if link.name not in kind.ensemble_links:
+        takes = [k for k, s in STAGES.items() if link.name in s.ensemble_links]
+        return [None], [f"{key}: names one model; a list (an ensemble) is read by {', '.join(takes) or 'no'} stages "
+                        f"only, not by a {kind.name} stage"]
+    if not value or any(not isinstance(v, str) or not v for v in value):
+        return [None], [f"{key}: an ensemble must list one or more reward stages or models by name, got {value!r}"]
+    twice = sorted({v for v in value if value.count(v) > 1})
+    if twice:
+        return [None], [f"{key}: {', '.join(twice)} listed twice; an ensemble names each reward model once"]
+    return list(value), []
+
+
+def _model_link(value, link: link_table.Link, where: str, name: str, ctx: Context, key: str | None = None
+                ) -> tuple[LinkSpec, list[str]]:
     """A link that may name a model outside the recipe (reward, value, judge): an earlier stage's final/, or a model
-    path / Hub id (``external``, with the Hub id's own revision); unset: a link with no path."""
-    key, earlier = link.name, ctx.earlier()
+    path / Hub id (``external``, with the Hub id's own revision); unset: a link with no path. ``key``: the member's
+    key in the stage's links (an ensemble's ``reward.2``), by default the link's name."""
+    key, earlier = key or link.name, ctx.earlier()
     if value is None:
         return LinkSpec(key, None), []
     value = str(value)
@@ -134,16 +158,16 @@ def _remote_code(raw: dict, links: dict[str, LinkSpec], kind: StageKind, ctx: Co
     for name, link in links.items():
         if not link.external or not link.path or tiny.is_tiny(link.path) or link.path.startswith(PKG_PREFIX):
             continue  # a built-in tiny model (or an installed package's folder): no code of its own
-        row = link_table.BY_NAME[name]
-        allowed = row.consent and name in consent and trusted
+        row = link_table.row_of(name)
+        allowed = row.consent and row.name in consent and trusted
         out[name] = link.replace(trust_remote_code=allowed)
         if trusted and not allowed:
             problems.append(f"{where}.{name}: model.trust_remote_code is on and would also run code shipped with "
-                            f"'{raw[name]}'; allow it explicitly with {where}.trust_remote_code_links=[{name}], or "
+                            f"'{link.path}'; allow it explicitly with {where}.trust_remote_code_links=[{row.name}], or "
                             "use a model that needs no remote code")
         problems += external_model_problems(row, out[name], f"{where}.{name}", ctx,
                                             how=f"model.trust_remote_code=true and {where}.trust_remote_code_links="
-                                                f"[{name}]")
+                                                f"[{row.name}]")
     return out, problems
 
 

@@ -1,7 +1,8 @@
 """PPO's configuration: transformers' TrainingArguments (optimiser, schedule, precision, logging, saving, seed) plus
 the PPO fields, under the names TRL 1.12's ``trl.experimental.ppo.PPOConfig`` used, so recipes written for it run
 unchanged; plus ``kl_target`` / ``kl_horizon`` for the adaptive KL controller (Ziegler et al. 2019), ``target_kl``
-(early stop of an update's epochs) and ``kl_stop`` (early stop of the stage): a KL that is held, not only penalised."""
+(early stop of an update's epochs) and ``kl_stop`` (early stop of the stage): a KL that is held, not only penalised;
+``reward_aggregate`` / ``reward_std_coef``: how a reward ensemble's scores combine."""
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -51,6 +52,12 @@ class PPOConfig(TrainingArguments):
     kl_stop: float | None = field(default=None, metadata={
         "help": "Stop the stage when an update's rollouts show a KL to the reference above this (nats per answer); "
                 "the stage's output is then the last policy whose rollouts stayed under it."})
+    reward_aggregate: Literal["mean", "min", "mean_minus_std"] = field(default="mean", metadata={
+        "help": "How the scores of a reward ensemble (`reward: [rm_a, rm_b, ...]`) combine into the training signal: "
+                "their mean, their minimum (worst case), or their mean minus reward_std_coef x their standard "
+                "deviation (uncertainty-weighted; Coste et al. 2023)."})
+    reward_std_coef: float = field(default=1.0, metadata={
+        "help": "The weight of the ensemble members' disagreement (std) under reward_aggregate=mean_minus_std."})
     cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value prediction."})

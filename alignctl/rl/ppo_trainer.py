@@ -38,6 +38,19 @@ class PolicyAndValue(torch.nn.Module):
         return logits, core.token_scores(self.value_model, ids, mask, positions)
 
 
+def aggregate_scores(member, rule: str, std_coef: float = 1.0):
+    """One score per answer from the reward models' (members x answers): their mean, their minimum (worst case), or
+    mean - std_coef x std (uncertainty-weighted optimisation; Coste et al. 2023, "Reward model ensembles help mitigate
+    overoptimization"). One reward model: its scores."""
+    if len(member) == 1:
+        return member[0]
+    if rule == "min":
+        return member.min(0).values
+    if rule == "mean_minus_std":
+        return member.mean(0) - std_coef * member.std(0, unbiased=False)
+    return member.mean(0)
+
+
 def _no_dropout(model) -> None:
     """Huang et al. 2024: dropout off, so rollout and training log-probabilities agree."""
     for m in model.modules():
@@ -83,7 +96,10 @@ class PPOTrainer:
         # saved by save_checkpoint itself: accelerate loads registered objects with weights_only=False (a pickle)
         self.scheduler = scheduler
         dev = self.acc.device
-        self.reward_model = reward_model.to(dev).eval()
+        # one reward model, or an ensemble (a list) whose scores combine by reward_aggregate (aggregate_scores)
+        members = reward_model if isinstance(reward_model, (list, tuple)) else [reward_model]
+        self.reward_models = [m.to(dev).eval() for m in members]
+        self.reward_model = self.reward_models[0]
         # scores answers, never trains: per update beside the proxy, and the held-out answers (lifecycle)
         self.audit_model = None if audit_model is None else audit_model.to(dev).eval()
         self.ref = None if ref_policy is None else ref_policy.to(dev).eval()
@@ -152,17 +168,19 @@ class PPOTrainer:
                     reference = model.policy if self.ref is None else self.ref
                     ref_logits = reference(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
                 ref_logp, _ = core.answer_logprobs(ref_logits, resp, q.shape[1], c.temperature)
-                scores = core.token_scores(self.reward_model, ids, mask, pos)
+                member = [core.token_scores(rm, ids, mask, pos) for rm in self.reward_models]
                 audit = None if self.audit_model is None else core.token_scores(self.audit_model, ids, mask, pos)
             w = q.shape[1]
             last = (torch.arange(len(resp), device=dev), w + lengths - 1)
-            scores = scores.float()[last]
+            member = torch.stack([m.float()[last] for m in member])  # (reward models, answers)
+            scores = aggregate_scores(member, c.reward_aggregate, c.reward_std_coef)
             if c.missing_eos_penalty is not None:
                 scores = scores - c.missing_eos_penalty * (~stopped).float()
             amask = (torch.arange(resp.shape[1], device=dev)[None] < lengths[:, None]).float()
             if audit is not None:
                 audit = audit.float()[last]
             chunks.append(dict(q=q, qm=qm, resp=resp, lengths=lengths, stopped=stopped, audit=audit, mask=amask,
+                               members=member,
                                logp=logp * amask, ref_logp=ref_logp * amask, entropy=entropy * amask, scores=scores,
                                values=values.float()[:, w - 1:w - 1 + resp.shape[1]] * amask))
         model.train()
@@ -243,6 +261,11 @@ class PPOTrainer:
             out["monitor/length_corr"] = torch.corrcoef(torch.stack([sc, lengths]))[0, 1].item()
         if self.audit_model is not None:
             out["audit/scores"] = self._mean(torch.cat([ch["audit"] for ch in chunks]))
+        if len(self.reward_models) > 1:  # each member's mean score and their disagreement (std across members)
+            member = torch.cat([ch["members"] for ch in chunks], dim=1)
+            for i, row in enumerate(member):
+                out[f"ensemble/scores_{i + 1}"] = self._mean(row)
+            out["ensemble/std"] = self._mean(member.std(0, unbiased=False))
         if self.stop_ids:  # without a stop token every answer runs to response_length: nothing to measure
             stopped = self.acc.gather(torch.cat([ch["stopped"] for ch in chunks]).float())
             out["monitor/truncated"] = 1.0 - stopped.mean().item()

@@ -33,6 +33,8 @@ class StageKind:
     data_kind: str  # what its data must hold: sft | preference | prompt | unpaired
     summary: str
     links: tuple[str, ...] = ()  # extra links it accepts besides `from`: ref, reward, value
+    # links it accepts as a list of several models (an ensemble; alignctl.config.links.Link.many), e.g. PPO's reward
+    ensemble_links: tuple[str, ...] = ()
     output: str = "causal_lm"  # what final/ holds: causal_lm | classifier | data (a generated data set)
     key_fields: tuple[str, ...] = field(default=("learning_rate", "num_train_epochs", "per_device_train_batch_size"))
     headline: str = "eval_loss"  # the held-out metric shown before -> after in summaries

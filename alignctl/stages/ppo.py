@@ -2,7 +2,11 @@
 
 * policy and reference: the ``from`` stage's final weights (``ref`` may name another stage); with an adapter
   (lora/qlora) the reference is the policy with its adapter disabled, without a second copy;
-* reward model: ``reward:`` a reward stage of the recipe or a model path (required);
+* reward model: ``reward:`` a reward stage of the recipe or a model path (required); or an ensemble, a list of
+  them (``reward: [rm, rm_b]``), whose scores combine by ``reward_aggregate`` (mean, min, mean_minus_std with
+  ``reward_std_coef``) into the training signal; each member is checked, fingerprinted and digested like a single
+  reward link; the first member is the ensemble's face where one model is needed (the value model's default, the
+  held-out evaluation's scorer without an audit);
 * value model: initialised from the reward model unless ``value:`` names another stage or path;
 * audit model (optional): ``audit:`` a reward stage or model that never trains the policy: it scores every update's
   answers (``audit/scores`` beside the proxy's ``objective/scores``, the ``audit_drop`` monitor) and judges the
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 
+from alignctl.config import links
 from alignctl.evaluate import encode_prompt
 from alignctl.stages import StageKind
 from alignctl.train import monitors
@@ -46,7 +51,7 @@ def build(ctx):
     tokenizer.padding_side = "left"  # queries are generated from: pad on the left
     _warn_if_template_trails_eos(tokenizer)
     policy = ctx.load_policy()
-    reward_model = ctx.load_reward_model()
+    reward_model = [ctx.load_classifier(*ctx.link_model(key)) for key in links.member_keys(ctx.spec.links, "reward")]
     ref, lora = ctx.load_reference(), ctx.peft_config()
     if lora is not None:
         from peft import get_peft_model
@@ -58,10 +63,11 @@ def build(ctx):
         ref.requires_grad_(False)
     link = ctx.spec.link("audit")  # every link of the kind is in the spec; an unset one has no path
     audit = ctx.load_classifier(*ctx.link_model("audit")) if link is not None and link.path else None
-    for name, model in (("reward", reward_model), ("audit", audit)):
+    for name, model in [*zip(links.member_keys(ctx.spec.links, "reward"), reward_model), ("audit", audit)]:
         if model is not None and model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             raise ValueError(f"stages.{ctx.spec.name}.{name}: the model's vocabulary is smaller than the policy's "
                              "tokenizer; PPO scores the policy's token ids, so both must share one tokenizer")
+    reward_model = reward_model[0] if len(reward_model) == 1 else reward_model
     return PPOTrainer(config, policy, ctx.load_value_model(), reward_model, tokenizer,
                       [encode_prompt(tokenizer, p) for p in ctx.train["prompt"]], ref_policy=ref, stage=ctx.spec.name,
                       audit_model=audit)
@@ -81,8 +87,27 @@ def extra_metrics(trainer, metrics: dict) -> dict:
     return {**metrics, "rollouts": rollouts}
 
 
+def check(stage, where: str) -> list[str]:
+    """An audit never trains the policy, so it is no member of the reward; an ensemble's aggregation needs an ensemble
+    (with one reward model reward_aggregate changes nothing)."""
+    members = [stage.links[k] for k in links.member_keys(stage.links, "reward")]
+    audit = stage.link("audit")
+    if audit is not None and audit.path and any((m.stage or m.path) == (audit.stage or audit.path) for m in members):
+        return [f"{where}.audit: '{audit.stage or audit.path}' is also the reward the policy trains on; an audit must "
+                "be independent of it: name a reward model trained apart (another seed, other pairs) or drop audit"]
+    several = len(members) > 1
+    set_ = [k for k in ("reward_aggregate", "reward_std_coef") if k in stage.args]
+    if set_ and not several:
+        return [f"{where}.{set_[0]}: combines the scores of several reward models; this stage has one: list "
+                f"several under {where}.reward (e.g. [rm, rm_b]) or drop {set_[0]}"]
+    if "reward_std_coef" in stage.args and stage.args.get("reward_aggregate", "mean") != "mean_minus_std":
+        return [f"{where}.reward_std_coef: is read by reward_aggregate=mean_minus_std only (here: "
+                f"{stage.args.get('reward_aggregate', 'mean')})"]
+    return []
+
+
 KIND = StageKind(
-    monitor_signals=monitors.ALL_SIGNALS,
+    monitor_signals=monitors.ALL_SIGNALS, ensemble_links=("reward",), check=check,
     name="ppo", config_class="alignctl.rl.ppo_config.PPOConfig", data_kind="prompt",
     summary="PPO against a reward model, KL-penalised towards the reference (InstructGPT)",
     links=("ref", "reward", "value", "audit"), needs_reward=True, headline="eval_rm_score",

@@ -74,7 +74,7 @@ def test_combinations_that_cannot_work_are_rejected_at_plan_time(capsys, tmp_pat
     err = _plan_error(capsys, "recipe=rlhf-ppo", *zero3)
     assert "stages.ppo: a ppo stage cannot run under DeepSpeed ZeRO-3" in err and "stages.sft" not in err
     assert _plan(capsys, "recipe=rlhf-ppo", "launcher=accelerate", "launcher.config_file=zero2",
-                 "launcher.num_processes=8").count("world size 8 (DeepSpeed ZeRO-2)") == 4  # sft, rm, rm_audit, ppo
+                 "launcher.num_processes=8").count("world size 8 (DeepSpeed ZeRO-2)") == 5  # 5 stages
     err = _plan_error(capsys, "peft=qlora", "launcher=accelerate", "launcher.config_file=fsdp",
                       "launcher.num_processes=2")
     assert "stages.dpo.peft: qlora under FSDP" in err and "bnb_4bit_quant_storage=bf16" in err

@@ -43,9 +43,10 @@ def test_plan_json_is_the_resolved_spec_for_other_tools(capsys):
     blob = json.loads(capsys.readouterr().out)
     assert rc == 0 and blob["plan_format"] == 1 and blob["recipe"] == "rlhf-ppo"
     stages = {s["name"]: s for s in blob["stages"]}
-    assert list(stages) == ["sft", "rm", "rm_audit", "ppo"]
+    assert list(stages) == ["sft", "rm", "rm_audit", "rm_b", "ppo"]
     ppo = stages["ppo"]
     assert ppo["kind"] == "ppo" and ppo["args"]["kl_target"] == 2 and ppo["links"]["audit"]["stage"] == "rm_audit"
+    assert ppo["links"]["reward.2"]["stage"] == "rm_b"  # the ensemble's second member
     assert ppo["monitors"]["length_corr"] == 0.7 and ppo["eval"]["reward"] == "rm_audit"
     rc, text = plan(capsys, "--json", "stages.dpo.beta=-1")  # a mistake: the usual one-line message, exit 2
     assert rc == 2 and "stages.dpo.beta" in text

@@ -273,7 +273,7 @@ def test_rlhf_ppo_with_adapters(method, arch, run_recipe, tmp_path):
     run_dir = tmp_path / "run"
     m = run_recipe(["recipe=rlhf-ppo", f"peft={method}", f"model={arch}", "stages.sft.num_train_epochs=2",
                     "stages.ppo.total_episodes=32", "stages.ppo.num_ppo_epochs=2"], run_dir)
-    assert m["status"] == "completed" and [s["status"] for s in m["stages"]] == ["completed"] * 4
+    assert m["status"] == "completed" and [s["status"] for s in m["stages"]] == ["completed"] * 5  # an RM ensemble
     _final_is_plain(run_dir / "sft" / "final")
     _final_is_plain(run_dir / "ppo" / "final")
     rm = _final_is_plain(run_dir / "rm" / "final", classifier=True)

@@ -1,7 +1,8 @@
 """alignctl's own PPO (alignctl.rl): the pieces of the algorithm on hand-checked numbers; the adaptive KL controller
 holds KL near its target where a fixed small kl_coef lets it run past, target_kl cuts an update's epochs, kl_stop ends
-the stage, the monitors flag a planted length-hacking reward; an interrupted PPO stage resumes from its
-newest checkpoint (step, optimiser, kl_coef and logs carried over); PPO over torchrun x2 (DDP, gloo on CPU)."""
+the stage, the monitors flag a planted length-hacking reward while the audit falls, a reward ensemble trains on its
+members' worst case; an interrupted PPO stage resumes from its newest checkpoint (step, optimiser, kl_coef and logs
+carried over); PPO over torchrun x2 (DDP, gloo on CPU)."""
 
 from __future__ import annotations
 
@@ -96,7 +97,10 @@ def test_gae_kl_estimators_and_adaptive_controller_on_hand_computed_numbers():
 # recipe's fixed kl_coef 0.05 the KL of the last quarter reaches ~6.5 nats per answer (6.5, 5.4, 4.2 over seeds 1-3).
 # The controller's horizon is left at its default, a twentieth of the run (16 episodes, one update).
 TARGET = 2.0
-FIXED = ("stages.ppo.seed=1", "stages.ppo.total_episodes=320")
+# the settings these tests were calibrated on: one reward model, lr 3e-3, a fixed kl_coef 0.05, 20 updates (the shipped
+# recipe trains on an ensemble at lr 1e-3 with kl_target 3 for 50 updates: benchmarks/ppo_seeds.py measures it)
+FIXED = ("stages.ppo.seed=1", "stages.ppo.total_episodes=320", "stages.ppo.reward=rm", "stages.ppo.learning_rate=3e-3",
+         "stages.ppo.kl_target=null")
 ADAPTIVE = (*FIXED, f"stages.ppo.kl_target={TARGET}", "stages.ppo.kl_coef=0.3")
 
 
@@ -159,10 +163,30 @@ def test_kl_stop_ends_the_stage_with_the_last_policy_under_the_cap(run):
     assert final.keys() == sft.keys() and all((final[k] == sft[k]).all() for k in sft)
 
 
-def test_monitors_flag_a_planted_length_hacking_reward(run, tmp_path):
-    """A reward that pays 0.25 per token (what a reward model biased towards length does), in a TRL-style
+def _rambling_pairs(folder) -> str:
+    """The built-in pairs plus, for each, a length-controlled comparison: the chosen answer alone beats the same
+    answer run on with two more sentences. An audit trained on them has seen what the proxy below never did."""
+    import random
+
+    from alignctl.synthetic import DATA_DIR
+
+    rows = [json.loads(line) for line in (DATA_DIR / "prefs.jsonl").read_text().splitlines()]
+    rng, out = random.Random(0), []
+    for r in rows:
+        answer = r["chosen"][0]["content"]
+        more = f"{rng.choice(rows)['chosen'][0]['content']} {rng.choice(rows)['rejected'][0]['content']}"
+        out.append({"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": answer}],
+                    "rejected": [{"role": "assistant", "content": f"{answer} {more}"}]})
+    path = folder / "rambling.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows + out))
+    return str(path)
+
+
+def test_monitors_flag_a_planted_length_hacking_reward_and_the_audit_falls_as_the_proxy_rises(run, tmp_path_factory):
+    """A proxy reward that pays 0.25 per token (what a reward model biased towards length does), in a TRL-style
     reward-model interface: the policy learns to answer longer; the monitors flag the reward-length correlation and
-    the growth of the answers, and the audit reward model (never trained on) is logged beside the proxy."""
+    the growth of the answers, and the audit reward model (trained on length-controlled comparisons too, never the
+    training signal) falls while the proxy rises, which the audit_drop monitor reports."""
     import copy
     from types import SimpleNamespace
 
@@ -187,17 +211,20 @@ def test_monitors_flag_a_planted_length_hacking_reward(run, tmp_path):
             self.body, self.score = Body(), torch.nn.Linear(1, 1, bias=False)
             torch.nn.init.constant_(self.score.weight, 0.25)
 
-    base_dir, _ = run(*FIXED)
+    pairs = _rambling_pairs(tmp_path_factory.mktemp("audit"))
+    base_dir, _ = run(FIXED[0], "stages.ppo.total_episodes=16", "stages.ppo.reward=rm",
+                      f"stages.rm_audit.data={{path: '{pairs}'}}")
     tok = AutoTokenizer.from_pretrained(base_dir / "sft" / "final")
     tok.padding_side = "left"
     prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "prompts.jsonl").read_text().splitlines()]
     policy = AutoModelForCausalLM.from_pretrained(base_dir / "sft" / "final")
     audit = AutoModelForSequenceClassification.from_pretrained(base_dir / "rm_audit" / "final")
-    config = PPOConfig(output_dir=str(tmp_path), learning_rate=3e-3, total_episodes=320,
+    value = AutoModelForSequenceClassification.from_pretrained(base_dir / "rm" / "final")
+    config = PPOConfig(output_dir=str(tmp_path_factory.mktemp("ppo")), learning_rate=3e-3, total_episodes=320,
                        per_device_train_batch_size=16, response_length=32, stop_token="eos", temperature=1.0,
                        kl_coef=0.05, logging_steps=1, save_strategy="no", report_to="none", seed=1)
     ref = copy.deepcopy(policy).requires_grad_(False)
-    trainer = PPOTrainer(config, policy, copy.deepcopy(audit), LengthReward(), tok,
+    trainer = PPOTrainer(config, policy, value, LengthReward(), tok,
                          [encode_prompt(tok, p) for p in prompts], ref_policy=ref, stage="ppo", audit_model=audit)
     trainer.monitor = monitors.Monitor(monitors.defaults(), "ppo")
     LOG.clear()
@@ -208,10 +235,36 @@ def test_monitors_flag_a_planted_length_hacking_reward(run, tmp_path):
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     assert mean(last, "objective/scores") > mean(first, "objective/scores") + 1  # the proxy rises
     assert mean(last, "monitor/length") > 2 * history[0]["monitor/length"]  # by answering longer
+    assert mean(last, "audit/scores") < history[0]["audit/scores"] - 0.3  # while the independent judge falls
     fired = {e["monitor"] for e in trainer.monitor.events}
-    assert {"length_corr", "length_growth"} <= fired, trainer.monitor.events
+    assert {"length_corr", "length_growth", "audit_drop"} <= fired, trainer.monitor.events
     assert any("monitor length_corr at update" in line and "the reward pays for length" in line for line in LOG)
-    assert all("audit/scores" in h for h in history)  # the independent judge beside the proxy, every update
+    assert any("monitor audit_drop at update" in line and "the audit reward fell" in line for line in LOG)
+
+
+def test_an_ensemble_trains_on_its_members_worst_case_and_logs_each_member(run):
+    """reward: [rm, rm_b] with reward_aggregate=min: every update logs both members' mean scores and their spread,
+    and the training signal is the per-answer minimum (never above either member's mean); the held-out answers are
+    still judged by the audit, outside the ensemble."""
+    import torch
+
+    from alignctl.rl.ppo_trainer import aggregate_scores
+
+    member = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 0.5]])
+    assert aggregate_scores(member, "mean").tolist() == [0.5, -0.5, 0.5]
+    assert aggregate_scores(member, "min").tolist() == [0.0, -2.0, 0.5]
+    assert aggregate_scores(member, "mean_minus_std", 2.0).tolist() == [-0.5, -3.5, 0.5]
+    assert aggregate_scores(member[:1], "min").tolist() == [1.0, -2.0, 0.5]
+    run_dir, m = run("stages.ppo.seed=1", "stages.ppo.total_episodes=48", "stages.ppo.reward=[rm,rm_b]",
+                     "stages.ppo.reward_aggregate=min")
+    ppo = _ppo(m)
+    history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    assert len(history) == 3
+    for h in history:
+        assert h["objective/scores"] <= min(h["ensemble/scores_1"], h["ensemble/scores_2"]) + 1e-6
+        assert h["ensemble/std"] > 0 and "audit/scores" in h
+    assert ppo["metrics"]["eval"]["reward"] == "rm_audit"
+    assert next(s for s in m["stages"] if s["name"] == "rm_b")["status"] in ("completed", "reused")
 
 
 # -- resume after a kill ----------------------------------------------------------------------------------------
