@@ -14,13 +14,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("alignctl")
 
 
-def _jsonl(rows) -> str:
+def jsonl(rows) -> str:
     from alignctl.fsutil import dumps
 
     return "".join(dumps(r).replace("\n", " ") + "\n" for r in rows)
 
 
-def _answer(prompt, text):
+def as_answer(prompt, text):
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
@@ -28,12 +28,12 @@ def pairs_of(prompt, answers: list[str], scores: list[float], cfg: GenerateConfi
     """The rows one prompt yields: pairs (chosen scored higher by more than ``margin``) or KTO-labelled answers."""
     if cfg.unpaired:
         mean = sum(scores) / len(scores)
-        return [{"prompt": prompt, "completion": _answer(prompt, a), "label": s > mean, "score": s}
+        return [{"prompt": prompt, "completion": as_answer(prompt, a), "label": s > mean, "score": s}
                 for a, s in zip(answers, scores) if s != mean]
     order = sorted(range(len(answers)), key=lambda i: -scores[i])
     cands = [(order[0], order[-1])] if cfg.pairs == "best_worst" else \
         [(i, j) for n, i in enumerate(order) for j in order[n + 1:]]
-    return [{"prompt": prompt, "chosen": _answer(prompt, answers[i]), "rejected": _answer(prompt, answers[j]),
+    return [{"prompt": prompt, "chosen": as_answer(prompt, answers[i]), "rejected": as_answer(prompt, answers[j]),
              "score_chosen": scores[i], "score_rejected": scores[j]}
             for i, j in cands if scores[i] - scores[j] > cfg.margin and answers[i] != answers[j]]
 
@@ -104,9 +104,9 @@ class GenerateJob:
         out = Path(output_dir or self.ctx.dir / "final")
         out.mkdir(parents=True, exist_ok=True)
         train, test = self.rows
-        write_text_atomic(out / "train.jsonl", _jsonl(train))
+        write_text_atomic(out / "train.jsonl", jsonl(train))
         if test is not None:
-            write_text_atomic(out / "test.jsonl", _jsonl(test))
+            write_text_atomic(out / "test.jsonl", jsonl(test))
 
 
 def _sample(ctx, cfg: GenerateConfig, prompt_ids: list[list[int]]) -> list[list[list[int]]]:
@@ -138,10 +138,11 @@ def _score(ctx, cfg: GenerateConfig, prompts: list, prompt_ids: list, answers: l
     flat_ids = [answers[j][i] for i in range(len(prompts)) for j in range(k)]
     reward, judge_link = ctx.spec.link("reward"), ctx.spec.link("judge")
     if reward is not None and reward.path:
-        add(_reward_scores(ctx, cfg, prompt_ids, flat_ids))
+        add(reward_scores(ctx, [p for p in prompt_ids for _ in range(k)], flat_ids, cfg.batch_size))
         info["scorers"].append(reward.stage or reward.path)
     if judge_link is not None and judge_link.path:
-        wins, info["judge"] = _judge_wins(ctx, cfg, prompts, texts)
+        wins, info["judge"] = judge_wins(ctx, prompts, texts, ctx.spec.options.get("constitution"),
+                                         cfg.judge_template, cfg.batch_size)
         add([w for row in wins for w in row])
         info["scorers"].append(f"judge {judge_link.stage or judge_link.path}")
     funcs = ctx.spec.options.get("reward_funcs")
@@ -152,26 +153,29 @@ def _score(ctx, cfg: GenerateConfig, prompts: list, prompt_ids: list, answers: l
     return scores, info
 
 
-def _reward_scores(ctx, cfg: GenerateConfig, prompt_ids: list, flat_ids: list) -> list[float]:
+def reward_scores(ctx, prompt_ids: list, answer_ids: list, batch_size: int) -> list[float]:
+    """The stage's reward model's score of each prompt + answer (token ids of the stage's tokenizer)."""
     from alignctl import evaluate
     from alignctl.train.context import release_memory
 
     rm, rtok = ctx.load_reward_model(), ctx.link_tokenizer("reward")  # an outside model: its own settings
-    flat = evaluate.reward_scores(rm, rtok, ctx.tokenizer, [p for p in prompt_ids for _ in range(cfg.k)], flat_ids,
-                                  cfg.batch_size)
+    flat = evaluate.reward_scores(rm, rtok, ctx.tokenizer, prompt_ids, answer_ids, batch_size)
     del rm
     release_memory()
     return flat
 
 
-def _judge_wins(ctx, cfg: GenerateConfig, prompts: list, texts: list[list[str]]) -> tuple[list[list[float]], dict]:
+def judge_wins(ctx, prompts: list, texts: list[list[str]], principles: list[str] | None, template: str | None,
+               batch_size: int) -> tuple[list[list[float]], dict]:
+    """Each answer's decisive wins over the prompt's other answers, by the stage's judge under ``principles`` (both
+    orders; alignctl.judge), and the judge's statistics."""
     from alignctl import judge, models
     from alignctl.train.context import release_memory
 
     jpath, jspec = ctx.link_model("judge")  # an outside judge: its own revision, template and consent
     jtok = models.load_tokenizer(jpath, jspec)
     jmodel = models.load_causal_lm(jpath, jspec, ctx.precision, jtok)
-    ask = judge.LMJudge(jmodel, jtok, ctx.spec.options.get("constitution"), cfg.judge_template, cfg.batch_size)
+    ask = judge.LMJudge(jmodel, jtok, principles, template, batch_size)
     wins, stats = judge.round_robin(ask, [judge.prompt_text(p) for p in prompts], texts)
     del jmodel, ask
     release_memory()
@@ -184,7 +188,7 @@ def _function_scores(cfg: GenerateConfig, funcs: list, prompts: list, texts: lis
     from alignctl.stages import grpo
 
     flat_p = [p for p in prompts for _ in range(cfg.k)]
-    flat_c = [_answer(p, texts[i][j]) for i, p in enumerate(prompts) for j in range(cfg.k)]
+    flat_c = [as_answer(p, texts[i][j]) for i, p in enumerate(prompts) for j in range(cfg.k)]
     return [[float(v if v is not None else 0.0) for v in f(prompts=flat_p, completions=flat_c, completion_ids=flat_ids)]
             for f in grpo.builtin_rewards(funcs)]
 

@@ -103,8 +103,9 @@ def _stage_rows(spec: RunSpec, s: StageSpec, kind: StageKind) -> list[tuple[str,
                                              for f in s.options["reward_funcs"])))
     rows += [("data", _data_label(s.data)), ("output", f"<run dir>/{s.name}/final")]
     rows += _eval_rows(spec, s, kind)
-    if s.options.get("constitution"):
-        rows.append(("principles", "; ".join(s.options["constitution"])))
+    principles = s.options.get("constitution") or s.options.get("principles")  # a judge's, or a critic's
+    if principles:
+        rows.append(("principles", "; ".join(principles)))
     if kind.output == "data":  # a generate stage trains nothing: no peft, no batch (alignctl.stages.generate)
         rows.append(("processes", "rank 0 samples and scores every prompt"))
     else:

@@ -1,10 +1,10 @@
 """The links of a stage to other models: one table that every module handling links reads (no torch, no TRL).
 
 A stage names the models it uses with links: ``from`` (its initial weights), ``ref`` (the reference), ``reward``,
-``value``, ``judge`` and ``audit``. :data:`LINKS` says of each what it must point at, whether it may name a model
-outside the recipe (a folder, a Hub id ``org/repo[@revision]`` or a built-in tiny model), whether such a model runs
-remote code only with the stage's ``trust_remote_code_links`` consent, whether it counts in the upstream digest
-(alignctl.pipeline), its row label in ``alignctl plan`` and the key of its model folder's content check
+``value``, ``judge``, ``critic`` and ``audit``. :data:`LINKS` says of each what it must point at, whether it may name
+a model outside the recipe (a folder, a Hub id ``org/repo[@revision]`` or a built-in tiny model), whether such a
+model runs remote code only with the stage's ``trust_remote_code_links`` consent, whether it counts in the upstream
+digest (alignctl.pipeline), its row label in ``alignctl plan`` and the key of its model folder's content check
 (``StageSpec.model_check``). The resolvers (alignctl.config.resolve_links), fingerprint.py, store.py, pipeline.py,
 views.py, launch.py and the stage lifecycle (alignctl.train) iterate this table instead of listing names
 (tests/unit/test_links.py checks that no other module lists them).
@@ -64,6 +64,9 @@ LINKS: tuple[Link, ...] = (
          causal_lm_note="is a language model: the value model starts from its weights with a freshly initialised "
                         "value head (as expected for PPO)", defaults_to="reward"),
     Link("judge", "judge_path", CAUSAL_LM, external=True, consent=True, upstream=True, label="judge"),
+    # the language model that critiques and revises answers against principles (a critique stage; default: the
+    # policy itself, as in Constitutional AI)
+    Link("critic", "critic_path", CAUSAL_LM, external=True, consent=True, upstream=True, label="critic"),
     # an independent reward model that only measures (each update's answers, the held-out win rates), never trains
     Link("audit", "audit_path", CLASSIFIER, external=True, consent=True, upstream=True, label="audit reward"),
 )

@@ -145,10 +145,13 @@ def _data(ref: Any, kind: StageKind, ctx: Context, where: str) -> tuple[DataSpec
     if producer is None:
         return dataset(ref, ctx.datasets, where, kind.data_kind, ctx.check_data)
     made = STAGES[producer.kind]
-    spec = made.data_source(producer, str(ctx.run_dir))
-    if made.produces(producer) != kind.data_kind:
-        return spec, [f"{where}.data: '{producer.name}' writes {made.produces(producer)} data; a {kind.name} stage "
-                      f"needs {kind.data_kind} data (set stages.{producer.name}.pairs accordingly)"]
+    writes = made.produces(producer)
+    writes = (writes,) if isinstance(writes, str) else writes
+    spec = made.data_source(producer, str(ctx.run_dir), kind.data_kind if kind.data_kind in writes else writes[0])
+    if kind.data_kind not in writes:
+        hint = f" (set stages.{producer.name}.pairs accordingly)" if len(writes) == 1 else ""
+        return spec, [f"{where}.data: '{producer.name}' writes {' and '.join(writes)} data; a {kind.name} stage "
+                      f"needs {kind.data_kind} data{hint}"]
     return spec, []
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from alignctl.train.context import StageContext
     from alignctl.train.lifecycle import Trainable
 
-_MODULES = ("sft", "dpo", "orpo", "reward", "ppo", "kto", "cpo", "grpo", "rloo", "generate")
+_MODULES = ("sft", "dpo", "orpo", "reward", "ppo", "kto", "cpo", "grpo", "rloo", "generate", "critique")
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,11 @@ class StageKind:
     check: Callable[[StageSpec, str], list[str]] | None = None
     # rewrites the recipe's stage entries before they resolve (e.g. `rounds:` blocks): expand(stages, problems)
     expand: Callable[[dict, list[str]], dict] | None = None
-    # a kind whose output is data: the data kind it writes for a stage, and the data spec of a later stage's
-    # `data: <this stage>` (its final/ folder under the run directory)
-    produces: Callable[[StageSpec], str] | None = None
-    data_source: Callable[[StageSpec, str], DataSpec] | None = None
+    # a kind whose output is data: the data kind(s) it writes for a stage, and the data spec of a later stage's
+    # `data: <this stage>` (its final/ folder under the run directory), data_source(stage, run_dir, data_kind):
+    # a kind writing several (a critique stage: SFT rows and pairs) gives each consumer the one its kind reads
+    produces: Callable[[StageSpec], str | tuple[str, ...]] | None = None
+    data_source: Callable[[StageSpec, str, str], DataSpec] | None = None
     # why it cannot run with the weights sharded across ranks (DeepSpeed ZeRO-3, FSDP), or None
     sharded_unsupported: str | None = None
 

@@ -156,7 +156,7 @@ def check(stage: "StageSpec", where: str) -> list[str]:
     return problems
 
 
-def data_source(stage: "StageSpec", run_dir: str) -> "DataSpec":
+def data_source(stage: "StageSpec", run_dir: str, data_kind: str | None = None) -> "DataSpec":
     """The data spec of a later stage's ``data: <this generate stage>``: its final/ folder, held-out split test."""
     from pathlib import Path
 

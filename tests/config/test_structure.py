@@ -129,7 +129,7 @@ def _kind_literals(names) -> list[str]:
     kinds = _kind_names()
     # names that are also other words of the vocabulary (a data kind, a link, a CLI command): flagged only where they
     # are compared with a stage's kind or used to look one up
-    shared = {"sft", "reward", "generate"}
+    shared = {"sft", "reward", "generate", "critique"}  # a critique is also what a critic writes
     found = []
     for name in names:
         path = MODULES[name]

@@ -46,17 +46,18 @@ def _stage(kind: StageKind, **linked) -> dict:
 
 def recipe(kind: StageKind) -> dict:
     """The kind as the last stage ("subject"), after the stages its links point at: a language-model stage
-    ("policy": also its `from`) when a link takes a language model, a classifier stage ("scorer") when one takes a
-    classifier."""
-    points_at = {links.BY_NAME[name].points_at for name in kind.links}
+    ("policy": also its `from`) when a link takes a language model, a classifier stage ("scorer") for the first
+    link that takes a classifier and another ("scorer2") for the others (an audit must be another model than the
+    reward it audits)."""
+    classifiers = [name for name in kind.links if links.BY_NAME[name].points_at == links.CLASSIFIER]
     stages, linked = {}, {}
-    if links.CAUSAL_LM in points_at:
+    if len(classifiers) < len(kind.links):
         stages["policy"] = _stage(_policy_kind())
         linked["from"] = "policy"
-    if links.CLASSIFIER in points_at:
-        stages["scorer"] = _stage(_classifier_kind())
+    for n in range(min(2, len(classifiers))):
+        stages["scorer" if n == 0 else "scorer2"] = _stage(_classifier_kind(), seed=n)
     for name in kind.links:
-        linked[name] = "policy" if links.BY_NAME[name].points_at == links.CAUSAL_LM else "scorer"
+        linked[name] = "policy" if name not in classifiers else "scorer" if name == classifiers[0] else "scorer2"
     stages["subject"] = _stage(kind, **linked)
     return {"name": "contract", "description": f"the contract of {kind.name}", "stages": stages}
 
