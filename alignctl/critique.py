@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 
 from alignctl.generation import GenerateJob, as_answer, jsonl
 
@@ -50,7 +51,9 @@ class CritiqueJob(GenerateJob):
         prompts = list(ctx.train["prompt"])  # the training split only: held-out prompts stay unseen
         prompts = prompts[:cfg.num_prompts] if cfg.num_prompts else prompts
         principles = list(ctx.spec.options["principles"])
+        t0 = time.perf_counter()
         original = self._answers(prompts, [encode_prompt(ctx.tokenizer, p) for p in prompts])
+        log.info("[%s] %d prompts answered in %.0f s", ctx.spec.name, len(prompts), time.perf_counter() - t0)
         triples = self._revise(prompts, original, principles)
         scores, self.info = self._score(prompts, [[t["original"], t["final"]] for t in triples])
         self.rows, self.files = self._rows(prompts, triples, scores)
@@ -107,6 +110,7 @@ class CritiqueJob(GenerateJob):
         triples = [{"prompt": p, "original": a, "rounds": [], "final": a} for p, a in zip(prompts, original)]
         rng = random.Random(cfg.seed)
         for r in range(cfg.revisions):
+            t0 = time.perf_counter()
             picked = [principles[rng.randrange(len(principles))] for _ in prompts]
             said = {}
             for step, what in enumerate(("critique", "revision")):
@@ -119,6 +123,8 @@ class CritiqueJob(GenerateJob):
                 said[what] = [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
                 for conv, text in zip(convs, said[what]):
                     conv.append({"role": "assistant", "content": text})
+            log.info("[%s] round %d of %d: critiques and revisions of %d answers in %.0f s", self.ctx.spec.name,
+                     r + 1, cfg.revisions, len(prompts), time.perf_counter() - t0)
             for t, principle, critique, revision in zip(triples, picked, said["critique"], said["revision"]):
                 t["rounds"].append({"principle": principle, "critique": critique, "revision": revision})
                 t["final"] = revision or t["final"]  # an empty revision keeps the answer it revised
@@ -134,15 +140,23 @@ class CritiqueJob(GenerateJob):
         from alignctl.generation import judge_wins, reward_scores
 
         ctx, cfg = self.ctx, self.args
-        reward, judge_link = ctx.spec.link("reward"), ctx.spec.link("judge")
+        reward, judge_link, audit = (ctx.spec.link(k) for k in ("reward", "judge", "audit"))
         info: dict = {"scorers": []}
+        tok, eos = ctx.tokenizer, [ctx.tokenizer.eos_token_id] if ctx.tokenizer.eos_token_id is not None else []
+        prompt_ids = [encode_prompt(tok, p) for p in prompts for _ in range(2)]
+        flat = [tok(a, add_special_tokens=False)["input_ids"] + eos for pair in answers for a in pair]  # alike
+        if audit is not None and audit.path:  # measures only: never decides which revisions are kept
+            got = reward_scores(ctx, prompt_ids, flat, cfg.batch_size, link="audit")
+            revised = [n for n, (a, b) in enumerate(answers) if b and a != b]
+            better = sum(got[2 * n + 1] > got[2 * n] for n in revised)
+            info["audit"] = {"model": audit.stage or audit.path, "revised": len(revised), "preferred": better,
+                             "preferred_share": better / len(revised) if revised else None,
+                             "score_original": _mean([got[2 * n] for n in revised]),
+                             "score_revision": _mean([got[2 * n + 1] for n in revised])}
         if not (reward is not None and reward.path) and not (judge_link is not None and judge_link.path):
             return None, info
         scores = [[0.0, 0.0] for _ in prompts]
-        if reward is not None and reward.path:  # both answers re-encoded alike with the policy's tokenizer
-            tok, eos = ctx.tokenizer, [ctx.tokenizer.eos_token_id] if ctx.tokenizer.eos_token_id is not None else []
-            prompt_ids = [encode_prompt(tok, p) for p in prompts for _ in range(2)]
-            flat = [tok(a, add_special_tokens=False)["input_ids"] + eos for pair in answers for a in pair]
+        if reward is not None and reward.path:
             for n, v in enumerate(reward_scores(ctx, prompt_ids, flat, cfg.batch_size)):
                 scores[n // 2][n % 2] += v
             info["scorers"].append(reward.stage or reward.path)
@@ -198,6 +212,10 @@ class CritiqueJob(GenerateJob):
         for name, rows in self.files.items():
             if held or not name.endswith("_test"):
                 write_text_atomic(out / f"{name}.jsonl", jsonl(rows))
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def _example(t: dict) -> dict:

@@ -51,9 +51,10 @@ def _settings(overrides: list[str], base: EvalSettings) -> EvalSettings:
 
 
 def _data_spec(name: str) -> DataSpec:
-    """--prompts: a data set of the default configuration (configs/data) or a data file/folder."""
+    """--prompts: a data set of the default configuration (configs/data; its held-out split) or a data file/folder
+    (all of its training split: a file named to evaluate on is the evaluation's prompts, nothing carved from it)."""
     if Path(name).expanduser().exists():
-        spec, problems = normalize({"path": str(Path(name).expanduser().absolute())}, "--prompts")
+        spec, problems = normalize({"path": str(Path(name).expanduser().absolute()), "eval_size": 0}, "--prompts")
     else:
         datasets = OmegaConf.to_container(compose([]).data, resolve=True)
         if name not in datasets:

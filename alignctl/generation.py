@@ -50,6 +50,23 @@ def summary(rows: list[dict], cfg: GenerateConfig) -> dict:
     return out
 
 
+def round_signals(scores: list[list[float]], answers: list[list[list[int]]], eos: int | None,
+                  max_new_tokens: int) -> dict[str, float]:
+    """The reward-hacking monitors' signals of one round's answers (alignctl.train.monitors, under the names PPO
+    logs them): score mean and std, mean length in tokens, score-length correlation, share cut at max_new_tokens."""
+    import statistics
+
+    flat = [(scores[i][j], answers[j][i]) for i in range(len(scores)) for j in range(len(scores[i]))]
+    values, lengths = [s for s, _ in flat], [float(len(a)) for _, a in flat]
+    out = {"objective/scores": statistics.fmean(values), "monitor/reward_std": statistics.pstdev(values),
+           "monitor/length": statistics.fmean(lengths),
+           "monitor/truncated": statistics.fmean(float(len(a) >= max_new_tokens and (not a or a[-1] != eos))
+                                                 for _, a in flat)}
+    if statistics.pstdev(values) > 0 and statistics.pstdev(lengths) > 0:
+        out["monitor/length_corr"] = statistics.correlation(values, lengths)
+    return {k: round(v, 6) for k, v in out.items()}
+
+
 class GenerateJob:
     """The generate kind's trainer as alignctl.train.lifecycle drives it: ``train()`` samples ``k`` answers per
     prompt from the policy and scores them, ``save_model(dir)`` writes the data set (train.jsonl, and test.jsonl
@@ -91,7 +108,8 @@ class GenerateJob:
         scores, self.info = _score(ctx, cfg, prompts, prompt_ids, answers, texts)
         self.rows = train, test = _split(ctx.spec.name, cfg, prompts, texts, scores)
         all_scores = [x for row in scores for x in row]
-        self.info.update(score_mean=sum(all_scores) / len(all_scores), eval_pairs=len(test or []))
+        self.info.update(score_mean=sum(all_scores) / len(all_scores), eval_pairs=len(test or []),
+                         monitor=round_signals(scores, answers, ctx.tokenizer.eos_token_id, cfg.max_new_tokens))
         log.info("[%s] %d prompts x %d answers -> %d pairs (%d held out)", ctx.spec.name, len(prompts), cfg.k,
                  len(train), len(test or []))
         return None
@@ -153,12 +171,13 @@ def _score(ctx, cfg: GenerateConfig, prompts: list, prompt_ids: list, answers: l
     return scores, info
 
 
-def reward_scores(ctx, prompt_ids: list, answer_ids: list, batch_size: int) -> list[float]:
-    """The stage's reward model's score of each prompt + answer (token ids of the stage's tokenizer)."""
+def reward_scores(ctx, prompt_ids: list, answer_ids: list, batch_size: int, link: str = "reward") -> list[float]:
+    """The score of each prompt + answer (token ids of the stage's tokenizer) by the classifier of the stage's link
+    ``link`` (its reward model, or an audit's)."""
     from alignctl import evaluate
     from alignctl.train.context import release_memory
 
-    rm, rtok = ctx.load_reward_model(), ctx.link_tokenizer("reward")  # an outside model: its own settings
+    rm, rtok = ctx.load_classifier(*ctx.link_model(link)), ctx.link_tokenizer(link)  # an outside model: its own
     flat = evaluate.reward_scores(rm, rtok, ctx.tokenizer, prompt_ids, answer_ids, batch_size)
     del rm
     release_memory()

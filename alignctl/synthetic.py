@@ -93,7 +93,29 @@ def unpaired(n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
-SETS = {"sft": (sft, 640), "prefs": (prefs, 640), "prompts": (prompts, 256), "unpaired": (unpaired, 640)}
+# Everyday questions in plain English for a real instruct model (not the tiny world's, nor in its tokenizer corpus):
+# every template x every activity once, so a held-out carve shares no prompt with the rest.
+ACTIVITIES = ["gardening", "cooking at home", "running in the morning", "learning a new language",
+              "playing the guitar", "saving money", "speaking in public", "painting with watercolours",
+              "camping in the woods", "baking bread", "playing chess", "swimming", "knitting", "taking photos",
+              "cycling to work", "keeping a journal", "hiking in the hills", "doing yoga", "writing poems",
+              "fixing a bicycle"]
+QUESTIONS = ["How do I get started with {a}?", "What is a common mistake people make when {a}?",
+             "Can you give me some advice about {a}?", "My friend gave up on {a}. What could I say to cheer them up?",
+             "Why do some people find {a} hard?", "What do you like about {a}?",
+             "I tried {a} today and it went badly. Any thoughts?", "Explain {a} to a ten-year-old.",
+             "How can I get better at {a}?", "Is {a} a good hobby for a busy person?",
+             "Write a short message for someone who is {a} for the first time.", "What should I avoid when {a}?"]
+
+
+def questions(n: int, rng: random.Random) -> list[dict]:
+    rows = [{"prompt": _user(q.format(a=a))} for q in QUESTIONS for a in ACTIVITIES]
+    rng.shuffle(rows)
+    return rows[:n]
+
+
+SETS = {"sft": (sft, 640), "prefs": (prefs, 640), "prompts": (prompts, 256), "unpaired": (unpaired, 640),
+        "questions": (questions, 240)}
 
 
 def build(name: str) -> list[dict]:

@@ -22,13 +22,18 @@ import tempfile
 from pathlib import Path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def seed_args(doc: str, prefix: str) -> tuple[argparse.Namespace, Path]:
+    """The command line of a benchmark over seeds (--seeds, --dir, overrides) and its work folder."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    work = a.dir or Path(tempfile.mkdtemp(prefix="ppo-seeds-"))
+    return a, (a.dir or Path(tempfile.mkdtemp(prefix=prefix))).absolute()
+
+
+def main() -> None:
+    a, work = seed_args(__doc__, "ppo-seeds-")
     print(f"rlhf-ppo {' '.join(a.overrides)} (work: {work})")
     print("| seed | audit reward before → after | gain | win rate [95% CI] | LC win rate [95% CI] | KL last quarter |")
     print("| --- | --- | --- | --- | --- | --- |")

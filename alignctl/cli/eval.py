@@ -26,7 +26,8 @@ usage: alignctl eval <run dir | model folder> [--reference PATH] [--reward PATH]
                      [--trust-remote-code] [eval.max_prompts=N eval.max_new_tokens=N eval.temperature=T eval.seed=S]
   a run dir: every policy stage, before (its initial weights) vs after (its final/), as in the run
   a model folder: against --reference (its answers are "before"); --prompts is a data set name of the default
-  configuration (e.g. prompts, prefs) or a data file; --reward a reward model folder (win rate, reward histogram)
+  configuration (e.g. prompts, prefs: its held-out split) or a data file (all its prompts, up to
+  eval.max_prompts); --reward a reward model folder (win rate, reward histogram)
   --trust-remote-code: let models run Python code shipped with them, where the run allowed it (its spec.json) or
   for a model folder; without it no remote code runs, whatever a run directory's spec.json says"""
 

@@ -44,7 +44,19 @@ def resolve_links(raw: dict, kind: StageKind, name: str, ctx: Context, where: st
     problems += more
     for row in unset:
         links[row.name] = links[row.defaults_to].replace(kind=row.name)
-    return links, problems
+    return links, problems + _audit_problems(links, where)
+
+
+def _audit_problems(links: dict[str, LinkSpec], where: str) -> list[str]:
+    """An audit measures what the stage optimises or selects by its reward: it must be another model."""
+    audit = links.get("audit")
+    if audit is None or not audit.path:
+        return []
+    named = audit.stage or audit.path
+    if any((links[k].stage or links[k].path) == named for k in link_table.member_keys(links, "reward")):
+        return [f"{where}.audit: '{named}' is also the stage's reward; an audit must be independent of it: name a "
+                "reward model trained apart (another seed, other pairs) or drop audit"]
+    return []
 
 
 def _source(raw: dict, kind: StageKind, ctx: Context, where: str) -> tuple[str | None, list[str]]:

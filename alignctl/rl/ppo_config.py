@@ -52,6 +52,9 @@ class PPOConfig(TrainingArguments):
     kl_stop: float | None = field(default=None, metadata={
         "help": "Stop the stage when an update's rollouts show a KL to the reference above this (nats per answer); "
                 "the stage's output is then the last policy whose rollouts stayed under it."})
+    keep_best_audit: bool = field(default=False, metadata={
+        "help": "The stage's output is the policy whose rollouts the audit reward model (`audit:`) scored highest, "
+                "not the last one (a CPU copy of the trainable weights is kept for it)."})
     reward_aggregate: Literal["mean", "min", "mean_minus_std"] = field(default="mean", metadata={
         "help": "How the scores of a reward ensemble (`reward: [rm_a, rm_b, ...]`) combine into the training signal: "
                 "their mean, their minimum (worst case), or their mean minus reward_std_coef x their standard "

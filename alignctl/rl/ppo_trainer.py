@@ -108,6 +108,10 @@ class PPOTrainer:
         self.step, self.state = 0, TrainerState()
         self.stopped: dict | None = None  # set when kl_stop ended the stage: {update, kl, kl_stop, restored}
         self._snapshot: dict | None = None  # kl_stop: the policy's trainable weights before the latest update
+        # keep_best_audit: {update, audit} of the best-scored policy so far (the policy after `update` updates) and
+        # a CPU copy of its trainable weights
+        self.best_audit: dict | None = None
+        self._best: dict | None = None
         self.monitor = None  # alignctl.train.monitors.Monitor the lifecycle attaches: observe(step, metrics) per update
 
     @property
@@ -203,11 +207,15 @@ class PPOTrainer:
             seq_kl.append(kl_tok.sum(1)), scores.append(ch["scores"]), non_score.append(ns.sum(1))
             entropy.append(ch["entropy"].sum(1))
         kl_now = self._mean(torch.cat(seq_kl))
+        if c.keep_best_audit and self.audit_model is not None:  # these rollouts measure the policy as it is now
+            audit_now = self._mean(torch.cat([ch["audit"] for ch in chunks]))
+            if self.best_audit is None or audit_now > self.best_audit["audit"]:
+                self.best_audit = {"update": self.step, "audit": audit_now}
+                self._best = self._trainable_copy()
         if c.kl_stop is not None and kl_now > c.kl_stop:  # the policy that sampled these crossed the cap
             return self._stop(kl_now)
         if c.kl_stop is not None:
-            self._snapshot = {n: p.detach().to("cpu", copy=True) for n, p in self.policy.named_parameters()
-                              if p.requires_grad}
+            self._snapshot = self._trainable_copy()
         samples = [(ch, j) for ch in chunks for j in range(len(ch["resp"]))]
         mini = c.per_device_train_batch_size * c.gradient_accumulation_steps
         per_epoch, done, early = math.ceil(len(samples) / mini), 0, False
@@ -271,15 +279,21 @@ class PPOTrainer:
             out["monitor/truncated"] = 1.0 - stopped.mean().item()
         return out
 
+    def _trainable_copy(self) -> dict:
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    def _restore(self, weights: dict) -> None:
+        with torch.no_grad():
+            for n, p in self.policy.named_parameters():
+                if n in weights:
+                    p.copy_(weights[n].to(p.device))
+
     def _stop(self, kl_now: float) -> dict:
         """kl_stop crossed on this update's rollouts: back to the weights before the previous update (the last
         policy whose rollouts stayed under the cap), and no more updates."""
         c, restored = self.config, self._snapshot is not None
         if restored:
-            with torch.no_grad():
-                for n, p in self.policy.named_parameters():
-                    if n in self._snapshot:
-                        p.copy_(self._snapshot[n].to(p.device))
+            self._restore(self._snapshot)
         self.stopped = {"update": self.step + 1, "kl": kl_now, "kl_stop": c.kl_stop, "restored": restored,
                         "output_update": self.step - 1 if restored else self.step}
         log.warning("[%s] KL to the reference %.3g > kl_stop %.3g on the rollouts of update %d: stopping the stage; "
@@ -368,6 +382,13 @@ class PPOTrainer:
             if save_every and self.step % save_every == 0 and self.step < self.updates:
                 self.save_checkpoint()
         self.state.global_step = self.step
+        if self._best is not None and self.stopped is None:  # the output: the policy the audit scored highest
+            self._restore(self._best)
+            self.best_audit["output_update"] = self.best_audit["update"]
+            if self.acc.is_main_process:
+                log.info("[%s] keep_best_audit: the output is the policy after update %d (audit score %.4g; its "
+                         "rollouts scored best of the %d measured)", self.stage, self.best_audit["update"],
+                         self.best_audit["audit"], self.step)
         align_special_tokens(self.policy, self.tokenizer)  # the saved policy's config agrees with its tokenizer
 
     def save_checkpoint(self) -> Path:

@@ -17,8 +17,10 @@ A revision identical to its original yields no row. With a scorer (``reward:`` a
 ``judge:`` a causal LM asked in both orders, as in ``generate``), only revisions it prefers to their original by more
 than ``margin`` are kept; the share it preferred is in the manifest and the report. The critique and revision
 requests are ``critique_template`` / ``revision_template`` with ``{principle}`` (defaults: alignctl.critique); a
-stage that lists no principles gets :data:`DEFAULT_PRINCIPLES`. Every setting, the
-principles' text, the policy, the critic and the scorer are in the fingerprint: a re-run reuses the stage.
+stage that lists no principles gets :data:`DEFAULT_PRINCIPLES`. ``audit:`` (a reward stage or model) scores original
+and revision too but decides nothing: the share of revisions it prefers measures whether revising helped, by a judge
+the selection never used. Every setting, the principles' text, the policy, the critic, the scorer and the audit are
+in the fingerprint: a re-run reuses the stage.
 """
 
 from __future__ import annotations
@@ -173,6 +175,12 @@ def report_section(stage: dict, run_dir, stages: list[dict]) -> list[str]:
         lines.append(f"Scored by {', '.join(d['scorers'])}: it preferred the revision to the original for "
                      f"{d['preferred']} of {d['revised']} revised answers (share {fmt(d.get('preferred_share'))}).")
         lines.append("")
+    a = d.get("audit")
+    if a:
+        lines.append(f"Audit {a['model']} (never used to select): it prefers the revision for {a['preferred']} of "
+                     f"{a['revised']} revised answers (share {fmt(a['preferred_share'])}; mean score "
+                     f"{fmt(a['score_original'])} -> {fmt(a['score_revision'])}).")
+        lines.append("")
     lines += ["| prompt | original | principle | critique | revision |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {cell(e['prompt'])} | {cell(e['original'])} | {cell(e['principle'])} | {cell(e['critique'])} | "
               f"{cell(e['revision'])} |" for e in d.get("examples", [])[:3]]
@@ -182,7 +190,7 @@ def report_section(stage: dict, run_dir, stages: list[dict]) -> list[str]:
 KIND = StageKind(
     name="critique", config_class="alignctl.stages.critique.CritiqueConfig", data_kind="prompt",
     summary="answer, critique against a principle and revise (Constitutional AI): write SFT rows of the revisions "
-            "and pairs of revision over original", links=("critic", "reward", "judge"), output="data",
+            "and pairs of revision over original", links=("critic", "reward", "judge", "audit"), output="data",
     options=("principles",),
     key_fields=("revisions", "num_prompts", "temperature", "max_new_tokens", "margin"), headline="pairs",
     # plan-time rules

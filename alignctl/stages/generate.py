@@ -73,12 +73,39 @@ def report_section(stage: dict, run_dir, stages: list[dict]) -> list[str]:
     if "eval_win_rate" in after:
         lines.append(_next_round_line(nxt["name"], after))
     lines.append("")
+    lines += _round_monitors(stage, stages)
     if d.get("examples"):
         lines += ["| prompt | chosen | rejected | margin |", "| --- | --- | --- | --- |"]
         lines += [f"| {cell(e['prompt'])} | {cell(e['chosen'])} | {cell(e['rejected'])} | {fmt(e['margin'])} |"
                   for e in d["examples"][:3]]
         lines.append("")
     return lines
+
+
+def _round_monitors(stage: dict, stages: list[dict]) -> list[str]:
+    """Under the first generate stage, the reward-hacking monitors round by round (the default thresholds of
+    alignctl.train.monitors, round 1 as the first value): the generated answers' score mean and std, length,
+    score-length correlation and share truncated, and the KL to its reference of the stage trained on the round."""
+    from alignctl.metrics import fmt
+    from alignctl.train import monitors
+
+    rounds = [(n, s) for n, s in enumerate(stages) if ((s.get("metrics") or {}).get("data") or {}).get("monitor")]
+    if len(rounds) < 2 or rounds[0][1]["name"] != stage["name"]:
+        return []
+    watch = monitors.Monitor(monitors.defaults(), "rounds", quiet=True)
+    rows = ["Reward-hacking monitors per round (thresholds as for PPO, round 1 the reference; KL: the stage trained "
+            "on the round, per token):", "", "| round | score mean | score std | length | length corr | truncated | "
+            "KL | fired |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for i, (n, s) in enumerate(rounds, start=1):
+        sig = s["metrics"]["data"]["monitor"]
+        watch.observe(i, sig)
+        fired = ", ".join(e["monitor"] for e in watch.events if e["step"] == i) or "—"
+        nxt = stages[n + 1] if n + 1 < len(stages) else {}
+        kl = ((nxt.get("metrics") or {}).get("after") or {}).get("eval_kl")
+        rows.append(f"| {s['name']} | {fmt(sig['objective/scores'])} | {fmt(sig['monitor/reward_std'])} | "
+                    f"{fmt(sig['monitor/length'])} | {fmt(sig.get('monitor/length_corr'))} | "
+                    f"{fmt(sig['monitor/truncated'])} | {fmt(kl)} | {fired} |")
+    return rows + [""]
 
 
 def _next_round_line(name: str, after: dict) -> str:

@@ -10,7 +10,8 @@
 * value model: initialised from the reward model unless ``value:`` names another stage or path;
 * audit model (optional): ``audit:`` a reward stage or model that never trains the policy: it scores every update's
   answers (``audit/scores`` beside the proxy's ``objective/scores``, the ``audit_drop`` monitor) and judges the
-  held-out answers (win rates) instead of the reward model being optimised;
+  held-out answers (win rates) instead of the reward model being optimised; ``keep_best_audit`` makes the output the
+  policy whose rollouts it scored highest;
 * data: prompts only, conversational (chat template applied with the generation prompt) or plain strings;
 * every PPO knob keeps the name TRL 1.12's PPOConfig gave it (kl_coef, kl_estimator, cliprange, vf_coef, gamma,
   lam, num_ppo_epochs, num_mini_batches, response_length, temperature, stop_token, ...); ``kl_target`` (with
@@ -84,18 +85,19 @@ def extra_metrics(trainer, metrics: dict) -> dict:
         rollouts["kl_horizon_episodes"] = trainer.kl.horizon
     if trainer.stopped is not None:  # kl_stop or a stop_when monitor ended the stage early
         rollouts["stopped"] = trainer.stopped
+    if trainer.best_audit is not None:  # keep_best_audit: which update's policy is the output
+        rollouts["best_audit"] = trainer.best_audit
     return {**metrics, "rollouts": rollouts}
 
 
 def check(stage, where: str) -> list[str]:
-    """An audit never trains the policy, so it is no member of the reward; an ensemble's aggregation needs an ensemble
-    (with one reward model reward_aggregate changes nothing)."""
-    members = [stage.links[k] for k in links.member_keys(stage.links, "reward")]
+    """An ensemble's aggregation needs an ensemble (with one reward model reward_aggregate changes nothing);
+    keep_best_audit needs an audit."""
     audit = stage.link("audit")
-    if audit is not None and audit.path and any((m.stage or m.path) == (audit.stage or audit.path) for m in members):
-        return [f"{where}.audit: '{audit.stage or audit.path}' is also the reward the policy trains on; an audit must "
-                "be independent of it: name a reward model trained apart (another seed, other pairs) or drop audit"]
-    several = len(members) > 1
+    if stage.args.get("keep_best_audit") and (audit is None or not audit.path):
+        return [f"{where}.keep_best_audit: picks the policy the audit scored highest; set {where}.audit (a reward "
+                "model trained apart from the reward) or drop keep_best_audit"]
+    several = len(links.member_keys(stage.links, "reward")) > 1
     set_ = [k for k in ("reward_aggregate", "reward_std_coef") if k in stage.args]
     if set_ and not several:
         return [f"{where}.{set_[0]}: combines the scores of several reward models; this stage has one: list "

@@ -129,10 +129,11 @@ def read(logs: dict[str, Any]) -> dict[str, float]:
 class Monitor:
     """Watches one stage's updates: ``observe(step, logs)`` -> True when a ``stop_when`` monitor fired."""
 
-    def __init__(self, settings: dict[str, Any], stage: str):
+    def __init__(self, settings: dict[str, Any], stage: str, quiet: bool = False):
         from alignctl.ranks import rank_env
 
         self.settings, self.stage, self.rank = settings, stage, rank_env()[0]
+        self.quiet = quiet  # events only, no log lines (a report replaying what a run logged)
         self.first: dict[str, float] = {}
         self.best: dict[str, float] = {}
         self.series: dict[str, list[list[float]]] = {}  # signal -> [[step, value], ...]
@@ -168,7 +169,7 @@ class Monitor:
                 warned = any(e["monitor"] == name for e in self.events)
                 self.events.append({"monitor": name, "step": step, "value": round(v, 6), "limit": round(limit, 6)})
                 how = "below" if rule.startswith("below") else "above"
-                say = log.debug if self.rank else log.info if warned else log.warning  # rank 0 speaks for all
+                say = log.debug if self.rank or self.quiet else log.info if warned else log.warning  # rank 0 speaks
                 say("[%s] monitor %s at update %d: %s %.4g %s %.4g (%s)", self.stage, name, step, signal, v, how,
                     limit, meaning)
                 if name in self.settings.get("stop_when", []) and self.stopped is None:

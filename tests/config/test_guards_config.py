@@ -100,9 +100,11 @@ ENSEMBLE = "stages.ppo.reward=[rm,rm_b]"
     (["stages.ppo.reward=[]"], "stages.ppo.reward: an ensemble must list one or more reward stages or models"),
     (["stages.ppo.reward=[rm,sft]"], "stages.ppo.reward: 'sft' is a sft stage, not a reward stage"),
     (["stages.ppo.reward=[rm,rm_c]"], "stages.ppo.reward.2: 'rm_c' names no stage of this recipe (did you mean"),
-    (["stages.ppo.reward=[rm,rm_audit]"], "stages.ppo.audit: 'rm_audit' is also the reward the policy trains on"),
+    (["stages.ppo.reward=[rm,rm_audit]"], "stages.ppo.audit: 'rm_audit' is also the stage's reward; an audit must"),
     (["stages.ppo.reward=rm", "stages.ppo.reward_aggregate=min"], "stages.ppo.reward_aggregate: combines the scores "
                                                                   "of several reward models"),
+    (["~stages.ppo.audit", "+stages.ppo.keep_best_audit=true"], "stages.ppo.keep_best_audit: picks the policy the "
+                                                                "audit scored highest; set stages.ppo.audit"),
     ([ENSEMBLE, "stages.ppo.reward_std_coef=2"], "stages.ppo.reward_std_coef: is read by "
                                                   "reward_aggregate=mean_minus_std only (here: mean)"),
     ([ENSEMBLE, "stages.ppo.reward_aggregate=median"], "stages.ppo.reward_aggregate: unknown value 'median' (did "

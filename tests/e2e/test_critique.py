@@ -129,7 +129,7 @@ def test_a_revision_identical_to_its_original_yields_no_pair(recipe_run):
 def test_constitutional_trains_sft_on_revisions_and_dpo_on_revision_over_original(recipe_run):
     run_dir, m = recipe_run[0]
     stages = {s["name"]: s for s in m["stages"]}
-    assert m["status"] == "completed" and list(stages) == ["sft", "rm", "cai", "sft_rev", "dpo"]
+    assert m["status"] == "completed" and list(stages) == ["sft", "rm", "rm_audit", "cai", "sft_rev", "dpo"]
     data = stages["cai"]["metrics"]["data"]
     final = run_dir / "cai" / "final"
     pairs = [json.loads(line) for line in (final / "pairs.jsonl").read_text().splitlines()]
@@ -137,6 +137,9 @@ def test_constitutional_trains_sft_on_revisions_and_dpo_on_revision_over_origina
     triples = [json.loads(line) for line in (final / "triples.jsonl").read_text().splitlines()]
     assert len(triples) == data["prompts"] == 128 and data["pairs"] == len(pairs) > 0
     assert data["preferred"] == sum(t["kept"] for t in triples) and 0 < data["preferred_share"] < 1
+    audit = data["audit"]  # the independent judge scored every revised answer, and selected nothing
+    assert audit["model"] == "rm_audit" and audit["revised"] == data["revised"] == sum(t["changed"] for t in triples)
+    assert 0 <= audit["preferred"] <= audit["revised"] and audit["score_revision"] is not None
     for p in pairs:  # every pair: a revision the reward model scored above its original
         assert p["score_chosen"] > p["score_rejected"] and p["chosen"] != p["rejected"]
     assert all(s["messages"][-1]["role"] == "assistant" for s in sft) and len(sft) == len(pairs)
@@ -144,6 +147,7 @@ def test_constitutional_trains_sft_on_revisions_and_dpo_on_revision_over_origina
     assert stages["sft_rev"]["status"] == stages["dpo"]["status"] == "completed"
     report = (run_dir / "report.md").read_text()
     assert "## Critiques and revisions" in report and "it preferred the revision to the original for" in report
+    assert "Audit rm_audit (never used to select): it prefers the revision for" in report
     assert "| prompt | original | principle | critique | revision |" in report
 
 

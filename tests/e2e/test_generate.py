@@ -146,6 +146,13 @@ def test_iterative_dpo_raises_the_reward_model_score_round_by_round(iterative):
     report = (root / "first/report.md").read_text()
     assert "## Generated data" in report and "dpo2 trained on it: held-out win rate vs its starting policy" in report
     assert report.count("| prompt | chosen | rejected | margin |") == 2
+    # the reward-hacking monitors per round: each round's answers, and the round's drift from the reference
+    for n in ("gen1", "gen2"):
+        sig = stage(first, n)["metrics"]["data"]["monitor"]
+        assert sig["monitor/reward_std"] > 0 and 0 < sig["monitor/length"] <= 16 and 0 <= sig["monitor/truncated"] <= 1
+        assert -1 <= sig["monitor/length_corr"] <= 1
+    assert report.count("Reward-hacking monitors per round") == 1
+    assert report.count("| gen1 | ") == report.count("| gen2 | ") == 1
 
 
 def test_rerun_reuses_every_round_and_round2_temperature_regenerates_round2_only(iterative):

@@ -222,7 +222,8 @@ def test_monitors_flag_a_planted_length_hacking_reward_and_the_audit_falls_as_th
     value = AutoModelForSequenceClassification.from_pretrained(base_dir / "rm" / "final")
     config = PPOConfig(output_dir=str(tmp_path_factory.mktemp("ppo")), learning_rate=3e-3, total_episodes=320,
                        per_device_train_batch_size=16, response_length=32, stop_token="eos", temperature=1.0,
-                       kl_coef=0.05, logging_steps=1, save_strategy="no", report_to="none", seed=1)
+                       kl_coef=0.05, logging_steps=1, save_strategy="no", report_to="none", seed=1,
+                       keep_best_audit=True)
     ref = copy.deepcopy(policy).requires_grad_(False)
     trainer = PPOTrainer(config, policy, value, LengthReward(), tok,
                          [encode_prompt(tok, p) for p in prompts], ref_policy=ref, stage="ppo", audit_model=audit)
@@ -240,6 +241,14 @@ def test_monitors_flag_a_planted_length_hacking_reward_and_the_audit_falls_as_th
     assert {"length_corr", "length_growth", "audit_drop"} <= fired, trainer.monitor.events
     assert any("monitor length_corr at update" in line and "the reward pays for length" in line for line in LOG)
     assert any("monitor audit_drop at update" in line and "the audit reward fell" in line for line in LOG)
+    # keep_best_audit: the output is the policy whose rollouts the audit scored highest (update k's rollouts measure
+    # the policy after k - 1 updates): here the SFT policy itself, before the length hacking began
+    best = trainer.best_audit
+    audits = [h["audit/scores"] for h in history]
+    assert best["audit"] == pytest.approx(max(audits), abs=1e-5) and best["update"] == audits.index(max(audits))
+    assert best["update"] == 0 and best["output_update"] == 0
+    assert all(torch.equal(p, r) for p, r in zip(trainer.policy.parameters(), ref.parameters()))
+    assert any("keep_best_audit: the output is the policy after update 0" in line for line in LOG)
 
 
 def test_an_ensemble_trains_on_its_members_worst_case_and_logs_each_member(run):
