@@ -140,7 +140,7 @@ class CritiqueJob(GenerateJob):
         from alignctl.generation import judge_wins, reward_scores
 
         ctx, cfg = self.ctx, self.args
-        reward, judge_link, audit = (ctx.spec.link(k) for k in ("reward", "judge", "audit"))
+        reward, judge_link, audit = ctx.spec.link("reward"), ctx.spec.link("judge"), ctx.spec.link("audit")
         info: dict = {"scorers": []}
         tok, eos = ctx.tokenizer, [ctx.tokenizer.eos_token_id] if ctx.tokenizer.eos_token_id is not None else []
         prompt_ids = [encode_prompt(tok, p) for p in prompts for _ in range(2)]
@@ -194,11 +194,12 @@ class CritiqueJob(GenerateJob):
         if not files["pairs"] or (held and not files["pairs_test"]):
             from alignctl.errors import StageFailed
 
-            changed = sum(t["changed"] for t in triples)
+            changed, kept = sum(t["changed"] for t in triples), sum(t["kept"] for t in triples)
+            scored = f", {kept} preferred by the scorer" if scores is not None else ""
             raise StageFailed(self.ctx.spec.name, "(no revisions kept)",
                               f"no {'held-out ' if files['pairs'] else ''}revisions kept ({len(prompts)} prompts, "
-                              f"{changed} revised{', none preferred by the scorer' if scores is not None else ''}): "
-                              "raise num_prompts or revisions, lower margin, or use a stronger critic")
+                              f"{changed} revised{scored}, {len(held)} held out): raise num_prompts or revisions, "
+                              "lower margin or eval_size, or use a stronger critic")
         return (files["pairs"], files["pairs_test"] if held else None), files
 
     def save_model(self, output_dir: str | None = None) -> None:

@@ -29,7 +29,7 @@ def stages(overrides: list[str], tmp_path) -> dict:
                                                       "a list of principles, or the path of a file with one per line)"),
     ("+stages.cai.critique_template='Critique it.'", "stages.cai.critique_template: must contain {principle}"),
     ("stages.cai.revisions=0", "stages.cai.revisions: must be"),
-    ("+stages.cai.audit=rm", "stages.cai.audit: 'rm' is also the stage's reward; an audit must be independent"),
+    ("stages.cai.audit=rm", "stages.cai.audit: 'rm' is also the stage's reward; an audit must be independent"),
     ("+stages.cai.constitution=[x]", "stages.cai: unknown key 'constitution'"),
 ])
 def test_a_bad_critique_setting_is_one_line_naming_its_key(override, expected, tmp_path):

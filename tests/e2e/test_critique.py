@@ -122,7 +122,7 @@ def test_a_revision_identical_to_its_original_yields_no_pair(recipe_run):
     assert train == [{"prompt": "describe the lake .", "chosen": PRINCIPLES[0], "rejected": "the lake is cold ."}]
     assert files["sft"] == [{"prompt": "describe the lake .", "completion": PRINCIPLES[0]}]
     # with a scorer that prefers the original, nothing is kept: the stage fails, naming what to change
-    with pytest.raises(StageFailed, match="none preferred by the scorer"):
+    with pytest.raises(StageFailed, match="1 revised, 0 preferred by the scorer, 0 held out"):
         job._rows(prompts, triples, [[1.0, 0.0], [0.0, 0.0]])
 
 
@@ -157,3 +157,18 @@ def test_a_re_run_reuses_every_stage(recipe_run):
     assert all(s["reused_from"] for s in second["stages"]), [(s["name"], s["reused_from"]) for s in second["stages"]]
     a, b = (next(s for s in m["stages"] if s["name"] == "cai")["metrics"]["data"]["pairs"] for m in (first, second))
     assert a == b
+
+
+def test_a_judge_scores_revisions_in_both_orders_beside_the_reward_model(recipe_run, cache_root, tmp_path):
+    """judge: a causal LM (here the SFT model) compares original and revision under the stage's principles, in both
+    orders; its decisive wins add to the reward model's scores, and its statistics reach the manifest."""
+    from alignctl import pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
+
+    ov = ["recipe=constitutional", f"output_root={cache_root}", f"store={tmp_path / 'store'}", "stages.cai.judge=sft",
+          "stages.cai.num_prompts=32", "stages.cai.eval_size=0"]
+    m = pipeline.run(resolve(compose(ov), tmp_path / "run"), ov)
+    d = next(s for s in m["stages"] if s["name"] == "cai")["metrics"]["data"]
+    assert d["scorers"] == ["rm", "judge sft"] and d["judge"]["comparisons"] == d["prompts"] == 32
+    assert d["judge"]["decisive"] + d["judge"]["ties"] == 32

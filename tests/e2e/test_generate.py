@@ -152,7 +152,8 @@ def test_iterative_dpo_raises_the_reward_model_score_round_by_round(iterative):
         assert sig["monitor/reward_std"] > 0 and 0 < sig["monitor/length"] <= 16 and 0 <= sig["monitor/truncated"] <= 1
         assert -1 <= sig["monitor/length_corr"] <= 1
     assert report.count("Reward-hacking monitors per round") == 1
-    assert report.count("| gen1 | ") == report.count("| gen2 | ") == 1
+    table = report.split("Reward-hacking monitors per round", 1)[1].split("\n\n")[1].splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| gen1", "| gen2"] and "| KL | fired |" in table[0]
 
 
 def test_rerun_reuses_every_round_and_round2_temperature_regenerates_round2_only(iterative):
