@@ -93,6 +93,6 @@ def _settings(ev: dict, kind: str, name: str, recipe: list[tuple[str, str]], run
         rms = [n for n, k in earlier if STAGES[k].output == CLASSIFIER]
         if rms:
             reward, reward_path = rms[-1], str(Path(run_dir) / rms[-1] / "final")
-    out["reward"], out["reward_path"] = reward or (Path(reward_path).name if reward_path else None), reward_path
+    out["reward"], out["reward_path"] = reward or reward_path, reward_path  # a stage's name, else the model itself
     out["reward_load"] = load  # None: a stage of the recipe (loaded with the base model's settings)
     return out

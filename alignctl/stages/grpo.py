@@ -11,7 +11,8 @@ Rewards, in this order (TRL's ``reward_weights``, when set, follow it):
 At least one is needed. The data is prompts only. The reference model (when ``beta`` > 0)
 is the stage's initial weights. Held-out metric: TRL's ``eval_reward`` (weighted sum of the
 rewards of completions sampled for the held-out prompts), and per function
-``eval_rewards/<name>/mean`` (the reward stage's name for the reward model).
+``eval_rewards/<name>/mean`` (the reward stage's name for the reward model). An ``audit:`` reward model is scored
+beside them with weight 0 (``rewards/audit/mean``: the ``audit_drop`` monitor) and judges the held-out win rates.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def build(ctx):
     from trl import GRPOConfig, GRPOTrainer
 
     funcs, classes = reward_functions(ctx)
-    return GRPOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=ctx.trl_config(GRPOConfig),
+    return GRPOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=with_audit_weight(ctx, GRPOConfig),
                        train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
                        reward_processing_classes=classes, peft_config=ctx.peft_config())
 
@@ -113,7 +114,9 @@ def builtin_rewards(entries) -> list:
 
 
 def reward_functions(ctx) -> tuple[list, list]:
-    """(reward_funcs, reward_processing_classes) for TRL: the linked reward model first, then built-in functions."""
+    """(reward_funcs, reward_processing_classes) for TRL: the linked reward model first, then built-in functions,
+    then the ``audit`` model (weight 0: :func:`with_audit_weight`), whose scores TRL logs as ``rewards/audit/mean``
+    and never adds to the reward the policy is trained on."""
     funcs, classes = [], []
     link = ctx.spec.link("reward")
     if link is not None and link.path:
@@ -122,14 +125,40 @@ def reward_functions(ctx) -> tuple[list, list]:
         funcs.append(rm)
         classes.append(ctx.link_tokenizer("reward"))  # an outside reward model formats with its own chat template
     builtin = builtin_rewards(ctx.spec.options.get("reward_funcs"))
-    return funcs + builtin, classes + [None] * len(builtin)
+    funcs, classes = funcs + builtin, classes + [None] * len(builtin)
+    if _has_audit(ctx.spec):
+        audit = ctx.load_classifier(*ctx.link_model("audit"))
+        audit.config._name_or_path = AUDIT_NAME
+        funcs.append(audit)
+        classes.append(ctx.link_tokenizer("audit"))
+    return funcs, classes
+
+
+AUDIT_NAME = "audit"  # TRL's metric names for the audit model: rewards/audit/mean (monitors.SOURCES reads it)
+
+
+def _has_audit(stage) -> bool:
+    link = stage.link("audit")
+    return link is not None and bool(link.path)
+
+
+def with_audit_weight(ctx, config_class):
+    """The stage's TRL config; with an audit, ``reward_weights`` gets a last weight 0 for it (the others as set, by
+    default 1 each), so the audit is scored and logged but trains nothing."""
+    config = ctx.trl_config(config_class)
+    if _has_audit(ctx.spec):
+        reward = ctx.spec.link("reward")
+        n = len(_entries(ctx.spec.options.get("reward_funcs"))) + (1 if reward is not None and reward.path else 0)
+        config.reward_weights = [*(config.reward_weights or [1.0] * n), 0.0]
+    return config
 
 
 KIND = StageKind(
     monitor_signals=monitors.TRL_SIGNALS,
     name="grpo", config_class="trl.GRPOConfig", data_kind="prompt",
     summary="group-relative policy optimisation scored by a reward model and/or TRL reward functions",
-    links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward", samples_during_eval=True,
+    links=("reward", "audit"), needs_reward=True, options=("reward_funcs",), headline="eval_reward",
+    samples_during_eval=True,
     key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "num_generations", "beta",
                 "max_completion_length", "temperature"),
     # plan-time rules: beta is a KL coefficient where 0 means no reference model

@@ -7,7 +7,7 @@ are as for the ``grpo`` stage (see alignctl/stages/grpo.py).
 
 from alignctl.config.checks import NONNEG
 from alignctl.stages import StageKind
-from alignctl.stages.grpo import check, reward_functions
+from alignctl.stages.grpo import check, reward_functions, with_audit_weight
 from alignctl.train import monitors
 
 
@@ -15,7 +15,7 @@ def build(ctx):
     from trl import RLOOConfig, RLOOTrainer
 
     funcs, classes = reward_functions(ctx)
-    return RLOOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=ctx.trl_config(RLOOConfig),
+    return RLOOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=with_audit_weight(ctx, RLOOConfig),
                        train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
                        reward_processing_classes=classes, peft_config=ctx.peft_config())
 
@@ -24,7 +24,8 @@ KIND = StageKind(
     monitor_signals=monitors.TRL_SIGNALS,
     name="rloo", config_class="trl.RLOOConfig", data_kind="prompt",
     summary="REINFORCE leave-one-out scored by a reward model and/or TRL reward functions",
-    links=("reward",), needs_reward=True, options=("reward_funcs",), headline="eval_reward", samples_during_eval=True,
+    links=("reward", "audit"), needs_reward=True, options=("reward_funcs",), headline="eval_reward",
+    samples_during_eval=True,
     key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "num_generations", "beta",
                 "max_completion_length", "temperature"),
     # plan-time rules (as grpo's): beta is a KL coefficient where 0 means no reference model

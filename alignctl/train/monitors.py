@@ -13,8 +13,8 @@ Signals (what each kind logs, read under one name; :data:`SOURCES`):
 * ``kl``: KL to the reference per answer token (nats; TRL's ``kl`` for GRPO/RLOO); fires above it (off by default:
   PPO's ``kl_target``/``kl_stop`` hold KL);
 * ``entropy``: policy entropy per token; ``entropy_drop`` fires below that fraction of its first value;
-* ``audit_mean``: the mean score of the update's answers by the stage's ``audit`` reward model (PPO with an
-  ``audit:`` link), which never trains the policy; ``audit_drop`` fires when it falls more than that much below its
+* ``audit_mean``: the mean score of the update's answers by the stage's ``audit`` reward model (an ``audit:`` link
+  of ppo, grpo or rloo), which never trains the policy; ``audit_drop`` fires when it falls more than that much below its
   best so far (over-optimisation: the proxy reward keeps rising, the independent one falls).
 
 A monitor warns the first time it fires (each later onset, after it recovered, goes to the run log and the
@@ -33,7 +33,7 @@ from typing import Any
 log = logging.getLogger("alignctl")
 
 ALL_SIGNALS = ("reward_mean", "reward_std", "length", "length_corr", "truncated", "kl", "entropy", "audit_mean")
-TRL_SIGNALS = ("reward_mean", "reward_std", "length", "truncated", "kl", "entropy")  # what TRL's GRPO/RLOO log
+TRL_SIGNALS = ("reward_mean", "reward_std", "length", "truncated", "kl", "entropy", "audit_mean")  # TRL's GRPO/RLOO
 # monitor -> (signal, rule, default threshold, what crossing it suggests)
 MONITORS: dict[str, tuple[str, str, float | None, str]] = {
     "reward_std_drop": ("reward_std", "below_first", 0.25, "reward variance collapsed"),
@@ -53,7 +53,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "truncated": ("monitor/truncated", "completions/clipped_ratio"),
     "kl": ("monitor/kl_token", "kl"),
     "entropy": ("monitor/entropy_token", "entropy"),
-    "audit_mean": ("audit/scores",),
+    "audit_mean": ("audit/scores", "rewards/audit/mean"),
 }
 
 

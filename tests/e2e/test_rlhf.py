@@ -155,6 +155,21 @@ def test_grpo_and_rloo_raise_the_reward_model_score(run, trainer):
     assert [p[0] for p in mon["series"]["length"]] == [5, 10, 15, 20, 25, 30, 35, 40]
 
 
+def test_a_grpo_audit_is_scored_with_weight_zero_and_judges_the_win_rates(run):
+    """audit: a reward model outside the recipe (rlhf-ppo's rm_audit, another seed): TRL scores and logs it beside the
+    reward with weight 0, so the training reward is rm's alone; the audit_drop monitor reads it; the held-out win
+    rates are judged by it."""
+    ppo_dir, _ = run("rlhf-ppo")
+    audit = ppo_dir / "rm_audit" / "final"
+    _, m = run("rlhf-grpo", f"+stages.grpo.audit={audit}", "stages.grpo.max_steps=10")
+    grpo = stage(m, "grpo")
+    after = grpo["metrics"]["after"]
+    assert after["eval_reward"] == pytest.approx(after["eval_rewards/rm/mean"])  # weight 0: not in the reward
+    assert "eval_rewards/audit/mean" in after and after["eval_rewards/audit/mean"] != after["eval_reward"]
+    assert [p[0] for p in grpo["metrics"]["monitors"]["series"]["audit_mean"]] == [5, 10]
+    assert str(grpo["metrics"]["eval"]["reward"]).endswith("rm_audit/final") and "eval_win_rate" in after
+
+
 def test_a_stop_when_monitor_stops_a_trl_trainer(run):
     """GRPO with `truncated: 0` as a stop rule: at the first logging step where any answer hit
     max_completion_length, the TrainerCallback ends training; the stage completes with the weights of that step."""
