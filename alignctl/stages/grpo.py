@@ -11,7 +11,8 @@ Rewards, in this order (TRL's ``reward_weights``, when set, follow it):
 At least one is needed. The data is prompts only. The reference model (when ``beta`` > 0)
 is the stage's initial weights. Held-out metric: TRL's ``eval_reward`` (weighted sum of the
 rewards of completions sampled for the held-out prompts), and per function
-``eval_rewards/<name>/mean`` (the reward stage's name for the reward model). An ``audit:`` reward model is scored
+``eval_rewards/<name>/mean`` (the reward stage's name for the reward model). ``kl_target`` (per token; with
+``kl_horizon``) adapts ``beta`` during training (alignctl.rl.beta). An ``audit:`` reward model is scored
 beside them with weight 0 (``rewards/audit/mean``: the ``audit_drop`` monitor) and judges the held-out win rates.
 """
 
@@ -30,8 +31,11 @@ def build(ctx):
     """TRL's GRPOTrainer with the stage's rewards (:func:`reward_functions`, below)."""
     from trl import GRPOConfig, GRPOTrainer
 
+    from alignctl.rl.beta import adaptive
+
     funcs, classes = reward_functions(ctx)
-    return GRPOTrainer(model=ctx.load_policy(), reward_funcs=funcs, args=with_audit_weight(ctx, GRPOConfig),
+    trainer = adaptive(GRPOTrainer, ctx.spec.options)  # kl_target: beta adapts (alignctl.rl.beta)
+    return trainer(model=ctx.load_policy(), reward_funcs=funcs, args=with_audit_weight(ctx, GRPOConfig),
                        train_dataset=ctx.train, eval_dataset=ctx.eval, processing_class=ctx.tokenizer,
                        reward_processing_classes=classes, peft_config=ctx.peft_config())
 
@@ -65,7 +69,17 @@ def _entries(funcs) -> list[tuple[str, dict]]:
 
 
 def check(stage: StageSpec, where: str) -> list[str]:
-    """Plan-time checks of ``reward_funcs`` and of ``reward_weights`` against the number of rewards."""
+    """Plan-time checks of ``reward_funcs`` and of ``reward_weights`` against the number of rewards, and of the
+    adaptive beta (alignctl.rl.beta)."""
+    from alignctl.config import trl_fields
+    from alignctl.rl import beta
+    from alignctl.stages import STAGES
+
+    default = trl_fields.fields(STAGES[stage.kind].config_class)["beta"]["default"]  # TRL's: grpo 0, rloo 0.05
+    return beta.check(stage, where, default) + _reward_problems(stage, where)
+
+
+def _reward_problems(stage: StageSpec, where: str) -> list[str]:
     from alignctl.errors import suggest
 
     funcs = stage.options.get("reward_funcs")
@@ -157,7 +171,8 @@ KIND = StageKind(
     monitor_signals=monitors.TRL_SIGNALS,
     name="grpo", config_class="trl.GRPOConfig", data_kind="prompt",
     summary="group-relative policy optimisation scored by a reward model and/or TRL reward functions",
-    links=("reward", "audit"), needs_reward=True, options=("reward_funcs",), headline="eval_reward",
+    links=("reward", "audit"), needs_reward=True, options=("reward_funcs", "kl_target", "kl_horizon"),
+    headline="eval_reward",
     samples_during_eval=True,
     key_fields=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "num_generations", "beta",
                 "max_completion_length", "temperature"),

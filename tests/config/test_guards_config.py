@@ -54,6 +54,16 @@ def test_trl_trainers_have_no_reward_length_correlation_and_read_no_ensemble(tmp
         "remove it"]
     assert grpo_problems("stages.grpo.reward=[rm,rm]") == [
         "stages.grpo.reward: names one model; a list (an ensemble) is read by ppo stages only, not by a grpo stage"]
+    # the adaptive beta (alignctl.rl.beta): positive settings, a beta to start from (TRL's default: grpo 0)
+    assert grpo_problems("+stages.grpo.kl_target=0") == ["stages.grpo.kl_target: must be a number > 0, got 0"]
+    assert grpo_problems("+stages.grpo.kl_horizon=3") == [
+        "stages.grpo.kl_horizon: is read with kl_target only; set stages.grpo.kl_target or drop kl_horizon"]
+    with pytest.raises(ConfigError) as e:
+        resolve(compose(["recipe=rlhf-grpo", "~stages.grpo.beta", "+stages.grpo.kl_target=0.1"]), tmp_path / "run")
+    assert e.value.problems[0].startswith("stages.grpo.kl_target: adapts beta from its initial value, and beta 0.0")
+    rloo = resolve(compose(["recipe=rlhf-grpo", "stages.grpo.trainer=rloo", "~stages.grpo.beta",
+                            "+stages.grpo.kl_target=0.1"]), tmp_path / "run")  # RLOO's default beta is 0.05
+    assert rloo.stage("grpo").options["kl_target"] == 0.1
 
 
 def test_monitors_default_on_for_on_policy_stages_and_only_stop_rules_are_fingerprinted(tmp_path):

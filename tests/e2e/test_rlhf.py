@@ -170,6 +170,19 @@ def test_a_grpo_audit_is_scored_with_weight_zero_and_judges_the_win_rates(run):
     assert str(grpo["metrics"]["eval"]["reward"]).endswith("rm_audit/final") and "eval_win_rate" in after
 
 
+def test_grpo_kl_target_adapts_beta_at_every_logging_step(run):
+    """kl_target 0.02 per token from beta 0.04: at each logging step (every 5 of 20 steps) beta follows Ziegler et al.'s
+    rule on the interval's KL, with the default horizon of a twentieth of the run (1 step); TRL's loss reads it."""
+    run_dir, _ = run("rlhf-grpo", "+stages.grpo.kl_target=0.02", "stages.grpo.max_steps=20")
+    rows = [h for h in json.loads((run_dir / "grpo" / "log_history.json").read_text()) if "beta" in h]
+    assert [h["step"] for h in rows] == [5, 10, 15, 20]
+    beta = 0.04
+    for h in rows:
+        beta *= 1 + min(max(h["kl"] / 0.02 - 1, -0.2), 0.2) * 5 / 1.0
+        assert h["beta"] == pytest.approx(beta, rel=1e-4)
+    assert len({round(h["beta"], 8) for h in rows}) == 4 and rows[-1]["beta"] != 0.04
+
+
 def test_a_stop_when_monitor_stops_a_trl_trainer(run):
     """GRPO with `truncated: 0` as a stop rule: at the first logging step where any answer hit
     max_completion_length, the TrainerCallback ends training; the stage completes with the weights of that step."""
