@@ -163,7 +163,7 @@ def check(stage: "StageSpec", where: str) -> list[str]:
     if not (_linked(stage, "reward") or _linked(stage, "judge") or stage.options.get("reward_funcs")):
         problems.append(f"{where}: a generate stage needs a scorer: `reward: <reward stage or path>`, "
                         "`judge: <stage or causal LM path>` and/or `reward_funcs: [...]`")
-    problems += grpo.check(stage.replace(args={}), where)
+    problems += grpo.reward_problems(stage.replace(args={}), where)
     args = stage.args
     if isinstance(args.get("k"), int) and args["k"] < 2:
         problems.append(f"{where}.k: must be at least 2 (answers to compare), got {args['k']}")

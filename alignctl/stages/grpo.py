@@ -75,11 +75,14 @@ def check(stage: StageSpec, where: str) -> list[str]:
     from alignctl.rl import beta
     from alignctl.stages import STAGES
 
-    default = trl_fields.fields(STAGES[stage.kind].config_class)["beta"]["default"]  # TRL's: grpo 0, rloo 0.05
-    return beta.check(stage, where, default) + _reward_problems(stage, where)
+    # TRL's default beta of the kind (grpo 0, rloo 0.05) when the stage sets none
+    default = trl_fields.fields(STAGES[stage.kind].config_class).get("beta", {}).get("default", 0.0)
+    return beta.check(stage, where, default) + reward_problems(stage, where)
 
 
-def _reward_problems(stage: StageSpec, where: str) -> list[str]:
+def reward_problems(stage: StageSpec, where: str) -> list[str]:
+    """``reward_funcs`` are TRL's built-in ones with their arguments; ``reward_weights`` one per reward (also read by
+    generate stages)."""
     from alignctl.errors import suggest
 
     funcs = stage.options.get("reward_funcs")
