@@ -85,6 +85,10 @@ def _trust_problems(node: dict, where: str) -> list[str]:
     for stage in _keys_under(node.get("stages"), "trust_remote_code_links", "stages"):
         problems.append(f"{where}: sets {stage}, which runs code shipped with a linked model; a recipe file may not: "
                         f"type it on the command line (+{stage}=[reward])")
+    for key, value in _values_under(node.get("stages"), "principles", "stages"):
+        if isinstance(value, str):  # read as text at plan time, shown, and fed to the models: any file on disk
+            problems.append(f"{where}: {key} names a file ({value[:80]!r}); a recipe file lists its principles "
+                            f"inline: name a file of principles on the command line ({key}=./principles.txt)")
     if node.get("store") is not None:
         problems.append(f"{where}: sets store; a recipe file may not choose where completed stages are read from "
                         "(their weights would be reused as trained): pass store=<folder> on the command line, or "
@@ -94,11 +98,16 @@ def _trust_problems(node: dict, where: str) -> list[str]:
 
 def _keys_under(node: Any, name: str, prefix: str) -> list[str]:
     """Dotted paths of every key ``name`` inside ``node`` (stages may nest: rounds blocks)."""
+    return [key for key, _ in _values_under(node, name, prefix)]
+
+
+def _values_under(node: Any, name: str, prefix: str) -> list[tuple[str, Any]]:
+    """(dotted path, value) of every key ``name`` inside ``node``."""
     found = []
     if isinstance(node, dict):
         for k, v in node.items():
             key = f"{prefix}.{k}"
-            found += [key] if str(k) == name else _keys_under(v, name, key)
+            found += [(key, v)] if str(k) == name else _values_under(v, name, key)
     return found
 
 

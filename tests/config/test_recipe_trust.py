@@ -215,6 +215,22 @@ def test_link_consent_in_a_recipe_is_refused_even_inside_a_rounds_block():
                                                                       "stages.ppo.trust_remote_code_links"]
 
 
+def test_a_recipe_file_lists_principles_inline_and_only_the_command_line_names_a_file(capsys, tmp_path):
+    """A principles file is read as text, shown by plan and fed to the models: a recipe file naming one could read any
+    file on disk (tried: /etc/passwd was printed as principles), so only the user names one."""
+    stages = ("stages: {sft: {trainer: sft, data: sft, max_steps: 1}, cai: {trainer: critique, from: sft, "
+              "data: prompts, principles: %s}}")
+    base = BASE.replace("stages: {sft: {trainer: sft, data: sft, max_steps: 1}}", stages)
+    line = refused(capsys, "plan", f"recipe={write(tmp_path / 'r.yaml', base % '/etc/passwd')}",
+                   f"output_root={tmp_path}/out")
+    assert "stages.cai.principles names a file ('/etc/passwd')" in line and "on the command line" in line
+    assert "root:" not in line
+    own = write(tmp_path / "mine.txt", "be kind\n")
+    assert main(["plan", f"recipe={write(tmp_path / 'ok.yaml', base % '[be warm]')}", f"output_root={tmp_path}/out",
+                 f"stages.cai.principles={own}"]) == 0
+    assert "principles be kind" in capsys.readouterr().out
+
+
 # -- output_root that cannot be created ------------------------------------------------------------------------------
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
 def test_output_root_under_proc_is_one_clean_line(capsys, tmp_path):
