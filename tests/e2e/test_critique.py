@@ -172,3 +172,28 @@ def test_a_judge_scores_revisions_in_both_orders_beside_the_reward_model(recipe_
     d = next(s for s in m["stages"] if s["name"] == "cai")["metrics"]["data"]
     assert d["scorers"] == ["rm", "judge sft"] and d["judge"]["comparisons"] == d["prompts"] == 32
     assert d["judge"]["decisive"] + d["judge"]["ties"] == 32
+
+
+def test_hh_rlhf_as_published_on_qwen2_multi_turn_prompts_keep_their_history(cache_root, tmp_path):
+    """The critique stage on HH-RLHF's published layout (implicit-prompt pairs, "Human:/Assistant:" transcripts,
+    train/test splits) with the Qwen2 architecture: multi-turn prompts keep every earlier turn in the SFT rows and
+    pairs, and the SFT and DPO stages train on them."""
+    from pathlib import Path
+
+    from alignctl import pipeline
+    from alignctl.config.compose import compose
+    from alignctl.config.resolve import resolve
+
+    hh = Path(__file__).resolve().parents[1] / "fixtures" / "public" / "hh_rlhf"
+    ov = ["recipe=constitutional", "model=tiny-qwen2", f"output_root={cache_root}", f"store={tmp_path / 'store'}",
+          f"stages.cai.data={{path: '{hh}', split: train, eval_split: test}}", "stages.cai.num_prompts=64"]
+    m = pipeline.run(resolve(compose(ov), tmp_path / "run"), ov)
+    assert m["status"] == "completed" and all(s["status"] == "completed" for s in m["stages"])
+    final = tmp_path / "run" / "cai" / "final"
+    sft = [json.loads(line) for line in (final / "sft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (final / "pairs.jsonl").read_text().splitlines()]
+    assert sft and len(sft) == len(pairs)
+    for row, pair in zip(sft, pairs):  # the same conversation: every earlier turn, then the final revision
+        assert row["messages"][:-1] == pair["prompt"] and row["messages"][-1] == pair["chosen"][-1]
+        assert pair["prompt"][-1]["role"] == "user" and pair["chosen"][-1]["role"] == "assistant"
+    assert any(sum(t["role"] == "user" for t in p["prompt"]) > 1 for p in pairs)  # multi-turn prompts among them
