@@ -181,7 +181,7 @@ class CritiqueJob(GenerateJob):
             if scores is not None:
                 t["score_original"], t["score_final"] = scores[i]
             t["kept"] = t["changed"] and (scores is None or scores[i][1] - scores[i][0] > cfg.margin)
-            files["triples"].append({k: v for k, v in t.items()})
+            files["triples"].append(dict(t))
             if not t["kept"]:
                 continue
             suffix = "_test" if i in held else ""

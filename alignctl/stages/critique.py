@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alignctl.stages import StageKind
+from alignctl.stages.generate import DataStageFields
 
 if TYPE_CHECKING:
     from alignctl.config.types import DataSpec, StageSpec
@@ -42,7 +43,7 @@ FILES = {"sft": "sft", "preference": "pairs"}  # data kind -> the split (file st
 
 
 @dataclass
-class CritiqueConfig:
+class CritiqueConfig(DataStageFields):
     revisions: int = field(default=1, metadata={"help": "Critique/revision rounds per prompt (each one principle)."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use at most this many prompts."})
     max_new_tokens: int = field(default=64, metadata={"help": "Most new tokens per answer, critique and revision."})
@@ -59,12 +60,6 @@ class CritiqueConfig:
     judge_template: str | None = field(default=None, metadata={
         "help": "The judge's comparison prompt with {principles}, {prompt}, {a}, {b} (default: alignctl.judge)."})
     seed: int = field(default=42, metadata={"help": "Seed of the sampling and of the principles drawn."})
-    # filled in by alignctl for every stage (no effect here)
-    output_dir: str | None = None
-    disable_tqdm: bool = True
-    bf16: bool = False
-    fp16: bool = False
-    report_to: str | None = None
 
 
 # -- plan time ------------------------------------------------------------------------------------------------------

@@ -121,7 +121,18 @@ def _next_round_line(name: str, after: dict) -> str:
 
 
 @dataclass
-class GenerateConfig:
+class DataStageFields:
+    """The fields alignctl fills in for every stage's config (alignctl.train.context.args_for): a stage whose output
+    is data reads none of them; its config class takes them so they are accepted."""
+    output_dir: str | None = None
+    disable_tqdm: bool = True
+    bf16: bool = False
+    fp16: bool = False
+    report_to: str | None = None
+
+
+@dataclass
+class GenerateConfig(DataStageFields):
     k: int = field(default=4, metadata={"help": "Answers sampled per prompt (at least 2)."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use at most this many prompts."})
     max_new_tokens: int = field(default=32, metadata={"help": "Most new tokens per answer."})
@@ -136,12 +147,6 @@ class GenerateConfig:
     judge_template: str | None = field(default=None, metadata={
         "help": "The judge's comparison prompt with {principles}, {prompt}, {a}, {b} (default: alignctl.judge)."})
     seed: int = field(default=42, metadata={"help": "Seed of the sampling."})
-    # filled in by alignctl for every stage (no effect here)
-    output_dir: str | None = None
-    disable_tqdm: bool = True
-    bf16: bool = False
-    fp16: bool = False
-    report_to: str | None = None
 
     @property
     def unpaired(self) -> bool:
